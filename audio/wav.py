@@ -1,0 +1,191 @@
+"""WAV files: a streaming two-channel call recorder, crash repair, and small mono helpers.
+
+``StereoWavWriter`` records a call as 16-bit PCM stereo, caller on the left and agent on the right,
+on one shared clock counted in samples. Each side writes its audio at the clock position where it
+happened (or right after its previous audio); ``advance(position)`` says the clock has reached a
+point, and every channel that has nothing up to there gets silence. So a side that says nothing is
+recorded as silence and the two channels never drift apart.
+
+The file is valid while it is written: the header's sizes are refreshed every ``sync_ms`` of
+audio (the data is flushed to the OS at the same time), and ``close()`` writes the final sizes.
+A file cut off by a crash between two syncs is made whole again by ``repair_wav``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from .resample import check_pcm, check_rate
+
+LEFT = 0  # caller
+RIGHT = 1  # agent
+
+_HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
+HEADER_BYTES = _HEADER.size  # 44
+
+
+def wav_header(sample_rate: int, channels: int, data_bytes: int) -> bytes:
+    block = channels * 2
+    return _HEADER.pack(
+        b"RIFF", 36 + data_bytes, b"WAVE", b"fmt ", 16, 1, channels, sample_rate,
+        sample_rate * block, block, 16, b"data", data_bytes,
+    )  # fmt: skip
+
+
+class StereoWavWriter:
+    """Streaming stereo recorder: channel ``LEFT`` (caller) and ``RIGHT`` (agent)."""
+
+    def __init__(self, path: str | os.PathLike, sample_rate: int = 8000, *, sync_ms: int = 250):
+        self.path = Path(path)
+        self.sample_rate = check_rate("sample_rate", sample_rate)
+        self._sync_frames = max(1, self.sample_rate * sync_ms // 1000)
+        self._file = open(self.path, "wb")
+        self._file.write(wav_header(self.sample_rate, 2, 0))
+        self._file.flush()
+        self.frames_written = 0  # stereo frames in the file == clock position committed
+        self._synced = 0
+        self._pending = [bytearray(), bytearray()]  # per channel, from frames_written on
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def channel_end(self, channel: int) -> int:
+        """Clock position just after the last audio (or silence) this channel holds."""
+        return self.frames_written + len(self._pending[channel]) // 2
+
+    def write(self, channel: int, pcm: bytes, at: int | None = None) -> int:
+        """Place s16le ``pcm`` on ``channel`` at clock position ``at`` (samples; default: right
+        after the channel's previous audio). A gap before ``at`` becomes silence. Audio that would
+        overlap what the channel already holds is placed after it instead: nothing is dropped or
+        overwritten. Returns the position where the audio landed."""
+        if channel not in (LEFT, RIGHT):
+            raise ValueError(f"channel must be LEFT (0) or RIGHT (1), got {channel!r}")
+        data = check_pcm(pcm)
+        if at is not None and (not isinstance(at, int) or at < 0):
+            raise ValueError(f"at must be a non-negative sample position, got {at!r}")
+        self._check_open()
+        end = self.channel_end(channel)
+        pending = self._pending[channel]
+        if at is not None and at > end:
+            pending.extend(bytes(2 * (at - end)))
+            end = at
+        pending.extend(data)
+        self._commit()
+        return end
+
+    def advance(self, position: int) -> None:
+        """The shared clock reached ``position``: channels silent up to there get silence."""
+        self._check_open()
+        for channel in (LEFT, RIGHT):
+            gap = position - self.channel_end(channel)
+            if gap > 0:
+                self._pending[channel].extend(bytes(2 * gap))
+        self._commit()
+
+    def close(self) -> None:
+        """Pad the shorter channel with silence, write everything and the final header."""
+        if self._file.closed:
+            return
+        try:
+            self.advance(max(self.channel_end(LEFT), self.channel_end(RIGHT)))
+            self._write_sizes()
+        finally:
+            self._file.close()
+
+    def __enter__(self) -> StereoWavWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._file.closed:
+            raise ValueError(f"recording {self.path} is closed")
+
+    def _commit(self) -> None:
+        left, right = self._pending
+        frames = min(len(left), len(right)) // 2
+        if not frames:
+            return
+        stereo = np.empty((frames, 2), "<i2")
+        stereo[:, 0] = np.frombuffer(left, "<i2", frames)
+        stereo[:, 1] = np.frombuffer(right, "<i2", frames)
+        self._file.write(stereo.tobytes())
+        del left[: 2 * frames], right[: 2 * frames]
+        self.frames_written += frames
+        if self.frames_written - self._synced >= self._sync_frames:
+            self._write_sizes()
+
+    def _write_sizes(self) -> None:
+        data_bytes = self.frames_written * 4
+        f = self._file
+        f.seek(4)
+        f.write(struct.pack("<I", 36 + data_bytes))
+        f.seek(40)
+        f.write(struct.pack("<I", data_bytes))
+        f.seek(0, os.SEEK_END)
+        f.flush()
+        self._synced = self.frames_written
+
+
+def repair_wav(path: str | os.PathLike) -> int:
+    """Make a PCM WAV cut off mid-write playable: the RIFF and data sizes are set from what the
+    file really holds (a trailing partial frame is cut). Returns the number of frames.
+    Raises ValueError if the file is not a PCM WAV or lost its header."""
+    path = Path(path)
+    with open(path, "r+b") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            raise ValueError(f"{path} is not a RIFF/WAVE file")
+        size = os.fstat(f.fileno()).st_size
+        block = None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                raise ValueError(f"{path} has no data chunk")
+            cid, clen = struct.unpack("<4sI", chunk)
+            if cid == b"fmt ":
+                fmt = f.read(clen)
+                if len(fmt) < 16:
+                    raise ValueError(f"{path} has a truncated fmt chunk")
+                tag, channels, _rate, _bps, block, bits = struct.unpack("<HHIIHH", fmt[:16])
+                if tag != 1 or bits != 16:
+                    raise ValueError(f"{path} is not 16-bit PCM")
+                if clen % 2:
+                    f.read(1)
+            elif cid == b"data":
+                if block is None:
+                    raise ValueError(f"{path} has data before its fmt chunk")
+                start = f.tell()
+                data_bytes = (size - start) // block * block
+                f.truncate(start + data_bytes)
+                f.seek(start - 4)
+                f.write(struct.pack("<I", data_bytes))
+                f.seek(4)
+                f.write(struct.pack("<I", start - 8 + data_bytes))
+                return data_bytes // block
+            else:
+                f.seek(clen + (clen % 2), os.SEEK_CUR)
+
+
+def read_wav(path: str | os.PathLike) -> tuple[bytes, int, int]:
+    """Read a 16-bit PCM WAV: (s16le frames, sample rate, channels)."""
+    with wave.open(str(path), "rb") as w:
+        if w.getsampwidth() != 2:
+            raise ValueError(f"{path} is not 16-bit PCM")
+        return w.readframes(w.getnframes()), w.getframerate(), w.getnchannels()
+
+
+def write_wav(path: str | os.PathLike, pcm: bytes, sample_rate: int, channels: int = 1) -> None:
+    """Write s16le frames as a 16-bit PCM WAV."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm)
