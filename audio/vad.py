@@ -2,7 +2,8 @@
 
 Audio (s16le mono, any rate) is cut into frames (20 ms by default). Each frame's level is the
 mean power of the pre-emphasised signal (``x[n] - 0.95 x[n-1]``, which removes DC and mains hum
-by ~24 dB and keeps the 0.5-3.4 kHz band that carries speech) in dB full scale.
+by ~24 dB and keeps the 0.5-3.4 kHz band that carries speech) in dB full scale. A frame whose
+energy sits in one sample (a click on the line) counts as unvoiced and leaves the floor alone.
 
 The noise floor follows quiet frames down quickly and rises slowly (``floor_rise_db_per_s``), so
 stationary line noise (hiss, hum, a noisy line) becomes the floor and only what stands above it
@@ -28,6 +29,8 @@ SPEECH_START = "speech_start"
 SPEECH_END = "speech_end"
 
 _FULL_SCALE_POWER = 32768.0**2
+#: A frame where one sample holds more than this share of the energy is a click, not speech.
+IMPULSE_SHARE = 0.25
 _MIN_DB = -100.0
 
 
@@ -103,10 +106,14 @@ class VoiceActivityDetector:
         emphasised[1:, 0] -= self.pre_emphasis * frames[:-1, -1]
         emphasised[0, 0] -= self.pre_emphasis * self._previous
         self._previous = float(frames[-1, -1])
-        power = np.einsum("ij,ij->i", emphasised, emphasised) / n
-        levels = 10 * np.log10(np.maximum(power / _FULL_SCALE_POWER, 10 ** (_MIN_DB / 10)))
-        for level in levels.tolist():
-            event = self._frame(level)
+        squares = np.square(emphasised, out=emphasised)
+        energy = squares.sum(axis=1)
+        # a click puts most of a frame's energy in one or two samples; speech and noise spread
+        # it (the largest of 160 samples holds ~5%)
+        impulsive = squares.max(axis=1) > IMPULSE_SHARE * energy
+        levels = 10 * np.log10(np.maximum(energy / (n * _FULL_SCALE_POWER), 10 ** (_MIN_DB / 10)))
+        for level, click in zip(levels.tolist(), impulsive.tolist()):
+            event = self._frame(None if click else level)
             if event is not None:
                 events.append(event)
         return events
@@ -119,40 +126,45 @@ class VoiceActivityDetector:
         self.reset()
         return events
 
-    def _frame(self, level: float) -> VadEvent | None:
-        self.level_db = level
+    def _frame(self, level: float | None) -> VadEvent | None:
+        """One frame's level in dBFS, or None for a click (unvoiced, and no news about the
+        noise floor)."""
         index = self._frames
         self._frames += 1
-        floor = self.noise_floor_db
-        if floor is None:
-            floor = level
+        if level is not None:
+            self.level_db = level
+            if self.noise_floor_db is None:
+                self.noise_floor_db = level
+        floor = self.noise_floor_db if self.noise_floor_db is not None else _MIN_DB
+        voiced_low = level is not None and level > self._low_threshold(floor)
         event = None
-        hysteresis = self.start_margin_db - self.continue_margin_db
-        low = max(floor + self.continue_margin_db, self.min_start_dbfs - hysteresis)
         if not self.speaking:
-            if level <= low:
+            if not voiced_low:
                 self._onset = index + 1
             high = max(floor + self.start_margin_db, self.min_start_dbfs)
-            self._run = self._run + 1 if level > high else 0
+            self._run = self._run + 1 if level is not None and level > high else 0
             if self._run >= self.start_frames:
                 self.speaking = True
                 self._run = 0
                 self._last_voiced_end = index + 1
                 event = VadEvent(SPEECH_START, self._onset * self.frame_ms)
+        elif voiced_low:
+            self._run = 0
+            self._last_voiced_end = index + 1
         else:
-            if level > low:
+            self._run += 1
+            if self._run >= self.end_frames:
+                self.speaking = False
                 self._run = 0
-                self._last_voiced_end = index + 1
+                event = VadEvent(SPEECH_END, self._last_voiced_end * self.frame_ms)
+        if level is not None:  # the floor follows quiet frames down quickly and rises slowly
+            if level < floor:
+                self.noise_floor_db = floor + 0.5 * (level - floor)
             else:
-                self._run += 1
-                if self._run >= self.end_frames:
-                    self.speaking = False
-                    self._run = 0
-                    event = VadEvent(SPEECH_END, self._last_voiced_end * self.frame_ms)
-        # noise floor: quick to follow quiet frames down, slow to rise
-        if level < floor:
-            floor += 0.5 * (level - floor)
-        else:
-            floor = min(level, floor + self.floor_rise_db)
-        self.noise_floor_db = floor
+                self.noise_floor_db = min(level, floor + self.floor_rise_db)
         return event
+
+    def _low_threshold(self, floor: float) -> float:
+        """The continue threshold (hysteresis: below the start threshold by the margins' gap)."""
+        hysteresis = self.start_margin_db - self.continue_margin_db
+        return max(floor + self.continue_margin_db, self.min_start_dbfs - hysteresis)
