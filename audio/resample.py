@@ -119,14 +119,6 @@ class Resampler:
             return bytes(pcm)
         return to_int16_bytes(self._advance(np.frombuffer(pcm, dtype="<i2")))
 
-    def process_samples(self, x: np.ndarray) -> np.ndarray:
-        """Same as ``process`` on float32 (or int16) samples; returns float32 (unrounded)."""
-        if not len(x):
-            raise ValueError("empty audio chunk")
-        if self._plan is None:
-            return np.array(x, dtype=np.float32)
-        return self._advance(x)
-
     def flush(self) -> bytes:
         """End of stream: return the delayed tail (the last ``delay_ms`` of audio) and reset."""
         if self._plan is None:
