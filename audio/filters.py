@@ -77,7 +77,7 @@ def kaiser_length_and_beta(attenuation_db: float, transition: float) -> tuple[in
     return n, beta
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)
 def prototype(in_rate: int, out_rate: int, attenuation_db: float = ATTENUATION_DB) -> Prototype:
     up, down = reduced_ratio(in_rate, out_rate)
     virtual_rate = up * in_rate
@@ -199,7 +199,7 @@ class PhasePlan:
         return np.einsum("ij,ij->i", window, self.phases[phase])
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=32)
 def plan(in_rate: int, out_rate: int) -> PeriodPlan | PhasePlan:
     """The shared, read-only table set for one rate pair."""
     proto = prototype(in_rate, out_rate)

@@ -19,8 +19,9 @@ def ulaw_to_pcm(data: bytes) -> bytes:
 
 def pcm_to_ulaw(data: bytes) -> bytes:
     """Encode s16le PCM to mu-law. An odd byte count raises ValueError."""
-    if len(data) % 2:
-        raise ValueError(f"s16le PCM needs an even number of bytes, got {len(data)}")
+    size = len(data) if type(data) is bytes else memoryview(data).nbytes
+    if size % 2:
+        raise ValueError(f"s16le PCM needs an even number of bytes, got {size}")
     if _BIG_ENDIAN:
         data = audioop.byteswap(data, 2)
     return audioop.lin2ulaw(data, 2)

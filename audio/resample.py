@@ -68,7 +68,7 @@ class Resampler:
     # _buf[:_held] holds the inputs still needed; _buf[0] is input number _origin counted from
     # the start of the current period (M inputs -> L outputs), and _row is the next output's
     # number within that period.
-    __slots__ = ("in_rate", "out_rate", "_plan", "_buf", "_held", "_origin", "_row", "_delay_virtual")
+    __slots__ = ("in_rate", "out_rate", "_plan", "_buf", "_held", "_origin", "_row", "_delay_virtual", "_fed")
 
     def __init__(self, in_rate: int, out_rate: int):
         self.in_rate = check_rate("in_rate", in_rate)
@@ -77,6 +77,7 @@ class Resampler:
         self._held = 0
         self._origin = 0
         self._row = 0
+        self._fed = False
         if self.in_rate == self.out_rate:
             self._plan = None
             self._delay_virtual = 0.0
@@ -110,6 +111,7 @@ class Resampler:
             self._buf[: self._held] = 0.0
             self._origin = -self._held
         self._row = 0
+        self._fed = False  # no input since the last reset: flush has nothing to return
 
     def process(self, pcm: bytes) -> bytes:
         """Resample one chunk; returns every output sample that is now due."""
@@ -120,8 +122,10 @@ class Resampler:
         return to_int16_bytes(self._advance(np.frombuffer(pcm, dtype="<i2")))
 
     def flush(self) -> bytes:
-        """End of stream: return the delayed tail (the last ``delay_ms`` of audio) and reset."""
-        if self._plan is None:
+        """End of stream: return the delayed tail (the last ``delay_ms`` of audio) and reset.
+        Returns nothing if nothing was fed since the last reset or flush."""
+        if self._plan is None or not self._fed:
+            self.reset()
             return b""
         p = self._plan
         pending = self._origin + self._held  # inputs since the current period start
@@ -150,6 +154,7 @@ class Resampler:
         buf[held:total] = x
         if need > total:
             buf[total:need] = 0.0
+        self._fed = True
         first = self._row
         if end <= first:
             y, start = _EMPTY, 0

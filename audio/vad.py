@@ -5,9 +5,13 @@ mean power of the pre-emphasised signal (``x[n] - 0.95 x[n-1]``, which removes D
 by ~24 dB and keeps the 0.5-3.4 kHz band that carries speech) in dB full scale. A frame whose
 energy sits in one sample (a click on the line) counts as unvoiced and leaves the floor alone.
 
-The noise floor follows quiet frames down quickly and rises slowly (``floor_rise_db_per_s``), so
-stationary line noise (hiss, hum, a noisy line) becomes the floor and only what stands above it
-counts. Speech starts after ``start_ms`` of consecutive frames above ``floor + start_margin_db``
+The noise floor follows quiet frames down quickly and rises slowly (``floor_rise_db_per_s``), but
+never stays below the quietest frame of the last ``floor_window_ms`` (speech dips within three
+seconds; noise does not), so stationary line noise (hiss, hum, a noisy line, a step in its level)
+becomes the floor within three seconds and only what stands above it counts. Digital silence
+(dropouts) leaves the floor alone, and a line that starts digitally silent is taken as quiet
+(-60 dBFS) until it shows otherwise, so speech right after silence is caught at once; the price
+is that line noise fading in after digital silence reads as at most one 3 s turn. Speech starts after ``start_ms`` of consecutive frames above ``floor + start_margin_db``
 (and above ``min_start_dbfs``, so faint noise on a digitally silent line never triggers); it
 continues while frames stay above the lower ``floor + continue_margin_db`` (hysteresis) and ends
 after ``end_silence_ms`` below it. Events carry stream times: a start is stamped at the first
@@ -19,6 +23,7 @@ are only known a little later.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +34,11 @@ SPEECH_START = "speech_start"
 SPEECH_END = "speech_end"
 
 _FULL_SCALE_POWER = 32768.0**2
+#: Frames below this are digital silence (mu-law's quietest codes decode to about -72 dBFS):
+#: they say nothing about the line's noise, so they leave the floor alone.
+DIGITAL_SILENCE_DBFS = -75.0
+#: The floor assumed for a line that starts digitally silent.
+QUIET_LINE_DBFS = -60.0
 #: A frame where one sample holds more than this share of the energy is a click, not speech.
 IMPULSE_SHARE = 0.25
 _MIN_DB = -100.0
@@ -52,6 +62,7 @@ class VoiceActivityDetector:
         continue_margin_db: float = 4.0,
         min_start_dbfs: float = -50.0,
         floor_rise_db_per_s: float = 2.0,
+        floor_window_ms: int = 3000,
         pre_emphasis: float = 0.95,
     ):
         self.sample_rate = check_rate("sample_rate", sample_rate)
@@ -62,6 +73,7 @@ class VoiceActivityDetector:
             raise ValueError("continue_margin_db must not exceed start_margin_db (hysteresis)")
         self.frame_ms = frame_ms
         self.frame_samples = self.sample_rate * frame_ms // 1000
+        self._frame_duration_ms = self.frame_samples * 1000 / self.sample_rate  # exact, e.g. 19.95 at 11025
         if self.frame_samples < 2:
             raise ValueError(f"frame_ms={frame_ms} is too short at {self.sample_rate} Hz")
         self.start_frames = max(1, math.ceil(start_ms / frame_ms))
@@ -70,6 +82,7 @@ class VoiceActivityDetector:
         self.continue_margin_db = continue_margin_db
         self.min_start_dbfs = min_start_dbfs
         self.floor_rise_db = floor_rise_db_per_s * frame_ms / 1000
+        self.floor_window = max(1, floor_window_ms // frame_ms)
         self.pre_emphasis = pre_emphasis
         self.reset()
 
@@ -83,11 +96,15 @@ class VoiceActivityDetector:
         self._run = 0  # consecutive frames on the other side of the current state
         self._onset = 0  # first frame of the current run above the lower threshold
         self._last_voiced_end = 0  # frame index just after the last voiced frame
+        # sliding minimum over the last floor_window non-silent frames (monotonic deque)
+        self._minima: deque[tuple[int, float]] = deque()  # (non-silent frame count, level), increasing
+        self._noisy_frames = 0
+        self._seen_silence = False  # digital silence before any line noise: a quiet line
 
     @property
     def time_ms(self) -> float:
         """Stream time analysed so far (whole frames)."""
-        return self._frames * self.frame_ms
+        return self._frames * self._frame_duration_ms
 
     def process(self, pcm: bytes) -> list[VadEvent]:
         """Feed s16le audio of any length; returns the events it completes, in order."""
@@ -122,7 +139,7 @@ class VoiceActivityDetector:
         """End of stream: closes speech still going on (at the end of its last voiced frame)."""
         events = []
         if self.speaking:
-            events.append(VadEvent(SPEECH_END, self._last_voiced_end * self.frame_ms))
+            events.append(VadEvent(SPEECH_END, self._last_voiced_end * self._frame_duration_ms))
         self.reset()
         return events
 
@@ -133,8 +150,11 @@ class VoiceActivityDetector:
         self._frames += 1
         if level is not None:
             self.level_db = level
-            if self.noise_floor_db is None:
-                self.noise_floor_db = level
+            if level <= DIGITAL_SILENCE_DBFS:
+                self._seen_silence = True
+            elif self.noise_floor_db is None:
+                # a line that was digitally silent is quiet: what comes next is judged against that
+                self.noise_floor_db = QUIET_LINE_DBFS if self._seen_silence else level
         floor = self.noise_floor_db if self.noise_floor_db is not None else _MIN_DB
         voiced_low = level is not None and level > self._low_threshold(floor)
         event = None
@@ -147,7 +167,7 @@ class VoiceActivityDetector:
                 self.speaking = True
                 self._run = 0
                 self._last_voiced_end = index + 1
-                event = VadEvent(SPEECH_START, self._onset * self.frame_ms)
+                event = VadEvent(SPEECH_START, self._onset * self._frame_duration_ms)
         elif voiced_low:
             self._run = 0
             self._last_voiced_end = index + 1
@@ -156,12 +176,25 @@ class VoiceActivityDetector:
             if self._run >= self.end_frames:
                 self.speaking = False
                 self._run = 0
-                event = VadEvent(SPEECH_END, self._last_voiced_end * self.frame_ms)
-        if level is not None:  # the floor follows quiet frames down quickly and rises slowly
+                self._onset = index + 1
+                event = VadEvent(SPEECH_END, self._last_voiced_end * self._frame_duration_ms)
+        if level is not None and level > DIGITAL_SILENCE_DBFS:
+            # the floor follows quiet frames down quickly and rises slowly, but never stays below
+            # the quietest frame of the last floor_window: what never dips is noise, not speech
+            minima = self._minima
+            count = self._noisy_frames = self._noisy_frames + 1
+            while minima and minima[-1][1] >= level:
+                minima.pop()
+            minima.append((count, level))
+            if minima[0][0] <= count - self.floor_window:
+                minima.popleft()
             if level < floor:
-                self.noise_floor_db = floor + 0.5 * (level - floor)
+                floor += 0.5 * (level - floor)
             else:
-                self.noise_floor_db = min(level, floor + self.floor_rise_db)
+                floor = min(level, floor + self.floor_rise_db)
+            if self._noisy_frames >= self.floor_window:
+                floor = max(floor, minima[0][1])
+            self.noise_floor_db = floor
         return event
 
     def _low_threshold(self, floor: float) -> float:

@@ -8,7 +8,9 @@ recorded as silence and the two channels never drift apart.
 
 The file is valid while it is written: the header's sizes are refreshed every ``sync_ms`` of
 audio (the data is flushed to the OS at the same time), and ``close()`` writes the final sizes.
-A file cut off by a crash between two syncs is made whole again by ``repair_wav``.
+A file cut off by a crash between two syncs is made whole again by ``repair_wav``. Audio written
+on one channel waits in memory until the other channel or the clock (``advance``) reaches it,
+so a live recorder calls ``advance`` as time passes (the bridge does, every frame).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import os
 import struct
 import wave
+from collections import deque
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,8 @@ RIGHT = 1  # agent
 
 _HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
 HEADER_BYTES = _HEADER.size  # 44
+MAX_WAV_BYTES = 0xFFFFFFFF  # RIFF sizes are 32-bit
+PCM, EXTENSIBLE = 1, 0xFFFE
 
 
 def wav_header(sample_rate: int, channels: int, data_bytes: int) -> bytes:
@@ -38,18 +44,25 @@ def wav_header(sample_rate: int, channels: int, data_bytes: int) -> bytes:
 
 
 class StereoWavWriter:
-    """Streaming stereo recorder: channel ``LEFT`` (caller) and ``RIGHT`` (agent)."""
+    """Streaming stereo recorder: channel ``LEFT`` (caller) and ``RIGHT`` (agent).
+
+    Pending audio is kept per channel as positioned segments, so a gap costs no memory: silence
+    is generated in bounded blocks only as frames are written out."""
+
+    BLOCK_FRAMES = 8192
 
     def __init__(self, path: str | os.PathLike, sample_rate: int = 8000, *, sync_ms: int = 250):
         self.path = Path(path)
         self.sample_rate = check_rate("sample_rate", sample_rate)
         self._sync_frames = max(1, self.sample_rate * sync_ms // 1000)
-        self._file = open(self.path, "wb")
+        self._file = open(self.path, "xb")  # never overwrite (e.g. a crashed recording to repair)
         self._file.write(wav_header(self.sample_rate, 2, 0))
         self._file.flush()
-        self.frames_written = 0  # stereo frames in the file == clock position committed
+        self.frames_written = 0  # stereo frames in the file
         self._synced = 0
-        self._pending = [bytearray(), bytearray()]  # per channel, from frames_written on
+        self._clock = 0  # highest position passed to advance(): both channels are known up to it
+        self._segments: tuple[deque, deque] = (deque(), deque())  # (start, bytes) not yet written
+        self._ends = [0, 0]  # per channel: position just after its last audio
 
     @property
     def closed(self) -> bool:
@@ -57,7 +70,7 @@ class StereoWavWriter:
 
     def channel_end(self, channel: int) -> int:
         """Clock position just after the last audio (or silence) this channel holds."""
-        return self.frames_written + len(self._pending[channel]) // 2
+        return max(self._ends[channel], self._clock)
 
     def write(self, channel: int, pcm: bytes, at: int | None = None) -> int:
         """Place s16le ``pcm`` on ``channel`` at clock position ``at`` (samples; default: right
@@ -66,34 +79,30 @@ class StereoWavWriter:
         overwritten. Returns the position where the audio landed."""
         if channel not in (LEFT, RIGHT):
             raise ValueError(f"channel must be LEFT (0) or RIGHT (1), got {channel!r}")
-        data = check_pcm(pcm)
-        if at is not None and (not isinstance(at, int) or at < 0):
+        data = bytes(check_pcm(pcm))
+        if at is not None and (isinstance(at, bool) or not isinstance(at, Integral) or at < 0):
             raise ValueError(f"at must be a non-negative sample position, got {at!r}")
         self._check_open()
-        end = self.channel_end(channel)
-        pending = self._pending[channel]
-        if at is not None and at > end:
-            pending.extend(bytes(2 * (at - end)))
-            end = at
-        pending.extend(data)
-        self._commit()
-        return end
+        start = self.channel_end(channel) if at is None else max(int(at), self.channel_end(channel))
+        self._segments[channel].append((start, data))
+        self._ends[channel] = start + len(data) // 2
+        self._commit(min(self.channel_end(LEFT), self.channel_end(RIGHT)))
+        return start
 
     def advance(self, position: int) -> None:
         """The shared clock reached ``position``: channels silent up to there get silence."""
+        if isinstance(position, bool) or not isinstance(position, Integral):
+            raise ValueError(f"position must be a sample position, got {position!r}")
         self._check_open()
-        for channel in (LEFT, RIGHT):
-            gap = position - self.channel_end(channel)
-            if gap > 0:
-                self._pending[channel].extend(bytes(2 * gap))
-        self._commit()
+        self._clock = max(self._clock, int(position))
+        self._commit(min(self.channel_end(LEFT), self.channel_end(RIGHT)))
 
     def close(self) -> None:
         """Pad the shorter channel with silence, write everything and the final header."""
         if self._file.closed:
             return
         try:
-            self.advance(max(self.channel_end(LEFT), self.channel_end(RIGHT)))
+            self._commit(max(self.channel_end(LEFT), self.channel_end(RIGHT)))
             self._write_sizes()
         finally:
             self._file.close()
@@ -108,19 +117,30 @@ class StereoWavWriter:
         if self._file.closed:
             raise ValueError(f"recording {self.path} is closed")
 
-    def _commit(self) -> None:
-        left, right = self._pending
-        frames = min(len(left), len(right)) // 2
-        if not frames:
-            return
-        stereo = np.empty((frames, 2), "<i2")
-        stereo[:, 0] = np.frombuffer(left, "<i2", frames)
-        stereo[:, 1] = np.frombuffer(right, "<i2", frames)
-        self._file.write(stereo.tobytes())
-        del left[: 2 * frames], right[: 2 * frames]
-        self.frames_written += frames
-        if self.frames_written - self._synced >= self._sync_frames:
-            self._write_sizes()
+    def _commit(self, until: int) -> None:
+        """Write frames up to clock position ``until``, in blocks of at most BLOCK_FRAMES."""
+        while self.frames_written < until:
+            start = self.frames_written
+            count = min(until - start, self.BLOCK_FRAMES)
+            if (start + count) * 4 + HEADER_BYTES > MAX_WAV_BYTES:
+                raise ValueError(f"recording {self.path} reached the 4 GiB limit of the WAV format")
+            block = np.zeros((count, 2), "<i2")
+            for channel in (LEFT, RIGHT):
+                segments = self._segments[channel]
+                while segments:
+                    seg_start, data = segments[0]
+                    seg_end = seg_start + len(data) // 2
+                    if seg_start >= start + count:
+                        break
+                    lo, hi = max(seg_start, start), min(seg_end, start + count)
+                    block[lo - start : hi - start, channel] = np.frombuffer(data, "<i2", hi - lo, 2 * (lo - seg_start))
+                    if seg_end > start + count:
+                        break
+                    segments.popleft()
+            self._file.write(block.tobytes())
+            self.frames_written += count
+            if self.frames_written - self._synced >= self._sync_frames:
+                self._write_sizes()
 
     def _write_sizes(self) -> None:
         data_bytes = self.frames_written * 4
@@ -155,7 +175,7 @@ def repair_wav(path: str | os.PathLike) -> int:
                 if len(fmt) < 16:
                     raise ValueError(f"{path} has a truncated fmt chunk")
                 tag, channels, _rate, _bps, block, bits = struct.unpack("<HHIIHH", fmt[:16])
-                if tag != 1 or bits != 16:
+                if tag not in (PCM, EXTENSIBLE) or bits != 16 or not block:
                     raise ValueError(f"{path} is not 16-bit PCM")
                 if clen % 2:
                     f.read(1)
@@ -163,6 +183,8 @@ def repair_wav(path: str | os.PathLike) -> int:
                 if block is None:
                     raise ValueError(f"{path} has data before its fmt chunk")
                 start = f.tell()
+                if _chunk_follows(f, start + clen + (clen % 2), size):
+                    return clen // block  # complete: a well-formed chunk follows the data
                 data_bytes = (size - start) // block * block
                 f.truncate(start + data_bytes)
                 f.seek(start - 4)
@@ -172,6 +194,15 @@ def repair_wav(path: str | os.PathLike) -> int:
                 return data_bytes // block
             else:
                 f.seek(clen + (clen % 2), os.SEEK_CUR)
+
+
+def _chunk_follows(f, position: int, size: int) -> bool:
+    """Whether a plausible RIFF chunk header (ASCII id, size within the file) is at ``position``."""
+    if position + 8 > size:
+        return False
+    f.seek(position)
+    cid, clen = struct.unpack("<4sI", f.read(8))
+    return all(32 <= c < 127 for c in cid) and position + 8 + clen <= size
 
 
 def read_wav(path: str | os.PathLike) -> tuple[bytes, int, int]:

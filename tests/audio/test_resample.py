@@ -223,3 +223,14 @@ def test_full_scale_input_saturates_instead_of_wrapping():
 def test_filters_are_shared_between_streams():
     a, b = Resampler(8000, 24000), Resampler(8000, 24000)
     assert a._plan is b._plan
+
+
+def test_flush_with_nothing_fed_returns_nothing():
+    r = Resampler(8000, 48000)
+    assert r.flush() == b""  # fresh
+    r.process(bytes(320))
+    assert r.flush() != b""
+    assert r.flush() == b""  # twice
+    r.process(bytes(320))
+    r.reset()
+    assert r.flush() == b""  # after a reset

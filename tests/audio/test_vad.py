@@ -118,3 +118,47 @@ def test_bad_chunks_are_clear_errors():
         vad.process(b"\x00\x01\x02")
     with pytest.raises(ValueError, match="empty"):
         vad.process(b"")
+
+
+def bursts(pattern_ms: list[tuple[int, bool]], rate: int = 8000, seed: int = 0) -> np.ndarray:
+    """Concatenate silent / loud noise-burst sections (a crude but exact speech stand-in)."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.standard_normal(rate * ms // 1000) * (6000 if loud else 0) for ms, loud in pattern_ms])
+
+
+def test_a_pause_of_exactly_end_silence_stamps_the_next_start_after_the_end():
+    x = bursts([(1000, False), (1000, True), (600, False), (1000, True), (1000, False)])
+    assert detect(x) == [(SPEECH_START, 1000), (SPEECH_END, 2000), (SPEECH_START, 2600), (SPEECH_END, 3600)]
+
+
+def test_digital_silence_does_not_make_line_noise_look_like_speech():
+    rng = np.random.default_rng(0)
+    hiss = rng.standard_normal(8000 * 8) * 300
+    dropout = hiss.copy()
+    dropout[16000:16320] = 0  # a 40 ms dropout in the middle of a noisy line
+    assert detect(dropout) == []
+    # noise fading in after digital silence is judged against a quiet line at first: at most one
+    # turn, and the 3 s minimum-statistics window ends it
+    events = detect(np.concatenate([np.zeros(4000), hiss]))
+    assert len(events) == 2 and events[1][1] - events[0][1] <= 3000
+
+
+def test_speech_right_after_digital_silence_is_caught_at_once(speech):
+    assert detect(speech)[0] == (SPEECH_START, 500)  # the fixture starts with 0.5 s of zeros
+
+
+def test_a_step_in_line_noise_is_absorbed_within_three_seconds():
+    rng = np.random.default_rng(1)
+    hiss = rng.standard_normal(8000 * 12) * 300
+    hiss[8000 * 4 :] *= 4  # +12 dB after 4 s
+    events = detect(hiss)
+    assert len(events) <= 2 and (not events or events[1][1] - events[0][1] <= 3000)
+
+
+def test_timestamps_stay_exact_when_a_frame_is_not_a_whole_number_of_ms():
+    rate = 11025  # 220 samples a frame: 19.95 ms, not 20
+    x = bursts([(60500, False), (1000, True), (1000, False)], rate)
+    vad = VoiceActivityDetector(rate)
+    events = vad.process(to_pcm(x)) + vad.finish()
+    assert events[0].at_ms == pytest.approx(60500, abs=20)
+    assert events[1].at_ms == pytest.approx(61500, abs=20)

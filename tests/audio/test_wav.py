@@ -149,3 +149,45 @@ def test_mono_helpers_round_trip(tmp_path):
     pcm = to_pcm(tone(300, 24000, 0.05))
     write_wav(tmp_path / "m.wav", pcm, 24000)
     assert read_wav(tmp_path / "m.wav") == (pcm, 24000, 1)
+
+
+def test_long_gaps_cost_no_memory(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "gap.wav"
+    tracemalloc.start()
+    with StereoWavWriter(path, 8000) as w:
+        w.write(LEFT, b"\x01\x00" * 10, at=8000 * 600)  # ten minutes in
+        w.advance(8000 * 1200)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20  # 1 MiB, for a 38 MB file
+    with wave.open(str(path)) as r:
+        assert r.getnframes() == 8000 * 1200
+        r.setpos(8000 * 600)
+        assert np.frombuffer(r.readframes(10), "<i2").reshape(-1, 2)[:, 0].tolist() == [1] * 10
+
+
+def test_the_writer_never_overwrites_a_file(tmp_path):
+    path = tmp_path / "exists.wav"
+    path.write_bytes(b"a crashed recording waiting for repair")
+    with pytest.raises(FileExistsError):
+        StereoWavWriter(path)
+    assert path.read_bytes() == b"a crashed recording waiting for repair"
+
+
+def test_repair_leaves_a_complete_file_with_a_trailing_chunk_alone(tmp_path):
+    import struct
+
+    path = tmp_path / "list.wav"
+    write_wav(path, bytes(2000), 8000)
+    info = b"INFOISFT" + struct.pack("<I", 5) + b"test\x00\x00"
+    with open(path, "r+b") as f:
+        f.seek(0, 2)
+        f.write(b"LIST" + struct.pack("<I", len(info)) + info)
+        size = f.tell()
+        f.seek(4)
+        f.write(struct.pack("<I", size - 8))
+    before = path.read_bytes()
+    assert repair_wav(path) == 1000
+    assert path.read_bytes() == before
