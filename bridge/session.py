@@ -1,0 +1,238 @@
+"""The relay logic of one call, sans-I/O: feed it what arrives from Twilio and from the agent,
+get back what to send where. No sockets, no clock of its own (times are passed in).
+
+``from_twilio`` / ``from_agent`` / ``flush_agent_audio`` / ``ping`` return a list of
+``(TO_TWILIO | TO_AGENT, message)`` to send in order. When the call must end, ``ending`` is set
+(first reason wins) and the caller closes the sockets.
+
+Agent audio on the ``web`` protocol is converted to mu-law 8 kHz and cut into Twilio ``media``
+frames of ``frame_ms``; a uniquely named ``mark`` follows every ``mark_interval_ms`` of audio and
+the end of every burst, so ``played_ms`` says how much agent audio the caller has really heard.
+A ``clear`` from the agent drops what is not yet sent, resets the resampler and makes the marks
+still pending "cleared": Twilio echoes them, but they do not count as played.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from audio import AudioFormat, agent_to_twilio, twilio_to_agent
+
+from . import twilio_frames as tf
+from . import web_frames as wf
+from .models import DisconnectionReason, Protocol
+
+TO_TWILIO = 0
+TO_AGENT = 1
+
+Action = tuple[int, str | bytes]
+
+
+@dataclass(frozen=True)
+class Ending:
+    reason: DisconnectionReason
+    detail: str = ""
+
+
+@dataclass
+class SessionStats:
+    inbound_frames: int = 0  # media frames from Twilio
+    outbound_frames: int = 0  # media frames sent to Twilio
+    sent_ms: float = 0.0  # agent audio sent to Twilio
+    played_ms: float = 0.0  # agent audio Twilio confirmed played (marks)
+    clears: int = 0
+    dtmf: list[str] = field(default_factory=list)
+    rtt_ms: list[float] = field(default_factory=list)
+
+
+class CallSession:
+    def __init__(
+        self,
+        protocol: Protocol,
+        agent_format: AudioFormat,
+        stream_sid: str,
+        *,
+        frame_ms: int = 20,
+        mark_interval_ms: int = 100,
+    ):
+        self.protocol = protocol
+        self.agent_format = agent_format
+        self.twilio = tf.FrameBuilder(stream_sid)
+        self.frame_ms = frame_ms
+        self.frame_bytes = 8 * frame_ms  # mu-law 8 kHz: 8 bytes a millisecond
+        self.mark_interval_ms = mark_interval_ms
+        self.inbound = twilio_to_agent(agent_format)
+        self.outbound = agent_to_twilio(agent_format)
+        self.stats = SessionStats()
+        self.transcript: list[dict[str, str]] = []
+        self.ending: Ending | None = None
+        self._pending = bytearray()  # converted agent audio not yet framed
+        self._carry = b""  # a lone byte of a split s16le sample
+        self._marks: deque[tuple[str, float]] = deque()  # (name, sent_ms at the mark)
+        self._cleared: set[str] = set()
+        self._mark_seq = 0
+        self._last_mark_ms = 0.0
+        self._ping_sent: float | None = None
+
+    # --- ending ------------------------------------------------------------------------------
+
+    def end(self, reason: DisconnectionReason, detail: str = "") -> None:
+        if self.ending is None:
+            self.ending = Ending(reason, detail)
+
+    # --- Twilio -> agent ---------------------------------------------------------------------
+
+    def from_twilio(self, text: str) -> list[Action]:
+        try:
+            event = tf.parse(text)
+        except tf.FrameError as e:
+            self.end(DisconnectionReason.error_frontend_corrupted_payload, f"from Twilio: {e}")
+            return []
+        twilio_protocol = self.protocol is Protocol.twilio
+        if type(event) is tf.Media:
+            self.stats.inbound_frames += 1
+            if twilio_protocol:
+                return [(TO_AGENT, text)]
+            if not event.payload:
+                return []
+            audio = self.inbound.process(event.payload)
+            return [(TO_AGENT, audio)] if audio else []
+        if type(event) is tf.Mark:
+            if twilio_protocol:
+                return [(TO_AGENT, text)]
+            self._mark_echoed(event.name)
+            return []
+        if type(event) is tf.Dtmf:
+            self.stats.dtmf.append(event.digit)
+            return [(TO_AGENT, text if twilio_protocol else wf.dtmf_event(event.digit))]
+        if type(event) is tf.Stop:
+            self.end(DisconnectionReason.user_hangup, "Twilio sent stop")
+            return [(TO_AGENT, text)] if twilio_protocol else []
+        if type(event) is tf.Clear:
+            self.end(DisconnectionReason.error_frontend_corrupted_payload, "Twilio sent a clear frame")
+        return []  # a repeated connected/start, or an event added after this was written
+
+    def _mark_echoed(self, name: str) -> None:
+        if name in self._cleared:  # flushed by a clear: not heard
+            self._cleared.discard(name)
+            return
+        while self._marks:
+            sent_name, position = self._marks.popleft()
+            if sent_name == name:
+                self.stats.played_ms = position
+                return
+
+    # --- agent -> Twilio ---------------------------------------------------------------------
+
+    def from_agent(self, message: str | bytes, now: float = 0.0) -> list[Action]:
+        if self.protocol is Protocol.twilio:
+            return self._from_twilio_agent(message)
+        try:
+            m = wf.parse(message)
+        except tf.FrameError as e:
+            self.end(DisconnectionReason.error_llm_websocket_corrupt_payload, f"from agent: {e}")
+            return []
+        if type(m) is wf.Audio:
+            return self._agent_audio(m.data)
+        if m is wf.CLEAR:
+            return self._clear()
+        if m is wf.PONG:
+            if self._ping_sent is not None:
+                self.stats.rtt_ms.append((now - self._ping_sent) * 1000)
+                self._ping_sent = None
+            return []
+        if m is wf.PING:
+            return [(TO_AGENT, "pong")]
+        if type(m) is wf.Update:
+            self.transcript = m.transcript
+        return []
+
+    def _from_twilio_agent(self, message: str | bytes) -> list[Action]:
+        if not isinstance(message, str):
+            self.end(DisconnectionReason.error_llm_websocket_corrupt_payload, "binary frame on the twilio protocol")
+            return []
+        try:
+            event = tf.parse(message)
+        except tf.FrameError as e:
+            self.end(DisconnectionReason.error_llm_websocket_corrupt_payload, f"from agent: {e}")
+            return []
+        if type(event) is tf.Media:
+            self.stats.outbound_frames += 1
+            self.stats.sent_ms += len(event.payload) / 8
+        elif type(event) is tf.Clear:
+            self.stats.clears += 1
+        elif type(event) is not tf.Mark:
+            name = event.event if type(event) is tf.Unknown else type(event).__name__.lower()
+            self.end(DisconnectionReason.error_llm_websocket_corrupt_payload, f"agent sent a '{name}' frame")
+            return []
+        return [(TO_TWILIO, message)]
+
+    def _agent_audio(self, data: bytes) -> list[Action]:
+        if self.agent_format.encoding == "s16le":
+            if self._carry:
+                data = self._carry + data
+                self._carry = b""
+            if len(data) & 1:
+                data, self._carry = data[:-1], data[-1:]
+        if not data:
+            return []
+        self._pending += self.outbound.process(data)
+        actions: list[Action] = []
+        size = self.frame_bytes
+        while len(self._pending) >= size:
+            self._send_media(actions, bytes(self._pending[:size]))
+            del self._pending[:size]
+            if self.stats.sent_ms - self._last_mark_ms >= self.mark_interval_ms:
+                self._send_mark(actions)
+        return actions
+
+    def flush_agent_audio(self) -> list[Action]:
+        """The agent paused: send the partial frame and mark the end of the burst."""
+        actions: list[Action] = []
+        if self._pending:
+            self._send_media(actions, bytes(self._pending))
+            self._pending.clear()
+        if self.stats.sent_ms > self._last_mark_ms:
+            self._send_mark(actions)
+        return actions
+
+    @property
+    def has_partial_audio(self) -> bool:
+        return bool(self._pending) or self.stats.sent_ms > self._last_mark_ms
+
+    def _send_media(self, actions: list[Action], payload: bytes) -> None:
+        actions.append((TO_TWILIO, self.twilio.media(payload)))
+        self.stats.outbound_frames += 1
+        self.stats.sent_ms += len(payload) / 8
+
+    def _send_mark(self, actions: list[Action]) -> None:
+        self._mark_seq += 1
+        name = f"m{self._mark_seq}"
+        self._marks.append((name, self.stats.sent_ms))
+        self._last_mark_ms = self.stats.sent_ms
+        actions.append((TO_TWILIO, self.twilio.mark(name)))
+
+    def _clear(self) -> list[Action]:
+        self.stats.clears += 1
+        self._pending.clear()
+        self._carry = b""
+        self.outbound.reset()
+        self._cleared.update(name for name, _ in self._marks)
+        self._marks.clear()
+        self._last_mark_ms = self.stats.sent_ms
+        return [(TO_TWILIO, self.twilio.clear())]
+
+    # --- keepalive ---------------------------------------------------------------------------
+
+    def ping(self, now: float) -> list[Action]:
+        """Web-protocol keepalive; the round trip is measured when the ``pong`` comes back."""
+        if self.protocol is not Protocol.web:
+            return []
+        if self._ping_sent is None:
+            self._ping_sent = now
+        return [(TO_AGENT, "ping")]
+
+    @property
+    def pending_marks(self) -> int:
+        return len(self._marks)

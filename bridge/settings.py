@@ -1,0 +1,251 @@
+"""One settings object: environment variables (prefix ``BRIDGE_``) plus an optional agents file.
+
+The agents file is TOML, one table per agent::
+
+    [agents.sales]
+    url = "wss://agent.example.com/audio-websocket/{call_id}"   # {call_id} is required
+    protocol = "web"            # web | twilio
+    encoding = "s16le"          # s16le | mulaw
+    sample_rate = 24000         # 8000..48000 (twilio protocol: mulaw at 8000)
+    end_call_after_silence_ms = 600000   # optional, >= 10000
+    max_call_duration_ms = 3600000
+    numbers = ["+14155550100"]  # calls to these numbers go to this agent
+    default = true              # calls to other numbers too
+    # registrar = "internal"    # or: registrar = { url = "https://registrar.example.com", api_key = "..." }
+
+With no agents file, one agent ``echo`` (the embedded echo agent) takes every call. Anything
+invalid fails at start-up with ``SettingsError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .models import Encoding, Protocol
+
+E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+ECHO_AGENT_ID = "echo"
+ECHO_PATH = "/agents/echo/audio-websocket/{call_id}"
+
+
+class SettingsError(ValueError):
+    """Invalid configuration; the message names the field."""
+
+
+class ExternalRegistrar(BaseModel):
+    """A service that speaks the v1 ``POST /register-call`` contract and returns the call id."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    api_key: str
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http(s) URL")
+        return v.rstrip("/")
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: str
+    url: str | None = None  # None: the embedded echo agent
+    protocol: Protocol = Protocol.web
+    encoding: Encoding = Encoding.s16le
+    sample_rate: int = Field(24000, ge=8000, le=48000)
+    end_call_after_silence_ms: int | None = Field(None, ge=10000)
+    max_call_duration_ms: int = Field(3_600_000, gt=0)
+    registrar: Literal["internal"] | ExternalRegistrar = "internal"
+    numbers: list[str] = []
+    default: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not re.match(r"^wss?://[^/\s]+", v):
+            raise ValueError("must be a ws:// or wss:// URL")
+        if "{call_id}" not in v:
+            raise ValueError("must contain {call_id}")
+        return v
+
+    @field_validator("numbers")
+    @classmethod
+    def _e164(cls, v: list[str]) -> list[str]:
+        for number in v:
+            if not E164.match(number):
+                raise ValueError(f"{number!r} is not an E.164 number (like +14155550100)")
+        return v
+
+    @model_validator(mode="after")
+    def _twilio_needs_mulaw_8000(self) -> AgentConfig:
+        if self.protocol is Protocol.twilio and (self.encoding is not Encoding.mulaw or self.sample_rate != 8000):
+            raise ValueError("the twilio protocol carries mulaw at 8000 Hz: set encoding = 'mulaw', sample_rate = 8000")
+        return self
+
+    def websocket_url(self, call_id: str, internal_base: str) -> str:
+        template = self.url or internal_base.replace("http", "ws", 1) + ECHO_PATH
+        return template.replace("{call_id}", call_id)
+
+
+class Settings(BaseSettings):
+    """Environment: ``BRIDGE_PUBLIC_URL``, ``BRIDGE_TWILIO_AUTH_TOKEN``, ``BRIDGE_API_KEYS`` (comma
+    separated), ``BRIDGE_AGENTS_FILE`` ... (every field below, upper case, ``BRIDGE_`` prefix)."""
+
+    model_config = SettingsConfigDict(env_prefix="BRIDGE_", extra="ignore")
+
+    #: Where Twilio reaches the bridge, e.g. https://abc123.ngrok.app (signatures are checked
+    #: against it). Unset: built from X-Forwarded-* if trusted, else from the request itself.
+    public_url: str | None = None
+    trust_forwarded_headers: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    #: How the bridge reaches its own embedded agents (default http://127.0.0.1:PORT).
+    internal_url: str | None = None
+
+    twilio_account_sid: str | None = None
+    twilio_auth_token: str | None = None
+    twilio_api_base_url: str = "https://api.twilio.com"
+    api_keys: Annotated[list[str], NoDecode] = []
+    database_url: str | None = None
+    data_dir: Path = Path("var")
+    agents_file: Path | None = None
+
+    stream_token_ttl_s: float = Field(30.0, gt=0)
+    registered_call_timeout_s: float = Field(60.0, gt=0)
+    agent_connect_timeout_s: float = Field(5.0, gt=0)
+    send_timeout_s: float = Field(5.0, gt=0)
+    keepalive_interval_s: float = Field(5.0, gt=0)
+    media_frame_ms: int = Field(20, ge=20, le=60)
+    mark_interval_ms: int = Field(100, ge=20)
+    fallback_message: str = "Sorry, we could not connect your call. Please try again later."
+    echo_sample_rate: int = Field(24000, ge=8000, le=48000)
+    echo_end_silence_ms: int = Field(600, ge=100)
+
+    agents: dict[str, AgentConfig] = {}
+    routes: dict[str, str] = {}  # E.164 number -> agent id
+    default_agent: str | None = None
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @field_validator("public_url", "internal_url")
+    @classmethod
+    def _base_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not re.match(r"^https?://[^/\s]+$", v.rstrip("/")):
+            raise ValueError("must be an http(s) base URL without a path, like https://abc.ngrok.app")
+        return v.rstrip("/")
+
+    @property
+    def internal_base(self) -> str:
+        return self.internal_url or f"http://127.0.0.1:{self.port}"
+
+    def agent_for_number(self, number: str | None) -> AgentConfig | None:
+        agent_id = self.routes.get(number or "", self.default_agent)
+        return self.agents.get(agent_id) if agent_id else None
+
+
+def _field_path(error: dict) -> str:
+    return ".".join(str(p) for p in error["loc"]) or "settings"
+
+
+def _raise(e: ValidationError, prefix: str = "") -> None:
+    problems = "; ".join(f"{prefix}{_field_path(err)}: {err['msg']}" for err in e.errors())
+    raise SettingsError(f"invalid settings: {problems}") from None
+
+
+def load_agents(path: Path) -> dict[str, AgentConfig]:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"agents_file: {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(f"agents_file: {path} is not valid TOML: {e}") from None
+    unknown = set(raw) - {"agents"}
+    if unknown:
+        raise SettingsError(f"agents_file: unknown top-level keys {sorted(unknown)}; expected [agents.NAME] tables")
+    agents = {}
+    for agent_id, table in (raw.get("agents") or {}).items():
+        if not isinstance(table, dict):
+            raise SettingsError(f"agents.{agent_id}: must be a table")
+        try:
+            agents[agent_id] = AgentConfig(agent_id=agent_id, **table)
+        except ValidationError as e:
+            _raise(e, f"agents.{agent_id}.")
+    if not agents:
+        raise SettingsError(f"agents_file: {path} defines no [agents.NAME] table")
+    return agents
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (and the agents file it names); keyword arguments override both."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        _raise(e)
+    if not settings.agents:
+        if settings.agents_file is not None:
+            settings.agents = load_agents(settings.agents_file)
+        else:
+            settings.agents = {
+                ECHO_AGENT_ID: AgentConfig(agent_id=ECHO_AGENT_ID, sample_rate=settings.echo_sample_rate, default=True)
+            }
+    routes: dict[str, str] = {}
+    defaults = []
+    for agent in settings.agents.values():
+        for number in agent.numbers:
+            if number in routes:
+                raise SettingsError(f"agents.{agent.agent_id}.numbers: {number} already routes to {routes[number]}")
+            routes[number] = agent.agent_id
+        if agent.default:
+            defaults.append(agent.agent_id)
+    if len(defaults) > 1:
+        raise SettingsError(f"agents: only one agent may be default, got {defaults}")
+    if not defaults and len(settings.agents) == 1:
+        defaults = list(settings.agents)
+    settings.routes = routes
+    settings.default_agent = defaults[0] if defaults else None
+    return settings
+
+
+def ensure_dev_secrets(settings: Settings) -> list[str]:
+    """A fresh machine has no Twilio auth token and no API key: make random ones, kept in
+    ``data_dir/dev-secrets.json`` so ``bridge simulate`` on the same machine can use them.
+    Returns the names of the settings that were filled in."""
+    filled = []
+    if settings.twilio_auth_token and settings.api_keys:
+        return filled
+    path = settings.data_dir / "dev-secrets.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        stored = {}
+    stored.setdefault("twilio_auth_token", secrets.token_hex(16))
+    stored.setdefault("api_key", "key_" + secrets.token_hex(16))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stored, indent=1))
+    path.chmod(0o600)
+    if not settings.twilio_auth_token:
+        settings.twilio_auth_token = stored["twilio_auth_token"]
+        filled.append("twilio_auth_token")
+    if not settings.api_keys:
+        settings.api_keys = [stored["api_key"]]
+        filled.append("api_keys")
+    return filled

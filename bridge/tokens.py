@@ -1,0 +1,43 @@
+"""Stream tokens: short-lived HMAC tokens that tie a media websocket to the call registered by
+the webhook. Stateless to check (any replica with the secret can), single use because the call
+can move from ``registered`` to ``ongoing`` only once (``CallStore.start``)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+
+
+class TokenError(ValueError):
+    pass
+
+
+class StreamTokens:
+    def __init__(self, secret: str | bytes, ttl_s: float):
+        self._key = secret.encode() if isinstance(secret, str) else secret
+        self.ttl_s = ttl_s
+
+    def _sign(self, call_id: str, expires: int, nonce: str) -> str:
+        msg = f"stream:{call_id}:{expires}:{nonce}".encode()
+        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:32]
+
+    def issue(self, call_id: str, now: float | None = None) -> str:
+        expires = int(((time.time() if now is None else now) + self.ttl_s) * 1000)
+        nonce = secrets.token_hex(8)
+        return f"{expires}.{nonce}.{self._sign(call_id, expires, nonce)}"
+
+    def check(self, call_id: str, token: str | None, now: float | None = None) -> None:
+        """Raises TokenError saying what is wrong."""
+        if not token:
+            raise TokenError("no stream token")
+        try:
+            expires_s, nonce, signature = token.split(".")
+            expires = int(expires_s)
+        except ValueError:
+            raise TokenError("malformed stream token") from None
+        if not hmac.compare_digest(signature, self._sign(call_id, expires, nonce)):
+            raise TokenError("stream token does not match this call")
+        if (time.time() if now is None else now) * 1000 > expires:
+            raise TokenError("stream token expired")

@@ -1,0 +1,95 @@
+"""The agent's ``web`` audio websocket protocol, parsed and built by plain code (sans-I/O).
+
+Agent -> bridge: binary frames of audio in the call's format; text ``clear`` (barge-in), ``pong``
+(answer to the bridge's ``ping``), ``ping``; JSON text with ``event_type`` ``update`` (live
+transcript) or ``metadata``. Bridge -> agent: binary audio, text ``ping``, and JSON
+``{"event_type": "dtmf", "digit": "5"}`` for keypad presses (see docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .twilio_frames import FrameError
+
+
+@dataclass(frozen=True, slots=True)
+class Audio:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClearAudio:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    transcript: list[dict[str, str]]
+    turntaking: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Metadata:
+    metadata: Any
+
+
+@dataclass(frozen=True, slots=True)
+class OtherEvent:
+    event_type: str
+
+
+AgentMessage = Audio | ClearAudio | Ping | Pong | Update | Metadata | OtherEvent
+
+CLEAR = ClearAudio()
+PING = Ping()
+PONG = Pong()
+
+
+def parse(message: str | bytes) -> AgentMessage:
+    """Classify one message from a ``web``-protocol agent; ``FrameError`` if it is garbage."""
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return Audio(bytes(message))
+    text = message.strip()
+    if text == "clear":
+        return CLEAR
+    if text == "pong":
+        return PONG
+    if text == "ping":
+        return PING
+    try:
+        event = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise FrameError(f"text frame is neither clear/ping/pong nor JSON: {text[:60]!r}") from None
+    if not isinstance(event, dict) or not isinstance(event.get("event_type"), str):
+        raise FrameError("JSON frame without an 'event_type' string")
+    kind = event["event_type"]
+    if kind == "update":
+        transcript = event.get("transcript", [])
+        if not isinstance(transcript, list) or not all(
+            isinstance(u, dict) and isinstance(u.get("role"), str) and isinstance(u.get("content"), str)
+            for u in transcript
+        ):
+            raise FrameError("update.transcript must be a list of {role, content} strings")
+        turntaking = event.get("turntaking")
+        return Update(transcript, turntaking if isinstance(turntaking, str) else None)
+    if kind == "metadata":
+        return Metadata(event.get("metadata"))
+    return OtherEvent(kind)
+
+
+def dtmf_event(digit: str) -> str:
+    return orjson.dumps({"event_type": "dtmf", "digit": digit}).decode()
