@@ -121,6 +121,7 @@ class CallRecord(BaseModel):
     twilio_account_sid: str | None = Field(default=None, exclude=True)
     registered_at: int = Field(default_factory=now_ms, exclude=True)
     error_detail: str | None = Field(default=None, exclude=True)
+    notes: list[str] = Field(default_factory=list, exclude=True)  # e.g. rejected stream attempts
 
     def public(self) -> dict[str, Any]:
         """The call object as the API serves it."""

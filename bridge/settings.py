@@ -33,7 +33,6 @@ from .models import Encoding, Protocol
 
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 ECHO_AGENT_ID = "echo"
-ECHO_PATH = "/agents/echo/audio-websocket/{call_id}"
 
 
 class SettingsError(ValueError):
@@ -95,8 +94,13 @@ class AgentConfig(BaseModel):
         return self
 
     def websocket_url(self, call_id: str, internal_base: str) -> str:
-        template = self.url or internal_base.replace("http", "ws", 1) + ECHO_PATH
-        return template.replace("{call_id}", call_id)
+        """The agent's audio websocket for one call (no url: the embedded echo agent)."""
+        if self.url:
+            return self.url.replace("{call_id}", call_id)
+        base = internal_base.replace("http", "ws", 1)
+        if self.protocol is Protocol.twilio:
+            return f"{base}/agents/echo-twilio/audio-websocket/{call_id}"
+        return f"{base}/agents/echo/audio-websocket/{call_id}?encoding={self.encoding.value}&sample_rate={self.sample_rate}"
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,125 @@
+"""The FastAPI application: the app's own wiring (``Services``), its routes and background jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import FastAPI, WebSocket
+
+from audio.filters import plan
+
+from . import api, echo_agent, twilio_webhook
+from .models import DisconnectionReason, now_ms
+from .relay import handle_media_stream
+from .session import CallSession
+from .settings import Settings, load_settings
+from .store import CallStore, MemoryCallStore
+from .tokens import StreamTokens
+from .twilio_rest import TwilioRest
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 2.0
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: CallStore
+    tokens: StreamTokens
+    twilio_rest: TwilioRest
+    http: httpx.AsyncClient | None = None
+    background: list[asyncio.Task] = field(default_factory=list)
+
+    def public_base(self, headers, request_base: str) -> str:
+        """The base URL Twilio uses for us: configured, else trusted X-Forwarded-*, else the
+        request's own (right on loopback, wrong behind a proxy: configure public_url there)."""
+        if self.settings.public_url:
+            return self.settings.public_url
+        if self.settings.trust_forwarded_headers and headers.get("x-forwarded-host"):
+            proto = headers.get("x-forwarded-proto", "https").split(",")[0].strip()
+            return f"{proto}://{headers['x-forwarded-host'].split(',')[0].strip()}"
+        return request_base.rstrip("/")
+
+    async def note(self, call_id: str, text: str) -> None:
+        record = await self.store.get(call_id)
+        if record is not None:
+            await self.store.update(call_id, notes=[*record.notes, text])
+
+    async def end_call(self, call_id: str, reason: DisconnectionReason, detail: str, session: CallSession) -> None:
+        fields = {}
+        if session.transcript:
+            fields["transcript_object"] = [{"role": u["role"], "content": u["content"]} for u in session.transcript]
+            fields["transcript"] = "".join(f"{u['role'].capitalize()}: {u['content']}\n" for u in session.transcript)
+        if detail:
+            fields["error_detail"] = detail
+        ended = await self.store.finish(call_id, reason, **fields)
+        log.info("call %s ended: %s %s", call_id, reason.value, detail)
+        if ended is None:
+            log.warning("call %s had already ended", call_id)
+
+    async def sweep_registered(self) -> None:
+        """Calls registered but never connected end as registered_call_timeout."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            cutoff = now_ms() - int(self.settings.registered_call_timeout_s * 1000)
+            for record in await self.store.registered_before(cutoff):
+                await self.store.finish(
+                    record.call_id,
+                    DisconnectionReason.registered_call_timeout,
+                    error_detail=f"no media stream within {self.settings.registered_call_timeout_s:g} s",
+                )
+
+
+def create_app(settings: Settings | None = None, store: CallStore | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    if not settings.twilio_auth_token:
+        raise ValueError("twilio_auth_token is required (set BRIDGE_TWILIO_AUTH_TOKEN)")
+    services = Services(
+        settings=settings,
+        store=store or MemoryCallStore(),
+        tokens=StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl_s),
+        twilio_rest=TwilioRest(settings.twilio_api_base_url, settings.twilio_auth_token, settings.twilio_account_sid),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for agent in settings.agents.values():  # design every filter before the first call
+            if agent.sample_rate != 8000:
+                plan(8000, agent.sample_rate), plan(agent.sample_rate, 8000)
+        services.http = httpx.AsyncClient(timeout=10)
+        services.background.append(asyncio.create_task(services.sweep_registered()))
+        try:
+            yield
+        finally:
+            for task in services.background:
+                task.cancel()
+            await asyncio.gather(*services.background, return_exceptions=True)
+            await services.http.aclose()
+            await services.twilio_rest.close()
+
+    app = FastAPI(
+        title="twilio-audio-bridge",
+        summary="Twilio Media Streams <-> voice agent audio websockets, with a Retell-compatible call API",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.services = services
+    api.install_error_handlers(app)
+    app.include_router(twilio_webhook.router)
+    app.include_router(api.router)
+    app.include_router(echo_agent.router)
+
+    @app.websocket("/twilio/media")
+    async def twilio_media(websocket: WebSocket) -> None:
+        await handle_media_stream(websocket, services)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,145 @@
+"""``bridge`` command line: ``serve``, ``demo``, ``simulate``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import typer
+import uvicorn
+
+from audio import read_wav, write_wav
+
+from .settings import SettingsError, ensure_dev_secrets, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Twilio <-> voice agent audio bridge")
+
+SAMPLE = Path(__file__).resolve().parent.parent / "audio" / "samples" / "caller_8k.wav"
+
+
+def _settings(**overrides):
+    try:
+        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+    filled = ensure_dev_secrets(settings)
+    if filled:
+        typer.secho(
+            f"dev secrets for {', '.join(filled)} are in {settings.data_dir / 'dev-secrets.json'} "
+            "(set BRIDGE_TWILIO_AUTH_TOKEN and BRIDGE_API_KEYS for a real number)",
+            fg="yellow",
+            err=True,
+        )
+    return settings
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, help="listen address (BRIDGE_HOST, default 127.0.0.1)"),
+    port: int = typer.Option(None, help="listen port (BRIDGE_PORT, default 8080)"),
+    agents_file: Path = typer.Option(None, help="agents TOML file (BRIDGE_AGENTS_FILE)"),
+    public_url: str = typer.Option(None, help="where Twilio reaches the bridge, e.g. https://abc.ngrok.app"),
+) -> None:
+    """Serve the bridge (Twilio webhook, media streams, call API, embedded echo agent)."""
+    from .app import create_app
+
+    settings = _settings(host=host, port=port, agents_file=agents_file, public_url=public_url)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    typer.echo(f"agents: {', '.join(settings.agents)}; Twilio voice webhook: {settings.public_url or 'http://HOST'}/twilio/voice")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, ws="websockets-sansio", log_level="info")
+
+
+@app.command()
+def demo(
+    speed: float = typer.Option(1.0, help="how much faster than real time to run the call"),
+    out: Path = typer.Option(Path("var/demo-heard.wav"), help="where to write what the caller heard"),
+) -> None:
+    """Serve on a free port with the embedded defaults and place one simulated call with the
+    bundled speech sample; print the call record and where the caller's audio is."""
+    from .app import create_app
+    from .server import BackgroundServer
+    from .simulator import FakeTwilioApi, simulate_call
+
+    settings = _settings()
+    pcm, rate, _ = read_wav(SAMPLE)
+
+    async def run():
+        fake = FakeTwilioApi(settings.twilio_auth_token)
+        settings.twilio_api_base_url = await fake.start()
+        server = BackgroundServer(create_app(settings))
+        settings.port = int((await server.start()).rsplit(":", 1)[1])
+        typer.echo(f"bridge on {server.base_url}, echo agent at {settings.agents['echo'].sample_rate} Hz; calling...")
+        try:
+            return await simulate_call(
+                server.base_url, settings.twilio_auth_token, pcm, api_key=settings.api_keys[0], speed=speed, fake_api=fake
+            )
+        finally:
+            await server.stop()
+            await fake.stop()
+
+    result = asyncio.run(run())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_wav(out, result.heard, 8000)
+    typer.echo(json.dumps(result.record, indent=2))
+    typer.echo(json.dumps(result.summary(), indent=2))
+    typer.echo(f"what the caller heard: {out}")
+    if not result.record or result.record.get("call_status") != "ended":
+        raise typer.Exit(1)
+
+
+@app.command()
+def simulate(
+    url: str = typer.Option("http://127.0.0.1:8080", help="the bridge's base URL (as Twilio would call it)"),
+    wav: Path = typer.Option(SAMPLE, help="what the caller says: 8 kHz mono 16-bit WAV"),
+    auth_token: str = typer.Option(None, help="Twilio auth token the bridge checks (default: dev secrets)"),
+    api_key: str = typer.Option(None, help="API key to fetch the call record (default: dev secrets)"),
+    agent: str = typer.Option(None, help="call /twilio/voice/AGENT instead of routing by number"),
+    to: str = typer.Option("+15550100000", help="called number"),
+    speed: float = typer.Option(1.0, help="how much faster than real time"),
+    dtmf: list[str] = typer.Option([], help="keypad presses as MS:DIGIT, e.g. 2000:5"),
+    tail_ms: int = typer.Option(2000, help="silence after the caller's audio before hanging up"),
+    out: Path = typer.Option(None, help="write what the caller heard to this WAV"),
+) -> None:
+    """Place a simulated Twilio call on a running bridge."""
+    from .simulator import simulate_call
+
+    settings = load_settings()
+    if not auth_token or not api_key:
+        secrets_file = settings.data_dir / "dev-secrets.json"
+        stored = json.loads(secrets_file.read_text()) if secrets_file.exists() else {}
+        auth_token = auth_token or os.environ.get("BRIDGE_TWILIO_AUTH_TOKEN") or stored.get("twilio_auth_token")
+        api_key = api_key or (os.environ.get("BRIDGE_API_KEYS", "").split(",")[0] or stored.get("api_key"))
+    if not auth_token:
+        typer.secho("no auth token: pass --auth-token or set BRIDGE_TWILIO_AUTH_TOKEN", fg="red", err=True)
+        raise typer.Exit(2)
+    pcm, rate, channels = read_wav(wav)
+    if rate != 8000 or channels != 1:
+        typer.secho(f"{wav} must be 8 kHz mono (got {rate} Hz, {channels} channels)", fg="red", err=True)
+        raise typer.Exit(2)
+    presses = []
+    for item in dtmf:
+        at, _, digit = item.partition(":")
+        presses.append((int(at), digit))
+    result = asyncio.run(
+        simulate_call(url, auth_token, pcm, api_key=api_key, agent_id=agent, to_number=to, speed=speed, dtmf=tuple(presses), tail_ms=tail_ms)
+    )
+    if result.status_code != 200:
+        typer.secho(f"webhook answered {result.status_code}: {result.twiml[:200]}", fg="red", err=True)
+        raise typer.Exit(1)
+    if out:
+        write_wav(out, result.heard, 8000)
+        typer.echo(f"what the caller heard: {out}")
+    typer.echo(json.dumps(result.record, indent=2))
+    typer.echo(json.dumps(result.summary(), indent=2))
+
+
+def main() -> None:  # console-script entry point
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

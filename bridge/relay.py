@@ -1,0 +1,273 @@
+"""The media websocket: Twilio on one side, the agent's audio websocket on the other.
+
+A thin asyncio layer: it checks the stream (signature, registered call, single-use token), opens
+the agent socket, then moves frames between the two sockets through ``CallSession`` until either
+side ends, and records how the call ended. Every send has a deadline, so a half-dead socket ends
+its own call and never stalls another.
+
+How a call ends (``disconnection_reason``):
+
+=====================================  ==================================================
+Twilio sends ``stop``                  ``user_hangup``; agent socket closed with 1000
+agent closes with 1000 / 1001          ``agent_hangup``; call hung up through Twilio REST,
+                                       then the Twilio socket is closed
+agent socket cannot open               ``error_llm_websocket_open``; caller hears the fallback
+agent socket lost (no close frame,     ``error_llm_websocket_lost_connection``; fallback
+or a send to it times out)
+agent closes with another code         ``error_llm_websocket_runtime``; fallback
+(e.g. 1011), or is not configured
+agent sends garbage                    ``error_llm_websocket_corrupt_payload``; fallback
+Twilio sends garbage (bad JSON, bad    ``error_frontend_corrupted_payload``
+base64, binary frames)
+Twilio socket lost without ``stop``,   ``error_twilio``
+or a send to Twilio times out
+=====================================  ==================================================
+
+"Fallback" = the bridge closes the Twilio socket and Twilio plays the TwiML after </Connect>.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import websockets
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from twilio.request_validator import RequestValidator
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidURI
+
+from audio import AudioFormat
+
+from . import twilio_frames as tf
+from .models import DisconnectionReason as Reason
+from .models import Protocol
+from .session import TO_TWILIO, CallSession
+from .tokens import TokenError
+
+if TYPE_CHECKING:
+    from .app import Services
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT_S = 10.0
+TOKEN_PARAMETER = "token"
+CALL_PARAMETER = "call_id"
+
+
+class StreamRejected(Exception):
+    """The stream is not accepted (closed with 1008); ``call_id`` if one was named."""
+
+    def __init__(self, reason: str, call_id: str | None = None):
+        super().__init__(reason)
+        self.call_id = call_id
+
+
+def media_url(services: Services, websocket: WebSocket) -> str:
+    """The URL Twilio signed for the media websocket (wss, no query)."""
+    base = services.public_base(websocket.headers, str(websocket.base_url))
+    return base.replace("http", "ws", 1) + websocket.url.path
+
+
+async def handle_media_stream(websocket: WebSocket, services: Services) -> None:
+    settings = services.settings
+    signature = websocket.headers.get("x-twilio-signature")
+    validator = RequestValidator(settings.twilio_auth_token or "")
+    if not signature or not validator.validate(media_url(services, websocket), {}, signature):
+        log.warning("media websocket refused: %s X-Twilio-Signature", "bad" if signature else "no")
+        await websocket.close(code=1008)  # before accept: the upgrade is refused (HTTP 403)
+        return
+    await websocket.accept()
+    try:
+        start, record = await _accept_stream(websocket, services)
+    except StreamRejected as e:
+        log.warning("media stream rejected: %s", e)
+        if e.call_id:
+            await services.note(e.call_id, f"stream rejected: {e}")
+        await _close(websocket, 1008, str(e)[:120])
+        return
+    await _relay(websocket, services, start, record)
+
+
+async def _accept_stream(websocket: WebSocket, services: Services):
+    """Read ``connected`` and ``start``; check the call and its single-use token."""
+    async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                raise StreamRejected("closed before start")
+            text = message.get("text")
+            if text is None:
+                raise StreamRejected("binary frame before start")
+            try:
+                event = tf.parse(text)
+            except tf.FrameError as e:
+                raise StreamRejected(f"bad frame before start: {e}") from None
+            if type(event) is tf.Connected:
+                continue
+            if type(event) is not tf.Start:
+                raise StreamRejected(f"expected start, got {type(event).__name__.lower()}")
+            break
+    call_id = event.custom_parameters.get(CALL_PARAMETER)
+    if not call_id:
+        raise StreamRejected("start without a call_id parameter")
+    record = await services.store.get(call_id)
+    if record is None:
+        raise StreamRejected("unknown call", None)
+    try:
+        services.tokens.check(call_id, event.custom_parameters.get(TOKEN_PARAMETER))
+    except TokenError as e:
+        raise StreamRejected(str(e), call_id) from None
+    started = await services.store.start(
+        call_id,
+        twilio_call_sid=record.twilio_call_sid or event.call_sid,
+        twilio_account_sid=record.twilio_account_sid or event.account_sid,
+    )
+    if started is None:
+        raise StreamRejected(f"stream token already used (call is {record.call_status.value})", call_id)
+    return event, started
+
+
+async def _relay(twilio: WebSocket, services: Services, start: tf.Start, record) -> None:
+    settings = services.settings
+    call_id = record.call_id
+    agent_config = settings.agents.get(record.agent_id)
+    session = CallSession(
+        record.audio_websocket_protocol,
+        AudioFormat(record.audio_encoding.value, record.sample_rate),
+        start.stream_sid,
+        frame_ms=settings.media_frame_ms,
+        mark_interval_ms=settings.mark_interval_ms,
+    )
+    agent = None
+    try:
+        if agent_config is None:
+            session.end(Reason.error_llm_websocket_runtime, f"agent {record.agent_id} is not configured")
+        else:
+            agent = await _open_agent(session, agent_config.websocket_url(call_id, settings.internal_base), settings)
+        if agent is not None:
+            if session.protocol is Protocol.twilio:
+                await agent.send(tf.connected_frame())
+                await agent.send(tf.start_frame(start, drop_parameters=(TOKEN_PARAMETER,)))
+            await _pump_until_end(twilio, agent, session, settings)
+    except Exception as e:  # a bug must end this call cleanly, never the process
+        log.exception("call %s failed", call_id)
+        session.end(Reason.error_unknown, f"{type(e).__name__}: {e}")
+    finally:
+        await _finish(twilio, agent, session, services, record)
+
+
+async def _open_agent(session: CallSession, url: str, settings):
+    try:
+        async with asyncio.timeout(settings.agent_connect_timeout_s):
+            return await websockets.connect(
+                url, open_timeout=None, ping_interval=None, max_size=2**22, compression=None
+            )
+    except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ValueError) as e:
+        session.end(Reason.error_llm_websocket_open, f"cannot open {url}: {type(e).__name__}: {e}")
+        return None
+
+
+async def _pump_until_end(twilio: WebSocket, agent, session: CallSession, settings) -> None:
+    send_timeout = settings.send_timeout_s
+
+    async def send(actions) -> None:
+        for target, message in actions:
+            if target == TO_TWILIO:
+                try:
+                    async with asyncio.timeout(send_timeout):
+                        await twilio.send_text(message)
+                except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError) as e:
+                    session.end(Reason.error_twilio, f"send to Twilio failed: {type(e).__name__}")
+                    return
+            else:
+                try:
+                    async with asyncio.timeout(send_timeout):
+                        await agent.send(message)
+                except (TimeoutError, ConnectionClosed, OSError) as e:
+                    session.end(Reason.error_llm_websocket_lost_connection, f"send to agent failed: {type(e).__name__}")
+                    return
+
+    async def from_twilio() -> None:
+        while session.ending is None:
+            message = await twilio.receive()
+            if message["type"] == "websocket.disconnect":
+                session.end(Reason.error_twilio, f"Twilio socket closed without stop (code {message.get('code')})")
+                return
+            text = message.get("text")
+            if text is None:
+                session.end(Reason.error_frontend_corrupted_payload, "binary frame from Twilio")
+                return
+            await send(session.from_twilio(text))
+
+    async def from_agent() -> None:
+        loop = asyncio.get_running_loop()
+        frame_s = settings.media_frame_ms / 1000
+        while session.ending is None:
+            try:
+                if session.has_partial_audio:  # flush a partial frame if the agent pauses
+                    async with asyncio.timeout(frame_s):
+                        message = await agent.recv()
+                else:
+                    message = await agent.recv()
+            except TimeoutError:
+                await send(session.flush_agent_audio())
+                continue
+            except ConnectionClosedOK:
+                session.end(Reason.agent_hangup, f"agent closed the socket ({agent.close_code})")
+                return
+            except ConnectionClosed as e:
+                if e.rcvd is None:  # no close frame: the connection died
+                    session.end(Reason.error_llm_websocket_lost_connection, f"agent socket lost: {e}")
+                else:
+                    session.end(Reason.error_llm_websocket_runtime, f"agent closed with {e.rcvd.code} {e.rcvd.reason}")
+                return
+            await send(session.from_agent(message, loop.time()))
+
+    async def keepalive() -> None:
+        loop = asyncio.get_running_loop()
+        while session.ending is None:
+            await asyncio.sleep(settings.keepalive_interval_s)
+            await send(session.ping(loop.time()))
+
+    tasks = [asyncio.create_task(coro) for coro in (from_twilio(), from_agent(), keepalive())]
+    try:
+        while session.ending is None:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()
+            if session.ending is None and all(t.done() for t in tasks):
+                break
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _finish(twilio: WebSocket, agent, session: CallSession, services: Services, record) -> None:
+    ending = session.ending
+    reason = ending.reason if ending else Reason.error_unknown
+    try:
+        if agent is not None:
+            try:
+                async with asyncio.timeout(2):
+                    await agent.close(code=1000, reason=reason.value)
+            except (TimeoutError, ConnectionClosed, OSError):
+                pass
+        if reason is Reason.agent_hangup and record.twilio_call_sid:
+            # closing the stream alone would make Twilio play the fallback after </Connect>
+            await services.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
+        await _close(twilio, 1000 if reason in (Reason.user_hangup, Reason.agent_hangup) else 1011, reason.value)
+    finally:
+        await services.end_call(record.call_id, reason, ending.detail if ending else "", session)
+
+
+async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
+    if websocket.application_state is WebSocketState.DISCONNECTED or websocket.client_state is WebSocketState.DISCONNECTED:
+        return
+    try:
+        async with asyncio.timeout(2):
+            await websocket.close(code=code, reason=reason)
+    except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
+        pass

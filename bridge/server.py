@@ -1,0 +1,44 @@
+"""Run an ASGI app with uvicorn inside the current event loop (the demo, the simulator's fake
+Twilio API and the tests use it to serve on a free loopback port)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import uvicorn
+
+
+class BackgroundServer:
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, lifespan: str = "on"):
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan=lifespan, ws="websockets-sansio")
+        self.server = uvicorn.Server(config)
+        self.host = host
+        self._task: asyncio.Task | None = None
+        self.port: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> str:
+        self._task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+                raise RuntimeError("server stopped during start-up")
+            await asyncio.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self.server.should_exit = True
+            await self._task
+            self._task = None
+
+    async def __aenter__(self) -> BackgroundServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()

@@ -1,0 +1,340 @@
+"""A Twilio simulator: places a call on the bridge the way Twilio does, without a phone.
+
+It POSTs the signed voice webhook, reads the TwiML, opens the ``<Stream>`` URL (with the
+``X-Twilio-Signature`` of the upgrade), sends ``connected`` / ``start`` / ``media`` from 8 kHz
+audio paced in real time (or ``speed`` times faster), plays what comes back 20 ms per frame on
+the caller's clock (so a faster run hears exactly the same), echoes each ``mark`` when the audio
+queued before it has played, honours ``clear`` (drops the queue, echoes pending marks at once),
+sends DTMF on request and ``stop`` at the end. If the bridge closes the stream it runs the TwiML
+after ``</Connect>`` (the fallback), unless the call was hung up through the REST API: a small
+fake Twilio REST server (``FakeTwilioApi``) takes that request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import secrets
+import time
+import xml.etree.ElementTree as ET
+from collections import deque
+from dataclasses import dataclass, field
+
+import httpx
+import websockets
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from twilio.request_validator import RequestValidator
+from websockets.exceptions import ConnectionClosed
+
+from audio import pcm_to_ulaw, ulaw_to_pcm
+
+from .server import BackgroundServer
+
+FRAME_MS = 20
+FRAME_BYTES = 160  # mu-law 8 kHz
+
+
+def sid(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+@dataclass
+class SimulationResult:
+    call_sid: str
+    status_code: int  # of the webhook
+    twiml: str = ""
+    call_id: str | None = None
+    heard: bytes = b""  # s16le 8 kHz: what the caller heard, on the caller's clock
+    sent_ms: int = 0  # caller audio sent (including the silent tail)
+    media_received: int = 0
+    marks_echoed: list[str] = field(default_factory=list)
+    clears: int = 0
+    protocol_errors: list[str] = field(default_factory=list)  # frames Twilio would reject
+    ended_by: str = ""  # "caller" (stop sent), "bridge" (stream closed), "rest" (hung up via API)
+    close_code: int | None = None
+    fallback: list[str] = field(default_factory=list)  # TwiML verbs run after the stream
+    record: dict | None = None
+
+    def summary(self) -> dict:
+        return {
+            "call_id": self.call_id,
+            "ended_by": self.ended_by,
+            "heard_ms": len(self.heard) // 16,
+            "media_received": self.media_received,
+            "marks_echoed": len(self.marks_echoed),
+            "clears": self.clears,
+            "fallback": self.fallback,
+        }
+
+
+class FakeTwilioApi:
+    """Just enough of Twilio's REST API for the bridge's hang-ups (``Calls/{sid}.json``)."""
+
+    def __init__(self, auth_token: str):
+        self.auth_token = auth_token
+        self.hangups: dict[str, asyncio.Event] = {}
+        self.requests: list[tuple[str, dict]] = []
+        self.base_url = ""
+        self._server: BackgroundServer | None = None
+
+    def watch(self, call_sid: str) -> asyncio.Event:
+        return self.hangups.setdefault(call_sid, asyncio.Event())
+
+    async def _update_call(self, request: Request) -> JSONResponse:
+        auth = request.headers.get("authorization", "")
+        account = request.path_params["account"]
+        expected = "Basic " + base64.b64encode(f"{account}:{self.auth_token}".encode()).decode()
+        if auth != expected:
+            return JSONResponse({"code": 20003, "message": "Authenticate", "status": 401}, status_code=401)
+        form = dict(await request.form())
+        call_sid = request.path_params["call"]
+        self.requests.append((call_sid, form))
+        if form.get("Status") == "completed":
+            self.watch(call_sid).set()
+        return JSONResponse({"sid": call_sid, "account_sid": account, "status": form.get("Status", "in-progress")})
+
+    async def start(self, host: str = "127.0.0.1") -> str:
+        app = Starlette(routes=[Route("/2010-04-01/Accounts/{account}/Calls/{call}.json", self._update_call, methods=["POST"])])
+        self._server = BackgroundServer(app, host, lifespan="off")
+        self.base_url = await self._server.start()
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop()
+
+
+class _Player:
+    """What Twilio does with the server's frames: a queue of audio and marks, played 20 ms at a
+    time on the caller's clock."""
+
+    def __init__(self) -> None:
+        self.queue: deque[list] = deque()  # ["audio", bytearray] | ["mark", name]
+        self.heard = bytearray()
+
+    def add_audio(self, data: bytes) -> None:
+        if self.queue and self.queue[-1][0] == "audio":
+            self.queue[-1][1] += data
+        else:
+            self.queue.append(["audio", bytearray(data)])
+
+    def add_mark(self, name: str) -> None:
+        self.queue.append(["mark", name])
+
+    def clear(self) -> list[str]:
+        marks = [item[1] for item in self.queue if item[0] == "mark"]
+        self.queue.clear()
+        return marks
+
+    def play(self, nbytes: int) -> list[str]:
+        """Play ``nbytes`` of audio (silence if the queue runs dry); returns marks reached."""
+        reached, played = [], bytearray()
+        while self.queue and (len(played) < nbytes or self.queue[0][0] == "mark"):
+            kind, item = self.queue[0]
+            if kind == "mark":
+                reached.append(item)
+                self.queue.popleft()
+                continue
+            take = item[: nbytes - len(played)]
+            played += take
+            del item[: len(take)]
+            if not item:
+                self.queue.popleft()
+        played += b"\xff" * (nbytes - len(played))  # mu-law silence
+        self.heard += ulaw_to_pcm(bytes(played))
+        return reached
+
+    @property
+    def playing(self) -> bool:
+        return any(kind == "audio" for kind, _ in self.queue)
+
+
+def parse_twiml(twiml: str) -> tuple[str | None, dict[str, str], list[tuple[str, str]]]:
+    """(stream url, stream parameters, verbs after </Connect> as (verb, text))."""
+    root = ET.fromstring(twiml)
+    url, params, after, seen_connect = None, {}, [], False
+    for verb in root:
+        if verb.tag == "Connect":
+            seen_connect = True
+            stream = verb.find("Stream")
+            if stream is not None:
+                url = stream.get("url")
+                params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+        elif seen_connect or url is None:
+            after.append((verb.tag, (verb.text or "").strip()))
+    return url, params, after
+
+
+async def simulate_call(
+    base_url: str,
+    auth_token: str,
+    caller_pcm: bytes,
+    *,
+    api_key: str | None = None,
+    agent_id: str | None = None,
+    to_number: str = "+15550100000",
+    from_number: str = "+15550199999",
+    speed: float = 1.0,
+    dtmf: tuple[tuple[int, str], ...] = (),
+    tail_ms: int = 2000,
+    max_call_s: float = 120.0,
+    fake_api: FakeTwilioApi | None = None,
+    account_sid: str | None = None,
+) -> SimulationResult:
+    """Place one simulated inbound call. ``caller_pcm`` is s16le 8 kHz mono; ``dtmf`` is
+    ``(at_ms, digit)`` pairs on the caller's clock. After the caller's audio, silence is sent for
+    at least ``tail_ms`` and until the agent's queued audio has played; then ``stop``."""
+    call_sid, account_sid = sid("CA"), account_sid or sid("AC")
+    validator = RequestValidator(auth_token)
+    url = f"{base_url.rstrip('/')}/twilio/voice" + (f"/{agent_id}" if agent_id else "")
+    params = {
+        "CallSid": call_sid, "AccountSid": account_sid, "From": from_number, "To": to_number,
+        "Caller": from_number, "Called": to_number, "Direction": "inbound", "CallStatus": "ringing",
+        "ApiVersion": "2010-04-01",
+    }  # fmt: skip
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.post(url, data=params, headers={"X-Twilio-Signature": validator.compute_signature(url, params)})
+        result = SimulationResult(call_sid, response.status_code, response.text)
+        if response.status_code != 200:
+            return result
+        stream_url, stream_params, after = parse_twiml(response.text)
+        result.call_id = stream_params.get("call_id")
+        if stream_url is None:
+            result.fallback = [f"{verb}: {text}".rstrip(": ") for verb, text in after]
+            result.ended_by = "bridge"
+            return result
+        hangup = fake_api.watch(call_sid) if fake_api else asyncio.Event()
+        await _stream(result, stream_url, stream_params, validator, account_sid, caller_pcm, speed, dtmf, tail_ms, max_call_s, hangup)
+        if result.ended_by == "bridge":
+            result.fallback = [f"{verb}: {text}".rstrip(": ") for verb, text in after]
+        if api_key and result.call_id:
+            result.record = await fetch_record(http, base_url, api_key, result.call_id)
+    return result
+
+
+async def fetch_record(http: httpx.AsyncClient, base_url: str, api_key: str, call_id: str, wait_s: float = 5.0) -> dict | None:
+    """The call record once it has ended (polls briefly: the bridge records the end last)."""
+    deadline = time.monotonic() + wait_s
+    record = None
+    while time.monotonic() < deadline:
+        r = await http.get(f"{base_url.rstrip('/')}/v2/get-call/{call_id}", headers={"Authorization": f"Bearer {api_key}"})
+        if r.status_code == 200:
+            record = r.json()
+            if record["call_status"] in ("ended", "error"):
+                return record
+        await asyncio.sleep(0.05)
+    return record
+
+
+async def _stream(result, stream_url, stream_params, validator, account_sid, caller_pcm, speed, dtmf, tail_ms, max_call_s, hangup):
+    stream_sid = sid("MZ")
+    headers = {"X-Twilio-Signature": validator.compute_signature(stream_url, {})}
+    player = _Player()
+    pending_dtmf = sorted(dtmf)
+    caller = pcm_to_ulaw(caller_pcm[: len(caller_pcm) // 2 * 2])
+    try:
+        ws = await websockets.connect(stream_url, additional_headers=headers, open_timeout=10, compression=None)
+    except (OSError, websockets.InvalidHandshake) as e:
+        result.ended_by = "bridge"
+        result.protocol_errors.append(f"stream refused: {e}")
+        return
+    bridge_closed = asyncio.Event()
+
+    async def send_mark_echoes(names: list[str]) -> None:
+        for name in names:
+            result.marks_echoed.append(name)
+            await ws.send(json.dumps({"event": "mark", "sequenceNumber": str(seq()), "streamSid": stream_sid, "mark": {"name": name}}))
+
+    counter = iter(range(1, 1 << 62))
+
+    def seq() -> int:
+        return next(counter)
+
+    async def receive() -> None:
+        try:
+            async for message in ws:
+                if not isinstance(message, str):
+                    result.protocol_errors.append("binary frame (Twilio error 31950)")
+                    continue
+                try:
+                    frame = json.loads(message)
+                    event = frame["event"]
+                except (ValueError, KeyError, TypeError):
+                    result.protocol_errors.append(f"not a Twilio frame: {message[:60]!r}")
+                    continue
+                if frame.get("streamSid") != stream_sid:
+                    result.protocol_errors.append(f"{event} for streamSid {frame.get('streamSid')!r}")
+                if event == "media":
+                    result.media_received += 1
+                    player.add_audio(base64.b64decode(frame["media"]["payload"]))
+                elif event == "mark":
+                    player.add_mark(frame["mark"]["name"])
+                elif event == "clear":
+                    result.clears += 1
+                    await send_mark_echoes(player.clear())
+                else:
+                    result.protocol_errors.append(f"unexpected event {event!r} (Twilio error 31951)")
+        except ConnectionClosed:
+            pass
+        finally:
+            result.close_code = ws.close_code
+            bridge_closed.set()
+
+    receiver = asyncio.create_task(receive())
+    try:
+        await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await ws.send(json.dumps({
+            "event": "start", "sequenceNumber": str(seq()), "streamSid": stream_sid,
+            "start": {
+                "streamSid": stream_sid, "accountSid": account_sid, "callSid": result.call_sid,
+                "tracks": ["inbound"], "customParameters": stream_params,
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            },
+        }))  # fmt: skip
+        started = time.monotonic()
+        frame = 0
+        caller_frames = -(-len(caller) // FRAME_BYTES)
+        while True:
+            t_ms = frame * FRAME_MS
+            if bridge_closed.is_set():
+                result.ended_by = "bridge"
+                break
+            if hangup.is_set():
+                result.ended_by = "rest"
+                break
+            done_talking = frame >= caller_frames and t_ms >= caller_frames * FRAME_MS + tail_ms and not player.playing
+            if done_talking or t_ms >= max_call_s * 1000:
+                result.ended_by = "caller"
+                break
+            if speed > 0:  # pace on the caller's clock
+                delay = started + t_ms / 1000 / speed - time.monotonic()
+                await asyncio.sleep(max(0.0, delay))
+            else:
+                await asyncio.sleep(0)
+            while pending_dtmf and pending_dtmf[0][0] <= t_ms:
+                _, digit = pending_dtmf.pop(0)
+                await ws.send(json.dumps({"event": "dtmf", "streamSid": stream_sid, "sequenceNumber": str(seq()), "dtmf": {"track": "inbound_track", "digit": digit}}))
+            chunk = caller[frame * FRAME_BYTES : (frame + 1) * FRAME_BYTES] or b"\xff" * FRAME_BYTES
+            chunk = chunk.ljust(FRAME_BYTES, b"\xff")
+            await ws.send(json.dumps({
+                "event": "media", "sequenceNumber": str(seq()), "streamSid": stream_sid,
+                "media": {"track": "inbound", "chunk": str(frame + 1), "timestamp": str(t_ms), "payload": base64.b64encode(chunk).decode()},
+            }))  # fmt: skip
+            await send_mark_echoes(player.play(FRAME_BYTES))
+            frame += 1
+            result.sent_ms = frame * FRAME_MS
+        if result.ended_by in ("caller", "rest"):
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(json.dumps({"event": "stop", "sequenceNumber": str(seq()), "streamSid": stream_sid, "stop": {"accountSid": account_sid, "callSid": result.call_sid}}))
+    except ConnectionClosed:
+        result.ended_by = "bridge"
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(), 2)
+        await asyncio.wait_for(receiver, 5)
+        result.heard = bytes(player.heard)
