@@ -23,7 +23,7 @@ from .twilio_rest import TwilioRest
 
 log = logging.getLogger(__name__)
 
-SWEEP_INTERVAL_S = 2.0
+MAX_SWEEP_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Services:
     async def sweep_registered(self) -> None:
         """Calls registered but never connected end as registered_call_timeout."""
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
+            await asyncio.sleep(min(MAX_SWEEP_INTERVAL_S, self.settings.registered_call_timeout_s / 2))
             cutoff = now_ms() - int(self.settings.registered_call_timeout_s * 1000)
             for record in await self.store.registered_before(cutoff):
                 await self.store.finish(

@@ -3,7 +3,8 @@
 It POSTs the signed voice webhook, reads the TwiML, opens the ``<Stream>`` URL (with the
 ``X-Twilio-Signature`` of the upgrade), sends ``connected`` / ``start`` / ``media`` from 8 kHz
 audio paced in real time (or ``speed`` times faster), plays what comes back 20 ms per frame on
-the caller's clock (so a faster run hears exactly the same), echoes each ``mark`` when the audio
+the caller's clock (a faster run hears the same, shifted only by the bridge's and agent's own
+processing time times ``speed``), echoes each ``mark`` when the audio
 queued before it has played, honours ``clear`` (drops the queue, echoes pending marks at once),
 sends DTMF on request and ``stop`` at the end. If the bridge closes the stream it runs the TwiML
 after ``</Connect>`` (the fallback), unless the call was hung up through the REST API: a small
@@ -301,11 +302,12 @@ async def _stream(result, stream_url, stream_params, validator, account_sid, cal
         caller_frames = -(-len(caller) // FRAME_BYTES)
         while True:
             t_ms = frame * FRAME_MS
-            if bridge_closed.is_set():
-                result.ended_by = "bridge"
-                break
-            if hangup.is_set():
+            if hangup.is_set():  # a call completed through the API never runs more TwiML
                 result.ended_by = "rest"
+                break
+            if bridge_closed.is_set():
+                await asyncio.sleep(0.2)  # Twilio hears about a REST hang-up and the close together
+                result.ended_by = "rest" if hangup.is_set() else "bridge"
                 break
             done_talking = frame >= caller_frames and t_ms >= caller_frames * FRAME_MS + tail_ms and not player.playing
             if done_talking or t_ms >= max_call_s * 1000:
@@ -332,7 +334,7 @@ async def _stream(result, stream_url, stream_params, validator, account_sid, cal
             with contextlib.suppress(ConnectionClosed):
                 await ws.send(json.dumps({"event": "stop", "sequenceNumber": str(seq()), "streamSid": stream_sid, "stop": {"accountSid": account_sid, "callSid": result.call_sid}}))
     except ConnectionClosed:
-        result.ended_by = "bridge"
+        result.ended_by = "rest" if hangup.is_set() else "bridge"
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(ws.close(), 2)

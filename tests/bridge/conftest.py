@@ -1,0 +1,142 @@
+"""A live bridge on a loopback port, the fake Twilio REST API, and agents that misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import websockets
+
+from audio import read_wav
+from bridge.app import create_app
+from bridge.server import BackgroundServer
+from bridge.settings import load_settings
+from bridge.simulator import FakeTwilioApi, simulate_call
+
+AUTH_TOKEN = "test-twilio-auth-token"
+API_KEY = "key_test"
+SAMPLES = Path(__file__).resolve().parents[2] / "audio" / "samples"
+TRUTH = json.loads((SAMPLES / "caller_8k.json").read_text())["speech_ms"]
+
+
+def caller_audio(first_phrase_only: bool = True) -> bytes:
+    """The espeak fixture (8 kHz s16le); by default only its first sentence (0.5 s + 3.18 s)."""
+    pcm, _, _ = read_wav(SAMPLES / "caller_8k.wav")
+    if first_phrase_only:
+        pcm = pcm[: int(TRUTH[0][1] * 16) + 1600]  # through the end of sentence one + 100 ms
+    return pcm
+
+
+class Bridge:
+    def __init__(self, settings, server: BackgroundServer, fake: FakeTwilioApi, app):
+        self.settings, self.server, self.fake, self.app = settings, server, fake, app
+        self.base_url = server.base_url
+        self.store = app.state.services.store
+
+    async def call(self, pcm: bytes | None = None, **options):
+        options.setdefault("speed", 8.0)
+        options.setdefault("tail_ms", 1500)
+        return await simulate_call(
+            self.base_url, AUTH_TOKEN, caller_audio() if pcm is None else pcm, api_key=API_KEY, fake_api=self.fake, **options
+        )
+
+
+@pytest.fixture
+async def start_bridge():
+    """``await start_bridge(agents={...}, **settings)`` -> a running ``Bridge``."""
+    running: list[tuple[BackgroundServer, FakeTwilioApi]] = []
+
+    async def start(**overrides) -> Bridge:
+        fake = FakeTwilioApi(AUTH_TOKEN)
+        api = await fake.start()
+        settings = load_settings(twilio_auth_token=AUTH_TOKEN, api_keys=API_KEY, twilio_api_base_url=api, **overrides)
+        app = create_app(settings)
+        server = BackgroundServer(app)
+        await server.start()
+        settings.internal_url = server.base_url  # where the embedded echo agents are
+        running.append((server, fake))
+        return Bridge(settings, server, fake, app)
+
+    yield start
+    for server, fake in running:
+        await server.stop()
+        await fake.stop()
+
+
+@pytest.fixture
+async def bad_agent():
+    """An agent server whose behaviour is chosen by the path: ``/garbage``, ``/abort``,
+    ``/close1011``, ``/hangup`` (close 1000 at once), ``/silent`` (accepts, never speaks)."""
+
+    async def handler(ws):
+        path = ws.request.path
+        if path.startswith("/garbage"):
+            await ws.recv()
+            await ws.send("this is not the web protocol")
+            await asyncio.sleep(5)
+        elif path.startswith("/abort"):
+            await ws.recv()
+            ws.transport.abort()  # no close frame: the connection just dies
+        elif path.startswith("/close1011"):
+            await ws.recv()
+            await ws.close(1011, "agent crashed")
+        elif path.startswith("/hangup"):
+            await ws.close(1000, "bye")
+        else:
+            async for _ in ws:
+                pass
+
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        yield f"ws://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def black_hole():
+    """A TCP server that accepts connections and never answers (a hung agent)."""
+    writers = []
+
+    async def hold(reader, writer):
+        writers.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    for w in writers:
+        w.close()
+    server.close()
+
+
+def envelope_ms(pcm: bytes, threshold: float = 300.0) -> list[tuple[int, int]]:
+    """Non-silent stretches (ms) of 8 kHz audio, in 20 ms frames, gaps under 300 ms merged."""
+    x = np.frombuffer(pcm, "<i2").astype(float)
+    frames = x[: len(x) // 160 * 160].reshape(-1, 160)
+    loud = np.sqrt((frames**2).mean(axis=1)) > threshold
+    spans, start, quiet = [], None, 0
+    for i, on in enumerate(loud):
+        if on:
+            start = i if start is None else start
+            quiet = 0
+        elif start is not None:
+            quiet += 1
+            if quiet >= 15:
+                spans.append((start * 20, (i - quiet + 1) * 20))
+                start, quiet = None, 0
+    if start is not None:
+        spans.append((start * 20, (len(loud) - quiet) * 20))
+    return spans
+
+
+def best_correlation(heard: bytes, said: bytes) -> tuple[float, int]:
+    """Normalised cross-correlation of ``said`` against the best-matching stretch of ``heard``:
+    (peak value, lag in samples)."""
+    h = np.frombuffer(heard, "<i2").astype(float)
+    s = np.frombuffer(said, "<i2").astype(float)
+    n = 1 << int(np.ceil(np.log2(len(h) + len(s))))
+    corr = np.fft.irfft(np.fft.rfft(h, n) * np.conj(np.fft.rfft(s, n)), n)[: len(h) - len(s) + 1]
+    lag = int(np.argmax(corr))
+    window = h[lag : lag + len(s)]
+    return float(corr[lag] / (np.linalg.norm(window) * np.linalg.norm(s) + 1e-9)), lag
