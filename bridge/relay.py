@@ -21,6 +21,8 @@ Twilio sends garbage (bad JSON, bad    ``error_frontend_corrupted_payload``
 base64, binary frames)
 Twilio socket lost without ``stop``,   ``error_twilio``
 or a send to Twilio times out
+nothing from Twilio for                ``error_no_audio_received``
+``no_audio_timeout_s`` (10 s)
 =====================================  ==================================================
 
 "Fallback" = the bridge closes the Twilio socket and Twilio plays the TwiML after </Connect>.
@@ -161,7 +163,12 @@ async def _open_agent(session: CallSession, url: str, settings):
     try:
         async with asyncio.timeout(settings.agent_connect_timeout_s):
             return await websockets.connect(
-                url, open_timeout=None, ping_interval=None, max_size=2**22, compression=None
+                url,
+                open_timeout=None,
+                ping_interval=settings.keepalive_interval_s,
+                ping_timeout=settings.agent_ping_timeout_s,
+                max_size=2**22,
+                compression=None,
             )
     except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ValueError) as e:
         session.end(Reason.error_llm_websocket_open, f"cannot open {url}: {type(e).__name__}: {e}")
@@ -188,9 +195,14 @@ async def _pump_until_end(twilio: WebSocket, agent, session: CallSession, settin
                     session.end(Reason.error_llm_websocket_lost_connection, f"send to agent failed: {type(e).__name__}")
                     return
 
+    loop = asyncio.get_running_loop()
+    last_from_twilio = loop.time()
+
     async def from_twilio() -> None:
+        nonlocal last_from_twilio
         while session.ending is None:
             message = await twilio.receive()
+            last_from_twilio = loop.time()
             if message["type"] == "websocket.disconnect":
                 session.end(Reason.error_twilio, f"Twilio socket closed without stop (code {message.get('code')})")
                 return
@@ -225,10 +237,19 @@ async def _pump_until_end(twilio: WebSocket, agent, session: CallSession, settin
             await send(session.from_agent(message, loop.time()))
 
     async def keepalive() -> None:
-        loop = asyncio.get_running_loop()
+        """Web-protocol ping to the agent, and the watchdog on Twilio's side: a stream that
+        stops sending (a half-dead socket) ends the call instead of hanging it."""
+        tick = min(settings.keepalive_interval_s, settings.no_audio_timeout_s / 4)
+        next_ping = loop.time() + settings.keepalive_interval_s
         while session.ending is None:
-            await asyncio.sleep(settings.keepalive_interval_s)
-            await send(session.ping(loop.time()))
+            await asyncio.sleep(tick)
+            now = loop.time()
+            if now - last_from_twilio > settings.no_audio_timeout_s:
+                session.end(Reason.error_no_audio_received, f"nothing from Twilio for {now - last_from_twilio:.1f} s")
+                return
+            if now >= next_ping:
+                next_ping = now + settings.keepalive_interval_s
+                await send(session.ping(now))
 
     tasks = [asyncio.create_task(coro) for coro in (from_twilio(), from_agent(), keepalive())]
     try:

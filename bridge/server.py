@@ -10,7 +10,10 @@ import uvicorn
 
 class BackgroundServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, lifespan: str = "on"):
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan=lifespan, ws="websockets-sansio")
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan=lifespan, ws="websockets-sansio",
+            timeout_graceful_shutdown=1,
+        )  # fmt: skip
         self.server = uvicorn.Server(config)
         self.host = host
         self._task: asyncio.Task | None = None

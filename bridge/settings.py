@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     agent_connect_timeout_s: float = Field(5.0, gt=0)
     send_timeout_s: float = Field(5.0, gt=0)
     keepalive_interval_s: float = Field(5.0, gt=0)
+    #: Twilio streams media all the time (silence included): nothing for this long is a dead stream.
+    no_audio_timeout_s: float = Field(10.0, gt=0)
+    #: An agent socket that does not answer a websocket ping within this is a lost connection.
+    agent_ping_timeout_s: float = Field(10.0, gt=0)
     media_frame_ms: int = Field(20, ge=20, le=60)
     mark_interval_ms: int = Field(100, ge=20)
     fallback_message: str = "Sorry, we could not connect your call. Please try again later."

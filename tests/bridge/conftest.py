@@ -69,11 +69,21 @@ async def start_bridge():
 @pytest.fixture
 async def bad_agent():
     """An agent server whose behaviour is chosen by the path: ``/garbage``, ``/abort``,
-    ``/close1011``, ``/hangup`` (close 1000 at once), ``/silent`` (accepts, never speaks)."""
+    ``/close1011``, ``/hangup`` (close 1000 at once), ``/flood`` (24 kHz audio as fast as it can),
+    ``/silent`` (accepts, never speaks)."""
 
     async def handler(ws):
         path = ws.request.path
-        if path.startswith("/garbage"):
+        if path.startswith("/flood"):
+            await ws.recv()
+            second = np.sin(np.arange(24000) / 24000 * 2 * np.pi * 440) * 8000
+            chunk = second.astype("<i2").tobytes()
+            try:
+                while True:
+                    await ws.send(chunk)
+            except websockets.ConnectionClosed:
+                return
+        elif path.startswith("/garbage"):
             await ws.recv()
             await ws.send("this is not the web protocol")
             await asyncio.sleep(5)

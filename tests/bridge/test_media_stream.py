@@ -1,0 +1,265 @@
+"""WS /twilio/media: only a registered call with a valid, unused token gets a stream; bad input
+from either side ends that call with the right reason and nothing else."""
+
+import asyncio
+import base64
+import json
+import socket
+
+import pytest
+import websockets
+from twilio.request_validator import RequestValidator
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from bridge.settings import AgentConfig
+from bridge.simulator import parse_twiml
+
+from .conftest import AUTH_TOKEN, envelope_ms
+from .test_webhook import PARAMS, post
+
+
+async def register(bridge) -> tuple[str, dict]:
+    r = await post(bridge.base_url)
+    url, params, _ = parse_twiml(r.text)
+    return url, params
+
+
+def upgrade_headers(url: str) -> dict:
+    return {"X-Twilio-Signature": RequestValidator(AUTH_TOKEN).compute_signature(url, {})}
+
+
+def start_frame(params: dict, stream_sid: str = "MZ" + "0" * 32) -> str:
+    return json.dumps({
+        "event": "start", "sequenceNumber": "1", "streamSid": stream_sid,
+        "start": {"streamSid": stream_sid, "accountSid": PARAMS["AccountSid"], "callSid": PARAMS["CallSid"],
+                  "tracks": ["inbound"], "customParameters": params,
+                  "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}},
+    })  # fmt: skip
+
+
+def media_frame(payload: bytes = b"\xff" * 160, stream_sid: str = "MZ" + "0" * 32) -> str:
+    return json.dumps({"event": "media", "streamSid": stream_sid, "media": {"track": "inbound", "payload": base64.b64encode(payload).decode()}})
+
+
+async def open_stream(url: str, params: dict | None, first: list[str] | None = None):
+    ws = await websockets.connect(url, additional_headers=upgrade_headers(url))
+    await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+    for frame in first if first is not None else [start_frame(params)]:
+        await ws.send(frame)
+    return ws
+
+
+async def closed_with(ws) -> int:
+    try:
+        async with asyncio.timeout(5):
+            while True:
+                await ws.recv()
+    except ConnectionClosed as e:
+        return e.rcvd.code if e.rcvd else 1006
+
+
+async def wait_for_end(bridge, call_id: str, timeout: float = 5.0):
+    async with asyncio.timeout(timeout):
+        while True:
+            record = await bridge.store.get(call_id)
+            if record.call_status.value in ("ended", "error"):
+                return record
+            await asyncio.sleep(0.02)
+
+
+async def test_a_used_token_cannot_open_a_second_stream(start_bridge):
+    bridge = await start_bridge()
+    url, params = await register(bridge)
+    first = await open_stream(url, params)
+    await asyncio.sleep(0.2)
+    assert (await bridge.store.get(params["call_id"])).call_status.value == "ongoing"
+    second = await open_stream(url, params)
+    assert await closed_with(second) == 1008
+    record = await bridge.store.get(params["call_id"])
+    assert record.call_status.value == "ongoing"  # the real call goes on
+    assert any("already used" in note for note in record.notes)
+    await first.send(json.dumps({"event": "stop", "stop": {}}))
+    assert (await wait_for_end(bridge, params["call_id"])).disconnection_reason.value == "user_hangup"
+
+
+@pytest.mark.parametrize(
+    "tamper,why",
+    [
+        (lambda p: {**p, "call_id": "no-such-call"}, None),
+        (lambda p: {**p, "token": p["token"][:-2] + "00"}, "does not match"),
+        (lambda p: {"call_id": p["call_id"]}, "no stream token"),
+        (lambda p: {**p, "token": "garbage"}, "malformed"),
+    ],
+)
+async def test_unknown_calls_and_bad_tokens_are_refused_with_1008(start_bridge, tamper, why):
+    bridge = await start_bridge()
+    url, params = await register(bridge)
+    ws = await open_stream(url, tamper(params))
+    assert await closed_with(ws) == 1008
+    record = await bridge.store.get(params["call_id"])
+    assert record.call_status.value == "registered"
+    if why:
+        assert any(why in note for note in record.notes)
+
+
+async def test_an_expired_token_is_refused_and_the_call_times_out(start_bridge):
+    bridge = await start_bridge(stream_token_ttl_s=0.1, registered_call_timeout_s=0.6)
+    url, params = await register(bridge)
+    await asyncio.sleep(0.2)
+    ws = await open_stream(url, params)
+    assert await closed_with(ws) == 1008
+    record = await wait_for_end(bridge, params["call_id"], timeout=3)
+    assert record.call_status.value == "error"
+    assert record.disconnection_reason.value == "registered_call_timeout"
+    assert any("expired" in note for note in record.notes)
+
+
+@pytest.mark.parametrize("first", [["media"], ["binary"], ["not json"], []])
+async def test_a_stream_without_start_is_refused_with_1008(start_bridge, first):
+    bridge = await start_bridge()
+    url, params = await register(bridge)
+    frames = {"media": media_frame(), "not json": "{oops"}
+    ws = await websockets.connect(url, additional_headers=upgrade_headers(url))
+    for kind in first:
+        await ws.send(b"\x00\x01" if kind == "binary" else frames[kind])
+    if not first:
+        await ws.close()
+        await asyncio.sleep(0.2)
+    else:
+        assert await closed_with(ws) == 1008
+    assert (await bridge.store.get(params["call_id"])).call_status.value == "registered"
+
+
+@pytest.mark.parametrize("signature", [None, "forged"])
+async def test_the_upgrade_needs_twilio_s_signature(start_bridge, signature):
+    bridge = await start_bridge()
+    url, params = await register(bridge)
+    headers = {} if signature is None else {"X-Twilio-Signature": "Zm9yZ2Vk"}
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(url, additional_headers=headers)
+    assert refused.value.response.status_code == 403
+    assert (await bridge.store.get(params["call_id"])).call_status.value == "registered"
+
+
+# --- bad input during a call: the call ends with the right reason, the others go on ----------
+
+
+async def healthy_call(bridge):
+    result = await bridge.call(agent_id="echo")
+    assert result.record["disconnection_reason"] == "user_hangup"
+    assert len(envelope_ms(result.heard)) == 1
+    return result
+
+
+@pytest.mark.parametrize(
+    "garbage,reason",
+    [
+        ("{not json", "error_frontend_corrupted_payload"),
+        (json.dumps({"event": "media", "media": {"payload": "***not base64***"}}), "error_frontend_corrupted_payload"),
+        (json.dumps({"event": "media"}), "error_frontend_corrupted_payload"),
+        (json.dumps(["an", "array"]), "error_frontend_corrupted_payload"),
+        (b"\x00\x01binary", "error_frontend_corrupted_payload"),
+    ],
+)
+async def test_twilio_garbage_ends_only_that_call(start_bridge, garbage, reason):
+    bridge = await start_bridge(agents={"echo": AgentConfig(agent_id="echo", default=True)})
+
+    async def bad_call():
+        url, params = await register(bridge)
+        ws = await open_stream(url, params)
+        for _ in range(10):
+            await ws.send(media_frame())
+        await ws.send(garbage)
+        code = await closed_with(ws)
+        return code, await wait_for_end(bridge, params["call_id"])
+
+    (code, record), _ = await asyncio.gather(bad_call(), healthy_call(bridge))
+    assert code == 1011
+    assert record.call_status.value == "error" and record.disconnection_reason.value == reason
+    assert record.end_timestamp >= record.start_timestamp
+
+
+async def test_twilio_socket_lost_without_stop(start_bridge):
+    bridge = await start_bridge()
+    url, params = await register(bridge)
+    ws = await open_stream(url, params)
+    await ws.send(media_frame())
+    ws.transport.abort()
+    record = await wait_for_end(bridge, params["call_id"])
+    assert record.disconnection_reason.value == "error_twilio"
+
+
+@pytest.mark.parametrize(
+    "path,reason",
+    [
+        ("/garbage", "error_llm_websocket_corrupt_payload"),
+        ("/abort", "error_llm_websocket_lost_connection"),
+        ("/close1011", "error_llm_websocket_runtime"),
+        ("/hangup", "agent_hangup"),
+    ],
+)
+async def test_a_misbehaving_agent_ends_its_call_with_the_matching_reason(start_bridge, bad_agent, path, reason):
+    agents = {
+        "echo": AgentConfig(agent_id="echo", default=True),
+        "bad": AgentConfig(agent_id="bad", url=f"{bad_agent}{path}/{{call_id}}"),
+    }
+    bridge = await start_bridge(agents=agents)
+    bad, _ = await asyncio.gather(bridge.call(agent_id="bad"), healthy_call(bridge))
+    assert bad.record["disconnection_reason"] == reason
+    if reason == "agent_hangup":
+        assert bad.record["call_status"] == "ended" and bad.ended_by == "rest"
+    else:
+        assert bad.record["call_status"] == "error"
+        assert bad.ended_by == "bridge"  # Twilio runs the TwiML after </Connect>: the fallback
+        assert bad.fallback == [f"Say: {bridge.settings.fallback_message}", "Hangup"]
+
+
+@pytest.mark.parametrize("kind", ["hangs", "refuses"])
+async def test_an_agent_that_cannot_be_reached_gives_the_fallback(start_bridge, black_hole, kind):
+    url = f"{black_hole}/{{call_id}}" if kind == "hangs" else "ws://127.0.0.1:9/{call_id}"
+    agents = {"echo": AgentConfig(agent_id="echo", default=True), "gone": AgentConfig(agent_id="gone", url=url)}
+    bridge = await start_bridge(agents=agents, agent_connect_timeout_s=0.5)
+    bad, _ = await asyncio.gather(bridge.call(agent_id="gone"), healthy_call(bridge))
+    assert bad.record["call_status"] == "error"
+    assert bad.record["disconnection_reason"] == "error_llm_websocket_open"
+    assert bad.fallback[0].startswith("Say:")
+
+
+async def test_a_twilio_stream_that_goes_quiet_ends_as_no_audio(start_bridge):
+    """A half-dead Twilio socket: no close, no frames. The watchdog ends the call."""
+    bridge = await start_bridge(no_audio_timeout_s=0.6)
+    url, params = await register(bridge)
+    ws = await open_stream(url, params)
+    await ws.send(media_frame())
+    ws.transport.pause_reading()
+    record = await wait_for_end(bridge, params["call_id"])
+    assert record.disconnection_reason.value == "error_no_audio_received"
+    ws.transport.abort()
+
+
+async def test_a_stalled_twilio_socket_ends_its_call_and_stalls_no_other(start_bridge, bad_agent):
+    """One call's Twilio side stops reading (a half-dead socket) while its agent floods audio:
+    the bridge's sends to it time out and end it as error_twilio; another call carries on."""
+    agents = {
+        "echo": AgentConfig(agent_id="echo", default=True),
+        "flood": AgentConfig(agent_id="flood", url=f"{bad_agent}/flood/{{call_id}}"),
+    }
+    bridge = await start_bridge(agents=agents, send_timeout_s=0.5, no_audio_timeout_s=60)
+
+    async def stalled_call():
+        r = await post(bridge.base_url, "/twilio/voice/flood")
+        url, params, _ = parse_twiml(r.text)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window fills fast
+        sock.connect((bridge.server.host, bridge.server.port))
+        ws = await websockets.connect(url, sock=sock, additional_headers=upgrade_headers(url))
+        await ws.send(start_frame(params))
+        ws.transport.pause_reading()  # never read again
+        record = await wait_for_end(bridge, params["call_id"], timeout=20)
+        ws.transport.abort()
+        return record
+
+    stalled, _ = await asyncio.gather(stalled_call(), healthy_call(bridge))
+    assert stalled.call_status.value == "error"
+    assert stalled.disconnection_reason.value == "error_twilio"
+    assert "send to Twilio failed" in stalled.error_detail

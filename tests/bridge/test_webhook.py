@@ -1,0 +1,174 @@
+"""POST /twilio/voice with signatures made by the twilio package's RequestValidator."""
+
+import xml.etree.ElementTree as ET
+
+import httpx
+import pytest
+from twilio.request_validator import RequestValidator
+
+from bridge.settings import AgentConfig, ExternalRegistrar
+from bridge.simulator import parse_twiml
+
+from .conftest import AUTH_TOKEN
+
+PARAMS = {
+    "CallSid": "CA" + "1" * 32, "AccountSid": "AC" + "2" * 32, "From": "+15005550006", "To": "+14155550100",
+    "Direction": "inbound", "CallStatus": "ringing", "ApiVersion": "2010-04-01",
+}  # fmt: skip
+
+
+def signed(url: str, params: dict, token: str = AUTH_TOKEN) -> dict:
+    return {"X-Twilio-Signature": RequestValidator(token).compute_signature(url, params)}
+
+
+async def post(base: str, path: str = "/twilio/voice", params=PARAMS, headers=None, signed_url=None):
+    url = base + path
+    headers = signed(signed_url or url, params) if headers is None else headers
+    async with httpx.AsyncClient() as http:
+        return await http.post(url, data=params, headers=headers)
+
+
+async def registered(bridge) -> list:
+    return list(bridge.store._calls.values())
+
+
+async def test_a_signed_call_gets_connect_stream_twiml(start_bridge):
+    bridge = await start_bridge()
+    r = await post(bridge.base_url)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/xml")
+    url, params, after = parse_twiml(r.text)
+    assert url == bridge.base_url.replace("http", "ws") + "/twilio/media"  # no query string
+    assert set(params) == {"call_id", "token"}
+    assert after == [("Say", bridge.settings.fallback_message), ("Hangup", "")]
+    record = await bridge.store.get(params["call_id"])
+    assert record.call_status.value == "registered" and record.twilio_call_sid == PARAMS["CallSid"]
+    assert (record.from_number, record.to_number, record.direction.value) == ("+15005550006", "+14155550100", "inbound")
+    # the twilio package builds the same document shape
+    root = ET.fromstring(r.text)
+    assert [child.tag for child in root] == ["Connect", "Say", "Hangup"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # missing
+        {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"},  # forged
+        "wrong-token",
+        "wrong-url",
+    ],
+)
+async def test_bad_signatures_are_refused_and_register_nothing(start_bridge, headers):
+    bridge = await start_bridge()
+    if headers == "wrong-token":
+        headers = signed(bridge.base_url + "/twilio/voice", PARAMS, token="not-the-token")
+    elif headers == "wrong-url":
+        headers = signed("https://elsewhere.example.com/twilio/voice", PARAMS)
+    r = await post(bridge.base_url, headers=headers)
+    assert r.status_code == 403
+    assert await registered(bridge) == []
+
+
+async def test_a_tampered_parameter_breaks_the_signature(start_bridge):
+    bridge = await start_bridge()
+    url = bridge.base_url + "/twilio/voice"
+    headers = signed(url, PARAMS)
+    r = await post(bridge.base_url, params={**PARAMS, "To": "+19005550199"}, headers=headers)
+    assert r.status_code == 403
+
+
+async def test_behind_ngrok_the_public_url_is_what_is_signed(start_bridge):
+    bridge = await start_bridge(public_url="https://abc123.ngrok.app")
+    r = await post(bridge.base_url, signed_url="https://abc123.ngrok.app/twilio/voice")
+    assert r.status_code == 200
+    assert parse_twiml(r.text)[0] == "wss://abc123.ngrok.app/twilio/media"
+    # the local URL is not what Twilio signed, so it no longer passes
+    assert (await post(bridge.base_url)).status_code == 403
+
+
+async def test_trusted_forwarded_headers_give_the_public_url(start_bridge):
+    bridge = await start_bridge(trust_forwarded_headers=True)
+    public = "https://bridge.example.com/twilio/voice"
+    headers = {**signed(public, PARAMS), "X-Forwarded-Proto": "https", "X-Forwarded-Host": "bridge.example.com"}
+    r = await post(bridge.base_url, headers=headers)
+    assert r.status_code == 200 and parse_twiml(r.text)[0] == "wss://bridge.example.com/twilio/media"
+    # without trust the same headers change nothing
+    other = await start_bridge()
+    assert (await post(other.base_url, headers=headers)).status_code == 403
+
+
+async def test_an_amd_callback_never_registers_a_second_call(start_bridge):
+    bridge = await start_bridge()
+    assert (await post(bridge.base_url)).status_code == 200
+    amd = {**PARAMS, "AnsweredBy": "machine_start"}
+    r = await post(bridge.base_url, params=amd)
+    assert r.status_code == 200 and parse_twiml(r.text) == (None, {}, [])
+    assert len(await registered(bridge)) == 1
+
+
+AGENTS = {
+    "sales": AgentConfig(agent_id="sales", numbers=["+14155550100"]),
+    "support": AgentConfig(agent_id="support", numbers=["+14155550111"], default=True, sample_rate=16000),
+    "lab": AgentConfig(agent_id="lab", sample_rate=8000),
+}
+
+
+@pytest.mark.parametrize(
+    "to,path,agent",
+    [
+        ("+14155550100", "/twilio/voice", "sales"),
+        ("+14155550111", "/twilio/voice", "support"),
+        ("+13125550123", "/twilio/voice", "support"),  # unknown number: the default agent
+        ("+14155550100", "/twilio/voice/lab", "lab"),  # the path names the agent
+    ],
+)
+async def test_calls_are_routed_by_number_or_path(start_bridge, to, path, agent):
+    bridge = await start_bridge(agents=AGENTS)
+    r = await post(bridge.base_url, path, params={**PARAMS, "To": to})
+    call_id = parse_twiml(r.text)[1]["call_id"]
+    record = await bridge.store.get(call_id)
+    assert record.agent_id == agent
+    assert record.sample_rate == AGENTS[agent].sample_rate
+
+
+async def test_no_agent_for_a_number_plays_the_fallback(start_bridge):
+    agents = {"sales": AgentConfig(agent_id="sales", numbers=["+14155550100"]), "x": AgentConfig(agent_id="x")}
+    bridge = await start_bridge(agents=agents)
+    r = await post(bridge.base_url, params={**PARAMS, "To": "+13125550123"})
+    assert r.status_code == 200 and parse_twiml(r.text)[0] is None
+    assert parse_twiml(r.text)[2][0][0] == "Say"
+    r = await post(bridge.base_url, "/twilio/voice/nobody")
+    assert parse_twiml(r.text)[0] is None
+    assert await registered(bridge) == []
+
+
+async def test_an_external_registrar_gives_the_call_id(start_bridge):
+    from fastapi import FastAPI, Request
+
+    from bridge.server import BackgroundServer
+
+    seen = []
+    registrar = FastAPI()
+
+    @registrar.post("/register-call", status_code=201)
+    async def register(request: Request):
+        seen.append((request.headers.get("authorization"), await request.json()))
+        return {"call_id": "ext_call_42", "agent_id": "ext"}
+
+    async with BackgroundServer(registrar) as server:
+        agent = AgentConfig(agent_id="ext", registrar=ExternalRegistrar(url=server.base_url, api_key="reg-key"), sample_rate=16000)
+        bridge = await start_bridge(agents={"ext": agent})
+        r = await post(bridge.base_url)
+        assert parse_twiml(r.text)[1]["call_id"] == "ext_call_42"
+        auth, body = seen[0]
+        assert auth == "Bearer reg-key"
+        assert body["agent_id"] == "ext" and body["audio_websocket_protocol"] == "web"
+        assert body["audio_encoding"] == "s16le" and body["sample_rate"] == 16000
+        assert body["from_number"] == PARAMS["From"] and body["direction"] == "inbound"
+        assert (await bridge.store.get("ext_call_42")).call_status.value == "registered"
+
+
+async def test_an_unreachable_registrar_plays_the_fallback(start_bridge):
+    agent = AgentConfig(agent_id="ext", registrar=ExternalRegistrar(url="http://127.0.0.1:9", api_key="k"))
+    bridge = await start_bridge(agents={"ext": agent})
+    r = await post(bridge.base_url)
+    assert r.status_code == 200 and parse_twiml(r.text)[0] is None
