@@ -1,0 +1,128 @@
+import pytest
+
+from bridge.settings import SettingsError, ensure_dev_secrets, load_settings
+from bridge.tokens import StreamTokens, TokenError
+
+GOOD = """
+[agents.sales]
+url = "wss://agent.example.com/audio-websocket/{call_id}"
+protocol = "web"
+encoding = "s16le"
+sample_rate = 16000
+end_call_after_silence_ms = 30000
+numbers = ["+14155550100", "+14155550101"]
+default = true
+
+[agents.legacy]
+url = "ws://10.0.0.5:9000/twilio/{call_id}"
+protocol = "twilio"
+encoding = "mulaw"
+sample_rate = 8000
+registrar = { url = "https://registrar.example.com/", api_key = "rk" }
+numbers = ["+442071838750"]
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "agents.toml"
+    path.write_text(text)
+    return path
+
+
+def test_environment_and_agents_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRIDGE_AGENTS_FILE", str(write(tmp_path, GOOD)))
+    monkeypatch.setenv("BRIDGE_PUBLIC_URL", "https://abc123.ngrok.app/")
+    monkeypatch.setenv("BRIDGE_API_KEYS", "k1, k2")
+    monkeypatch.setenv("BRIDGE_TWILIO_AUTH_TOKEN", "tok")
+    s = load_settings()
+    assert s.public_url == "https://abc123.ngrok.app" and s.api_keys == ["k1", "k2"]
+    assert set(s.agents) == {"sales", "legacy"} and s.default_agent == "sales"
+    assert s.agent_for_number("+442071838750").agent_id == "legacy"
+    assert s.agent_for_number("+19998887777").agent_id == "sales"
+    legacy = s.agents["legacy"]
+    assert legacy.registrar.url == "https://registrar.example.com" and legacy.registrar.api_key == "rk"
+    assert legacy.websocket_url("c1", s.internal_base) == "ws://10.0.0.5:9000/twilio/c1"
+
+
+def test_no_agents_file_means_the_echo_agent_takes_every_call():
+    s = load_settings()
+    assert list(s.agents) == ["echo"] and s.default_agent == "echo"
+    assert s.agent_for_number("+15550001111").agent_id == "echo"
+    url = s.agents["echo"].websocket_url("abc", "http://127.0.0.1:8080")
+    assert url == "ws://127.0.0.1:8080/agents/echo/audio-websocket/abc?encoding=s16le&sample_rate=24000"
+
+
+@pytest.mark.parametrize(
+    "line,replacement,field",
+    [
+        ("sample_rate = 16000", "sample_rate = 96000", "agents.sales.sample_rate"),
+        ('url = "wss://agent.example.com/audio-websocket/{call_id}"', 'url = "https://x/{call_id}"', "agents.sales.url"),
+        ('url = "wss://agent.example.com/audio-websocket/{call_id}"', 'url = "wss://x/no-placeholder"', "agents.sales.url"),
+        ('numbers = ["+14155550100", "+14155550101"]', 'numbers = ["4155550100"]', "agents.sales.numbers"),
+        ("end_call_after_silence_ms = 30000", "end_call_after_silence_ms = 5000", "agents.sales.end_call_after_silence_ms"),
+        ('protocol = "web"', 'protocol = "sip"', "agents.sales.protocol"),
+        ('encoding = "s16le"', 'encoding = "opus"', "agents.sales.encoding"),
+        ('api_key = "rk"', 'api_key = "rk", extra = 1', "agents.legacy.registrar"),
+    ],
+)
+def test_invalid_agents_fail_at_start_up_naming_the_field(tmp_path, line, replacement, field):
+    assert line in GOOD
+    with pytest.raises(SettingsError, match=field.replace(".", r"\.")):
+        load_settings(agents_file=write(tmp_path, GOOD.replace(line, replacement, 1)))
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ('[agents.a]\nprotocol = "twilio"\nsample_rate = 16000\nencoding = "mulaw"\n', "twilio protocol carries mulaw at 8000"),
+        ('[agents.a]\nnumbers = ["+1415"]\n[agents.b]\nnumbers = ["+1415"]\n', "already routes to a"),
+        ('[agents.a]\ndefault = true\n[agents.b]\ndefault = true\n', "only one agent may be default"),
+        ('[agents.a]\ncolour = "blue"\n', "agents.a.colour"),
+        ('[agent.a]\n', "unknown top-level keys"),
+        ("[agents\n", "not valid TOML"),
+        ("", "defines no"),
+    ],
+)
+def test_more_invalid_files(tmp_path, text, match):
+    with pytest.raises(SettingsError, match=match):
+        load_settings(agents_file=write(tmp_path, text))
+
+
+def test_missing_agents_file_and_bad_environment(tmp_path, monkeypatch):
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(agents_file=tmp_path / "nope.toml")
+    monkeypatch.setenv("BRIDGE_PUBLIC_URL", "abc.ngrok.app")
+    with pytest.raises(SettingsError, match="public_url"):
+        load_settings()
+    monkeypatch.delenv("BRIDGE_PUBLIC_URL")
+    monkeypatch.setenv("BRIDGE_MEDIA_FRAME_MS", "80")
+    with pytest.raises(SettingsError, match="media_frame_ms"):
+        load_settings()
+
+
+def test_dev_secrets_are_made_once_and_kept(tmp_path):
+    s = load_settings(data_dir=tmp_path)
+    assert ensure_dev_secrets(s) == ["twilio_auth_token", "api_keys"]
+    again = load_settings(data_dir=tmp_path)
+    ensure_dev_secrets(again)
+    assert again.twilio_auth_token == s.twilio_auth_token and again.api_keys == s.api_keys
+    assert (tmp_path / "dev-secrets.json").stat().st_mode & 0o777 == 0o600
+    configured = load_settings(data_dir=tmp_path, twilio_auth_token="real", api_keys="real-key")
+    assert ensure_dev_secrets(configured) == [] and configured.twilio_auth_token == "real"
+
+
+def test_stream_tokens():
+    tokens = StreamTokens("secret", ttl_s=30)
+    token = tokens.issue("call-1", now=1000.0)
+    tokens.check("call-1", token, now=1010.0)
+    with pytest.raises(TokenError, match="expired"):
+        tokens.check("call-1", token, now=1031.0)
+    with pytest.raises(TokenError, match="does not match"):
+        tokens.check("call-2", token, now=1010.0)
+    with pytest.raises(TokenError, match="does not match"):
+        StreamTokens("other", 30).check("call-1", token, now=1010.0)
+    with pytest.raises(TokenError, match="malformed"):
+        tokens.check("call-1", "a.b", now=1010.0)
+    with pytest.raises(TokenError, match="no stream token"):
+        tokens.check("call-1", None)
+    assert tokens.issue("call-1") != tokens.issue("call-1")
