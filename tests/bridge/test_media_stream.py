@@ -179,14 +179,25 @@ async def test_twilio_garbage_ends_only_that_call(start_bridge, garbage, reason)
     assert record.end_timestamp >= record.start_timestamp
 
 
-async def test_twilio_socket_lost_without_stop(start_bridge):
-    bridge = await start_bridge()
+@pytest.mark.parametrize(
+    "how,reason",
+    [
+        ("abort", "error_twilio"),  # the socket is lost without a stop frame
+        ("go quiet", "error_no_audio_received"),  # half-dead: no close, no frames; the watchdog ends it
+    ],
+)
+async def test_a_twilio_socket_that_goes_away(start_bridge, how, reason):
+    bridge = await start_bridge(no_audio_timeout_s=0.6)
     url, params = await register(bridge)
     ws = await open_stream(url, params)
     await ws.send(media_frame())
-    ws.transport.abort()
+    if how == "abort":
+        ws.transport.abort()
+    else:
+        ws.transport.pause_reading()
     record = await wait_for_end(bridge, params["call_id"])
-    assert record.disconnection_reason.value == "error_twilio"
+    assert record.disconnection_reason.value == reason
+    ws.transport.abort()
 
 
 @pytest.mark.parametrize(
@@ -223,18 +234,6 @@ async def test_an_agent_that_cannot_be_reached_gives_the_fallback(start_bridge, 
     assert bad.record["call_status"] == "error"
     assert bad.record["disconnection_reason"] == "error_llm_websocket_open"
     assert bad.fallback[0].startswith("Say:")
-
-
-async def test_a_twilio_stream_that_goes_quiet_ends_as_no_audio(start_bridge):
-    """A half-dead Twilio socket: no close, no frames. The watchdog ends the call."""
-    bridge = await start_bridge(no_audio_timeout_s=0.6)
-    url, params = await register(bridge)
-    ws = await open_stream(url, params)
-    await ws.send(media_frame())
-    ws.transport.pause_reading()
-    record = await wait_for_end(bridge, params["call_id"])
-    assert record.disconnection_reason.value == "error_no_audio_received"
-    ws.transport.abort()
 
 
 async def test_a_stalled_twilio_socket_ends_its_call_and_stalls_no_other(start_bridge, bad_agent):
