@@ -17,7 +17,8 @@ from .models import DisconnectionReason, now_ms
 from .relay import handle_media_stream
 from .session import CallSession
 from .settings import Settings, load_settings
-from .store import CallStore, MemoryCallStore
+from .sql_store import SqlCallStore
+from .store import CallStore
 from .tokens import StreamTokens
 from .twilio_rest import TwilioRest
 
@@ -26,12 +27,15 @@ log = logging.getLogger(__name__)
 MAX_SWEEP_INTERVAL_S = 2.0
 
 
+RESTART_DETAIL = "the bridge instance restarted while the call was live"
+
+
 @dataclass
 class Services:
     settings: Settings
-    store: CallStore
     tokens: StreamTokens
     twilio_rest: TwilioRest
+    store: CallStore | None = None
     http: httpx.AsyncClient | None = None
     background: list[asyncio.Task] = field(default_factory=list)
 
@@ -62,6 +66,14 @@ class Services:
         if ended is None:
             log.warning("call %s had already ended", call_id)
 
+    async def heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            try:
+                await self.store.heartbeat()
+            except Exception:  # the database may be restarting: keep serving, retry next time
+                log.exception("heartbeat failed")
+
     async def sweep_registered(self) -> None:
         """Calls registered but never connected end as registered_call_timeout."""
         while True:
@@ -75,13 +87,12 @@ class Services:
                 )
 
 
-def create_app(settings: Settings | None = None, store: CallStore | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     if not settings.twilio_auth_token:
         raise ValueError("twilio_auth_token is required (set BRIDGE_TWILIO_AUTH_TOKEN)")
     services = Services(
         settings=settings,
-        store=store or MemoryCallStore(),
         tokens=StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl_s),
         twilio_rest=TwilioRest(settings.twilio_api_base_url, settings.twilio_auth_token, settings.twilio_account_sid),
     )
@@ -91,8 +102,15 @@ def create_app(settings: Settings | None = None, store: CallStore | None = None)
         for agent in settings.agents.values():  # design every filter before the first call
             if agent.sample_rate != 8000:
                 plan(8000, agent.sample_rate), plan(agent.sample_rate, 8000)
+        store = await SqlCallStore.open(settings.database_url, settings.instance_id, settings.data_dir)
+        services.store = store
+        for record in await store.recover(DisconnectionReason.error_unknown, RESTART_DETAIL):
+            log.warning("call %s was live when this instance stopped: ended", record.call_id)
         services.http = httpx.AsyncClient(timeout=10)
-        services.background.append(asyncio.create_task(services.sweep_registered()))
+        services.background += [
+            asyncio.create_task(services.sweep_registered()),
+            asyncio.create_task(services.heartbeat()),
+        ]
         try:
             yield
         finally:
@@ -101,6 +119,7 @@ def create_app(settings: Settings | None = None, store: CallStore | None = None)
             await asyncio.gather(*services.background, return_exceptions=True)
             await services.http.aclose()
             await services.twilio_rest.close()
+            await store.close()
 
     app = FastAPI(
         title="twilio-audio-bridge",

@@ -91,6 +91,7 @@ class CallRecord(BaseModel):
 
     call_id: str
     agent_id: str
+    agent_version: int = 0  # agents from the agents file have one version (the retell-sdk needs the field)
     call_type: CallType = CallType.phone_call
     audio_websocket_protocol: Protocol
     audio_encoding: Encoding
@@ -116,13 +117,16 @@ class CallRecord(BaseModel):
     llm_websocket_network_rtt_latency: Latency | None = None
     disconnection_reason: DisconnectionReason | None = None
     call_analysis: dict[str, Any] | None = None
-    # --- bridge bookkeeping ---
-    twilio_call_sid: str | None = Field(default=None, exclude=True)
-    twilio_account_sid: str | None = Field(default=None, exclude=True)
-    registered_at: int = Field(default_factory=now_ms, exclude=True)
-    error_detail: str | None = Field(default=None, exclude=True)
-    notes: list[str] = Field(default_factory=list, exclude=True)  # e.g. rejected stream attempts
+    # --- bridge bookkeeping (stored, never served) ---
+    twilio_call_sid: str | None = None
+    twilio_account_sid: str | None = None
+    registered_at: int = Field(default_factory=now_ms)
+    error_detail: str | None = None
+    notes: list[str] = Field(default_factory=list)  # e.g. rejected stream attempts
 
     def public(self) -> dict[str, Any]:
         """The call object as the API serves it."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude=BOOKKEEPING)
+
+
+BOOKKEEPING = {"twilio_call_sid", "twilio_account_sid", "registered_at", "error_detail", "notes"}

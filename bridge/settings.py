@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -122,8 +123,13 @@ class Settings(BaseSettings):
     twilio_auth_token: str | None = None
     twilio_api_base_url: str = "https://api.twilio.com"
     api_keys: Annotated[list[str], NoDecode] = []
+    #: SQLite file (default: DATA_DIR/bridge.db) or postgresql://user@host/db
     database_url: str | None = None
     data_dir: Path = Path("var")
+    #: Stable name of this replica (its calls are its own to recover after a crash): the host name
+    #: by default, which is the pod name on Kubernetes.
+    instance_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
+    heartbeat_interval_s: float = Field(5.0, gt=0)
     agents_file: Path | None = None
 
     stream_token_ttl_s: float = Field(30.0, gt=0)

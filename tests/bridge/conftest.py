@@ -31,10 +31,14 @@ def caller_audio(first_phrase_only: bool = True) -> bytes:
 
 
 class Bridge:
+    @property
+    def store(self):
+        return self.services.store
+
     def __init__(self, settings, server: BackgroundServer, fake: FakeTwilioApi, app):
         self.settings, self.server, self.fake, self.app = settings, server, fake, app
         self.base_url = server.base_url
-        self.store = app.state.services.store
+        self.services = app.state.services
 
     async def call(self, pcm: bytes | None = None, **options):
         options.setdefault("speed", 8.0)
@@ -45,13 +49,14 @@ class Bridge:
 
 
 @pytest.fixture
-async def start_bridge():
+async def start_bridge(tmp_path):
     """``await start_bridge(agents={...}, **settings)`` -> a running ``Bridge``."""
     running: list[tuple[BackgroundServer, FakeTwilioApi]] = []
 
     async def start(**overrides) -> Bridge:
         fake = FakeTwilioApi(AUTH_TOKEN)
         api = await fake.start()
+        overrides.setdefault("data_dir", tmp_path / f"bridge{len(running)}")
         settings = load_settings(twilio_auth_token=AUTH_TOKEN, api_keys=API_KEY, twilio_api_base_url=api, **overrides)
         app = create_app(settings)
         server = BackgroundServer(app)

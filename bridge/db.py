@@ -1,0 +1,97 @@
+"""The SQL schema, the engine, and migrations (Alembic, run at start-up).
+
+One schema for SQLite (the embedded default, WAL mode) and PostgreSQL (asyncpg). A call is a row
+with the columns the API filters and sorts on, plus the whole record as JSON; ``version`` makes
+every change a compare-and-set, so concurrent writers (tasks, or replicas sharing one
+PostgreSQL) never lose an update."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, MetaData, String, Table, event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+metadata = MetaData()
+
+calls = Table(
+    "calls",
+    metadata,
+    Column("call_id", String(64), primary_key=True),
+    Column("agent_id", String(128), nullable=False),
+    Column("call_type", String(16), nullable=False),
+    Column("call_status", String(16), nullable=False),
+    Column("direction", String(16)),
+    Column("from_number", String(32)),
+    Column("to_number", String(32)),
+    Column("registered_at", BigInteger, nullable=False),
+    Column("start_timestamp", BigInteger),
+    Column("end_timestamp", BigInteger),
+    Column("sort_key", BigInteger, nullable=False),  # start_timestamp, else registered_at
+    Column("instance_id", String(128), nullable=False),
+    Column("twilio_call_sid", String(64)),
+    Column("version", Integer, nullable=False),
+    Column("record", JSON, nullable=False),
+)
+Index("ix_calls_sort", calls.c.sort_key, calls.c.call_id)
+Index("ix_calls_status_instance", calls.c.call_status, calls.c.instance_id)
+Index("ix_calls_twilio_sid", calls.c.twilio_call_sid)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("instance_id", String(128), primary_key=True),
+    Column("started_at", BigInteger, nullable=False),
+    Column("heartbeat_at", BigInteger, nullable=False),
+)
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+DEFAULT_SQLITE = "var/bridge.db"
+
+
+def database_url(url: str | None, data_dir: Path) -> str:
+    """The async SQLAlchemy URL: sqlite+aiosqlite for SQLite, postgresql+asyncpg for PostgreSQL."""
+    if not url:
+        return f"sqlite+aiosqlite:///{data_dir / 'bridge.db'}"
+    if url.startswith(("postgres://", "postgresql://")):
+        return "postgresql+asyncpg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
+    return url
+
+
+def make_engine(url: str) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_connection, _record):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def _upgrade(sync_connection) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = sync_connection
+    command.upgrade(config, "head")
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Bring the schema to the latest version. On PostgreSQL an advisory lock makes replicas that
+    start together migrate one at a time."""
+    async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(48151623)"))
+        await conn.run_sync(_upgrade)

@@ -1,0 +1,10 @@
+"""Alembic environment: migrations run on the connection the bridge hands over (db.migrate)."""
+
+from alembic import context
+
+from bridge.db import metadata
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()

@@ -1,0 +1,210 @@
+"""``SqlCallStore``: call records in SQLite or PostgreSQL (see ``db.py``), the same code for both.
+
+Every change is read-modify-write guarded by the row's ``version``: if another task or replica
+changed the call in between, the write does not happen and the change is retried on the fresh
+row (or refused, for status changes whose precondition no longer holds)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Iterable
+
+from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .db import calls, database_url, instances, make_engine, migrate
+from .models import CallRecord, CallStatus, DisconnectionReason, now_ms
+from .store import CallStore
+
+LIVE = (CallStatus.registered.value, CallStatus.ongoing.value)
+RETRIES = 20
+
+
+def _columns(record: CallRecord) -> dict[str, Any]:
+    return {
+        "agent_id": record.agent_id,
+        "call_type": record.call_type.value,
+        "call_status": record.call_status.value,
+        "direction": record.direction.value if record.direction else None,
+        "from_number": record.from_number,
+        "to_number": record.to_number,
+        "registered_at": record.registered_at,
+        "start_timestamp": record.start_timestamp,
+        "end_timestamp": record.end_timestamp,
+        "sort_key": record.start_timestamp or record.registered_at,
+        "twilio_call_sid": record.twilio_call_sid,
+        "record": record.model_dump(mode="json"),
+    }
+
+
+def encode_cursor(sort_key: int, call_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{sort_key}:{call_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        key, call_id = raw.split(":", 1)
+        return int(key), call_id
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("pagination_key is not one this API gave out") from None
+
+
+class SqlCallStore(CallStore):
+    def __init__(self, engine: AsyncEngine, instance_id: str):
+        self.engine = engine
+        self.instance_id = instance_id
+
+    @classmethod
+    async def open(cls, url: str | None, instance_id: str, data_dir=None) -> SqlCallStore:
+        from pathlib import Path
+
+        engine = make_engine(database_url(url, Path(data_dir or "var")))
+        await migrate(engine)
+        store = cls(engine, instance_id)
+        await store.heartbeat()
+        return store
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # --- instances ---------------------------------------------------------------------------
+
+    async def heartbeat(self) -> None:
+        now = now_ms()
+        async with self.engine.begin() as conn:
+            done = await conn.execute(
+                update(instances).where(instances.c.instance_id == self.instance_id).values(heartbeat_at=now)
+            )
+            if not done.rowcount:
+                await conn.execute(insert(instances).values(instance_id=self.instance_id, started_at=now, heartbeat_at=now))
+
+    async def recover(self, reason: DisconnectionReason, detail: str) -> list[CallRecord]:
+        """End the calls this instance left registered or ongoing (it died with them)."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(calls.c.call_id).where(calls.c.instance_id == self.instance_id, calls.c.call_status.in_(LIVE))
+            )
+            call_ids = [row.call_id for row in rows]
+        ended = []
+        for call_id in call_ids:
+            record = await self.finish(call_id, reason, error_detail=detail)
+            if record is not None:
+                ended.append(record)
+        return ended
+
+    # --- CallStore ---------------------------------------------------------------------------
+
+    async def create(self, record: CallRecord) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                insert(calls).values(call_id=record.call_id, instance_id=self.instance_id, version=1, **_columns(record))
+            )
+
+    async def get(self, call_id: str) -> CallRecord | None:
+        row = await self._row(call_id)
+        return CallRecord.model_validate(row.record) if row else None
+
+    async def _row(self, call_id: str):
+        async with self.engine.connect() as conn:
+            result = await conn.execute(select(calls.c.record, calls.c.version).where(calls.c.call_id == call_id))
+            return result.first()
+
+    async def _change(self, call_id: str, make, take_ownership: bool = False) -> CallRecord | None:
+        """Apply ``make(record) -> new record | None`` as a compare-and-set on the row version."""
+        for _ in range(RETRIES):
+            row = await self._row(call_id)
+            if row is None:
+                return None
+            new = make(CallRecord.model_validate(row.record))
+            if new is None:
+                return None
+            values = {**_columns(new), "version": row.version + 1}
+            if take_ownership:
+                values["instance_id"] = self.instance_id
+            async with self.engine.begin() as conn:
+                done = await conn.execute(
+                    update(calls).where(calls.c.call_id == call_id, calls.c.version == row.version).values(**values)
+                )
+            if done.rowcount == 1:
+                return new
+        raise RuntimeError(f"call {call_id} kept changing under {RETRIES} attempts to update it")
+
+    async def update(self, call_id: str, **fields: Any) -> CallRecord | None:
+        return await self._change(call_id, lambda r: r.model_copy(update=fields))
+
+    async def start(self, call_id: str, **fields: Any) -> CallRecord | None:
+        def make(r: CallRecord) -> CallRecord | None:
+            if r.call_status is not CallStatus.registered:
+                return None
+            return r.model_copy(update={"call_status": CallStatus.ongoing, "start_timestamp": now_ms(), **fields})
+
+        # the instance relaying the call owns it from now on (the webhook may have run elsewhere)
+        return await self._change(call_id, make, take_ownership=True)
+
+    async def finish(self, call_id: str, reason: DisconnectionReason, **fields: Any) -> CallRecord | None:
+        def make(r: CallRecord) -> CallRecord | None:
+            if r.call_status in (CallStatus.ended, CallStatus.error):
+                return None
+            status = CallStatus.error if reason.is_error else CallStatus.ended
+            changes = {"call_status": status, "disconnection_reason": reason, "end_timestamp": now_ms(), **fields}
+            return r.model_copy(update=changes)
+
+        return await self._change(call_id, make)
+
+    async def registered_before(self, timestamp_ms: int) -> list[CallRecord]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(calls.c.record).where(
+                    calls.c.call_status == CallStatus.registered.value,
+                    calls.c.registered_at < timestamp_ms,
+                    calls.c.instance_id == self.instance_id,
+                )
+            )
+            return [CallRecord.model_validate(row.record) for row in rows]
+
+    async def delete(self, call_id: str) -> bool:
+        async with self.engine.begin() as conn:
+            done = await conn.execute(delete(calls).where(calls.c.call_id == call_id))
+            return done.rowcount == 1
+
+    async def list(
+        self,
+        *,
+        agent_ids: Iterable[str] = (),
+        statuses: Iterable[str] = (),
+        directions: Iterable[str] = (),
+        call_types: Iterable[str] = (),
+        start_after: int | None = None,
+        start_before: int | None = None,
+        descending: bool = True,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[CallRecord], str | None]:
+        """One page of calls, newest first by default (by start time, else registration time);
+        returns the page and the cursor of the next page (None at the end)."""
+        query = select(calls.c.record, calls.c.sort_key, calls.c.call_id)
+        for column, values in (
+            (calls.c.agent_id, agent_ids), (calls.c.call_status, statuses),
+            (calls.c.direction, directions), (calls.c.call_type, call_types),
+        ):  # fmt: skip
+            values = list(values)
+            if values:
+                query = query.where(column.in_(values))
+        if start_after is not None:
+            query = query.where(calls.c.start_timestamp >= start_after)
+        if start_before is not None:
+            query = query.where(calls.c.start_timestamp <= start_before)
+        if cursor:
+            key, call_id = decode_cursor(cursor)
+            if descending:
+                query = query.where(or_(calls.c.sort_key < key, and_(calls.c.sort_key == key, calls.c.call_id < call_id)))
+            else:
+                query = query.where(or_(calls.c.sort_key > key, and_(calls.c.sort_key == key, calls.c.call_id > call_id)))
+        order = (calls.c.sort_key.desc(), calls.c.call_id.desc()) if descending else (calls.c.sort_key, calls.c.call_id)
+        query = query.order_by(*order).limit(limit + 1)
+        async with self.engine.connect() as conn:
+            rows = list(await conn.execute(query))
+        page = rows[:limit]
+        next_cursor = encode_cursor(page[-1].sort_key, page[-1].call_id) if len(rows) > limit else None
+        return [CallRecord.model_validate(r.record) for r in page], next_cursor
