@@ -1,0 +1,152 @@
+"""The call store on SQLite and on a real PostgreSQL: same tests, same code."""
+
+import asyncio
+
+import pytest
+
+from bridge.models import CallRecord, CallStatus, DisconnectionReason
+from bridge.sql_store import SqlCallStore
+
+
+def record(call_id: str, **fields) -> CallRecord:
+    base = dict(agent_id="a1", audio_websocket_protocol="web", audio_encoding="s16le", sample_rate=24000)
+    return CallRecord(call_id=call_id, **{**base, **fields})
+
+
+@pytest.fixture
+async def store(database_url):
+    s = await SqlCallStore.open(database_url, "instance-a")
+    yield s
+    await s.close()
+
+
+async def test_records_round_trip_with_every_field(store):
+    r = record("c1", from_number="+14155550100", to_number="+14155550111", direction="inbound",
+               metadata={"customer": 42, "tags": ["vip"]}, retell_llm_dynamic_variables={"name": "Ada"},
+               twilio_call_sid="CA1", notes=["n"])  # fmt: skip
+    await store.create(r)
+    assert await store.get("c1") == r
+    assert await store.get("nope") is None
+    with pytest.raises(Exception):
+        await store.create(r)  # the call id is unique
+
+
+async def test_a_call_starts_once_and_ends_once(store):
+    await store.create(record("c1"))
+    started = await asyncio.gather(*(store.start("c1", twilio_call_sid=f"CA{i}") for i in range(8)))
+    assert sum(r is not None for r in started) == 1
+    winner = next(r for r in started if r is not None)
+    assert (await store.get("c1")).twilio_call_sid == winner.twilio_call_sid
+    ended = await asyncio.gather(*(store.finish("c1", reason) for reason in (DisconnectionReason.user_hangup, DisconnectionReason.agent_hangup) * 4))
+    assert sum(r is not None for r in ended) == 1
+    final = await store.get("c1")
+    assert final.call_status is CallStatus.ended and final.end_timestamp >= final.start_timestamp
+    assert await store.start("c1") is None  # ended calls never restart
+
+
+async def test_concurrent_updates_are_never_lost(store):
+    await store.create(record("c1", notes=[]))
+
+    async def add(i):
+        for _ in range(50):
+            if await store._change("c1", lambda r, i=i: r.model_copy(update={"notes": [*r.notes, str(i)]})):
+                return
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(add(i) for i in range(10)))
+    assert sorted((await store.get("c1")).notes, key=int) == [str(i) for i in range(10)]
+
+
+async def test_errors_end_with_status_error(store):
+    await store.create(record("c1"))
+    r = await store.finish("c1", DisconnectionReason.error_llm_websocket_open, error_detail="refused")
+    assert r.call_status is CallStatus.error and r.error_detail == "refused"
+    assert (await store.get("c1")).disconnection_reason is DisconnectionReason.error_llm_websocket_open
+
+
+async def test_restart_recovers_only_this_instance_s_live_calls(database_url):
+    a = await SqlCallStore.open(database_url, "instance-a")
+    b = await SqlCallStore.open(database_url, "instance-b")
+    for store, prefix in ((a, "a"), (b, "b")):
+        await store.create(record(f"{prefix}-registered"))
+        await store.create(record(f"{prefix}-ongoing"))
+        await store.start(f"{prefix}-ongoing")
+        await store.create(record(f"{prefix}-ended"))
+        await store.finish(f"{prefix}-ended", DisconnectionReason.user_hangup)
+    await a.close()
+    # instance a comes back (same id) and ends what it left live; b's calls are not its to end
+    a2 = await SqlCallStore.open(database_url, "instance-a")
+    ended = await a2.recover(DisconnectionReason.error_unknown, "restarted")
+    assert sorted(r.call_id for r in ended) == ["a-ongoing", "a-registered"]
+    for call_id in ("a-ongoing", "a-registered"):
+        r = await a2.get(call_id)
+        assert r.call_status is CallStatus.error and r.error_detail == "restarted"
+    assert (await a2.get("a-ended")).disconnection_reason is DisconnectionReason.user_hangup
+    assert (await a2.get("b-ongoing")).call_status is CallStatus.ongoing
+    assert (await a2.get("b-registered")).call_status is CallStatus.registered
+    await a2.close()
+    await b.close()
+
+
+async def test_the_instance_relaying_a_call_owns_it(database_url):
+    a = await SqlCallStore.open(database_url, "instance-a")
+    b = await SqlCallStore.open(database_url, "instance-b")
+    await a.create(record("c1"))  # webhook answered by a
+    await b.start("c1")  # the stream landed on b
+    assert await a.recover(DisconnectionReason.error_unknown, "x") == []
+    assert [r.call_id for r in await b.recover(DisconnectionReason.error_unknown, "x")] == ["c1"]
+    await a.close()
+    await b.close()
+
+
+async def test_listing_filters_sorts_and_pages(store):
+    for i in range(25):
+        r = record(f"c{i:02d}", agent_id="a1" if i % 2 else "a2", direction="inbound" if i % 3 else "outbound",
+                   registered_at=1_000_000 + i)  # fmt: skip
+        await store.create(r)
+        if i % 5 == 0:
+            await store.update(f"c{i:02d}", start_timestamp=2_000_000 + i, call_status=CallStatus.ongoing)
+    seen, cursor = [], None
+    while True:
+        page, cursor = await store.list(limit=7, cursor=cursor)
+        seen += [r.call_id for r in page]
+        if cursor is None:
+            break
+    assert len(seen) == 25 == len(set(seen))
+    assert seen[:5] == ["c20", "c15", "c10", "c05", "c00"]  # started calls sort by start time, newest first
+    ascending, _ = await store.list(descending=False, limit=100)
+    assert [r.call_id for r in ascending] == list(reversed(seen))
+    a1, _ = await store.list(agent_ids=["a1"], limit=100)
+    assert {r.agent_id for r in a1} == {"a1"} and len(a1) == 12
+    out, _ = await store.list(directions=["outbound"], statuses=["registered"], limit=100)
+    assert sorted(r.call_id for r in out) == ["c03", "c06", "c09", "c12", "c18", "c21", "c24"]
+    window, _ = await store.list(start_after=2_000_005, start_before=2_000_015, limit=100)
+    assert [r.call_id for r in window] == ["c15", "c10", "c05"]
+    with pytest.raises(ValueError, match="pagination_key"):
+        await store.list(cursor="!!not-a-cursor!!")
+
+
+async def test_delete(store):
+    await store.create(record("c1"))
+    assert await store.delete("c1") is True
+    assert await store.get("c1") is None and await store.delete("c1") is False
+
+
+async def test_registered_before_sees_only_this_instance(database_url):
+    a = await SqlCallStore.open(database_url, "instance-a")
+    b = await SqlCallStore.open(database_url, "instance-b")
+    await a.create(record("old", registered_at=1000))
+    await b.create(record("other", registered_at=1000))
+    await a.create(record("new", registered_at=10**13))
+    assert [r.call_id for r in await a.registered_before(5000)] == ["old"]
+    await a.close()
+    await b.close()
+
+
+async def test_migrations_are_idempotent(database_url):
+    first = await SqlCallStore.open(database_url, "x")
+    await first.create(record("kept"))
+    await first.close()
+    second = await SqlCallStore.open(database_url, "x")
+    assert (await second.get("kept")).call_id == "kept"
+    await second.close()
