@@ -1,16 +1,31 @@
-"""The call API (Retell-compatible). Every error answers ``{"status": "error", "message": ...}``.
-This issue serves get-call; issue 4 adds the rest of the seeds' endpoints."""
+"""The call API, Retell-compatible: the seeds' paths, field names and validation, so the official
+``retell-sdk`` client works against the bridge unchanged (it honours ``RETELL_BASE_URL``).
+
+Errors always answer ``{"status": "error", "message": ...}``: 400 for a body that is not JSON,
+401 for a missing or wrong API key, 404 for an unknown call or agent, 422 for a body that breaks
+the rules (missing or mistyped fields, rates out of range, metadata over 50 kB, ...), 500 for a
+bug. Nothing is stored unless the whole request is valid."""
 
 from __future__ import annotations
 
 import hmac
+import json
+import logging
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
+from .models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason, Encoding, Protocol
+from .registrar import call_fields, new_call_id
+from .settings import E164
+
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["calls"])
+MAX_METADATA_BYTES = 50 * 1024
 
 
 class ApiError(HTTPException):
@@ -21,19 +36,257 @@ def require_api_key(request: Request) -> None:
     keys = request.app.state.services.settings.api_keys
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key:
+    if scheme.lower() != "bearer" or not key.strip():
         raise ApiError(401, "missing API key: send Authorization: Bearer YOUR_API_KEY")
-    if not any(hmac.compare_digest(key.strip(), k) for k in keys):
+    if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in keys):
         raise ApiError(401, "invalid API key")
 
 
-@router.get("/v2/get-call/{call_id}", dependencies=[Depends(require_api_key)], summary="Get a call")
-@router.get("/get-call/{call_id}", dependencies=[Depends(require_api_key)], summary="Get a call (v1 path)")
-async def get_call(call_id: str, request: Request) -> JSONResponse:
-    record = await request.app.state.services.store.get(call_id)
+# --- request bodies --------------------------------------------------------------------------
+
+
+def _metadata_size(v: dict | None) -> dict | None:
+    if v is not None and len(json.dumps(v)) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES // 1024} kB")
+    return v
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    metadata: dict[str, Any] | None = None
+    retell_llm_dynamic_variables: dict[str, Any] | None = None
+
+    _metadata = field_validator("metadata")(_metadata_size)
+
+
+def _e164(v: str | None) -> str | None:
+    if v is not None and not E164.match(v):
+        raise ValueError(f"{v!r} is not an E.164 number (like +14155550100)")
+    return v
+
+
+class RegisterCallV1(_Body):
+    agent_id: str = Field(min_length=1)
+    audio_websocket_protocol: Protocol
+    audio_encoding: Encoding
+    sample_rate: int = Field(ge=8000, le=48000)
+    end_call_after_silence_ms: int | None = Field(None, ge=10000)
+    from_number: str | None = None
+    to_number: str | None = None
+    direction: Direction | None = None
+    drop_call_if_machine_detected: bool | None = None
+    opt_out_sensitive_data_storage: bool | None = None
+
+    _numbers = field_validator("from_number", "to_number")(_e164)
+
+    @model_validator(mode="after")
+    def _twilio_mulaw(self) -> RegisterCallV1:
+        if (
+            self.audio_websocket_protocol is Protocol.twilio
+            and self.audio_encoding is Encoding.mulaw
+            and self.sample_rate != 8000
+        ):
+            raise ValueError("mulaw on the twilio protocol must be at sample_rate 8000")
+        return self
+
+
+class RegisterPhoneCall(_Body):
+    agent_id: str = Field(min_length=1)
+    from_number: str | None = None
+    to_number: str | None = None
+    direction: Direction | None = None
+
+    _numbers = field_validator("from_number", "to_number")(_e164)
+
+
+class UpdateCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    metadata: dict[str, Any] | None = None
+    opt_out_sensitive_data_storage: bool | None = None
+
+    _metadata = field_validator("metadata")(_metadata_size)
+
+
+class ListFilter(BaseModel):
+    """``filter_criteria`` of POST /v3/list-calls: the retell-sdk's shape, the fields the bridge
+    can filter on (others are refused, not silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+    agent: list[dict[str, Any]] | None = None
+    call_status: dict[str, Any] | None = None
+    direction: dict[str, Any] | None = None
+    call_type: dict[str, Any] | None = None
+    start_timestamp: dict[str, Any] | None = None
+
+
+class ListCalls(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    filter_criteria: ListFilter | None = None
+    sort_order: Literal["ascending", "descending"] = "descending"
+    limit: int = Field(50, ge=1, le=1000)
+    pagination_key: str | None = None
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def services(request: Request):
+    return request.app.state.services
+
+
+async def _call(request: Request, call_id: str) -> CallRecord:
+    record = await services(request).store.get(call_id)
     if record is None:
         raise ApiError(404, f"call {call_id} not found")
+    return record
+
+
+def _agent(request: Request, agent_id: str):
+    agent = services(request).settings.agents.get(agent_id)
+    if agent is None:
+        raise ApiError(404, f"agent {agent_id} not found")
+    return agent
+
+
+def _created(record: CallRecord) -> JSONResponse:
+    return JSONResponse(record.public(), status_code=201)
+
+
+def _enum_values(criterion: dict | None, name: str, allowed: set[str]) -> list[str]:
+    if criterion is None:
+        return []
+    values = criterion.get("value")
+    if criterion.get("op", "in") != "in" or not isinstance(values, list) or not set(values) <= allowed:
+        raise ApiError(422, f"filter_criteria.{name} must be {{op: 'in', value: [{', '.join(sorted(allowed))}]}}")
+    return values
+
+
+# --- endpoints -------------------------------------------------------------------------------
+
+AUTH = [Depends(require_api_key)]
+
+
+@router.post("/register-call", dependencies=AUTH, status_code=201, summary="Register a call (v1)")
+async def register_call_v1(request: Request, body: RegisterCallV1) -> JSONResponse:
+    _agent(request, body.agent_id)
+    record = CallRecord(call_id=new_call_id(), **body.model_dump(exclude_none=False))
+    await services(request).store.create(record)
+    return _created(record)
+
+
+@router.post("/v2/register-phone-call", dependencies=AUTH, status_code=201, summary="Register a phone call")
+async def register_phone_call(request: Request, body: RegisterPhoneCall) -> JSONResponse:
+    agent = _agent(request, body.agent_id)
+    fields = call_fields(agent, from_number=body.from_number, to_number=body.to_number, direction=body.direction)
+    record = CallRecord(
+        call_id=new_call_id(),
+        call_type=CallType.phone_call,
+        metadata=body.metadata,
+        retell_llm_dynamic_variables=body.retell_llm_dynamic_variables,
+        **fields,
+    )
+    await services(request).store.create(record)
+    return _created(record)
+
+
+@router.get("/v2/get-call/{call_id}", dependencies=AUTH, summary="Get a call")
+@router.get("/get-call/{call_id}", dependencies=AUTH, summary="Get a call (v1 path)")
+async def get_call(call_id: str, request: Request) -> JSONResponse:
+    return JSONResponse((await _call(request, call_id)).public())
+
+
+@router.post("/v3/list-calls", dependencies=AUTH, summary="List calls (filters, sort, cursor pages)")
+async def list_calls_v3(request: Request, body: ListCalls = Body(default_factory=ListCalls)) -> JSONResponse:
+    f = body.filter_criteria or ListFilter()
+    start_after = start_before = None
+    if f.start_timestamp is not None:
+        op, value = f.start_timestamp.get("op"), f.start_timestamp.get("value")
+        if op == "bt" and isinstance(value, list) and len(value) == 2:
+            start_after, start_before = int(value[0]), int(value[1])
+        elif op in ("ge", "gt") and isinstance(value, (int, float)):
+            start_after = int(value) + (op == "gt")
+        elif op in ("le", "lt") and isinstance(value, (int, float)):
+            start_before = int(value) - (op == "lt")
+        else:
+            raise ApiError(422, "filter_criteria.start_timestamp must be {op: 'bt', value: [from_ms, to_ms]} or ge/gt/le/lt")
+    try:
+        page, cursor = await services(request).store.list(
+            agent_ids=[a["agent_id"] for a in f.agent or [] if isinstance(a, dict) and "agent_id" in a],
+            statuses=_enum_values(f.call_status, "call_status", {s.value for s in CallStatus}),
+            directions=_enum_values(f.direction, "direction", {d.value for d in Direction}),
+            call_types=_enum_values(f.call_type, "call_type", {t.value for t in CallType}),
+            start_after=start_after,
+            start_before=start_before,
+            descending=body.sort_order == "descending",
+            limit=body.limit,
+            cursor=body.pagination_key,
+        )
+    except ValueError as e:
+        raise ApiError(422, str(e)) from None
+    return JSONResponse({"items": [r.public() for r in page], "has_more": cursor is not None, "pagination_key": cursor})
+
+
+@router.get("/v2/list-calls", dependencies=AUTH, summary="List calls (v2: query parameters, a JSON array)")
+async def list_calls_v2(
+    request: Request,
+    agent_id: list[str] = Query(default=[]),
+    call_status: list[CallStatus] = Query(default=[]),
+    direction: list[Direction] = Query(default=[]),
+    start_after: int | None = None,
+    start_before: int | None = None,
+    sort_order: Literal["ascending", "descending"] = "descending",
+    limit: int = Query(50, ge=1, le=1000),
+    pagination_key: str | None = None,
+) -> Response:
+    try:
+        page, cursor = await services(request).store.list(
+            agent_ids=agent_id,
+            statuses=[s.value for s in call_status],
+            directions=[d.value for d in direction],
+            start_after=start_after,
+            start_before=start_before,
+            descending=sort_order == "descending",
+            limit=limit,
+            cursor=pagination_key,
+        )
+    except ValueError as e:
+        raise ApiError(422, str(e)) from None
+    headers = {"X-Pagination-Key": cursor} if cursor else {}
+    return JSONResponse([r.public() for r in page], headers=headers)
+
+
+@router.patch("/v2/update-call/{call_id}", dependencies=AUTH, summary="Update a call's metadata")
+async def update_call(call_id: str, request: Request, body: UpdateCall) -> JSONResponse:
+    await _call(request, call_id)
+    changes = body.model_dump(exclude_unset=True)
+    record = await services(request).store.update(call_id, **changes) if changes else await _call(request, call_id)
     return JSONResponse(record.public())
+
+
+@router.delete("/v2/delete-call/{call_id}", dependencies=AUTH, status_code=204, summary="Delete a call")
+async def delete_call(call_id: str, request: Request) -> Response:
+    record = await _call(request, call_id)
+    if record.call_status in (CallStatus.registered, CallStatus.ongoing):
+        raise ApiError(422, f"call {call_id} is {record.call_status.value}: stop it before deleting it")
+    await services(request).store.delete(call_id)
+    return Response(status_code=204)
+
+
+@router.post("/v2/stop-call/{call_id}", dependencies=AUTH, status_code=204, summary="Stop a live call")
+async def stop_call(call_id: str, request: Request) -> Response:
+    """Ends a live call on both legs: the agent socket is closed and the phone call is hung up
+    through Twilio (recorded as agent_hangup: the business side ended it)."""
+    record = await _call(request, call_id)
+    if record.call_status not in (CallStatus.registered, CallStatus.ongoing):
+        raise ApiError(422, f"call {call_id} is not live (it is {record.call_status.value})")
+    svc = services(request)
+    if record.twilio_call_sid:
+        await svc.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
+    if not svc.stop_local_call(call_id):
+        # registered, or relayed by another replica: Twilio's hang-up ends the stream there
+        await svc.store.finish(call_id, DisconnectionReason.agent_hangup, error_detail="stopped through the API")
+    return Response(status_code=204)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -43,5 +296,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse({"status": "error", "message": "the body is not valid JSON"}, status_code=400)
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errors)
         return JSONResponse({"status": "error", "message": problems}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"status": "error", "message": "internal error"}, status_code=500)

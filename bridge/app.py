@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -38,6 +39,15 @@ class Services:
     store: CallStore | None = None
     http: httpx.AsyncClient | None = None
     background: list[asyncio.Task] = field(default_factory=list)
+    live_calls: dict[str, Callable[[], None]] = field(default_factory=dict)  # call id -> stop it
+
+    def stop_local_call(self, call_id: str) -> bool:
+        """Ask the relay of a call running in this process to end it; False if it is not here."""
+        stop = self.live_calls.get(call_id)
+        if stop is None:
+            return False
+        stop()
+        return True
 
     def public_base(self, headers, request_base: str) -> str:
         """The base URL Twilio uses for us: configured, else trusted X-Forwarded-*, else the
@@ -57,7 +67,10 @@ class Services:
     async def end_call(self, call_id: str, reason: DisconnectionReason, detail: str, session: CallSession) -> None:
         fields = {}
         if session.transcript:
-            fields["transcript_object"] = [{"role": u["role"], "content": u["content"]} for u in session.transcript]
+            # word timings only if the agent sent them (the web protocol's update carries none)
+            fields["transcript_object"] = [
+                {"role": u["role"], "content": u["content"], "words": u.get("words", [])} for u in session.transcript
+            ]
             fields["transcript"] = "".join(f"{u['role'].capitalize()}: {u['content']}\n" for u in session.transcript)
         if detail:
             fields["error_detail"] = detail

@@ -142,6 +142,13 @@ async def _relay(twilio: WebSocket, services: Services, start: tf.Start, record)
         mark_interval_ms=settings.mark_interval_ms,
     )
     agent = None
+    stopped = asyncio.Event()
+
+    def stop() -> None:  # stop-call through the API
+        session.end(Reason.agent_hangup, "stopped through the API")
+        stopped.set()
+
+    services.live_calls[call_id] = stop
     try:
         if agent_config is None:
             session.end(Reason.error_llm_websocket_runtime, f"agent {record.agent_id} is not configured")
@@ -151,11 +158,12 @@ async def _relay(twilio: WebSocket, services: Services, start: tf.Start, record)
             if session.protocol is Protocol.twilio:
                 await agent.send(tf.connected_frame())
                 await agent.send(tf.start_frame(start, drop_parameters=(TOKEN_PARAMETER,)))
-            await _pump_until_end(twilio, agent, session, settings)
+            await _pump_until_end(twilio, agent, session, settings, stopped)
     except Exception as e:  # a bug must end this call cleanly, never the process
         log.exception("call %s failed", call_id)
         session.end(Reason.error_unknown, f"{type(e).__name__}: {e}")
     finally:
+        services.live_calls.pop(call_id, None)
         await _finish(twilio, agent, session, services, record)
 
 
@@ -175,7 +183,7 @@ async def _open_agent(session: CallSession, url: str, settings):
         return None
 
 
-async def _pump_until_end(twilio: WebSocket, agent, session: CallSession, settings) -> None:
+async def _pump_until_end(twilio: WebSocket, agent, session: CallSession, settings, stopped: asyncio.Event) -> None:
     send_timeout = settings.send_timeout_s
 
     async def send(actions) -> None:
@@ -251,7 +259,7 @@ async def _pump_until_end(twilio: WebSocket, agent, session: CallSession, settin
                 next_ping = now + settings.keepalive_interval_s
                 await send(session.ping(now))
 
-    tasks = [asyncio.create_task(coro) for coro in (from_twilio(), from_agent(), keepalive())]
+    tasks = [asyncio.create_task(coro) for coro in (from_twilio(), from_agent(), keepalive(), stopped.wait())]
     try:
         while session.ending is None:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -1,0 +1,186 @@
+"""The call API against the official retell-sdk client (strict response validation: the SDK's
+own models must parse every answer), and bad bodies over plain HTTP."""
+
+import httpx
+import pytest
+from retell import APIStatusError, AsyncRetell
+
+from bridge.models import DisconnectionReason
+
+from .conftest import API_KEY
+
+
+@pytest.fixture
+async def bridge(start_bridge):
+    return await start_bridge()
+
+
+@pytest.fixture
+async def sdk(bridge):
+    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, _strict_response_validation=True, max_retries=0) as client:
+        yield client
+
+
+async def count(bridge) -> int:
+    return len((await bridge.store.list(limit=1000))[0])
+
+
+async def test_register_get_update_stop_delete_with_the_sdk(bridge, sdk):
+    call = await sdk.call.register_phone_call(
+        agent_id="echo", from_number="+14155550100", to_number="+14155550111", direction="inbound",
+        metadata={"crm_id": 7}, retell_llm_dynamic_variables={"name": "Ada"},
+    )  # fmt: skip
+    assert call.call_type == "phone_call" and call.call_status == "registered" and call.agent_id == "echo"
+    assert call.metadata == {"crm_id": 7} and call.retell_llm_dynamic_variables == {"name": "Ada"}
+    fetched = await sdk.call.retrieve(call.call_id)
+    assert fetched.call_id == call.call_id and fetched.from_number == "+14155550100"
+    assert fetched.end_timestamp is None and fetched.disconnection_reason is None  # null, never made up
+    updated = await sdk.call.update(call.call_id, metadata={"crm_id": 8})
+    assert updated.metadata == {"crm_id": 8}
+    assert (await bridge.store.get(call.call_id)).metadata == {"crm_id": 8}
+    with pytest.raises(APIStatusError) as live:
+        await sdk.call.delete(call.call_id)  # a live call must be stopped first
+    assert live.value.status_code == 422
+    await sdk.call.stop(call.call_id)
+    stopped = await sdk.call.retrieve(call.call_id)
+    assert stopped.call_status == "ended" and stopped.disconnection_reason == "agent_hangup"
+    await sdk.call.delete(call.call_id)
+    with pytest.raises(APIStatusError) as gone:
+        await sdk.call.retrieve(call.call_id)
+    assert gone.value.status_code == 404 and gone.value.body == {"status": "error", "message": f"call {call.call_id} not found"}
+
+
+async def test_list_with_filters_and_pagination_with_the_sdk(bridge, sdk):
+    ids = []
+    for i in range(7):
+        c = await sdk.call.register_phone_call(
+            agent_id="echo", from_number="+14155550100", to_number=f"+1415555012{i}",
+            direction="outbound" if i % 2 else "inbound",
+        )  # fmt: skip
+        ids.append(c.call_id)
+    seen, key = [], None
+    while True:
+        page = await sdk.call.list(limit=3, pagination_key=key) if key else await sdk.call.list(limit=3)
+        seen += [item.call_id for item in page.items]
+        if not page.has_more:
+            break
+        key = page.pagination_key
+    assert sorted(seen) == sorted(ids) and len(seen) == 7
+    assert seen == list(reversed(ids))  # newest first
+    ascending = await sdk.call.list(sort_order="ascending", limit=100)
+    assert [i.call_id for i in ascending.items] == ids
+    outbound = await sdk.call.list(filter_criteria={"direction": {"op": "in", "type": "enum", "value": ["outbound"]}})
+    assert sorted(i.call_id for i in outbound.items) == sorted(ids[1::2])
+    by_agent = await sdk.call.list(filter_criteria={"agent": [{"agent_id": "nobody"}]})
+    assert by_agent.items == [] and by_agent.has_more is False
+    registered = await sdk.call.list(filter_criteria={"call_status": {"op": "in", "type": "enum", "value": ["registered"]}})
+    assert len(registered.items) == 7
+
+
+async def test_a_call_placed_through_twilio_is_seen_by_the_sdk(bridge, sdk):
+    result = await bridge.call()
+    call = await sdk.call.retrieve(result.call_id)
+    assert call.call_status == "ended" and call.disconnection_reason == "user_hangup"
+    assert call.transcript.startswith("User: (") and call.transcript_object[0].role == "user"
+    assert call.start_timestamp <= call.end_timestamp
+
+
+async def test_v1_register_call_and_v2_list(bridge):
+    async with httpx.AsyncClient(base_url=bridge.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        body = {"agent_id": "echo", "audio_websocket_protocol": "twilio", "audio_encoding": "mulaw", "sample_rate": 8000,
+                "end_call_after_silence_ms": 600000, "from_number": "+12137771234", "to_number": "+12137771235",
+                "direction": "inbound", "metadata": {}, "retell_llm_dynamic_variables": {"customer_name": "John Doe"},
+                "drop_call_if_machine_detected": True, "opt_out_sensitive_data_storage": True}  # fmt: skip
+        r = await http.post("/register-call", json=body)
+        assert r.status_code == 201
+        call = r.json()
+        for key, value in body.items():
+            assert call[key] == value
+        assert call["call_status"] == "registered" and call["recording_url"] is None
+        assert (await http.get(f"/get-call/{call['call_id']}")).json() == call
+        listed = await http.get("/v2/list-calls", params={"agent_id": "echo", "limit": 10})
+        assert [c["call_id"] for c in listed.json()] == [call["call_id"]]
+
+
+GOOD_V1 = {"agent_id": "echo", "audio_websocket_protocol": "web", "audio_encoding": "s16le", "sample_rate": 24000}
+
+
+@pytest.mark.parametrize(
+    "path,body,status,message",
+    [
+        ("/register-call", {k: v for k, v in GOOD_V1.items() if k != "agent_id"}, 422, "agent_id: Field required"),
+        ("/register-call", {**GOOD_V1, "sample_rate": "fast"}, 422, "sample_rate"),
+        ("/register-call", {**GOOD_V1, "sample_rate": 7999}, 422, "sample_rate: Input should be greater than or equal to 8000"),
+        ("/register-call", {**GOOD_V1, "sample_rate": 48001}, 422, "sample_rate"),
+        ("/register-call", {**GOOD_V1, "audio_encoding": "opus"}, 422, "audio_encoding"),
+        ("/register-call", {**GOOD_V1, "audio_websocket_protocol": "twilio", "audio_encoding": "mulaw", "sample_rate": 16000}, 422, "sample_rate 8000"),
+        ("/register-call", {**GOOD_V1, "end_call_after_silence_ms": 9999}, 422, "end_call_after_silence_ms"),
+        ("/register-call", {**GOOD_V1, "from_number": "555-1234"}, 422, "E.164"),
+        ("/register-call", {**GOOD_V1, "agent_id": "nobody"}, 404, "agent nobody not found"),
+        ("/register-call", {**GOOD_V1, "metadata": {"blob": "x" * 60000}}, 422, "metadata is larger than 50 kB"),
+        ("/register-call", {**GOOD_V1, "metadata": "not an object"}, 422, "metadata"),
+        ("/v2/register-phone-call", {}, 422, "agent_id"),
+        ("/v2/register-phone-call", {"agent_id": "echo", "direction": "sideways"}, 422, "direction"),
+        ("/v3/list-calls", {"limit": 0}, 422, "limit"),
+        ("/v3/list-calls", {"filter_criteria": {"call_status": {"op": "in", "value": ["lost"]}}}, 422, "call_status"),
+        ("/v3/list-calls", {"filter_criteria": {"user_sentiment": {}}}, 422, "user_sentiment"),
+        ("/v3/list-calls", {"pagination_key": "bogus!"}, 422, "pagination_key"),
+    ],
+)  # fmt: skip
+async def test_bad_bodies_answer_the_documented_error_and_store_nothing(bridge, path, body, status, message):
+    async with httpx.AsyncClient(base_url=bridge.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        r = await http.post(path, json=body)
+    assert r.status_code == status
+    assert r.json()["status"] == "error" and message in r.json()["message"]
+    assert await count(bridge) == 0
+
+
+async def test_not_json_is_400_and_unknown_calls_are_404(bridge):
+    async with httpx.AsyncClient(base_url=bridge.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        r = await http.post("/register-call", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json() == {"status": "error", "message": "the body is not valid JSON"}
+        for method, path in (("GET", "/v2/get-call/nope"), ("GET", "/get-call/nope"), ("PATCH", "/v2/update-call/nope"),
+                             ("DELETE", "/v2/delete-call/nope"), ("POST", "/v2/stop-call/nope")):  # fmt: skip
+            r = await http.request(method, path, json={})
+            assert r.status_code == 404 and r.json() == {"status": "error", "message": "call nope not found"}
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong-key", "Basic " + API_KEY, "Bearer"])
+async def test_every_endpoint_needs_the_api_key(bridge, header):
+    headers = {"Authorization": header} if header else {}
+    async with httpx.AsyncClient(base_url=bridge.base_url, headers=headers) as http:
+        for method, path in (("POST", "/register-call"), ("POST", "/v2/register-phone-call"), ("GET", "/v2/get-call/x"),
+                             ("POST", "/v3/list-calls"), ("GET", "/v2/list-calls"), ("PATCH", "/v2/update-call/x"),
+                             ("DELETE", "/v2/delete-call/x"), ("POST", "/v2/stop-call/x")):  # fmt: skip
+            r = await http.request(method, path, json=GOOD_V1)
+            assert r.status_code == 401, path
+            assert r.json()["status"] == "error" and "API key" in r.json()["message"]
+    assert await count(bridge) == 0
+
+
+async def test_stop_call_ends_a_live_call_on_both_legs(bridge, sdk):
+    import asyncio
+
+    call_task = asyncio.create_task(bridge.call(speed=1.0, tail_ms=20000))
+    async with asyncio.timeout(5):
+        while True:
+            live = (await bridge.store.list(statuses=["ongoing"]))[0]
+            if live:
+                break
+            await asyncio.sleep(0.05)
+    await sdk.call.stop(live[0].call_id)
+    result = await call_task
+    assert result.ended_by == "rest"  # Twilio was told to hang up: no fallback
+    record = await bridge.store.get(live[0].call_id)
+    assert record.disconnection_reason is DisconnectionReason.agent_hangup
+
+
+async def test_openapi_documents_every_endpoint(bridge):
+    async with httpx.AsyncClient(base_url=bridge.base_url) as http:
+        spec = (await http.get("/openapi.json")).json()
+        assert (await http.get("/docs")).status_code == 200
+    for path in ("/register-call", "/v2/register-phone-call", "/v2/get-call/{call_id}", "/get-call/{call_id}",
+                 "/v3/list-calls", "/v2/list-calls", "/v2/update-call/{call_id}", "/v2/delete-call/{call_id}",
+                 "/v2/stop-call/{call_id}", "/twilio/voice"):  # fmt: skip
+        assert path in spec["paths"], path
+    assert "RegisterCallV1" in spec["components"]["schemas"]
