@@ -14,7 +14,7 @@ from fastapi import FastAPI, WebSocket
 from audio.filters import plan
 
 from . import api, echo_agent, twilio_webhook
-from .models import DisconnectionReason, now_ms
+from .models import CallStatus, DisconnectionReason, now_ms
 from .relay import handle_media_stream
 from .session import CallSession
 from .settings import Settings, load_settings
@@ -93,9 +93,10 @@ class Services:
             await asyncio.sleep(min(MAX_SWEEP_INTERVAL_S, self.settings.registered_call_timeout_s / 2))
             cutoff = now_ms() - int(self.settings.registered_call_timeout_s * 1000)
             for record in await self.store.registered_before(cutoff):
-                await self.store.finish(
+                await self.store.finish(  # unless its stream started meanwhile
                     record.call_id,
                     DisconnectionReason.registered_call_timeout,
+                    only_if=CallStatus.registered,
                     error_detail=f"no media stream within {self.settings.registered_call_timeout_s:g} s",
                 )
 

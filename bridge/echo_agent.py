@@ -133,7 +133,8 @@ async def echo_web(ws: WebSocket, call_id: str, encoding: str = "s16le", sample_
                     event = orjson.loads(text)
                 except orjson.JSONDecodeError:
                     continue
-                outputs = agent.dtmf(str(event.get("digit"))) if event.get("event_type") == "dtmf" else []
+                digit = event.get("digit") if isinstance(event, dict) and event.get("event_type") == "dtmf" else None
+                outputs = agent.dtmf(digit) if isinstance(digit, str) and digit else []
             for kind, payload in outputs:
                 if kind == "audio":
                     await ws.send_bytes(pcm_to_ulaw(payload) if mulaw else payload)
@@ -155,7 +156,12 @@ async def echo_twilio(ws: WebSocket, call_id: str) -> None:
     marks = 0
     try:
         while True:
-            text = await ws.receive_text()
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:  # binary frames are not part of the twilio protocol
+                continue
             try:
                 event = tf.parse(text)
             except FrameError:

@@ -56,7 +56,10 @@ async def register_call(
         twilio_account_sid=twilio_account_sid,
         **fields,
     )
-    await store.create(record)
+    try:
+        await store.create(record)
+    except Exception as e:  # e.g. an external registrar handing out a call id twice
+        raise RegistrationError(f"cannot store call {call_id}: {type(e).__name__}") from e
     return record
 
 

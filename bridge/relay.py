@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT_S = 10.0
 TOKEN_PARAMETER = "token"
 CALL_PARAMETER = "call_id"
 
@@ -93,7 +92,15 @@ async def handle_media_stream(websocket: WebSocket, services: Services) -> None:
 
 async def _accept_stream(websocket: WebSocket, services: Services):
     """Read ``connected`` and ``start``; check the call and its single-use token."""
-    async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+    try:
+        event = await _read_start(websocket, services.settings.stream_start_timeout_s)
+    except TimeoutError:
+        raise StreamRejected(f"no start within {services.settings.stream_start_timeout_s:g} s") from None
+    return await _check_start(event, event.custom_parameters.get(CALL_PARAMETER), services)
+
+
+async def _read_start(websocket: WebSocket, timeout_s: float) -> tf.Start:
+    async with asyncio.timeout(timeout_s):
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
@@ -109,8 +116,10 @@ async def _accept_stream(websocket: WebSocket, services: Services):
                 continue
             if type(event) is not tf.Start:
                 raise StreamRejected(f"expected start, got {type(event).__name__.lower()}")
-            break
-    call_id = event.custom_parameters.get(CALL_PARAMETER)
+            return event
+
+
+async def _check_start(event: tf.Start, call_id: str | None, services: Services):
     if not call_id:
         raise StreamRejected("start without a call_id parameter")
     record = await services.store.get(call_id)
@@ -199,7 +208,9 @@ async def _pump_until_end(twilio: WebSocket, agent, session: CallSession, settin
                 try:
                     async with asyncio.timeout(send_timeout):
                         await agent.send(message)
-                except (TimeoutError, ConnectionClosed, OSError) as e:
+                except ConnectionClosed:
+                    return  # the agent's side says how it closed (a clean 1000 is a hang-up)
+                except (TimeoutError, OSError) as e:
                     session.end(Reason.error_llm_websocket_lost_connection, f"send to agent failed: {type(e).__name__}")
                     return
 
@@ -221,17 +232,16 @@ async def _pump_until_end(twilio: WebSocket, agent, session: CallSession, settin
             await send(session.from_twilio(text))
 
     async def from_agent() -> None:
-        loop = asyncio.get_running_loop()
-        frame_s = settings.media_frame_ms / 1000
         while session.ending is None:
+            wait = session.idle_timeout(loop.time())
             try:
-                if session.has_partial_audio:  # flush a partial frame if the agent pauses
-                    async with asyncio.timeout(frame_s):
-                        message = await agent.recv()
-                else:
+                if wait is None:
                     message = await agent.recv()
+                else:  # a partial frame or an unmarked burst waits for more audio this long
+                    async with asyncio.timeout(wait):
+                        message = await agent.recv()
             except TimeoutError:
-                await send(session.flush_agent_audio())
+                await send(session.agent_idle(loop.time()))
                 continue
             except ConnectionClosedOK:
                 session.end(Reason.agent_hangup, f"agent closed the socket ({agent.close_code})")
@@ -280,16 +290,46 @@ async def _finish(twilio: WebSocket, agent, session: CallSession, services: Serv
     try:
         if agent is not None:
             try:
-                async with asyncio.timeout(2):
-                    await agent.close(code=1000, reason=reason.value)
+                async with asyncio.timeout(2):  # 1000 for a normal end, 1011 when something failed
+                    await agent.close(code=1011 if reason.is_error else 1000, reason=reason.value)
             except (TimeoutError, ConnectionClosed, OSError):
                 pass
         if reason is Reason.agent_hangup and record.twilio_call_sid:
-            # closing the stream alone would make Twilio play the fallback after </Connect>
+            # let the caller hear the agent's last words (audio is sent ahead of playback), then
+            # hang up: closing the stream alone would make Twilio play the fallback after </Connect>
+            await _play_out(twilio, session)
             await services.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
         await _close(twilio, 1000 if reason in (Reason.user_hangup, Reason.agent_hangup) else 1011, reason.value)
     finally:
         await services.end_call(record.call_id, reason, ending.detail if ending else "", session)
+
+
+PLAY_OUT_MARK = "bridge-play-out"
+MAX_PLAY_OUT_S = 60.0
+
+
+async def _play_out(twilio: WebSocket, session: CallSession) -> None:
+    """Send what is left of the agent's audio and a last mark, and wait until Twilio echoes it
+    (the caller heard everything), the caller hangs up, or the queued audio's time is up."""
+    unplayed_s = max(0.0, session.stats.sent_ms - session.stats.played_ms) / 1000
+    try:
+        async with asyncio.timeout(min(MAX_PLAY_OUT_S, unplayed_s + 2.0)):
+            for _, message in session.flush_agent_audio(asyncio.get_running_loop().time()):
+                await twilio.send_text(message)
+            await twilio.send_text(session.twilio.mark(PLAY_OUT_MARK))
+            while True:
+                message = await twilio.receive()
+                text = message.get("text")
+                if message["type"] == "websocket.disconnect" or text is None:
+                    return
+                try:
+                    event = tf.parse(text)
+                except tf.FrameError:
+                    return
+                if type(event) is tf.Stop or (type(event) is tf.Mark and event.name == PLAY_OUT_MARK):
+                    return
+    except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
+        return
 
 
 async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:

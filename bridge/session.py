@@ -6,10 +6,13 @@ get back what to send where. No sockets, no clock of its own (times are passed i
 (first reason wins) and the caller closes the sockets.
 
 Agent audio on the ``web`` protocol is converted to mu-law 8 kHz and cut into Twilio ``media``
-frames of ``frame_ms``; a uniquely named ``mark`` follows every ``mark_interval_ms`` of audio and
-the end of every burst, so ``played_ms`` says how much agent audio the caller has really heard.
-A ``clear`` from the agent drops what is not yet sent, resets the resampler and makes the marks
-still pending "cleared": Twilio echoes them, but they do not count as played.
+frames of ``frame_ms``. A partial frame waits for more audio while Twilio still has enough queued
+(``idle_timeout``), so an agent sending faster than real time gets whole frames. A uniquely
+named ``mark`` follows every ``mark_interval_ms`` of audio and the end of every burst (the agent
+quiet for ``BURST_GAP_S``), so ``played_ms`` says how much agent audio the caller has really
+heard. A ``clear`` from the agent drops what is not yet sent, resets the resampler and makes the
+marks still pending "cleared": Twilio echoes them, but they do not count as played, and what the
+clear dropped never counts as heard.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .models import DisconnectionReason, Protocol
 
 TO_TWILIO = 0
 TO_AGENT = 1
+BURST_GAP_S = 0.1  # the agent quiet this long ends a burst (a mark then says when it was heard)
 
 Action = tuple[int, str | bytes]
 
@@ -40,7 +44,7 @@ class SessionStats:
     inbound_frames: int = 0  # media frames from Twilio
     outbound_frames: int = 0  # media frames sent to Twilio
     sent_ms: float = 0.0  # agent audio sent to Twilio
-    played_ms: float = 0.0  # agent audio Twilio confirmed played (marks)
+    played_ms: float = 0.0  # agent audio the caller heard (Twilio echoed the marks after it)
     clears: int = 0
     dtmf: list[str] = field(default_factory=list)
     rtt_ms: list[float] = field(default_factory=list)
@@ -69,10 +73,13 @@ class CallSession:
         self.ending: Ending | None = None
         self._pending = bytearray()  # converted agent audio not yet framed
         self._carry = b""  # a lone byte of a split s16le sample
-        self._marks: deque[tuple[str, float]] = deque()  # (name, sent_ms at the mark)
+        self._marks: deque[tuple[str, float]] = deque()  # (name, heard position at the mark)
         self._cleared: set[str] = set()
         self._mark_seq = 0
         self._last_mark_ms = 0.0
+        self._heard_base = 0.0  # heard position and sent_ms at the last clear: audio sent after
+        self._sent_base = 0.0  # it is heard after what was heard before it
+        self._queue_end = 0.0  # when Twilio's queue of agent audio runs dry (relay clock, s)
         self._ping_sent: float | None = None
 
     # --- ending ------------------------------------------------------------------------------
@@ -134,7 +141,7 @@ class CallSession:
             self.end(DisconnectionReason.error_llm_websocket_corrupt_payload, f"from agent: {e}")
             return []
         if type(m) is wf.Audio:
-            return self._agent_audio(m.data)
+            return self._agent_audio(m.data, now)
         if m is wf.CLEAR:
             return self._clear()
         if m is wf.PONG:
@@ -168,7 +175,7 @@ class CallSession:
             return []
         return [(TO_TWILIO, message)]
 
-    def _agent_audio(self, data: bytes) -> list[Action]:
+    def _agent_audio(self, data: bytes, now: float) -> list[Action]:
         if self.agent_format.encoding == "s16le":
             if self._carry:
                 data = self._carry + data
@@ -181,35 +188,57 @@ class CallSession:
         actions: list[Action] = []
         size = self.frame_bytes
         while len(self._pending) >= size:
-            self._send_media(actions, bytes(self._pending[:size]))
+            self._send_media(actions, bytes(self._pending[:size]), now)
             del self._pending[:size]
             if self.stats.sent_ms - self._last_mark_ms >= self.mark_interval_ms:
                 self._send_mark(actions)
         return actions
 
-    def flush_agent_audio(self) -> list[Action]:
-        """The agent paused: send the partial frame and mark the end of the burst."""
+    def idle_timeout(self, now: float) -> float | None:
+        """How long the relay may wait for more agent audio before calling ``agent_idle``
+        (None: nothing is waiting). A partial frame waits while Twilio has more than a frame
+        queued; marked audio waits for nothing."""
+        frame_s = self.frame_ms / 1000
+        if self._pending:
+            return max(frame_s, self._queue_end - now - frame_s)
+        if self.stats.sent_ms > self._last_mark_ms:
+            return BURST_GAP_S
+        return None
+
+    def agent_idle(self, now: float) -> list[Action]:
+        """``idle_timeout`` passed with no agent audio: send the partial frame so Twilio's queue
+        does not run dry, or, after a whole burst, the mark that tells when it was heard."""
         actions: list[Action] = []
         if self._pending:
-            self._send_media(actions, bytes(self._pending))
+            self._send_media(actions, bytes(self._pending), now)
+            self._pending.clear()
+            if self.stats.sent_ms - self._last_mark_ms >= self.mark_interval_ms:
+                self._send_mark(actions)
+        elif self.stats.sent_ms > self._last_mark_ms:
+            self._send_mark(actions)
+        return actions
+
+    def flush_agent_audio(self, now: float = 0.0) -> list[Action]:
+        """The agent is gone: send everything left, with a mark after it."""
+        actions: list[Action] = []
+        if self._pending:
+            self._send_media(actions, bytes(self._pending), now)
             self._pending.clear()
         if self.stats.sent_ms > self._last_mark_ms:
             self._send_mark(actions)
         return actions
 
-    @property
-    def has_partial_audio(self) -> bool:
-        return bool(self._pending) or self.stats.sent_ms > self._last_mark_ms
-
-    def _send_media(self, actions: list[Action], payload: bytes) -> None:
+    def _send_media(self, actions: list[Action], payload: bytes, now: float) -> None:
         actions.append((TO_TWILIO, self.twilio.media(payload)))
+        duration_ms = len(payload) / 8
         self.stats.outbound_frames += 1
-        self.stats.sent_ms += len(payload) / 8
+        self.stats.sent_ms += duration_ms
+        self._queue_end = max(self._queue_end, now) + duration_ms / 1000
 
     def _send_mark(self, actions: list[Action]) -> None:
         self._mark_seq += 1
         name = f"m{self._mark_seq}"
-        self._marks.append((name, self.stats.sent_ms))
+        self._marks.append((name, self._heard_base + self.stats.sent_ms - self._sent_base))
         self._last_mark_ms = self.stats.sent_ms
         actions.append((TO_TWILIO, self.twilio.mark(name)))
 
@@ -221,6 +250,8 @@ class CallSession:
         self._cleared.update(name for name, _ in self._marks)
         self._marks.clear()
         self._last_mark_ms = self.stats.sent_ms
+        self._heard_base, self._sent_base = self.stats.played_ms, self.stats.sent_ms
+        self._queue_end = 0.0
         return [(TO_TWILIO, self.twilio.clear())]
 
     # --- keepalive ---------------------------------------------------------------------------

@@ -133,6 +133,7 @@ class Settings(BaseSettings):
     agents_file: Path | None = None
 
     stream_token_ttl_s: float = Field(30.0, gt=0)
+    stream_start_timeout_s: float = Field(10.0, gt=0)  # from the media upgrade to Twilio's start
     registered_call_timeout_s: float = Field(60.0, gt=0)
     agent_connect_timeout_s: float = Field(5.0, gt=0)
     send_timeout_s: float = Field(5.0, gt=0)

@@ -203,7 +203,11 @@ async def simulate_call(
         result = SimulationResult(call_sid, response.status_code, response.text)
         if response.status_code != 200:
             return result
-        stream_url, stream_params, after = parse_twiml(response.text)
+        try:
+            stream_url, stream_params, after = parse_twiml(response.text)
+        except ET.ParseError as e:
+            result.protocol_errors.append(f"the webhook's answer is not TwiML: {e}")
+            return result
         result.call_id = stream_params.get("call_id")
         if stream_url is None:
             result.fallback = [f"{verb}: {text}".rstrip(": ") for verb, text in after]
@@ -270,12 +274,18 @@ async def _stream(result, stream_url, stream_params, validator, account_sid, cal
                     continue
                 if frame.get("streamSid") != stream_sid:
                     result.protocol_errors.append(f"{event} for streamSid {frame.get('streamSid')!r}")
-                if event == "media":
-                    result.media_received += 1
-                    player.add_audio(base64.b64decode(frame["media"]["payload"]))
-                elif event == "mark":
-                    player.add_mark(frame["mark"]["name"])
-                elif event == "clear":
+                try:
+                    if event == "media":
+                        player.add_audio(base64.b64decode(frame["media"]["payload"], validate=True))
+                        result.media_received += 1
+                    elif event == "mark":
+                        player.add_mark(str(frame["mark"]["name"]))
+                except (KeyError, TypeError, ValueError):
+                    result.protocol_errors.append(f"malformed {event} frame: {message[:80]!r}")
+                    continue
+                if event in ("media", "mark"):
+                    continue
+                if event == "clear":
                     result.clears += 1
                     await send_mark_echoes(player.clear())
                 else:

@@ -142,15 +142,24 @@ class SqlCallStore(CallStore):
         # the instance relaying the call owns it from now on (the webhook may have run elsewhere)
         return await self._change(call_id, make, take_ownership=True)
 
-    async def finish(self, call_id: str, reason: DisconnectionReason, **fields: Any) -> CallRecord | None:
+    async def finish(
+        self, call_id: str, reason: DisconnectionReason, *, only_if: CallStatus | None = None, **fields: Any
+    ) -> CallRecord | None:
         def make(r: CallRecord) -> CallRecord | None:
             if r.call_status in (CallStatus.ended, CallStatus.error):
+                return None
+            if only_if is not None and r.call_status is not only_if:
                 return None
             status = CallStatus.error if reason.is_error else CallStatus.ended
             changes = {"call_status": status, "disconnection_reason": reason, "end_timestamp": now_ms(), **fields}
             return r.model_copy(update=changes)
 
         return await self._change(call_id, make)
+
+    async def by_twilio_sid(self, call_sid: str) -> CallRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(calls.c.record).where(calls.c.twilio_call_sid == call_sid).limit(1))).first()
+        return CallRecord.model_validate(row.record) if row else None
 
     async def registered_before(self, timestamp_ms: int) -> list[CallRecord]:
         async with self.engine.connect() as conn:

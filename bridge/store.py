@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .models import CallRecord, DisconnectionReason
+from .models import CallRecord, CallStatus, DisconnectionReason
 
 
 class CallStore:
@@ -25,8 +25,15 @@ class CallStore:
         """registered -> ongoing (with ``start_timestamp``); None if the call is not registered."""
         raise NotImplementedError
 
-    async def finish(self, call_id: str, reason: DisconnectionReason, **fields: Any) -> CallRecord | None:
-        """-> ended / error with ``end_timestamp`` and the reason; None if it already ended."""
+    async def finish(
+        self, call_id: str, reason: DisconnectionReason, *, only_if: CallStatus | None = None, **fields: Any
+    ) -> CallRecord | None:
+        """-> ended / error with ``end_timestamp`` and the reason; None if it already ended (or,
+        with ``only_if``, if its status is not that one any more)."""
+        raise NotImplementedError
+
+    async def by_twilio_sid(self, call_sid: str) -> CallRecord | None:
+        """The call registered for a Twilio CallSid, if any."""
         raise NotImplementedError
 
     async def registered_before(self, timestamp_ms: int) -> list[CallRecord]:

@@ -4,12 +4,14 @@ registers the call and answers ``<Connect><Stream>`` TwiML with a single-use str
 from __future__ import annotations
 
 import logging
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request, Response
+from starlette.datastructures import ImmutableMultiDict
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 from twilio.twiml.voice_response import VoiceResponse
 
-from .models import Direction
+from .models import CallStatus, Direction
 from .registrar import RegistrationError, register_call
 from .relay import CALL_PARAMETER, TOKEN_PARAMETER
 
@@ -28,14 +30,29 @@ def fallback_twiml(message: str) -> Response:
     return _twiml(response)
 
 
+MAX_FORM_BYTES = 64 * 1024  # Twilio's webhook forms are a few hundred bytes
+
+
 async def signed_form(request: Request):
-    """The POSTed form if ``X-Twilio-Signature`` matches it and the public URL, else None."""
+    """The POSTed form if ``X-Twilio-Signature`` matches it and the public URL, else None.
+    Only what Twilio sends is read: a url-encoded body of bounded size (no multipart)."""
     services = request.app.state.services
-    form = await request.form()
     signature = request.headers.get("x-twilio-signature")
-    if not signature:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not signature or content_type != "application/x-www-form-urlencoded":
         return None
-    url = services.public_base(request.headers, str(request.base_url)) + request.url.path
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return None
+    try:
+        form = ImmutableMultiDict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+    except UnicodeDecodeError:
+        return None
+    # the path exactly as requested (percent-encoding kept): that is what Twilio signed
+    path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+    url = services.public_base(request.headers, str(request.base_url)) + path
     if request.url.query:
         url += "?" + request.url.query
     algorithm = get_signature_algorithm(request.headers.get("x-twilio-webhooks-signature-settings"))
@@ -51,14 +68,17 @@ async def voice_webhook(request: Request, agent_id: str | None = None) -> Respon
     form = await signed_form(request)
     if form is None:
         return Response("invalid or missing X-Twilio-Signature", status_code=403, media_type="text/plain")
-    if form.get("AnsweredBy"):
-        # an answering-machine-detection callback for a call that is already registered
-        return _twiml(VoiceResponse())
+    call_sid = form.get("CallSid")
+    existing = await services.store.by_twilio_sid(call_sid) if call_sid else None
+    if existing is not None:
+        if form.get("AnsweredBy") or existing.call_status is not CallStatus.registered:
+            # an async answering-machine-detection callback, or a call already under way
+            return _twiml(VoiceResponse())
+        return _connect(request, existing.call_id)  # Twilio retried the webhook: same call
     agent = settings.agents.get(agent_id) if agent_id else settings.agent_for_number(form.get("To"))
     if agent is None:
         log.warning("no agent for %s (path agent %r)", form.get("To"), agent_id)
         return fallback_twiml(settings.fallback_message)
-    call_sid = form.get("CallSid")
     direction = Direction.inbound if form.get("Direction", "inbound") == "inbound" else Direction.outbound
     try:
         record = await register_call(
@@ -74,12 +94,19 @@ async def voice_webhook(request: Request, agent_id: str | None = None) -> Respon
     except RegistrationError as e:
         log.error("registration of %s failed: %s", call_sid, e)
         return fallback_twiml(settings.fallback_message)
+    return _connect(request, record.call_id)
+
+
+def _connect(request: Request, call_id: str) -> Response:
+    """``<Connect><Stream>`` for a registered call, with a fresh single-use stream token."""
+    services = request.app.state.services
+    settings = services.settings
     stream_url = services.public_base(request.headers, str(request.base_url)).replace("http", "ws", 1)
     response = VoiceResponse()
     connect = response.connect()
     stream = connect.stream(url=f"{stream_url}/twilio/media")
-    stream.parameter(name=CALL_PARAMETER, value=record.call_id)
-    stream.parameter(name=TOKEN_PARAMETER, value=services.tokens.issue(record.call_id))
+    stream.parameter(name=CALL_PARAMETER, value=call_id)
+    stream.parameter(name=TOKEN_PARAMETER, value=services.tokens.issue(call_id))
     response.say(settings.fallback_message)  # played only if the stream ends abnormally
     response.hangup()
     return _twiml(response)

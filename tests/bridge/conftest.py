@@ -79,7 +79,12 @@ async def bad_agent():
 
     async def handler(ws):
         path = ws.request.path
-        if path.startswith("/flood"):
+        if path.startswith("/goodbye"):  # 3 s of audio at once, then a clean hang-up
+            await ws.recv()
+            t = np.arange(24000 * 3) / 24000
+            await ws.send((np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes())
+            await ws.close(1000, "goodbye")
+        elif path.startswith("/flood"):
             await ws.recv()
             second = np.sin(np.arange(24000) / 24000 * 2 * np.pi * 440) * 8000
             chunk = second.astype("<i2").tobytes()

@@ -130,6 +130,24 @@ async def test_a_stream_without_start_is_refused_with_1008(start_bridge, first):
     assert (await bridge.store.get(params["call_id"])).call_status.value == "registered"
 
 
+async def test_a_stream_that_never_sends_start_is_closed_with_1008(start_bridge):
+    bridge = await start_bridge(stream_start_timeout_s=0.3)
+    url, params = await register(bridge)
+    ws = await websockets.connect(url, additional_headers=upgrade_headers(url))
+    assert await closed_with(ws) == 1008
+
+
+async def test_an_agent_s_last_words_are_heard_before_it_hangs_up(start_bridge, bad_agent):
+    """The agent sends 3 s of goodbye at once and closes with 1000 straight away: the bridge lets
+    Twilio play it all (a last mark) before hanging up through the REST API."""
+    agents = {"bye": AgentConfig(agent_id="bye", url=f"{bad_agent}/goodbye/{{call_id}}", default=True)}
+    bridge = await start_bridge(agents=agents)
+    result = await bridge.call(agent_id="bye")
+    assert result.record["disconnection_reason"] == "agent_hangup" and result.ended_by == "rest"
+    (start, end), = envelope_ms(result.heard)
+    assert end - start >= 2900
+
+
 @pytest.mark.parametrize("signature", [None, "forged"])
 async def test_the_upgrade_needs_twilio_s_signature(start_bridge, signature):
     bridge = await start_bridge()

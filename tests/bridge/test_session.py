@@ -72,7 +72,7 @@ def test_clear_drops_audio_resets_and_cleared_marks_do_not_count():
     assert s.stats.played_ms == 100
     actions = s.from_agent("clear")
     assert twilio_frames(actions) == [tf.Clear()]
-    assert s.stats.clears == 1 and not s.has_partial_audio and s.pending_marks == 0
+    assert s.stats.clears == 1 and s.idle_timeout(0.0) is None and s.pending_marks == 0
     # Twilio echoes m2 because the clear flushed it: it was not heard
     s.from_twilio(json.dumps({"event": "mark", "mark": {"name": "m2"}}))
     assert s.stats.played_ms == 100
@@ -143,3 +143,44 @@ def test_ping_pong_measures_the_round_trip_and_updates_keep_the_transcript():
     s.from_agent(json.dumps({"event_type": "update", "transcript": [{"role": "user", "content": "hello"}]}))
     assert s.transcript == [{"role": "user", "content": "hello"}]
     assert CallSession(Protocol.twilio, AudioFormat("mulaw", 8000), SID).ping(1.0) == []
+
+
+def test_after_a_clear_only_audio_the_caller_heard_counts():
+    s = web(8000, mark_interval_ms=100)
+    s.from_agent(tone(8000, 1000))  # 1 s queued at Twilio, marks m1..m10
+    s.from_twilio(json.dumps({"event": "mark", "mark": {"name": "m2"}}))  # 200 ms heard
+    s.from_agent("clear")  # the other 800 ms are dropped
+    names = [f.name for f in twilio_frames(s.from_agent(tone(8000, 100))) if type(f) is tf.Mark]
+    s.from_twilio(json.dumps({"event": "mark", "mark": {"name": names[-1]}}))
+    assert s.stats.played_ms == 300  # 200 before the clear + 100 after, not 1100
+
+
+def test_a_fast_agent_gets_whole_frames_and_marks_by_interval():
+    """An agent sending faster than real time in odd chunks: the partial frame waits while
+    Twilio has audio queued, so every frame is 20 ms; marks come every 100 ms, not per chunk."""
+    s = web(24000, mark_interval_ms=100)
+    now, frames = 0.0, []
+    audio = tone(24000, 2000)
+    step = 2 * 24 * 30  # 30 ms chunks, sent every 3 ms (10x real time)
+    for i in range(0, len(audio), step):
+        frames += twilio_frames(s.from_agent(audio[i : i + step], now))
+        now += 0.003
+        wait = s.idle_timeout(now)
+        assert wait is None or wait > 0.003  # never a flush between chunks
+    media = [f for f in frames if type(f) is tf.Media]
+    assert {len(f.payload) for f in media} == {160}
+    assert len([f for f in frames if type(f) is tf.Mark]) == 20
+    # 2 s in 30 ms chunks ends on a frame boundary with its last mark sent: nothing waits
+    assert s.idle_timeout(now) is None
+
+
+def test_a_paused_agent_gets_its_partial_frame_before_twilio_runs_dry():
+    s = web(8000)
+    s.from_agent(tone(8000, 50), now=0.0)  # 40 ms framed, 10 ms pending
+    wait = s.idle_timeout(0.0)
+    assert wait == pytest.approx(0.02)  # Twilio has 40 ms queued: flush a frame before it empties
+    frames = twilio_frames(s.agent_idle(wait))
+    assert [len(f.payload) for f in frames if type(f) is tf.Media] == [80]
+    assert s.idle_timeout(wait) == 0.1  # then, after a pause, the mark closing the burst
+    assert [type(f) for f in twilio_frames(s.agent_idle(wait + 0.1))] == [tf.Mark]
+    assert s.idle_timeout(1.0) is None

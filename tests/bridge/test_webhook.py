@@ -172,3 +172,56 @@ async def test_an_unreachable_registrar_plays_the_fallback(start_bridge):
     bridge = await start_bridge(agents={"ext": agent})
     r = await post(bridge.base_url)
     assert r.status_code == 200 and parse_twiml(r.text)[0] is None
+
+
+async def test_synchronous_amd_registers_the_call_on_its_first_request(start_bridge):
+    """With synchronous answering-machine detection Twilio's first (and only) request to the
+    voice URL already carries AnsweredBy: it must still get a call and <Connect>."""
+    bridge = await start_bridge()
+    r = await post(bridge.base_url, params={**PARAMS, "AnsweredBy": "human"})
+    url, params, _ = parse_twiml(r.text)
+    assert url is not None and (await bridge.store.get(params["call_id"])).twilio_call_sid == PARAMS["CallSid"]
+
+
+async def test_a_retried_webhook_gets_the_same_call(start_bridge):
+    bridge = await start_bridge()
+    first = parse_twiml((await post(bridge.base_url)).text)[1]
+    again = parse_twiml((await post(bridge.base_url)).text)[1]
+    assert first["call_id"] == again["call_id"] and first["token"] != again["token"]
+    assert len(await registered(bridge)) == 1
+
+
+async def test_only_url_encoded_forms_are_read(start_bridge):
+    bridge = await start_bridge()
+    async with httpx.AsyncClient() as http:
+        r = await http.post(bridge.base_url + "/twilio/voice", files={"CallSid": ("x", b"hi")}, headers={"X-Twilio-Signature": "abc"})
+        assert r.status_code == 403
+        big = {**PARAMS, "Padding": "x" * 70000}
+        r = await http.post(bridge.base_url + "/twilio/voice", data=big, headers=signed(bridge.base_url + "/twilio/voice", big))
+        assert r.status_code == 403
+    assert await registered(bridge) == []
+
+
+async def test_agent_ids_that_need_url_encoding_are_signed_as_sent(start_bridge):
+    bridge = await start_bridge(agents={"sales team": AgentConfig(agent_id="sales team", default=True)})
+    r = await post(bridge.base_url, "/twilio/voice/sales%20team")
+    assert r.status_code == 200 and parse_twiml(r.text)[0] is not None
+
+
+async def test_a_registrar_repeating_a_call_id_gets_the_fallback(start_bridge):
+    from fastapi import FastAPI
+
+    from bridge.server import BackgroundServer
+
+    registrar = FastAPI()
+
+    @registrar.post("/register-call", status_code=201)
+    async def register():
+        return {"call_id": "always-the-same"}
+
+    async with BackgroundServer(registrar) as server:
+        agent = AgentConfig(agent_id="ext", registrar=ExternalRegistrar(url=server.base_url, api_key="k"))
+        bridge = await start_bridge(agents={"ext": agent})
+        assert parse_twiml((await post(bridge.base_url)).text)[1]["call_id"] == "always-the-same"
+        second = await post(bridge.base_url, params={**PARAMS, "CallSid": "CA" + "9" * 32})
+        assert second.status_code == 200 and parse_twiml(second.text)[0] is None  # fallback, no 500
