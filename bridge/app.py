@@ -22,6 +22,7 @@ from .sql_store import SqlCallStore
 from .store import CallStore
 from .tokens import StreamTokens
 from .twilio_rest import TwilioRest
+from .webhooks import WebhookDispatcher, targets
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +118,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if agent.sample_rate != 8000:
                 plan(8000, agent.sample_rate), plan(agent.sample_rate, 8000)
         store = await SqlCallStore.open(settings.database_url, settings.instance_id, settings.data_dir)
+        store.webhook_targets = targets(settings)
         services.store = store
         for record in await store.recover(DisconnectionReason.error_unknown, RESTART_DETAIL):
             log.warning("call %s was live when this instance stopped: ended", record.call_id)
+        await store.release_leases()
         services.http = httpx.AsyncClient(timeout=10)
         services.background += [
             asyncio.create_task(services.sweep_registered()),
             asyncio.create_task(services.heartbeat()),
+            asyncio.create_task(WebhookDispatcher(store, settings, services.http).run()),
         ]
         try:
             yield

@@ -47,6 +47,23 @@ instances = Table(
     Column("heartbeat_at", BigInteger, nullable=False),
 )
 
+outbox = Table(
+    "webhook_outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("call_id", String(64), nullable=False),
+    Column("event", String(32), nullable=False),  # call_started | call_ended | call_analyzed | analyze
+    Column("url", String(2048), nullable=False),
+    Column("payload", JSON),  # the call as it was when the event happened
+    Column("created_at", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", BigInteger),  # NULL once delivered or given up
+    Column("leased_by", String(128)),  # the instance delivering it right now
+    Column("delivered_at", BigInteger),
+    Column("last_error", String(500)),
+)
+Index("ix_outbox_due", outbox.c.next_attempt_at)
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 DEFAULT_SQLITE = "var/bridge.db"
 

@@ -66,6 +66,7 @@ class AgentConfig(BaseModel):
     end_call_after_silence_ms: int | None = Field(None, ge=10000)
     max_call_duration_ms: int = Field(3_600_000, gt=0)
     registrar: Literal["internal"] | ExternalRegistrar = "internal"
+    webhook_url: str | None = None  # call webhooks for this agent (default: the global one)
     numbers: list[str] = []
     default: bool = False
 
@@ -145,6 +146,16 @@ class Settings(BaseSettings):
     media_frame_ms: int = Field(20, ge=20, le=60)
     mark_interval_ms: int = Field(100, ge=20)
     fallback_message: str = "Sorry, we could not connect your call. Please try again later."
+    #: Call webhooks (call_started / call_ended / call_analyzed), signed with x-retell-signature
+    #: using webhook_signing_key (default: the first API key, as Retell signs with the API key).
+    webhook_url: str | None = None
+    webhook_signing_key: str | None = None
+    #: POST ended calls here; the JSON answer becomes call_analysis and a call_analyzed webhook.
+    analysis_url: str | None = None
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_retry_base_s: float = Field(2.0, gt=0)
+    webhook_max_attempts: int = Field(4, ge=1)  # the first try and three retries
+    webhook_poll_s: float = Field(0.5, gt=0)
     echo_sample_rate: int = Field(24000, ge=8000, le=48000)
     echo_end_silence_ms: int = Field(600, ge=100)
 

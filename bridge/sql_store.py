@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .db import calls, database_url, instances, make_engine, migrate
+from .db import calls, database_url, instances, make_engine, migrate, outbox
 from .models import CallRecord, CallStatus, DisconnectionReason, now_ms
 from .store import CallStore
 
@@ -110,8 +110,10 @@ class SqlCallStore(CallStore):
             result = await conn.execute(select(calls.c.record, calls.c.version).where(calls.c.call_id == call_id))
             return result.first()
 
-    async def _change(self, call_id: str, make, take_ownership: bool = False) -> CallRecord | None:
-        """Apply ``make(record) -> new record | None`` as a compare-and-set on the row version."""
+    async def _change(self, call_id: str, make, take_ownership: bool = False, events=()) -> CallRecord | None:
+        """Apply ``make(record) -> new record | None`` as a compare-and-set on the row version.
+        ``events(new record) -> [(event, url)]`` go into the webhook outbox in the same
+        transaction: the change and its webhooks are stored together or not at all."""
         for _ in range(RETRIES):
             row = await self._row(call_id)
             if row is None:
@@ -126,6 +128,8 @@ class SqlCallStore(CallStore):
                 done = await conn.execute(
                     update(calls).where(calls.c.call_id == call_id, calls.c.version == row.version).values(**values)
                 )
+                if done.rowcount == 1 and events:
+                    await self._enqueue(conn, new, events(new))
             if done.rowcount == 1:
                 return new
         raise RuntimeError(f"call {call_id} kept changing under {RETRIES} attempts to update it")
@@ -140,7 +144,7 @@ class SqlCallStore(CallStore):
             return r.model_copy(update={"call_status": CallStatus.ongoing, "start_timestamp": now_ms(), **fields})
 
         # the instance relaying the call owns it from now on (the webhook may have run elsewhere)
-        return await self._change(call_id, make, take_ownership=True)
+        return await self._change(call_id, make, take_ownership=True, events=self._hooks("call_started"))
 
     async def finish(
         self, call_id: str, reason: DisconnectionReason, *, only_if: CallStatus | None = None, **fields: Any
@@ -154,7 +158,89 @@ class SqlCallStore(CallStore):
             changes = {"call_status": status, "disconnection_reason": reason, "end_timestamp": now_ms(), **fields}
             return r.model_copy(update=changes)
 
-        return await self._change(call_id, make)
+        return await self._change(call_id, make, events=self._hooks("call_ended"))
+
+    # --- webhook outbox ----------------------------------------------------------------------
+
+    #: ``(event, record) -> [(event, url)]``: which webhooks a status change queues (set by the app)
+    webhook_targets = None
+
+    def _hooks(self, event: str):
+        targets = self.webhook_targets
+        return (lambda record: targets(event, record)) if targets else ()
+
+    async def _enqueue(self, conn, record: CallRecord, jobs) -> None:
+        now = now_ms()
+        for event, url in jobs:
+            payload = {"event": event, "call": record.public()} if event.startswith("call_") else None
+            await conn.execute(
+                insert(outbox).values(
+                    call_id=record.call_id, event=event, url=url, payload=payload, created_at=now,
+                    attempts=0, next_attempt_at=now,
+                )
+            )  # fmt: skip
+
+    async def enqueue(self, record: CallRecord, jobs) -> None:
+        async with self.engine.begin() as conn:
+            await self._enqueue(conn, record, jobs)
+
+    async def claim_due(self, lease_ms: int, limit: int = 20) -> list[dict]:
+        """Due outbox jobs, each leased to this caller for ``lease_ms`` (another instance or task
+        sees it again only if this one dies before finishing it). A call's jobs go in order: one
+        waits while an earlier job of the same call is pending (a given-up job no longer blocks)."""
+        now = now_ms()
+        earlier = outbox.alias("earlier")
+        blocked = (
+            select(earlier.c.id)
+            .where(earlier.c.call_id == outbox.c.call_id, earlier.c.id < outbox.c.id, earlier.c.next_attempt_at.is_not(None))
+            .exists()
+        )
+        async with self.engine.connect() as conn:
+            rows = list(
+                await conn.execute(
+                    # a call's events go out in order: none while an earlier one is still pending
+                    select(outbox).where(outbox.c.next_attempt_at <= now, ~blocked).order_by(outbox.c.id).limit(limit)
+                )
+            )
+        claimed = []
+        for row in rows:
+            async with self.engine.begin() as conn:
+                done = await conn.execute(
+                    update(outbox)
+                    .where(outbox.c.id == row.id, outbox.c.next_attempt_at == row.next_attempt_at)
+                    .values(next_attempt_at=now + lease_ms, leased_by=self.instance_id)
+                )
+            if done.rowcount == 1:
+                claimed.append(dict(row._mapping))
+        return claimed
+
+    async def job_done(self, job_id: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(outbox).where(outbox.c.id == job_id).values(delivered_at=now_ms(), next_attempt_at=None, leased_by=None)
+            )
+
+    async def job_failed(self, job_id: int, attempts: int, retry_at: int | None, error: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(outbox)
+                .where(outbox.c.id == job_id)
+                .values(attempts=attempts, next_attempt_at=retry_at, last_error=error[:500], leased_by=None)
+            )
+
+    async def release_leases(self) -> None:
+        """After a restart: the jobs this instance was delivering when it died are due again."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(outbox).where(outbox.c.leased_by == self.instance_id).values(next_attempt_at=now_ms(), leased_by=None)
+            )
+
+    async def jobs(self, call_id: str | None = None) -> list[dict]:
+        query = select(outbox).order_by(outbox.c.id)
+        if call_id:
+            query = query.where(outbox.c.call_id == call_id)
+        async with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in await conn.execute(query)]
 
     async def by_twilio_sid(self, call_sid: str) -> CallRecord | None:
         async with self.engine.connect() as conn:

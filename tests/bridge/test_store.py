@@ -150,3 +150,26 @@ async def test_migrations_are_idempotent(database_url):
     second = await SqlCallStore.open(database_url, "x")
     assert (await second.get("kept")).call_id == "kept"
     await second.close()
+
+
+async def test_outbox_jobs_are_leased_ordered_per_call_and_released_after_a_restart(database_url):
+    store = await SqlCallStore.open(database_url, "instance-a")
+    store.webhook_targets = lambda event, r: [(event, "http://hooks.example/h")]
+    await store.create(record("c1"))
+    await store.start("c1")
+    await store.finish("c1", DisconnectionReason.user_hangup)
+    jobs = await store.jobs("c1")
+    assert [j["event"] for j in jobs] == ["call_started", "call_ended"]
+    assert jobs[0]["payload"]["call"]["call_status"] == "ongoing"  # the call as it was then
+    first = await store.claim_due(lease_ms=60_000)
+    assert [j["event"] for j in first] == ["call_started"]  # call_ended waits its turn
+    assert await store.claim_due(lease_ms=60_000) == []  # leased
+    other = await SqlCallStore.open(database_url, "instance-b")
+    assert await other.claim_due(lease_ms=60_000) == []  # not another instance's to take
+    await store.release_leases()  # this instance restarted
+    again = await store.claim_due(lease_ms=60_000)
+    assert [j["event"] for j in again] == ["call_started"]
+    await store.job_done(again[0]["id"])
+    assert [j["event"] for j in await other.claim_due(lease_ms=60_000)] == ["call_ended"]
+    await store.close()
+    await other.close()

@@ -1,0 +1,141 @@
+"""Call webhooks to a receiver that verifies signatures with the retell-sdk's own verify."""
+
+import asyncio
+import json
+import socket
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from retell.lib.webhook_auth import verify
+
+from bridge.server import BackgroundServer
+from bridge.settings import AgentConfig
+from bridge.webhooks import sign
+
+from .conftest import API_KEY
+
+
+class Receiver:
+    """Records every delivery; fails the first ``fail_first`` of them with 500."""
+
+    def __init__(self, fail_first: int = 0):
+        self.events: list[dict] = []
+        self.failures_left = fail_first
+        self.bad_signatures = 0
+        self.app = FastAPI()
+        self.app.post("/hook")(self.hook)
+        self.app.post("/analyze")(self.analyze)
+
+    async def hook(self, request: Request):
+        body = (await request.body()).decode()
+        if not verify(body, API_KEY, request.headers.get("x-retell-signature", "")):
+            self.bad_signatures += 1
+            return JSONResponse({}, status_code=401)
+        if self.failures_left:
+            self.failures_left -= 1
+            return JSONResponse({}, status_code=500)
+        self.events.append({**json.loads(body), "_id": request.headers["x-bridge-event-id"]})
+        return {"ok": True}
+
+    async def analyze(self, request: Request):
+        body = json.loads(await request.body())
+        return {"call_summary": f"{body['call']['call_id']} talked", "user_sentiment": "Positive"}
+
+    def kinds(self, call_id: str) -> list[str]:
+        return [e["event"] for e in self.events if e["call"]["call_id"] == call_id]
+
+
+async def until(predicate, timeout: float = 10.0):
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+FAST = dict(webhook_retry_base_s=0.05, webhook_poll_s=0.05)
+
+
+def test_signatures_are_what_retell_sdk_verifies():
+    body = '{"event":"call_ended","call":{"call_id":"x"}}'
+    assert verify(body, "key", sign(body, "key"))
+    assert not verify(body, "other-key", sign(body, "key"))
+    assert not verify(body + " ", "key", sign(body, "key"))
+    assert not verify(body, "key", sign(body, "key", timestamp_ms=1))  # more than 5 minutes old
+
+
+async def test_a_call_sends_started_ended_and_analyzed_once_each(start_bridge):
+    receiver = Receiver()
+    async with BackgroundServer(receiver.app) as server:
+        bridge = await start_bridge(webhook_url=f"{server.base_url}/hook", analysis_url=f"{server.base_url}/analyze", **FAST)
+        result = await bridge.call()
+        await until(lambda: len(receiver.kinds(result.call_id)) == 3)
+        await asyncio.sleep(0.3)  # nothing more comes
+    assert receiver.kinds(result.call_id) == ["call_started", "call_ended", "call_analyzed"]
+    assert receiver.bad_signatures == 0
+    started, ended, analyzed = receiver.events
+    assert started["call"]["call_status"] == "ongoing" and started["call"]["end_timestamp"] is None
+    assert ended["call"]["call_status"] == "ended" and ended["call"]["disconnection_reason"] == "user_hangup"
+    assert analyzed["call"]["call_analysis"] == {"call_summary": f"{result.call_id} talked", "user_sentiment": "Positive"}
+    record = await bridge.store.get(result.call_id)
+    assert record.call_analysis["user_sentiment"] == "Positive"
+
+
+async def test_failed_deliveries_are_retried_with_backoff(start_bridge):
+    receiver = Receiver(fail_first=2)
+    async with BackgroundServer(receiver.app) as server:
+        bridge = await start_bridge(webhook_url=f"{server.base_url}/hook", **FAST)
+        result = await bridge.call()
+        await until(lambda: receiver.kinds(result.call_id) == ["call_started", "call_ended"])
+    jobs = await bridge.store.jobs(result.call_id)
+    assert [j["delivered_at"] is not None for j in jobs] == [True, True]
+    assert sum(j["attempts"] for j in jobs) == 2  # the two failures, recorded
+
+
+async def test_an_unreachable_receiver_is_given_up_after_the_last_attempt(start_bridge):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    bridge = await start_bridge(webhook_url=f"http://127.0.0.1:{port}/hook", webhook_max_attempts=3, **FAST)
+    result = await bridge.call()
+
+    async def settled():
+        jobs = await bridge.store.jobs(result.call_id)
+        return len(jobs) == 2 and all(j["next_attempt_at"] is None for j in jobs)
+
+    async with asyncio.timeout(10):
+        while not await settled():
+            await asyncio.sleep(0.05)
+    for job in await bridge.store.jobs(result.call_id):
+        assert job["attempts"] == 3 and job["delivered_at"] is None and "ConnectError" in job["last_error"]
+
+
+async def test_an_agent_can_have_its_own_webhook(start_bridge):
+    main, special = Receiver(), Receiver()
+    async with BackgroundServer(main.app) as a, BackgroundServer(special.app) as b:
+        agents = {
+            "echo": AgentConfig(agent_id="echo", default=True),
+            "vip": AgentConfig(agent_id="vip", webhook_url=f"{b.base_url}/hook"),
+        }
+        bridge = await start_bridge(agents=agents, webhook_url=f"{a.base_url}/hook", **FAST)
+        plain, vip = await bridge.call(agent_id="echo"), await bridge.call(agent_id="vip")
+        await until(lambda: len(main.events) == 2 and len(special.events) == 2)
+    assert {e["call"]["call_id"] for e in main.events} == {plain.call_id}
+    assert {e["call"]["call_id"] for e in special.events} == {vip.call_id}
+
+
+async def test_undelivered_events_survive_a_restart(start_bridge, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/hook"
+    data_dir = tmp_path / "shared"
+    patient = dict(FAST, webhook_max_attempts=10)
+    first = await start_bridge(webhook_url=url, data_dir=data_dir, **patient)
+    result = await first.call()
+    await first.server.stop()  # the receiver was down the whole time
+    receiver = Receiver()
+    async with BackgroundServer(receiver.app, port=port):
+        await start_bridge(webhook_url=url, data_dir=data_dir, **patient)  # same database
+        await until(lambda: receiver.kinds(result.call_id) == ["call_started", "call_ended"])
+        await asyncio.sleep(0.3)
+    assert receiver.kinds(result.call_id) == ["call_started", "call_ended"]  # once each
