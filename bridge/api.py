@@ -283,7 +283,7 @@ async def stop_call(call_id: str, request: Request) -> Response:
     svc = services(request)
     if record.twilio_call_sid:
         await svc.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
-    if not svc.stop_local_call(call_id):
+    if not svc.stop_local_call(call_id, DisconnectionReason.agent_hangup, "stopped through the API"):
         # registered, or relayed by another replica: Twilio's hang-up ends the stream there
         await svc.store.finish(call_id, DisconnectionReason.agent_hangup, error_detail="stopped through the API")
     return Response(status_code=204)

@@ -13,8 +13,9 @@ from fastapi import FastAPI, WebSocket
 
 from audio.filters import plan
 
-from . import api, echo_agent, twilio_webhook
+from . import api, echo_agent, outbound, twilio_webhook
 from .models import CallStatus, DisconnectionReason, now_ms
+from .outbound import CallThrottle
 from .relay import handle_media_stream
 from .session import CallSession
 from .settings import Settings, load_settings
@@ -40,14 +41,15 @@ class Services:
     store: CallStore | None = None
     http: httpx.AsyncClient | None = None
     background: list[asyncio.Task] = field(default_factory=list)
-    live_calls: dict[str, Callable[[], None]] = field(default_factory=dict)  # call id -> stop it
+    live_calls: dict[str, Callable[[DisconnectionReason, str], None]] = field(default_factory=dict)
+    dial_throttle: CallThrottle | None = None
 
-    def stop_local_call(self, call_id: str) -> bool:
+    def stop_local_call(self, call_id: str, reason: DisconnectionReason, detail: str) -> bool:
         """Ask the relay of a call running in this process to end it; False if it is not here."""
         stop = self.live_calls.get(call_id)
         if stop is None:
             return False
-        stop()
+        stop(reason, detail)
         return True
 
     def public_base(self, headers, request_base: str) -> str:
@@ -110,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         tokens=StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl_s),
         twilio_rest=TwilioRest(settings.twilio_api_base_url, settings.twilio_auth_token, settings.twilio_account_sid),
+        dial_throttle=CallThrottle(settings.twilio_calls_per_second),
     )
 
     @contextlib.asynccontextmanager
@@ -149,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api.install_error_handlers(app)
     app.include_router(twilio_webhook.router)
     app.include_router(api.router)
+    app.include_router(outbound.router)
     app.include_router(echo_agent.router)
 
     @app.websocket("/twilio/media")

@@ -153,8 +153,8 @@ async def _relay(twilio: WebSocket, services: Services, start: tf.Start, record)
     agent = None
     stopped = asyncio.Event()
 
-    def stop() -> None:  # stop-call through the API
-        session.end(Reason.agent_hangup, "stopped through the API")
+    def stop(reason: Reason, detail: str) -> None:  # stop-call through the API, a machine answered...
+        session.end(reason, detail)
         stopped.set()
 
     services.live_calls[call_id] = stop
@@ -294,16 +294,19 @@ async def _finish(twilio: WebSocket, agent, session: CallSession, services: Serv
                     await agent.close(code=1011 if reason.is_error else 1000, reason=reason.value)
             except (TimeoutError, ConnectionClosed, OSError):
                 pass
-        if reason is Reason.agent_hangup and record.twilio_call_sid:
+        if reason in HUNG_UP_BY_BRIDGE and record.twilio_call_sid:
             # let the caller hear the agent's last words (audio is sent ahead of playback), then
             # hang up: closing the stream alone would make Twilio play the fallback after </Connect>
-            await _play_out(twilio, session)
+            if reason is Reason.agent_hangup:
+                await _play_out(twilio, session)
             await services.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
-        await _close(twilio, 1000 if reason in (Reason.user_hangup, Reason.agent_hangup) else 1011, reason.value)
+        await _close(twilio, 1011 if reason.is_error else 1000, reason.value)
     finally:
         await services.end_call(record.call_id, reason, ending.detail if ending else "", session)
 
 
+#: Endings where the bridge hangs the phone call up through Twilio REST (no fallback TwiML)
+HUNG_UP_BY_BRIDGE = (Reason.agent_hangup, Reason.machine_detected, Reason.voicemail_reached)
 PLAY_OUT_MARK = "bridge-play-out"
 MAX_PLAY_OUT_S = 60.0
 

@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     media_frame_ms: int = Field(20, ge=20, le=60)
     mark_interval_ms: int = Field(100, ge=20)
     fallback_message: str = "Sorry, we could not connect your call. Please try again later."
+    #: Twilio's REST API limit for starting calls (1 a second by default on an account)
+    twilio_calls_per_second: float = Field(1.0, gt=0)
+    dial_queue_timeout_s: float = Field(10.0, ge=0)
     #: Call webhooks (call_started / call_ended / call_analyzed), signed with x-retell-signature
     #: using webhook_signing_key (default: the first API key, as Retell signs with the API key).
     webhook_url: str | None = None

@@ -74,12 +74,21 @@ class SimulationResult:
 
 
 class FakeTwilioApi:
-    """Just enough of Twilio's REST API for the bridge's hang-ups (``Calls/{sid}.json``)."""
+    """Just enough of Twilio's REST API for the bridge: hang-ups (``Calls/{sid}.json``) and
+    outbound calls (``Calls.json``), whose outcome ``dial_outcome(params)`` picks: ``refuse``
+    (400, an invalid number), ``busy`` / ``failed`` / ``no-answer`` (a status callback), ``human``
+    (the voice URL is fetched and the callee, ``callee_pcm``, talks on a media stream), ``machine``
+    (the same, plus an async AMD callback saying ``machine_end_beep`` after ``amd_after_ms``)."""
 
     def __init__(self, auth_token: str):
         self.auth_token = auth_token
         self.hangups: dict[str, asyncio.Event] = {}
         self.requests: list[tuple[str, dict]] = []
+        self.created: list[dict] = []  # params of every Calls.json request
+        self.outbound: dict[str, asyncio.Task] = {}  # CallSid -> the callee's simulation
+        self.dial_outcome = lambda params: "human"
+        self.callee_pcm = b""
+        self.amd_after_ms = 600
         self.base_url = ""
         self._server: BackgroundServer | None = None
 
@@ -87,10 +96,8 @@ class FakeTwilioApi:
         return self.hangups.setdefault(call_sid, asyncio.Event())
 
     async def _update_call(self, request: Request) -> JSONResponse:
-        auth = request.headers.get("authorization", "")
         account = request.path_params["account"]
-        expected = "Basic " + base64.b64encode(f"{account}:{self.auth_token}".encode()).decode()
-        if auth != expected:
+        if not self._authorized(request):
             return JSONResponse({"code": 20003, "message": "Authenticate", "status": 401}, status_code=401)
         form = dict(await request.form())
         call_sid = request.path_params["call"]
@@ -99,8 +106,57 @@ class FakeTwilioApi:
             self.watch(call_sid).set()
         return JSONResponse({"sid": call_sid, "account_sid": account, "status": form.get("Status", "in-progress")})
 
+    def _authorized(self, request: Request) -> bool:
+        account = request.path_params["account"]
+        expected = "Basic " + base64.b64encode(f"{account}:{self.auth_token}".encode()).decode()
+        return request.headers.get("authorization", "") == expected
+
+    async def _create_call(self, request: Request) -> JSONResponse:
+        if not self._authorized(request):
+            return JSONResponse({"code": 20003, "message": "Authenticate", "status": 401}, status_code=401)
+        form = await request.form()
+        params = {k: (form.getlist(k) if k == "StatusCallbackEvent" else form[k]) for k in form}
+        self.created.append(params)
+        outcome = self.dial_outcome(params)
+        if outcome == "refuse":
+            message = f"The 'To' number {params.get('To')} is not a valid phone number."
+            return JSONResponse({"code": 21211, "message": message, "more_info": "", "status": 400}, status_code=400)
+        account, call_sid = request.path_params["account"], sid("CA")
+        self.outbound[call_sid] = asyncio.create_task(self._drive(call_sid, account, params, outcome))
+        return JSONResponse(
+            {"sid": call_sid, "account_sid": account, "to": params.get("To"), "from": params.get("From"), "status": "queued"},
+            status_code=201,
+        )
+
+    async def _drive(self, call_sid: str, account: str, params: dict, outcome: str):
+        validator = RequestValidator(self.auth_token)
+        base = {"CallSid": call_sid, "AccountSid": account, "From": params["From"], "To": params["To"], "Direction": "outbound-api"}
+        async with httpx.AsyncClient(timeout=10) as http:
+
+            async def callback(url: str, extra: dict) -> None:
+                form = {**base, **extra}
+                await http.post(url, data=form, headers={"X-Twilio-Signature": validator.compute_signature(url, form)})
+
+            if outcome in ("busy", "failed", "no-answer"):
+                await asyncio.sleep(0.05)
+                await callback(params["StatusCallback"], {"CallStatus": outcome})
+                return None
+            amd = None
+            if outcome == "machine" and params.get("AsyncAmdStatusCallback"):
+                amd = (self.amd_after_ms, lambda: callback(params["AsyncAmdStatusCallback"], {"AnsweredBy": "machine_end_beep"}))
+            result = await simulate_call(
+                "", self.auth_token, self.callee_pcm, voice_url=params["Url"], call_sid=call_sid, account_sid=account,
+                from_number=params["From"], to_number=params["To"], direction="outbound-api", fake_api=self,
+                speed=4.0, tail_ms=1000, amd=amd,
+            )  # fmt: skip
+            await callback(params["StatusCallback"], {"CallStatus": "completed"})
+            return result
+
     async def start(self, host: str = "127.0.0.1") -> str:
-        app = Starlette(routes=[Route("/2010-04-01/Accounts/{account}/Calls/{call}.json", self._update_call, methods=["POST"])])
+        app = Starlette(routes=[
+            Route("/2010-04-01/Accounts/{account}/Calls.json", self._create_call, methods=["POST"]),
+            Route("/2010-04-01/Accounts/{account}/Calls/{call}.json", self._update_call, methods=["POST"]),
+        ])  # fmt: skip
         self._server = BackgroundServer(app, host, lifespan="off")
         self.base_url = await self._server.start()
         return self.base_url
@@ -186,17 +242,21 @@ async def simulate_call(
     max_call_s: float = 120.0,
     fake_api: FakeTwilioApi | None = None,
     account_sid: str | None = None,
+    voice_url: str | None = None,
+    call_sid: str | None = None,
+    direction: str = "inbound",
+    amd=None,
 ) -> SimulationResult:
     """Place one simulated inbound call. ``caller_pcm`` is s16le 8 kHz mono; ``dtmf`` is
     ``(at_ms, digit)`` pairs on the caller's clock. After the caller's audio, silence is sent for
     at least ``tail_ms`` and until the agent's queued audio has played; then ``stop``."""
-    call_sid, account_sid = sid("CA"), account_sid or sid("AC")
+    call_sid, account_sid = call_sid or sid("CA"), account_sid or sid("AC")
     validator = RequestValidator(auth_token)
-    url = f"{base_url.rstrip('/')}/twilio/voice" + (f"/{agent_id}" if agent_id else "")
+    url = voice_url or f"{base_url.rstrip('/')}/twilio/voice" + (f"/{agent_id}" if agent_id else "")
     params = {
         "CallSid": call_sid, "AccountSid": account_sid, "From": from_number, "To": to_number,
-        "Caller": from_number, "Called": to_number, "Direction": "inbound", "CallStatus": "ringing",
-        "ApiVersion": "2010-04-01",
+        "Caller": from_number, "Called": to_number, "Direction": direction,
+        "CallStatus": "ringing" if direction == "inbound" else "in-progress", "ApiVersion": "2010-04-01",
     }  # fmt: skip
     async with httpx.AsyncClient(timeout=10) as http:
         response = await http.post(url, data=params, headers={"X-Twilio-Signature": validator.compute_signature(url, params)})
@@ -214,7 +274,7 @@ async def simulate_call(
             result.ended_by = "bridge"
             return result
         hangup = fake_api.watch(call_sid) if fake_api else asyncio.Event()
-        await _stream(result, stream_url, stream_params, validator, account_sid, caller_pcm, speed, dtmf, tail_ms, max_call_s, hangup)
+        await _stream(result, stream_url, stream_params, validator, account_sid, caller_pcm, speed, dtmf, tail_ms, max_call_s, hangup, amd)
         if result.ended_by == "bridge":
             result.fallback = [f"{verb}: {text}".rstrip(": ") for verb, text in after]
         if api_key and result.call_id:
@@ -236,7 +296,7 @@ async def fetch_record(http: httpx.AsyncClient, base_url: str, api_key: str, cal
     return record
 
 
-async def _stream(result, stream_url, stream_params, validator, account_sid, caller_pcm, speed, dtmf, tail_ms, max_call_s, hangup):
+async def _stream(result, stream_url, stream_params, validator, account_sid, caller_pcm, speed, dtmf, tail_ms, max_call_s, hangup, amd=None):
     stream_sid = sid("MZ")
     headers = {"X-Twilio-Signature": validator.compute_signature(stream_url, {})}
     player = _Player()
@@ -297,6 +357,7 @@ async def _stream(result, stream_url, stream_params, validator, account_sid, cal
             bridge_closed.set()
 
     receiver = asyncio.create_task(receive())
+    background: list[asyncio.Task] = []
     try:
         await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
         await ws.send(json.dumps({
@@ -328,6 +389,9 @@ async def _stream(result, stream_url, stream_params, validator, account_sid, cal
                 await asyncio.sleep(max(0.0, delay))
             else:
                 await asyncio.sleep(0)
+            if amd is not None and t_ms >= amd[0]:  # async AMD answers while the call goes on
+                background.append(asyncio.create_task(amd[1]()))
+                amd = None
             while pending_dtmf and pending_dtmf[0][0] <= t_ms:
                 _, digit = pending_dtmf.pop(0)
                 await ws.send(json.dumps({"event": "dtmf", "streamSid": stream_sid, "sequenceNumber": str(seq()), "dtmf": {"track": "inbound_track", "digit": digit}}))
@@ -349,4 +413,5 @@ async def _stream(result, stream_url, stream_params, validator, account_sid, cal
         with contextlib.suppress(Exception):
             await asyncio.wait_for(ws.close(), 2)
         await asyncio.wait_for(receiver, 5)
+        await asyncio.gather(*background, return_exceptions=True)
         result.heard = bytes(player.heard)

@@ -69,7 +69,15 @@ async def voice_webhook(request: Request, agent_id: str | None = None) -> Respon
     if form is None:
         return Response("invalid or missing X-Twilio-Signature", status_code=403, media_type="text/plain")
     call_sid = form.get("CallSid")
-    existing = await services.store.by_twilio_sid(call_sid) if call_sid else None
+    planned = request.query_params.get("call_id")  # an outbound call the API registered and dialed
+    if planned:
+        existing = await services.store.get(planned)
+        if existing is None:
+            return fallback_twiml(settings.fallback_message)
+        if call_sid and not existing.twilio_call_sid:  # Twilio asked before the dial request returned
+            existing = await services.store.update(planned, twilio_call_sid=call_sid, twilio_account_sid=form.get("AccountSid"))
+    else:
+        existing = await services.store.by_twilio_sid(call_sid) if call_sid else None
     if existing is not None:
         if form.get("AnsweredBy") or existing.call_status is not CallStatus.registered:
             # an async answering-machine-detection callback, or a call already under way

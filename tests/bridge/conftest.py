@@ -57,6 +57,7 @@ async def start_bridge(tmp_path):
         fake = FakeTwilioApi(AUTH_TOKEN)
         api = await fake.start()
         overrides.setdefault("data_dir", tmp_path / f"bridge{len(running)}")
+        overrides.setdefault("twilio_account_sid", "AC" + "0" * 32)
         settings = load_settings(twilio_auth_token=AUTH_TOKEN, api_keys=API_KEY, twilio_api_base_url=api, **overrides)
         app = create_app(settings)
         server = BackgroundServer(app)

@@ -1,0 +1,135 @@
+"""POST /v2/create-phone-call through Twilio REST (a local fake Twilio the twilio client is
+pointed at), with its status and AMD callbacks signed like Twilio's."""
+
+import asyncio
+import time
+
+import pytest
+from retell import APIStatusError, AsyncRetell
+
+from bridge.settings import AgentConfig
+
+from .conftest import API_KEY, caller_audio, envelope_ms
+
+OWNED = "+14155550100"
+AGENTS = {
+    "echo": AgentConfig(agent_id="echo", numbers=[OWNED], default=True),
+    "slow": AgentConfig(agent_id="slow", sample_rate=16000),
+}
+
+
+@pytest.fixture
+async def bridge(start_bridge):
+    b = await start_bridge(agents=AGENTS, twilio_calls_per_second=50)
+    b.fake.callee_pcm = caller_audio()
+    return b
+
+
+@pytest.fixture
+async def sdk(bridge):
+    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, _strict_response_validation=True, max_retries=0) as c:
+        yield c
+
+
+async def finished(bridge, call_id: str, timeout: float = 20):
+    async with asyncio.timeout(timeout):
+        while True:
+            record = await bridge.store.get(call_id)
+            if record.call_status.value in ("ended", "error"):
+                return record
+            await asyncio.sleep(0.05)
+
+
+async def test_a_dialed_call_that_is_answered_reaches_the_agent(bridge, sdk):
+    call = await sdk.call.create_phone_call(
+        from_number=OWNED, to_number="+14155550199", metadata={"campaign": 3}, retell_llm_dynamic_variables={"first": "Ada"},
+    )  # fmt: skip
+    assert call.direction == "outbound" and call.call_status == "registered" and call.agent_id == "echo"
+    params = bridge.fake.created[0]
+    assert (params["To"], params["From"]) == ("+14155550199", OWNED)
+    assert params["Url"].endswith(f"/twilio/voice/echo?call_id={call.call_id}")
+    assert params["StatusCallbackEvent"] == ["initiated", "ringing", "answered", "completed"]
+    assert "MachineDetection" not in params
+    callee = await next(iter(bridge.fake.outbound.values()))
+    assert callee.ended_by == "caller" and len(envelope_ms(callee.heard)) == 1  # heard its echo
+    record = await finished(bridge, call.call_id)
+    assert record.disconnection_reason.value == "user_hangup" and record.twilio_call_sid == callee.call_sid
+    assert record.metadata == {"campaign": 3} and record.retell_llm_dynamic_variables == {"first": "Ada"}
+    assert len((await bridge.store.list(limit=100))[0]) == 1  # Twilio's voice request did not register another
+
+
+async def test_override_agent_id(bridge, sdk):
+    call = await sdk.call.create_phone_call(from_number=OWNED, to_number="+14155550199", override_agent_id="slow")
+    assert call.agent_id == "slow"
+    await next(iter(bridge.fake.outbound.values()))
+    assert (await finished(bridge, call.call_id)).sample_rate == 16000
+
+
+@pytest.mark.parametrize("outcome,reason", [("busy", "dial_busy"), ("failed", "dial_failed"), ("no-answer", "dial_no_answer")])
+async def test_calls_that_never_connect_end_with_the_dial_reason(bridge, sdk, outcome, reason):
+    bridge.fake.dial_outcome = lambda params: outcome
+    call = await sdk.call.create_phone_call(from_number=OWNED, to_number="+14155550199")
+    record = await finished(bridge, call.call_id)
+    assert record.disconnection_reason.value == reason and record.start_timestamp is None
+
+
+async def test_twilio_refusing_the_number_is_a_clear_error(bridge, sdk):
+    bridge.fake.dial_outcome = lambda params: "refuse"
+    with pytest.raises(APIStatusError) as refused:
+        await sdk.call.create_phone_call(from_number=OWNED, to_number="+19999999999")
+    assert refused.value.status_code == 400 and "not a valid phone number" in refused.value.body["message"]
+    (record,), _ = await bridge.store.list()
+    assert record.disconnection_reason.value == "dial_failed" and "Twilio refused" in record.error_detail
+
+
+async def test_a_machine_answering_drops_the_call_when_asked(bridge, sdk):
+    bridge.fake.dial_outcome = lambda params: "machine"
+    call = await sdk.call.create_phone_call(from_number=OWNED, to_number="+14155550199", extra_body={"drop_call_if_machine_detected": True})
+    params = bridge.fake.created[0]
+    assert params["MachineDetection"] == "DetectMessageEnd" and params["AsyncAmd"] == "true"
+    assert params["AsyncAmdStatusCallback"].endswith(f"/twilio/amd/{call.call_id}")
+    callee = await next(iter(bridge.fake.outbound.values()))
+    assert callee.ended_by == "rest"  # hung up through Twilio, no fallback
+    record = await finished(bridge, call.call_id)
+    assert record.disconnection_reason.value == "voicemail_reached" and record.call_status.value == "ended"
+
+
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        ({"from_number": "+15550001111", "to_number": "+14155550199"}, 422, "not one of this bridge's numbers"),
+        ({"from_number": OWNED, "to_number": "14155550199"}, 422, "E.164"),
+        ({"from_number": OWNED}, 422, "to_number"),
+        ({"from_number": OWNED, "to_number": "+14155550199", "override_agent_id": "nobody"}, 404, "agent nobody not found"),
+    ],
+)
+async def test_bad_dial_requests(bridge, body, status, message):
+    import httpx
+
+    async with httpx.AsyncClient(base_url=bridge.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        r = await http.post("/v2/create-phone-call", json=body)
+    assert r.status_code == status and message in r.json()["message"]
+    assert bridge.fake.created == [] and (await bridge.store.list())[0] == []
+
+
+async def test_dialing_is_throttled_to_twilio_s_rate(start_bridge):
+    bridge = await start_bridge(agents=AGENTS, twilio_calls_per_second=4, dial_queue_timeout_s=5)
+    bridge.fake.dial_outcome = lambda params: "busy"
+    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, max_retries=0) as sdk:
+        started = time.monotonic()
+        await asyncio.gather(*(sdk.call.create_phone_call(from_number=OWNED, to_number="+14155550199") for _ in range(5)))
+        elapsed = time.monotonic() - started
+    assert elapsed >= 4 * 0.25 * 0.9  # five starts at 4 a second span a second (a lower bound)
+    assert len(bridge.fake.created) == 5
+
+
+async def test_a_full_dial_queue_answers_429(start_bridge):
+    bridge = await start_bridge(agents=AGENTS, twilio_calls_per_second=1, dial_queue_timeout_s=0.2)
+    bridge.fake.dial_outcome = lambda params: "busy"
+    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, max_retries=0) as sdk:
+        results = await asyncio.gather(
+            *(sdk.call.create_phone_call(from_number=OWNED, to_number="+14155550199") for _ in range(3)), return_exceptions=True
+        )
+    errors = [r for r in results if isinstance(r, APIStatusError)]
+    assert len(errors) == 2 and {e.status_code for e in errors} == {429}
+    assert len(bridge.fake.created) == 1
