@@ -13,8 +13,8 @@ from fastapi import FastAPI, WebSocket
 
 from audio.filters import plan
 
-from . import api, echo_agent, outbound, twilio_webhook
-from .models import CallStatus, DisconnectionReason, now_ms
+from . import api, echo_agent, outbound, twilio_webhook, web_call
+from .models import CallStatus, CallType, DisconnectionReason, now_ms
 from .outbound import CallThrottle
 from .relay import handle_media_stream
 from .session import CallSession
@@ -43,6 +43,7 @@ class Services:
     background: list[asyncio.Task] = field(default_factory=list)
     live_calls: dict[str, Callable[[DisconnectionReason, str], None]] = field(default_factory=dict)
     dial_throttle: CallThrottle | None = None
+    web_tokens: StreamTokens | None = None
 
     def stop_local_call(self, call_id: str, reason: DisconnectionReason, detail: str) -> bool:
         """Ask the relay of a call running in this process to end it; False if it is not here."""
@@ -96,9 +97,10 @@ class Services:
             await asyncio.sleep(min(MAX_SWEEP_INTERVAL_S, self.settings.registered_call_timeout_s / 2))
             cutoff = now_ms() - int(self.settings.registered_call_timeout_s * 1000)
             for record in await self.store.registered_before(cutoff):
+                web = record.call_type is CallType.web_call
                 await self.store.finish(  # unless its stream started meanwhile
                     record.call_id,
-                    DisconnectionReason.registered_call_timeout,
+                    DisconnectionReason.error_user_not_joined if web else DisconnectionReason.registered_call_timeout,
                     only_if=CallStatus.registered,
                     error_detail=f"no media stream within {self.settings.registered_call_timeout_s:g} s",
                 )
@@ -113,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tokens=StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl_s),
         twilio_rest=TwilioRest(settings.twilio_api_base_url, settings.twilio_auth_token, settings.twilio_account_sid),
         dial_throttle=CallThrottle(settings.twilio_calls_per_second),
+        web_tokens=StreamTokens(settings.twilio_auth_token, settings.web_call_token_ttl_s, purpose="web"),
     )
 
     @contextlib.asynccontextmanager
@@ -153,6 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(twilio_webhook.router)
     app.include_router(api.router)
     app.include_router(outbound.router)
+    app.include_router(web_call.router)
     app.include_router(echo_agent.router)
 
     @app.websocket("/twilio/media")

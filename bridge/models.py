@@ -117,6 +117,7 @@ class CallRecord(BaseModel):
     llm_websocket_network_rtt_latency: Latency | None = None
     disconnection_reason: DisconnectionReason | None = None
     call_analysis: dict[str, Any] | None = None
+    access_token: str | None = None  # web calls only (the web_call object carries it)
     # --- bridge bookkeeping (stored, never served) ---
     twilio_call_sid: str | None = None
     twilio_account_sid: str | None = None
@@ -126,7 +127,10 @@ class CallRecord(BaseModel):
 
     def public(self) -> dict[str, Any]:
         """The call object as the API serves it."""
-        return self.model_dump(mode="json", exclude=BOOKKEEPING)
+        body = self.model_dump(mode="json", exclude=BOOKKEEPING)
+        if self.call_type is not CallType.web_call:
+            del body["access_token"]
+        return body
 
 
 BOOKKEEPING = {"twilio_call_sid", "twilio_account_sid", "registered_at", "error_detail", "notes"}

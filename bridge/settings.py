@@ -135,6 +135,7 @@ class Settings(BaseSettings):
 
     stream_token_ttl_s: float = Field(30.0, gt=0)
     stream_start_timeout_s: float = Field(10.0, gt=0)  # from the media upgrade to Twilio's start
+    web_call_token_ttl_s: float = Field(30.0, gt=0)  # a web call's access token
     registered_call_timeout_s: float = Field(60.0, gt=0)
     agent_connect_timeout_s: float = Field(5.0, gt=0)
     send_timeout_s: float = Field(5.0, gt=0)

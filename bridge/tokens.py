@@ -15,12 +15,15 @@ class TokenError(ValueError):
 
 
 class StreamTokens:
-    def __init__(self, secret: str | bytes, ttl_s: float):
+    """``purpose`` separates token kinds: a media-stream token never opens a web call."""
+
+    def __init__(self, secret: str | bytes, ttl_s: float, purpose: str = "stream"):
         self._key = secret.encode() if isinstance(secret, str) else secret
         self.ttl_s = ttl_s
+        self.purpose = purpose
 
     def _sign(self, call_id: str, expires: int, nonce: str) -> str:
-        msg = f"stream:{call_id}:{expires}:{nonce}".encode()
+        msg = f"{self.purpose}:{call_id}:{expires}:{nonce}".encode()
         return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:32]
 
     def issue(self, call_id: str, now: float | None = None) -> str:

@@ -1,0 +1,139 @@
+"""Web calls: the retell-sdk creates them, a browser-side websocket speaks the web protocol."""
+
+import asyncio
+
+import pytest
+import websockets
+from retell import AsyncRetell
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from audio import Resampler
+
+from .conftest import API_KEY, TRUTH, best_correlation, caller_audio
+
+
+@pytest.fixture
+async def bridge(start_bridge):
+    return await start_bridge()
+
+
+@pytest.fixture
+async def sdk(bridge):
+    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, _strict_response_validation=True, max_retries=0) as c:
+        yield c
+
+
+def ws_url(bridge, call_id: str, token: str, **query) -> str:
+    extra = "".join(f"&{k}={v}" for k, v in query.items())
+    return f"{bridge.base_url.replace('http', 'ws')}/web-call/{call_id}?access_token={token}{extra}"
+
+
+async def talk(url: str, pcm: bytes, rate: int, tail_s: float = 5.0, speed: float = 8.0) -> tuple[bytes, list[str]]:
+    """Send s16le ``pcm`` in 20 ms frames (``speed`` x real time), then silence; collect audio."""
+    heard, texts = bytearray(), []
+    step = rate // 50 * 2
+    async with websockets.connect(url) as ws:
+
+        async def receive():
+            try:
+                async for message in ws:
+                    if isinstance(message, bytes):
+                        heard.extend(message)
+                    else:
+                        texts.append(message)
+            except ConnectionClosed:
+                pass
+
+        receiver = asyncio.create_task(receive())
+        silence = bytes(step)
+        frames = [pcm[i : i + step] for i in range(0, len(pcm), step)] + [silence] * int(tail_s * 50)
+        for frame in frames:
+            await ws.send(frame)
+            await asyncio.sleep(0.02 / speed)
+        await ws.close()
+        await receiver
+    return bytes(heard), texts
+
+
+async def test_a_browser_talks_to_the_agent_through_a_web_call(bridge, sdk):
+    call = await sdk.call.create_web_call(agent_id="echo", metadata={"page": "pricing"})
+    assert call.transport == "gateway" and call.ice_servers == [] and call.expires_at > 0
+    record = await bridge.store.get(call.call_id)
+    assert record.call_type.value == "web_call" and record.metadata == {"page": "pricing"}
+    said = Resampler(8000, 24000).process(caller_audio())  # the browser sends the agent's format
+    heard, texts = await talk(ws_url(bridge, call.call_id, call.access_token), said, 24000)
+    sentence = said[int(TRUTH[0][0] * 48) : int(TRUTH[0][1] * 48)]
+    corr, _ = best_correlation(heard, sentence)
+    assert corr >= 0.9
+    assert any('"event_type":"update"' in t for t in texts)  # the agent's updates reach the browser
+    async with asyncio.timeout(5):
+        while (r := await sdk.call.retrieve(call.call_id)).call_status not in ("ended", "error"):
+            await asyncio.sleep(0.05)
+    assert r.call_status == "ended" and r.disconnection_reason == "user_hangup"
+    assert r.transcript.startswith("User: (")
+
+
+async def test_the_browser_can_use_another_format(bridge, sdk):
+    call = await sdk.call.create_web_call(agent_id="echo")
+    said = Resampler(8000, 16000).process(caller_audio())
+    heard, _ = await talk(ws_url(bridge, call.call_id, call.access_token, encoding="s16le", sample_rate=16000), said, 16000)
+    corr, _ = best_correlation(heard, said[int(TRUTH[0][0] * 32) : int(TRUTH[0][1] * 32)])
+    assert corr >= 0.9
+
+
+async def test_v2_create_web_call_answers_the_web_call_object(bridge):
+    import httpx
+
+    async with httpx.AsyncClient(base_url=bridge.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        r = await http.post("/v2/create-web-call", json={"agent_id": "echo"})
+    body = r.json()
+    assert r.status_code == 201 and body["call_type"] == "web_call" and body["access_token"]
+    assert body["call_status"] == "registered" and body["direction"] is None
+
+
+@pytest.mark.parametrize("problem", ["used", "forged", "expired", "other call", "bad format"])
+async def test_access_tokens_are_single_use_and_expire(start_bridge, problem):
+    bridge = await start_bridge(web_call_token_ttl_s=0.3)
+    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, max_retries=0) as sdk:
+        call = await sdk.call.create_web_call(agent_id="echo")
+        other = await sdk.call.create_web_call(agent_id="echo")
+    url = ws_url(bridge, call.call_id, call.access_token)
+    if problem == "used":
+        first = await websockets.connect(url)
+        await asyncio.sleep(0.1)
+    elif problem == "forged":
+        url = ws_url(bridge, call.call_id, call.access_token[:-4] + "0000")
+    elif problem == "expired":
+        await asyncio.sleep(0.5)
+    elif problem == "other call":
+        url = ws_url(bridge, call.call_id, other.access_token)
+    else:
+        url += "&sample_rate=96000"
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(url)
+    assert refused.value.response.status_code == 403
+    if problem == "used":
+        await first.close()
+
+
+async def test_a_web_call_nobody_joins_ends_as_user_not_joined(start_bridge):
+    bridge = await start_bridge(registered_call_timeout_s=0.4)
+    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, max_retries=0) as sdk:
+        call = await sdk.call.create_web_call(agent_id="echo")
+        async with asyncio.timeout(5):
+            while (r := await sdk.call.retrieve(call.call_id)).call_status == "registered":
+                await asyncio.sleep(0.05)
+    assert r.call_status == "error" and r.disconnection_reason == "error_user_not_joined"
+
+
+async def test_garbage_from_the_browser_ends_that_call(bridge, sdk):
+    call = await sdk.call.create_web_call(agent_id="echo")
+    async with websockets.connect(ws_url(bridge, call.call_id, call.access_token)) as ws:
+        await ws.send(bytes(960))
+        await ws.send("this is not the web protocol")
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(5):
+                while True:
+                    await ws.recv()
+    r = await bridge.store.get(call.call_id)
+    assert r.disconnection_reason.value == "error_frontend_corrupted_payload"
