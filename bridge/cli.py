@@ -143,3 +143,7 @@ def main() -> None:  # console-script entry point
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""python -m bridge: the bridge command line."""
+
+from .cli import main
+
+main()

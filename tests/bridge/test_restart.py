@@ -1,0 +1,83 @@
+"""The bridge process is killed (SIGKILL) during a call and started again: the call reads back
+as ended with a reason, and every webhook event is delivered exactly once."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from bridge.server import BackgroundServer
+from bridge.simulator import FakeTwilioApi, simulate_call
+
+from .conftest import API_KEY, AUTH_TOKEN, caller_audio
+from .test_webhooks import Receiver
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def start_process(env: dict, port: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bridge.cli", "serve", "--port", str(port)],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    async with httpx.AsyncClient() as http:
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                        return process
+                except httpx.TransportError:
+                    pass
+                assert process.poll() is None, "the bridge process died during start-up"
+                await asyncio.sleep(0.1)
+
+
+async def test_a_call_cut_by_a_crash_is_ended_and_its_webhooks_arrive_once(database_url, tmp_path):
+    receiver = Receiver()
+    fake = FakeTwilioApi(AUTH_TOKEN)
+    await fake.start()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        "BRIDGE_DATA_DIR": str(tmp_path), "BRIDGE_DATABASE_URL": database_url, "BRIDGE_INSTANCE_ID": "restart-test",
+        "BRIDGE_TWILIO_AUTH_TOKEN": AUTH_TOKEN, "BRIDGE_API_KEYS": API_KEY, "BRIDGE_TWILIO_API_BASE_URL": fake.base_url,
+        "BRIDGE_WEBHOOK_POLL_S": "0.05", "BRIDGE_WEBHOOK_RETRY_BASE_S": "0.1",
+    }  # fmt: skip
+    async with BackgroundServer(receiver.app) as hooks:
+        env["BRIDGE_WEBHOOK_URL"] = f"{hooks.base_url}/hook"
+        process = await start_process(env, port)
+        try:
+            call = asyncio.create_task(simulate_call(base, AUTH_TOKEN, caller_audio(), speed=1.0, tail_ms=60000, fake_api=fake))
+            async with asyncio.timeout(20):  # the call is live and call_started was delivered
+                while not any(e["event"] == "call_started" for e in receiver.events):
+                    await asyncio.sleep(0.05)
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
+            result = await call
+            assert result.ended_by == "bridge"  # Twilio saw the stream die (and ran the fallback)
+            process = await start_process(env, port)
+            async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+                record = (await http.get(f"/v2/get-call/{result.call_id}")).json()
+            assert record["call_status"] == "error" and record["disconnection_reason"] == "error_unknown"
+            assert record["end_timestamp"] >= record["start_timestamp"]
+            async with asyncio.timeout(10):
+                while receiver.kinds(result.call_id) != ["call_started", "call_ended"]:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # and nothing more
+            assert receiver.kinds(result.call_id) == ["call_started", "call_ended"]
+            assert receiver.bad_signatures == 0
+            ended = receiver.events[-1]["call"]
+            assert ended["call_status"] == "error" and ended["disconnection_reason"] == "error_unknown"
+        finally:
+            process.kill()
+            process.wait(10)
+            await fake.stop()
