@@ -215,7 +215,7 @@ def cost_us(factory, a: int, b: int, repeats: int) -> float:
     runs = []
     for _ in range(repeats):
         it = iter(chunks * (number // 50 + 1))
-        runs.append(timeit.timeit(lambda: process(next(it)), number=number) / number * 1e6)
+        runs.append(timeit.timeit(lambda it=it: process(next(it)), number=number) / number * 1e6)
     return statistics.median(runs)
 
 
@@ -260,7 +260,7 @@ def seam_lsb(a: int, b: int) -> int:
     whole = Resampler(a, b)
     ref = np.frombuffer(whole.process(pcm) + whole.flush(), "<i2").astype(int)
     worst = 0
-    for trial in range(5):
+    for _ in range(5):
         r = Resampler(a, b)
         out, i = [], 0
         while i < len(pcm):

@@ -16,10 +16,10 @@ from typing import Any, Literal
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-from .models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason, Encoding, Protocol
+from .models import BOOKKEEPING, CallRecord, CallStatus, CallType, Direction, DisconnectionReason, Encoding, Protocol
 from .registrar import call_fields, new_call_id
 from .settings import E164
 
@@ -40,6 +40,34 @@ def require_api_key(request: Request) -> None:
         raise ApiError(401, "missing API key: send Authorization: Bearer YOUR_API_KEY")
     if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in keys):
         raise ApiError(401, "invalid API key")
+
+
+# --- response bodies (for the OpenAPI document at /docs) ---------------------------------------
+
+CallObject = create_model(
+    "CallObject",
+    __doc__="The call object (the seeds' get-call response): null where the bridge knows nothing. "
+    "e2e_latency, llm_websocket_network_rtt_latency: milliseconds; llm_latency stays null (the "
+    "bridge cannot see inside the agent); access_token only on web calls.",
+    **{name: (field.annotation, field) for name, field in CallRecord.model_fields.items() if name not in BOOKKEEPING},
+)
+
+
+class CallList(BaseModel):
+    items: list[CallObject]  # type: ignore[valid-type]
+    has_more: bool
+    pagination_key: str | None = Field(None, description="pass back to get the next page")
+
+
+class ErrorBody(BaseModel):
+    status: Literal["error"] = "error"
+    message: str
+
+
+ERRORS = {code: {"model": ErrorBody, "description": what} for code, what in (
+    (400, "the body is not JSON"), (401, "missing or invalid API key"), (404, "unknown call or agent"),
+    (422, "the body breaks a rule"), (429, "too many requests"), (500, "internal error"),
+)}  # fmt: skip
 
 
 # --- request bodies --------------------------------------------------------------------------
@@ -167,7 +195,7 @@ def _enum_values(criterion: dict | None, name: str, allowed: set[str]) -> list[s
 AUTH = [Depends(require_api_key)]
 
 
-@router.post("/register-call", dependencies=AUTH, status_code=201, summary="Register a call (v1)")
+@router.post("/register-call", dependencies=AUTH, status_code=201, summary="Register a call (v1)", response_model=CallObject, responses=ERRORS)
 async def register_call_v1(request: Request, body: RegisterCallV1) -> JSONResponse:
     _agent(request, body.agent_id)
     record = CallRecord(call_id=new_call_id(), **body.model_dump(exclude_none=False))
@@ -175,7 +203,10 @@ async def register_call_v1(request: Request, body: RegisterCallV1) -> JSONRespon
     return _created(record)
 
 
-@router.post("/v2/register-phone-call", dependencies=AUTH, status_code=201, summary="Register a phone call")
+@router.post(
+    "/v2/register-phone-call", dependencies=AUTH, status_code=201, summary="Register a phone call",
+    response_model=CallObject, responses=ERRORS,
+)  # fmt: skip
 async def register_phone_call(request: Request, body: RegisterPhoneCall) -> JSONResponse:
     agent = _agent(request, body.agent_id)
     fields = call_fields(agent, from_number=body.from_number, to_number=body.to_number, direction=body.direction)
@@ -190,13 +221,16 @@ async def register_phone_call(request: Request, body: RegisterPhoneCall) -> JSON
     return _created(record)
 
 
-@router.get("/v2/get-call/{call_id}", dependencies=AUTH, summary="Get a call")
-@router.get("/get-call/{call_id}", dependencies=AUTH, summary="Get a call (v1 path)")
+@router.get("/v2/get-call/{call_id}", dependencies=AUTH, summary="Get a call", response_model=CallObject, responses=ERRORS)
+@router.get("/get-call/{call_id}", dependencies=AUTH, summary="Get a call (v1 path)", response_model=CallObject, responses=ERRORS)
 async def get_call(call_id: str, request: Request) -> JSONResponse:
     return JSONResponse((await _call(request, call_id)).public())
 
 
-@router.post("/v3/list-calls", dependencies=AUTH, summary="List calls (filters, sort, cursor pages)")
+@router.post(
+    "/v3/list-calls", dependencies=AUTH, summary="List calls (filters, sort, cursor pages)", response_model=CallList,
+    responses=ERRORS,
+)  # fmt: skip
 async def list_calls_v3(request: Request, body: ListCalls = Body(default_factory=ListCalls)) -> JSONResponse:
     f = body.filter_criteria or ListFilter()
     start_after = start_before = None
@@ -227,7 +261,10 @@ async def list_calls_v3(request: Request, body: ListCalls = Body(default_factory
     return JSONResponse({"items": [r.public() for r in page], "has_more": cursor is not None, "pagination_key": cursor})
 
 
-@router.get("/v2/list-calls", dependencies=AUTH, summary="List calls (v2: query parameters, a JSON array)")
+@router.get(
+    "/v2/list-calls", dependencies=AUTH, summary="List calls (v2: query parameters, a JSON array)",
+    response_model=list[CallObject], responses=ERRORS,
+)  # fmt: skip
 async def list_calls_v2(
     request: Request,
     agent_id: list[str] = Query(default=[]),
@@ -256,7 +293,10 @@ async def list_calls_v2(
     return JSONResponse([r.public() for r in page], headers=headers)
 
 
-@router.patch("/v2/update-call/{call_id}", dependencies=AUTH, summary="Update a call's metadata")
+@router.patch(
+    "/v2/update-call/{call_id}", dependencies=AUTH, summary="Update a call's metadata", response_model=CallObject,
+    responses=ERRORS,
+)  # fmt: skip
 async def update_call(call_id: str, request: Request, body: UpdateCall) -> JSONResponse:
     await _call(request, call_id)
     changes = body.model_dump(exclude_unset=True)
@@ -264,7 +304,7 @@ async def update_call(call_id: str, request: Request, body: UpdateCall) -> JSONR
     return JSONResponse(record.public())
 
 
-@router.delete("/v2/delete-call/{call_id}", dependencies=AUTH, status_code=204, summary="Delete a call")
+@router.delete("/v2/delete-call/{call_id}", dependencies=AUTH, status_code=204, summary="Delete a call", responses=ERRORS)
 async def delete_call(call_id: str, request: Request) -> Response:
     record = await _call(request, call_id)
     if record.call_status in (CallStatus.registered, CallStatus.ongoing):
@@ -273,7 +313,7 @@ async def delete_call(call_id: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/v2/stop-call/{call_id}", dependencies=AUTH, status_code=204, summary="Stop a live call")
+@router.post("/v2/stop-call/{call_id}", dependencies=AUTH, status_code=204, summary="Stop a live call", responses=ERRORS)
 async def stop_call(call_id: str, request: Request) -> Response:
     """Ends a live call on both legs: the agent socket is closed and the phone call is hung up
     through Twilio (recorded as agent_hangup: the business side ended it)."""

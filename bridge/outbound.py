@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, field_validator
 from twilio.base.exceptions import TwilioException
 
-from .api import AUTH, ApiError, _Body, _e164, services
+from .api import AUTH, ERRORS, ApiError, CallObject, _Body, _e164, services
 from .models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason
 from .registrar import call_fields, new_call_id
 from .twilio_webhook import signed_form
@@ -71,7 +71,10 @@ class CreatePhoneCall(_Body):
     _numbers = field_validator("from_number", "to_number")(_e164)
 
 
-@router.post("/v2/create-phone-call", dependencies=AUTH, status_code=201, summary="Dial an outbound phone call")
+@router.post(
+    "/v2/create-phone-call", dependencies=AUTH, status_code=201, summary="Dial an outbound phone call",
+    response_model=CallObject, responses=ERRORS,
+)  # fmt: skip
 async def create_phone_call(request: Request, body: CreatePhoneCall) -> Response:
     svc = services(request)
     settings = svc.settings

@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidH
 from audio import AudioFormat, Converter
 
 from . import web_frames as wf
-from .api import AUTH, ApiError, _Body, _agent, services
+from .api import AUTH, ERRORS, CallObject, _Body, _agent, services
 from .models import CallRecord, CallType, DisconnectionReason as Reason
 from .registrar import call_fields, new_call_id
 from .tokens import TokenError
@@ -57,13 +57,25 @@ async def _create(request: Request, body: CreateWebCall) -> tuple[CallRecord, st
     return record, token, expires_at
 
 
-@router.post("/v2/create-web-call", dependencies=AUTH, status_code=201, summary="Create a web call")
+class WebCallV3(CallObject):  # type: ignore[valid-type, misc]
+    expires_at: int
+    ice_servers: list[dict]
+    transport: str = "gateway"
+
+
+@router.post(
+    "/v2/create-web-call", dependencies=AUTH, status_code=201, summary="Create a web call", response_model=CallObject,
+    responses=ERRORS,
+)  # fmt: skip
 async def create_web_call_v2(request: Request, body: CreateWebCall) -> JSONResponse:
     record, _, _ = await _create(request, body)
     return JSONResponse(record.public(), status_code=201)
 
 
-@router.post("/v3/create-web-call", dependencies=AUTH, status_code=201, summary="Create a web call (v3)")
+@router.post(
+    "/v3/create-web-call", dependencies=AUTH, status_code=201, summary="Create a web call (v3)", response_model=WebCallV3,
+    responses=ERRORS,
+)  # fmt: skip
 async def create_web_call_v3(request: Request, body: CreateWebCall) -> JSONResponse:
     """The v3 answer the retell-sdk expects. ``transport`` is always ``gateway``: the bridge's
     ``/web-call/{call_id}`` websocket; there are no ICE servers (no WebRTC)."""

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from audio import TWILIO_FORMAT, AudioFormat, Converter, agent_to_twilio, pcm_to_ulaw, twilio_to_agent, ulaw_to_pcm
+from audio import TWILIO_FORMAT, AudioFormat, agent_to_twilio, pcm_to_ulaw, twilio_to_agent, ulaw_to_pcm
 
 from .signals import from_pcm, to_pcm, tone, tone_snr_db
 

@@ -179,8 +179,16 @@ async def test_openapi_documents_every_endpoint(bridge):
     async with httpx.AsyncClient(base_url=bridge.base_url) as http:
         spec = (await http.get("/openapi.json")).json()
         assert (await http.get("/docs")).status_code == 200
-    for path in ("/register-call", "/v2/register-phone-call", "/v2/get-call/{call_id}", "/get-call/{call_id}",
-                 "/v3/list-calls", "/v2/list-calls", "/v2/update-call/{call_id}", "/v2/delete-call/{call_id}",
-                 "/v2/stop-call/{call_id}", "/twilio/voice"):  # fmt: skip
+    for path in ("/register-call", "/v2/register-phone-call", "/v2/create-phone-call", "/v2/create-web-call",
+                 "/v3/create-web-call", "/v2/get-call/{call_id}", "/get-call/{call_id}", "/v3/list-calls",
+                 "/v2/list-calls", "/v2/update-call/{call_id}", "/v2/delete-call/{call_id}", "/v2/stop-call/{call_id}",
+                 "/twilio/voice"):  # fmt: skip
         assert path in spec["paths"], path
-    assert "RegisterCallV1" in spec["components"]["schemas"]
+        for method, operation in spec["paths"][path].items():
+            if path != "/twilio/voice":
+                ok = next(code for code in operation["responses"] if code.startswith("2"))
+                assert ok == "204" or "content" in operation["responses"][ok], (path, method)
+                assert "401" in operation["responses"], (path, method)
+    schemas = spec["components"]["schemas"]
+    assert {"RegisterCallV1", "CallObject", "CallList", "ErrorBody", "CreatePhoneCall", "WebCallV3"} <= set(schemas)
+    assert "disconnection_reason" in schemas["CallObject"]["properties"]

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import httpx
-import pytest
 
 from bridge.server import BackgroundServer
 from bridge.simulator import FakeTwilioApi, simulate_call

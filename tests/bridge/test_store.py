@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from bridge.models import CallRecord, CallStatus, DisconnectionReason
 from bridge.sql_store import SqlCallStore
@@ -27,7 +28,7 @@ async def test_records_round_trip_with_every_field(store):
     await store.create(r)
     assert await store.get("c1") == r
     assert await store.get("nope") is None
-    with pytest.raises(Exception):
+    with pytest.raises(IntegrityError):
         await store.create(r)  # the call id is unique
 
 

@@ -4,7 +4,6 @@ import asyncio
 import json
 import socket
 
-import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from retell.lib.webhook_auth import verify
