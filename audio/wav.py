@@ -89,6 +89,29 @@ class StereoWavWriter:
         self._commit(min(self.channel_end(LEFT), self.channel_end(RIGHT)))
         return start
 
+    def truncate(self, channel: int, position: int) -> int:
+        """Drop what ``channel`` holds after clock ``position`` that is not written yet (agent
+        audio queued ahead of time that a barge-in ``clear`` threw away). Returns the samples
+        dropped; audio already in the file is never touched."""
+        if channel not in (LEFT, RIGHT):
+            raise ValueError(f"channel must be LEFT (0) or RIGHT (1), got {channel!r}")
+        cut = max(int(position), self.frames_written)
+        segments = self._segments[channel]
+        kept, dropped = [], 0
+        for start, data in segments:
+            end = start + len(data) // 2
+            if end <= cut:
+                kept.append((start, data))
+            else:
+                if start < cut:
+                    kept.append((start, data[: 2 * (cut - start)]))
+                dropped += end - max(start, cut)
+        segments.clear()
+        segments.extend(kept)
+        if dropped:
+            self._ends[channel] = cut
+        return dropped
+
     def advance(self, position: int) -> None:
         """The shared clock reached ``position``: channels silent up to there get silence."""
         if isinstance(position, bool) or not isinstance(position, Integral):

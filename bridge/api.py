@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
@@ -327,6 +327,24 @@ async def stop_call(call_id: str, request: Request) -> Response:
         # registered, or relayed by another replica: Twilio's hang-up ends the stream there
         await svc.store.finish(call_id, DisconnectionReason.agent_hangup, error_detail="stopped through the API")
     return Response(status_code=204)
+
+
+@router.get("/v2/recordings/{call_id}.wav", dependencies=AUTH, summary="A call's stereo recording (caller left, agent right)")
+async def recording(call_id: str, request: Request) -> Response:
+    await _call(request, call_id)
+    path = services(request).recording_path(call_id)
+    if not path.exists():
+        raise ApiError(404, f"call {call_id} has no recording")
+    return FileResponse(path, media_type="audio/wav")
+
+
+@router.get("/v2/public-logs/{call_id}.jsonl", dependencies=AUTH, summary="A call's public log (JSON lines)")
+async def public_log(call_id: str, request: Request) -> Response:
+    await _call(request, call_id)
+    path = services(request).log_path(call_id)
+    if not path.exists():
+        raise ApiError(404, f"call {call_id} has no public log")
+    return FileResponse(path, media_type="application/x-ndjson")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, WebSocket
 
+from audio import repair_wav
 from audio.filters import plan
 
 from . import api, echo_agent, outbound, twilio_webhook, web_call
 from .models import CallStatus, CallType, DisconnectionReason, now_ms
+from .observer import percentiles
 from .outbound import CallThrottle
 from .relay import handle_media_stream
 from .session import CallSession
@@ -68,20 +72,43 @@ class Services:
         if record is not None:
             await self.store.update(call_id, notes=[*record.notes, text])
 
+    def recording_path(self, call_id: str) -> Path:
+        return self.settings.data_dir / "recordings" / f"{call_id}.wav"
+
+    def log_path(self, call_id: str) -> Path:
+        return self.settings.data_dir / "logs" / f"{call_id}.jsonl"
+
     async def end_call(self, call_id: str, reason: DisconnectionReason, detail: str, session: CallSession) -> None:
-        fields = {}
-        if session.transcript:
+        observer = session.observer
+        observer.close()
+        fields = {
+            "e2e_latency": percentiles(observer.turn_latencies_ms),
+            "llm_websocket_network_rtt_latency": percentiles(session.stats.rtt_ms),
+        }
+        if session.transcript and not observer.private:
             # word timings only if the agent sent them (the web protocol's update carries none)
-            fields["transcript_object"] = [
-                {"role": u["role"], "content": u["content"], "words": u.get("words", [])} for u in session.transcript
-            ]
+            fields["transcript_object"] = [{**u, "words": u.get("words", [])} for u in session.transcript]
             fields["transcript"] = "".join(f"{u['role'].capitalize()}: {u['content']}\n" for u in session.transcript)
+        if not observer.private and (session.transcript or session.stats.dtmf):
+            fields["transcript_with_tool_calls"] = observer.woven_transcript(session.transcript)
         if detail:
             fields["error_detail"] = detail
         ended = await self.store.finish(call_id, reason, **fields)
         log.info("call %s ended: %s %s", call_id, reason.value, detail)
         if ended is None:
             log.warning("call %s had already ended", call_id)
+
+    async def enforce_retention(self) -> None:
+        """Delete recordings older than recording_retention_days (checked hourly)."""
+        days = self.settings.recording_retention_days
+        while days:
+            cutoff = time.time() - days * 86400
+            for path in (self.settings.data_dir / "recordings").glob("*.wav"):
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        log.info("recording %s deleted (older than %g days)", path.name, days)
+            await asyncio.sleep(3600)
 
     async def heartbeat(self) -> None:
         while True:
@@ -128,12 +155,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services.store = store
         for record in await store.recover(DisconnectionReason.error_unknown, RESTART_DETAIL):
             log.warning("call %s was live when this instance stopped: ended", record.call_id)
+            path = services.recording_path(record.call_id)
+            if path.exists():  # make what was recorded before the crash playable
+                try:
+                    repair_wav(path)
+                except ValueError as e:
+                    log.warning("recording %s cannot be repaired: %s", path, e)
         await store.release_leases()
         services.http = httpx.AsyncClient(timeout=10)
         services.background += [
             asyncio.create_task(services.sweep_registered()),
             asyncio.create_task(services.heartbeat()),
             asyncio.create_task(WebhookDispatcher(store, settings, services.http).run()),
+            asyncio.create_task(services.enforce_retention()),
         ]
         try:
             yield

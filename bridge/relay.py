@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import websockets
@@ -44,6 +45,7 @@ from audio import AudioFormat
 from . import twilio_frames as tf
 from .models import DisconnectionReason as Reason
 from .models import Protocol
+from .observer import CallObserver, Recording
 from .session import TO_TWILIO, CallSession
 from .tokens import TokenError
 
@@ -87,7 +89,7 @@ async def handle_media_stream(websocket: WebSocket, services: Services) -> None:
             await services.note(e.call_id, f"stream rejected: {e}")
         await _close(websocket, 1008, str(e)[:120])
         return
-    await _relay(websocket, services, start, record)
+    await _relay(websocket, services, start, record, services.public_base(websocket.headers, str(websocket.base_url)))
 
 
 async def _accept_stream(websocket: WebSocket, services: Services):
@@ -139,16 +141,36 @@ async def _check_start(event: tf.Start, call_id: str | None, services: Services)
     return event, started
 
 
-async def _relay(twilio: WebSocket, services: Services, start: tf.Start, record) -> None:
+async def _relay(twilio: WebSocket, services: Services, start: tf.Start, record, public_base: str) -> None:
     settings = services.settings
     call_id = record.call_id
     agent_config = settings.agents.get(record.agent_id)
+    private = bool(record.opt_out_sensitive_data_storage or (agent_config and agent_config.opt_out_sensitive_data_storage))
+    started = asyncio.get_running_loop().time()
+    try:
+        observer = CallObserver(
+            started=started,
+            recording=None if private else Recording(services.recording_path(call_id)),
+            log_path=None if private else services.log_path(call_id),
+            private=private,
+        )
+    except OSError as e:  # a full disk must not cost the call: go on without recording or log
+        log.error("call %s: no recording or log: %s", call_id, e)
+        observer = CallObserver(started=started, private=private)
+    observer.event(observer.started, "stream_start", call_sid=start.call_sid, stream_sid=start.stream_sid)
+    if not private:
+        await services.store.update(
+            call_id,
+            recording_url=f"{public_base}/v2/recordings/{call_id}.wav",
+            public_log_url=f"{public_base}/v2/public-logs/{call_id}.jsonl",
+        )
     session = CallSession(
         record.audio_websocket_protocol,
         AudioFormat(record.audio_encoding.value, record.sample_rate),
         start.stream_sid,
         frame_ms=settings.media_frame_ms,
         mark_interval_ms=settings.mark_interval_ms,
+        observer=observer,
     )
     agent = None
     stopped = asyncio.Event()
@@ -164,10 +186,15 @@ async def _relay(twilio: WebSocket, services: Services, start: tf.Start, record)
         else:
             agent = await _open_agent(session, agent_config.websocket_url(call_id, settings.internal_base), settings)
         if agent is not None:
+            observer.event(asyncio.get_running_loop().time(), "agent_connected", protocol=session.protocol.value)
             if session.protocol is Protocol.twilio:
                 await agent.send(tf.connected_frame())
                 await agent.send(tf.start_frame(start, drop_parameters=(TOKEN_PARAMETER,)))
-            await _pump_until_end(twilio, agent, session, settings, stopped)
+            limits = Limits(
+                silence_ms=record.end_call_after_silence_ms or agent_config.end_call_after_silence_ms,
+                max_duration_ms=agent_config.max_call_duration_ms,
+            )
+            await _pump_until_end(twilio, agent, session, settings, stopped, limits)
     except Exception as e:  # a bug must end this call cleanly, never the process
         log.exception("call %s failed", call_id)
         session.end(Reason.error_unknown, f"{type(e).__name__}: {e}")
@@ -192,7 +219,15 @@ async def _open_agent(session: CallSession, url: str, settings):
         return None
 
 
-async def _pump_until_end(twilio: WebSocket, agent, session: CallSession, settings, stopped: asyncio.Event) -> None:
+@dataclass(frozen=True)
+class Limits:
+    silence_ms: int | None  # end_call_after_silence_ms: inactivity
+    max_duration_ms: int  # max_duration_reached
+
+
+async def _pump_until_end(
+    twilio: WebSocket, agent, session: CallSession, settings, stopped: asyncio.Event, limits: Limits
+) -> None:
     send_timeout = settings.send_timeout_s
 
     async def send(actions) -> None:
@@ -221,7 +256,7 @@ async def _pump_until_end(twilio: WebSocket, agent, session: CallSession, settin
         nonlocal last_from_twilio
         while session.ending is None:
             message = await twilio.receive()
-            last_from_twilio = loop.time()
+            last_from_twilio = now = loop.time()
             if message["type"] == "websocket.disconnect":
                 session.end(Reason.error_twilio, f"Twilio socket closed without stop (code {message.get('code')})")
                 return
@@ -229,7 +264,7 @@ async def _pump_until_end(twilio: WebSocket, agent, session: CallSession, settin
             if text is None:
                 session.end(Reason.error_frontend_corrupted_payload, "binary frame from Twilio")
                 return
-            await send(session.from_twilio(text))
+            await send(session.from_twilio(text, now))
 
     async def from_agent() -> None:
         while session.ending is None:
@@ -255,16 +290,29 @@ async def _pump_until_end(twilio: WebSocket, agent, session: CallSession, settin
             await send(session.from_agent(message, loop.time()))
 
     async def keepalive() -> None:
-        """Web-protocol ping to the agent, and the watchdog on Twilio's side: a stream that
-        stops sending (a half-dead socket) ends the call instead of hanging it."""
-        tick = min(settings.keepalive_interval_s, settings.no_audio_timeout_s / 4)
+        """Web-protocol ping to the agent (and the websocket ping's round trip on the twilio
+        protocol), the call's limits, and the watchdog on Twilio's side: a stream that stops
+        sending (a half-dead socket) ends the call instead of hanging it."""
+        observer = session.observer
+        tick = min(settings.keepalive_interval_s, settings.no_audio_timeout_s / 4, settings.limits_tick_s)
         next_ping = loop.time() + settings.keepalive_interval_s
+        last_latency = 0.0
         while session.ending is None:
             await asyncio.sleep(tick)
             now = loop.time()
             if now - last_from_twilio > settings.no_audio_timeout_s:
                 session.end(Reason.error_no_audio_received, f"nothing from Twilio for {now - last_from_twilio:.1f} s")
                 return
+            silent_ms = observer.silent_for(now) * 1000
+            if limits.silence_ms and silent_ms >= limits.silence_ms:
+                session.end(Reason.inactivity, f"the caller was silent for {silent_ms / 1000:.1f} s")
+                return
+            if (now - observer.started) * 1000 >= limits.max_duration_ms:
+                session.end(Reason.max_duration_reached, f"the call reached {limits.max_duration_ms / 1000:g} s")
+                return
+            if session.protocol is Protocol.twilio and agent.latency and agent.latency != last_latency:
+                last_latency = agent.latency  # the round trip of websockets' own keepalive ping
+                session.stats.rtt_ms.append(last_latency * 1000)
             if now >= next_ping:
                 next_ping = now + settings.keepalive_interval_s
                 await send(session.ping(now))
@@ -287,6 +335,7 @@ async def _pump_until_end(twilio: WebSocket, agent, session: CallSession, settin
 async def _finish(twilio: WebSocket, agent, session: CallSession, services: Services, record) -> None:
     ending = session.ending
     reason = ending.reason if ending else Reason.error_unknown
+    session.observer.event(asyncio.get_running_loop().time(), "end", reason=reason.value, detail=ending.detail if ending else "")
     try:
         if agent is not None:
             try:

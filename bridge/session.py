@@ -59,6 +59,7 @@ class CallSession:
         *,
         frame_ms: int = 20,
         mark_interval_ms: int = 100,
+        observer=None,
     ):
         self.protocol = protocol
         self.agent_format = agent_format
@@ -69,6 +70,7 @@ class CallSession:
         self.inbound = twilio_to_agent(agent_format)
         self.outbound = agent_to_twilio(agent_format)
         self.stats = SessionStats()
+        self.observer = observer  # CallObserver: latency, silence, log, recording
         self.transcript: list[dict[str, str]] = []
         self.ending: Ending | None = None
         self._pending = bytearray()  # converted agent audio not yet framed
@@ -90,7 +92,7 @@ class CallSession:
 
     # --- Twilio -> agent ---------------------------------------------------------------------
 
-    def from_twilio(self, text: str) -> list[Action]:
+    def from_twilio(self, text: str, now: float = 0.0) -> list[Action]:
         try:
             event = tf.parse(text)
         except tf.FrameError as e:
@@ -99,6 +101,8 @@ class CallSession:
         twilio_protocol = self.protocol is Protocol.twilio
         if type(event) is tf.Media:
             self.stats.inbound_frames += 1
+            if self.observer is not None:
+                self.observer.caller_audio(event.payload, now)
             if twilio_protocol:
                 return [(TO_AGENT, text)]
             if not event.payload:
@@ -112,6 +116,8 @@ class CallSession:
             return []
         if type(event) is tf.Dtmf:
             self.stats.dtmf.append(event.digit)
+            if self.observer is not None:
+                self.observer.event(now, "dtmf", digit=event.digit)
             return [(TO_AGENT, text if twilio_protocol else wf.dtmf_event(event.digit))]
         if type(event) is tf.Stop:
             self.end(DisconnectionReason.user_hangup, "Twilio sent stop")
@@ -134,7 +140,7 @@ class CallSession:
 
     def from_agent(self, message: str | bytes, now: float = 0.0) -> list[Action]:
         if self.protocol is Protocol.twilio:
-            return self._from_twilio_agent(message)
+            return self._from_twilio_agent(message, now)
         try:
             m = wf.parse(message)
         except tf.FrameError as e:
@@ -143,7 +149,7 @@ class CallSession:
         if type(m) is wf.Audio:
             return self._agent_audio(m.data, now)
         if m is wf.CLEAR:
-            return self._clear()
+            return self._clear(now)
         if m is wf.PONG:
             if self._ping_sent is not None:
                 self.stats.rtt_ms.append((now - self._ping_sent) * 1000)
@@ -152,10 +158,12 @@ class CallSession:
         if m is wf.PING:
             return [(TO_AGENT, "pong")]
         if type(m) is wf.Update:
+            if self.observer is not None and len(m.transcript) != len(self.transcript):
+                self.observer.event(now, "transcript", utterances=len(m.transcript))
             self.transcript = m.transcript
         return []
 
-    def _from_twilio_agent(self, message: str | bytes) -> list[Action]:
+    def _from_twilio_agent(self, message: str | bytes, now: float) -> list[Action]:
         if not isinstance(message, str):
             self.end(DisconnectionReason.error_llm_websocket_corrupt_payload, "binary frame on the twilio protocol")
             return []
@@ -167,8 +175,12 @@ class CallSession:
         if type(event) is tf.Media:
             self.stats.outbound_frames += 1
             self.stats.sent_ms += len(event.payload) / 8
+            if self.observer is not None:
+                self.observer.agent_audio(event.payload, now)
         elif type(event) is tf.Clear:
             self.stats.clears += 1
+            if self.observer is not None:
+                self.observer.agent_cleared(now)
         elif type(event) is not tf.Mark:
             name = event.event if type(event) is tf.Unknown else type(event).__name__.lower()
             self.end(DisconnectionReason.error_llm_websocket_corrupt_payload, f"agent sent a '{name}' frame")
@@ -234,6 +246,8 @@ class CallSession:
         self.stats.outbound_frames += 1
         self.stats.sent_ms += duration_ms
         self._queue_end = max(self._queue_end, now) + duration_ms / 1000
+        if self.observer is not None:
+            self.observer.agent_audio(payload, now)
 
     def _send_mark(self, actions: list[Action]) -> None:
         self._mark_seq += 1
@@ -242,8 +256,10 @@ class CallSession:
         self._last_mark_ms = self.stats.sent_ms
         actions.append((TO_TWILIO, self.twilio.mark(name)))
 
-    def _clear(self) -> list[Action]:
+    def _clear(self, now: float) -> list[Action]:
         self.stats.clears += 1
+        if self.observer is not None:
+            self.observer.agent_cleared(now)
         self._pending.clear()
         self._carry = b""
         self.outbound.reset()

@@ -67,6 +67,7 @@ class AgentConfig(BaseModel):
     max_call_duration_ms: int = Field(3_600_000, gt=0)
     registrar: Literal["internal"] | ExternalRegistrar = "internal"
     webhook_url: str | None = None  # call webhooks for this agent (default: the global one)
+    opt_out_sensitive_data_storage: bool = False  # no recording, transcript or log for its calls
     numbers: list[str] = []
     default: bool = False
 
@@ -160,6 +161,10 @@ class Settings(BaseSettings):
     webhook_retry_base_s: float = Field(2.0, gt=0)
     webhook_max_attempts: int = Field(4, ge=1)  # the first try and three retries
     webhook_poll_s: float = Field(0.5, gt=0)
+    #: Recordings older than this are deleted (None: kept)
+    recording_retention_days: float | None = Field(None, gt=0)
+    #: How often the relay checks silence / duration limits and the Twilio watchdog
+    limits_tick_s: float = Field(0.2, gt=0)
     echo_sample_rate: int = Field(24000, ge=8000, le=48000)
     echo_end_silence_ms: int = Field(600, ge=100)
 

@@ -191,3 +191,16 @@ def test_repair_leaves_a_complete_file_with_a_trailing_chunk_alone(tmp_path):
     before = path.read_bytes()
     assert repair_wav(path) == 1000
     assert path.read_bytes() == before
+
+
+def test_truncate_drops_queued_audio_but_never_what_is_written(tmp_path):
+    path = tmp_path / "clear.wav"
+    with StereoWavWriter(path, 8000) as w:
+        w.write(RIGHT, b"\x07\x00" * 1000, at=0)  # agent: 1000 samples queued ahead of the caller
+        w.write(LEFT, b"\x01\x00" * 300, at=0)  # the caller reached 300: 300 frames are written
+        assert w.truncate(RIGHT, 200) == 700  # a clear at 200: only unwritten audio goes (300..1000)
+        assert w.channel_end(RIGHT) == 300
+        w.write(RIGHT, b"\x09\x00" * 100)  # new agent audio follows at once
+        w.advance(500)
+    _, right, _ = channels(path)
+    assert right.tolist() == [7] * 300 + [9] * 100 + [0] * 100

@@ -272,7 +272,9 @@ async def test_a_stalled_twilio_socket_ends_its_call_and_stalls_no_other(start_b
         ws = await websockets.connect(url, sock=sock, additional_headers=upgrade_headers(url))
         await ws.send(start_frame(params))
         ws.transport.pause_reading()  # never read again
-        record = await wait_for_end(bridge, params["call_id"], timeout=20)
+        # how long the kernel's socket buffers take to fill varies (16 s here unloaded): this is
+        # about ending at all, and about the other call not waiting
+        record = await wait_for_end(bridge, params["call_id"], timeout=60)
         ws.transport.abort()
         return record
 

@@ -1,0 +1,193 @@
+"""What the bridge sees of a call, measured on the wire: turns and their latency, silence, the
+agent link's round trip, a log of events, and the stereo recording.
+
+``CallObserver`` is fed by ``CallSession`` with every Twilio media payload from the caller and
+every agent payload sent to Twilio (mu-law 8 kHz), with the bridge's clock (seconds):
+
+- turn latency (``e2e_latency``): voice activity on the caller's audio finds where each turn ends
+  (the end of the last voiced frame); the latency is the time from there to the first agent audio
+  frame sent to Twilio after it;
+- silence: when the caller last spoke and when the agent's last audio finished playing, for the
+  ``end_call_after_silence_ms`` limit (``inactivity``);
+- the recording: caller left as received, agent right as sent, both placed on one clock (see
+  ``Recording``); a clear cuts the agent audio Twilio threw away;
+- events for the public log (JSON lines), with times in ms since the stream started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from audio import LEFT, RIGHT, SPEECH_END, SPEECH_START, StereoWavWriter, VoiceActivityDetector, ulaw_to_pcm
+
+from .models import Latency
+
+RATE = 8000
+#: Caller audio that arrives later than its place on the clock by more than this is a real gap
+#: (a dropout), recorded as silence; less is jitter, and the audio stays contiguous.
+JITTER_S = 0.1
+
+
+def percentiles(samples: list[float]) -> Latency | None:
+    """The seeds' latency object (ms), or None when there is nothing to report."""
+    if not samples:
+        return None
+    a = np.asarray(samples, dtype=float)
+    p = np.percentile(a, [50, 90, 95, 99])
+    return Latency(
+        p50=round(float(p[0]), 1), p90=round(float(p[1]), 1), p95=round(float(p[2]), 1), p99=round(float(p[3]), 1),
+        max=round(float(a.max()), 1), min=round(float(a.min()), 1), num=len(a),
+    )  # fmt: skip
+
+
+class Recording:
+    """The call's stereo WAV, written while the call runs. Positions are samples since the
+    stream started on the bridge's clock; each side stays contiguous unless it fell behind the
+    clock by more than JITTER_S (then the gap is silence)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.writer = StereoWavWriter(path, RATE)
+
+    def place(self, channel: int, pcm: bytes, clock_pos: int) -> None:
+        end = self.writer.channel_end(channel)
+        self.writer.write(channel, pcm, at=clock_pos if clock_pos - end > JITTER_S * RATE else None)
+
+    def advance(self, clock_pos: int) -> None:
+        # what the caller side has not sent by now (minus jitter) is a gap
+        self.writer.advance(max(0, clock_pos - int(JITTER_S * RATE)))
+
+    def cut_agent(self, clock_pos: int) -> None:
+        self.writer.truncate(RIGHT, clock_pos)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass
+class CallObserver:
+    started: float  # bridge clock when the stream started (s)
+    recording: Recording | None = None
+    log_path: Path | None = None
+    private: bool = False  # opt_out_sensitive_data_storage: nothing about the content is kept
+    vad_end_silence_ms: int = 600
+    turn_latencies_ms: list[float] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.vad = VoiceActivityDetector(RATE, end_silence_ms=self.vad_end_silence_ms)
+        self.caller_speaking = False
+        self.caller_last_voice = self.started  # clock time the caller last spoke (or the start)
+        self.agent_audio_until = self.started  # clock time the agent's queued audio ends playing
+        self._turn_end: float | None = None  # a caller turn that ended, waiting for the agent
+        self._agent_sent_at: list[float] = []  # agent burst starts since the caller last spoke
+        self._agent_last_sent = -1.0
+        self._log = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "a", buffering=1)  # noqa: SIM115 - open for the call's life
+
+    # --- what happened ---------------------------------------------------------------------
+
+    def event(self, now: float, kind: str, **details) -> None:
+        entry = {"t_ms": round((now - self.started) * 1000, 1), "event": kind, **details}
+        self.events.append(entry)
+        if self._log is not None:
+            self._log.write(json.dumps(entry, separators=(",", ":")) + "\n")
+
+    def caller_audio(self, payload: bytes, now: float) -> None:
+        pcm = ulaw_to_pcm(payload)
+        clock_pos = int((now - self.started) * RATE)
+        if self.recording is not None:
+            self.recording.place(LEFT, pcm, max(0, clock_pos - len(payload)))
+            self.recording.advance(clock_pos)
+        if not pcm:
+            return
+        for e in self.vad.process(pcm):
+            at = self.started + e.at_ms / 1000
+            if e.kind == SPEECH_START:
+                self.caller_speaking = True
+                self._turn_end = None
+                self._agent_sent_at.clear()
+                self.event(now, "caller_speech_start", at_ms=round(e.at_ms, 1))
+            elif e.kind == SPEECH_END:
+                self.caller_speaking = False
+                self.caller_last_voice = at
+                self._turn_end = at
+                self.event(now, "caller_speech_end", at_ms=round(e.at_ms, 1))
+                self._match_turn()
+        if self.caller_speaking:
+            self.caller_last_voice = now
+
+    def agent_audio(self, payload: bytes, now: float) -> None:
+        duration = len(payload) / RATE
+        if now - self._agent_last_sent > 0.1:  # a new burst of agent audio
+            self._agent_sent_at.append(now)
+            self._match_turn()
+        self._agent_last_sent = now
+        start = max(now, self.agent_audio_until)
+        self.agent_audio_until = start + duration
+        if self.recording is not None:
+            self.recording.place(RIGHT, ulaw_to_pcm(payload), int((start - self.started) * RATE))
+
+    def agent_cleared(self, now: float) -> None:
+        self.agent_audio_until = now
+        if self.recording is not None:
+            self.recording.cut_agent(int((now - self.started) * RATE))
+        self.event(now, "clear")
+
+    def _match_turn(self) -> None:
+        """A turn's latency: its end to the first agent burst that started after it."""
+        if self._turn_end is None:
+            return
+        for sent in self._agent_sent_at:
+            if sent >= self._turn_end:
+                latency = (sent - self._turn_end) * 1000
+                self.turn_latencies_ms.append(latency)
+                self.event(sent, "turn", latency_ms=round(latency, 1))
+                self._turn_end = None
+                self._agent_sent_at.clear()
+                return
+
+    # --- limits ----------------------------------------------------------------------------
+
+    def silent_for(self, now: float) -> float:
+        """Seconds the caller has been silent since the agent's audio finished (0 while either
+        one is talking)."""
+        if self.caller_speaking or now < self.agent_audio_until:
+            return 0.0
+        return now - max(self.caller_last_voice, self.agent_audio_until)
+
+    def woven_transcript(self, transcript: list[dict]) -> list[dict]:
+        """``transcript_with_tool_calls``: the utterances with the caller's keypad presses where
+        they happened (as the agent's updates arrived)."""
+        woven, used = [], 0
+        for e in self.events:
+            if e["event"] == "transcript":
+                upto = min(e["utterances"], len(transcript))
+                woven += [{**u, "words": u.get("words", [])} for u in transcript[used:upto]]
+                used = max(used, upto)
+            elif e["event"] == "dtmf":
+                woven.append({"role": "dtmf", "digit": e["digit"]})
+        woven += [{**u, "words": u.get("words", [])} for u in transcript[used:]]
+        return woven
+
+    def close(self) -> None:
+        if self.recording is not None:
+            self.recording.close()
+        if self._log is not None:
+            self._log.close()
+
+
+def remove(path: Path | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
