@@ -110,7 +110,9 @@ class CallObserver:
         if not pcm:
             return
         for e in self.vad.process(pcm):
-            at = self.started + e.at_ms / 1000
+            # on the clock, the event happened as much audio ago as the VAD has seen since it
+            # (Twilio streams in real time; this also holds for a simulator running faster)
+            at = now - (self.vad.time_ms - e.at_ms) / 1000
             if e.kind == SPEECH_START:
                 self.caller_speaking = True
                 self._turn_end = None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import websockets
 
-from audio import read_wav
+from audio import SPEECH_END, VoiceActivityDetector, read_wav
 from bridge.app import create_app
 from bridge.server import BackgroundServer
 from bridge.settings import load_settings
@@ -80,7 +80,20 @@ async def bad_agent():
 
     async def handler(ws):
         path = ws.request.path
-        if path.startswith("/goodbye"):  # 3 s of audio at once, then a clean hang-up
+        if path.startswith("/scripted/"):  # answers 400 ms of tone DELAY ms after each turn ends
+            delay_ms = int(path.split("/")[2])
+            vad = VoiceActivityDetector(24000, end_silence_ms=300)
+            heard_ms, answer_at = 0.0, []
+            tone = (np.sin(2 * np.pi * 500 * np.arange(9600) / 24000) * 8000).astype("<i2").tobytes()
+            async for message in ws:
+                if not isinstance(message, bytes):
+                    continue
+                heard_ms += len(message) / 48
+                answer_at += [e.at_ms + delay_ms for e in vad.process(message) if e.kind == SPEECH_END]
+                if answer_at and heard_ms >= answer_at[0]:  # the caller's audio keeps the clock
+                    answer_at.pop(0)
+                    await ws.send(tone)
+        elif path.startswith("/goodbye"):  # 3 s of audio at once, then a clean hang-up
             await ws.recv()
             t = np.arange(24000 * 3) / 24000
             await ws.send((np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes())

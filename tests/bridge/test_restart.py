@@ -9,6 +9,9 @@ import subprocess
 import sys
 
 import httpx
+import numpy as np
+
+from audio import read_wav
 
 from bridge.server import BackgroundServer
 from bridge.simulator import FakeTwilioApi, simulate_call
@@ -59,6 +62,7 @@ async def test_a_call_cut_by_a_crash_is_ended_and_its_webhooks_arrive_once(datab
             async with asyncio.timeout(20):  # the call is live and call_started was delivered
                 while not any(e["event"] == "call_started" for e in receiver.events):
                     await asyncio.sleep(0.05)
+            await asyncio.sleep(1.5)  # the caller's first words are being recorded
             process.send_signal(signal.SIGKILL)
             process.wait(10)
             result = await call
@@ -68,6 +72,15 @@ async def test_a_call_cut_by_a_crash_is_ended_and_its_webhooks_arrive_once(datab
                 record = (await http.get(f"/v2/get-call/{result.call_id}")).json()
             assert record["call_status"] == "error" and record["disconnection_reason"] == "error_unknown"
             assert record["end_timestamp"] >= record["start_timestamp"]
+            # the recording cut by the crash was repaired at start-up: a playable WAV
+            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+                wav = (await http.get(record["recording_url"])).content
+            path = tmp_path / "after-crash.wav"
+            path.write_bytes(wav)
+            pcm, rate, channels = read_wav(path)
+            assert (rate, channels) == (8000, 2) and len(pcm) == len(wav) - 44
+            left = np.frombuffer(pcm, "<i2").reshape(-1, 2)[:, 0]
+            assert len(left) >= 8000 * 0.5 and left.any()  # the caller's first words are in it
             async with asyncio.timeout(10):
                 while receiver.kinds(result.call_id) != ["call_started", "call_ended"]:
                     await asyncio.sleep(0.05)

@@ -1,0 +1,124 @@
+"""Every call on the record: recording, turn latency, round trip, limits, log, privacy."""
+
+import asyncio
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from audio import read_wav
+from bridge.settings import AgentConfig
+
+from .conftest import API_KEY, TRUTH, best_correlation, caller_audio, envelope_ms
+
+
+async def fetch(bridge, url: str) -> bytes:
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        r = await http.get(url)
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+def stereo(tmp_path, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    path = tmp_path / "rec.wav"
+    path.write_bytes(data)
+    pcm, rate, channels = read_wav(path)
+    assert (rate, channels) == (8000, 2)
+    frames = np.frombuffer(pcm, "<i2").reshape(-1, 2)
+    return frames[:, 0].copy(), frames[:, 1].copy()
+
+
+async def test_the_recording_holds_both_sides_at_the_right_offsets(start_bridge, tmp_path):
+    bridge = await start_bridge()
+    said = caller_audio()
+    result = await bridge.call(said, speed=1.0, tail_ms=1000)
+    record = result.record
+    assert record["recording_url"].endswith(f"/v2/recordings/{result.call_id}.wav")
+    left, right = stereo(tmp_path, await fetch(bridge, record["recording_url"]))
+    # caller left: what the simulator sent, from the start of the stream (within 40 ms)
+    corr, lag = best_correlation(left.tobytes(), said[: len(said) // 2 * 2])
+    assert corr >= 0.95 and abs(lag) <= 320
+    # agent right: what the caller heard, where the caller heard it (within 60 ms)
+    heard = result.heard
+    (start, end), = envelope_ms(heard)
+    echo = heard[start * 16 : end * 16]
+    corr, lag = best_correlation(right.tobytes(), echo)
+    assert corr >= 0.95 and abs(lag - start * 8) <= 480
+    # silence where a side did not speak, and the two channels are one length
+    assert not right[: int(TRUTH[0][1] * 8)].any()
+    assert len(left) == len(right) >= len(said) // 2
+
+
+async def test_turn_latency_is_what_a_scripted_agent_waited(start_bridge, bad_agent):
+    agents = {"slow": AgentConfig(agent_id="slow", url=f"{bad_agent}/scripted/800/{{call_id}}", default=True)}
+    bridge = await start_bridge(agents=agents)
+    result = await bridge.call(caller_audio(first_phrase_only=False), speed=1.0, tail_ms=1500)
+    latency = result.record["e2e_latency"]
+    assert latency["num"] == 2
+    assert abs(latency["p50"] - 800) <= 20 + 20  # a frame each way: the agent's VAD and ours
+    assert latency["min"] <= latency["p50"] <= latency["max"]
+    assert result.record["llm_latency"] is None  # the bridge cannot see inside the agent
+
+
+async def test_the_agent_link_round_trip_is_measured(start_bridge):
+    bridge = await start_bridge(keepalive_interval_s=0.3)
+    result = await bridge.call(speed=1.0, tail_ms=500)
+    rtt = result.record["llm_websocket_network_rtt_latency"]
+    assert rtt["num"] >= 5 and 0 <= rtt["min"] <= rtt["p50"] < 50  # loopback
+
+
+@pytest.mark.parametrize("limit", ["silence", "duration"])
+async def test_limits_end_the_call_at_the_configured_time(start_bridge, limit):
+    if limit == "silence":
+        agent = AgentConfig(agent_id="a", end_call_after_silence_ms=10000, default=True)
+        expected, reason = 10.0, "inactivity"
+    else:
+        agent = AgentConfig(agent_id="a", max_call_duration_ms=1500, default=True)
+        expected, reason = 1.5, "max_duration_reached"
+    bridge = await start_bridge(agents={"a": agent})
+    result = await bridge.call(bytes(1600), speed=1.0, tail_ms=30000)  # the caller says nothing
+    record = result.record
+    assert record["disconnection_reason"] == reason and record["call_status"] == "ended"
+    lasted = (record["end_timestamp"] - record["start_timestamp"]) / 1000
+    assert expected <= lasted <= expected + 0.5
+
+
+async def test_the_public_log_tells_the_call_in_json_lines(start_bridge):
+    bridge = await start_bridge()
+    result = await bridge.call(caller_audio(first_phrase_only=False), dtmf=((300, "7"),), tail_ms=1000)
+    lines = (await fetch(bridge, result.record["public_log_url"])).decode().splitlines()
+    events = [json.loads(line) for line in lines]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "stream_start" and kinds[1] == "agent_connected" and kinds[-1] == "end"
+    assert {"caller_speech_start", "caller_speech_end", "turn", "clear", "dtmf"} <= set(kinds)
+    assert events[-1]["reason"] == "user_hangup"
+    assert all(isinstance(e["t_ms"], float) for e in events)
+    woven = result.record["transcript_with_tool_calls"]
+    assert woven[0] == {"role": "dtmf", "digit": "7"} and woven[1]["role"] == "user"
+
+
+async def test_opting_out_leaves_nothing_on_disk(start_bridge, tmp_path):
+    agents = {"private": AgentConfig(agent_id="private", opt_out_sensitive_data_storage=True, default=True)}
+    data_dir = tmp_path / "private-bridge"
+    bridge = await start_bridge(agents=agents, data_dir=data_dir)
+    result = await bridge.call(caller_audio(first_phrase_only=False), dtmf=((300, "7"),))
+    record = result.record
+    for field in ("recording_url", "public_log_url", "transcript", "transcript_object", "transcript_with_tool_calls"):
+        assert record[field] is None, field
+    assert record["disconnection_reason"] == "user_hangup" and record["e2e_latency"]["num"] >= 1
+    files = sorted(p.name for p in data_dir.rglob("*") if p.is_file())
+    assert all(name.startswith("bridge.db") for name in files), files  # only the call database
+    database = b"".join((data_dir / name).read_bytes() for name in files)
+    assert b"of speech" not in database and b"<dtmf" not in database  # no transcript content anywhere
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        r = await http.get(f"{bridge.base_url}/v2/recordings/{result.call_id}.wav")
+    assert r.status_code == 404
+
+
+async def test_recordings_need_the_api_key(start_bridge):
+    bridge = await start_bridge()
+    result = await bridge.call()
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(result.record["recording_url"])).status_code == 401
+        assert (await http.get(result.record["public_log_url"])).status_code == 401
