@@ -138,6 +138,123 @@ def simulate(
     typer.echo(json.dumps(result.summary(), indent=2))
 
 
+calls_app = typer.Typer(no_args_is_help=True, help="Call records of a running bridge (local or remote)")
+app.add_typer(calls_app, name="calls")
+
+
+def _api(url: str | None, api_key: str | None):
+    import httpx
+
+    settings = load_settings()
+    if not api_key:
+        secrets_file = settings.data_dir / "dev-secrets.json"
+        stored = json.loads(secrets_file.read_text()) if secrets_file.exists() else {}
+        api_key = (settings.api_keys or [None])[0] or stored.get("api_key")
+    if not api_key:
+        typer.secho("no API key: pass --api-key or set BRIDGE_API_KEYS", fg="red", err=True)
+        raise typer.Exit(2)
+    base = url or settings.public_url or f"http://127.0.0.1:{settings.port}"
+    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
+
+
+def _get(client, method: str, path: str, **kwargs):
+    import httpx
+
+    try:
+        r = client.request(method, path, **kwargs)
+    except httpx.HTTPError as e:
+        typer.secho(f"cannot reach {client.base_url}: {e}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    if r.status_code >= 400:
+        message = r.json().get("message", r.text) if r.headers.get("content-type", "").startswith("application/json") else r.text
+        typer.secho(f"{r.status_code}: {message}", fg="red", err=True)
+        raise typer.Exit(1)
+    return r.json()
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _when(ms) -> str:
+    import datetime as dt
+
+    return "-" if ms is None else dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _latency(latency: dict | None) -> str:
+    if not latency or not latency.get("num"):
+        return "-"
+    return f"p50 {_ms(latency['p50'])} / p90 {_ms(latency['p90'])} / p99 {_ms(latency['p99'])} ms (n={latency['num']})"
+
+
+@calls_app.command("list")
+def calls_list(
+    url: str = typer.Option(None, help="the bridge's base URL (default: BRIDGE_PUBLIC_URL or local)"),
+    api_key: str = typer.Option(None, help="API key (default: BRIDGE_API_KEYS or dev secrets)"),
+    limit: int = typer.Option(20, help="how many calls, newest first"),
+    agent: str = typer.Option(None, help="only this agent's calls"),
+    status: str = typer.Option(None, help="registered | ongoing | ended | error"),
+) -> None:
+    """List calls as a table, with their turn latency."""
+    from rich.console import Console
+    from rich.table import Table
+
+    criteria = {}
+    if agent:
+        criteria["agent"] = [{"agent_id": agent}]
+    if status:
+        criteria["call_status"] = {"op": "in", "type": "enum", "value": [status]}
+    with _api(url, api_key) as client:
+        page = _get(client, "POST", "/v3/list-calls", json={"limit": limit, "filter_criteria": criteria})
+    table = Table(title=f"calls ({len(page['items'])}{'+' if page['has_more'] else ''})")
+    for column in ("call id", "agent", "type", "status", "reason", "from", "to", "started", "secs", "turn latency p50"):
+        table.add_column(column, overflow="fold")
+    for c in page["items"]:
+        secs = (c["end_timestamp"] - c["start_timestamp"]) / 1000 if c["start_timestamp"] and c["end_timestamp"] else None
+        p50 = (c.get("e2e_latency") or {}).get("p50")
+        table.add_row(
+            c["call_id"], c["agent_id"], c["call_type"], c["call_status"], c["disconnection_reason"] or "-",
+            c.get("from_number") or "-", c.get("to_number") or "-", _when(c["start_timestamp"]),
+            "-" if secs is None else f"{secs:.1f}", "-" if p50 is None else f"{p50:.0f} ms",
+        )  # fmt: skip
+    Console().print(table)
+
+
+@calls_app.command("show")
+def calls_show(
+    call_id: str,
+    url: str = typer.Option(None, help="the bridge's base URL (default: BRIDGE_PUBLIC_URL or local)"),
+    api_key: str = typer.Option(None, help="API key (default: BRIDGE_API_KEYS or dev secrets)"),
+) -> None:
+    """One call: its record, latency summary and transcript."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with _api(url, api_key) as client:
+        c = _get(client, "GET", f"/v2/get-call/{call_id}")
+    table = Table(title=f"call {call_id}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    rows = [
+        ("agent", c["agent_id"]), ("type", c["call_type"]), ("status", c["call_status"]),
+        ("reason", c["disconnection_reason"] or "-"), ("direction", c.get("direction") or "-"),
+        ("from / to", f"{c.get('from_number') or '-'} -> {c.get('to_number') or '-'}"),
+        ("started", _when(c["start_timestamp"])), ("ended", _when(c["end_timestamp"])),
+        ("audio", f"{c['audio_websocket_protocol']} {c['audio_encoding']} {c['sample_rate']} Hz"),
+        ("turn latency", _latency(c.get("e2e_latency"))),
+        ("agent link RTT", _latency(c.get("llm_websocket_network_rtt_latency"))),
+        ("recording", c.get("recording_url") or "-"), ("public log", c.get("public_log_url") or "-"),
+        ("metadata", json.dumps(c.get("metadata")) if c.get("metadata") else "-"),
+    ]  # fmt: skip
+    for field, value in rows:
+        table.add_row(field, str(value))
+    console = Console()
+    console.print(table)
+    if c.get("transcript"):
+        console.print(c["transcript"].rstrip())
+
+
 def main() -> None:  # console-script entry point
     try:
         app()

@@ -1,0 +1,36 @@
+"""bridge calls list / show against a live bridge (the CLI runs in its own process)."""
+
+import asyncio
+import subprocess
+import sys
+
+from .conftest import API_KEY
+
+
+async def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bridge", *args], capture_output=True, text=True, timeout=60,
+        env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+
+
+async def test_calls_list_and_show(start_bridge):
+    bridge = await start_bridge()
+    result = await bridge.call(dtmf=((300, "5"),))
+    listed = await run_cli("calls", "list", "--url", bridge.base_url, "--api-key", API_KEY)
+    assert listed.returncode == 0, listed.stderr
+    assert result.call_id in listed.stdout and "user_hangup" in listed.stdout and "echo" in listed.stdout
+    shown = await run_cli("calls", "show", result.call_id, "--url", bridge.base_url, "--api-key", API_KEY)
+    assert shown.returncode == 0, shown.stderr
+    assert "turn latency" in shown.stdout and "p50" in shown.stdout and "(n=1)" in shown.stdout
+    assert "User: <dtmf 5>" in shown.stdout and "/v2/recordings/" in shown.stdout
+
+
+async def test_calls_show_errors_are_clear(start_bridge):
+    bridge = await start_bridge()
+    missing = await run_cli("calls", "show", "nope", "--url", bridge.base_url, "--api-key", API_KEY)
+    assert missing.returncode == 1 and "404: call nope not found" in missing.stderr
+    bad_key = await run_cli("calls", "list", "--url", bridge.base_url, "--api-key", "wrong")
+    assert bad_key.returncode == 1 and "401: invalid API key" in bad_key.stderr
+    down = await run_cli("calls", "list", "--url", "http://127.0.0.1:9", "--api-key", API_KEY)
+    assert down.returncode == 1 and "cannot reach" in down.stderr
