@@ -11,12 +11,13 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 from .models import BOOKKEEPING, CallRecord, CallStatus, CallType, Direction, DisconnectionReason, Encoding, Protocol
@@ -74,8 +75,14 @@ ERRORS = {code: {"model": ErrorBody, "description": what} for code, what in (
 
 
 def _metadata_size(v: dict | None) -> dict | None:
-    if v is not None and len(json.dumps(v)) > MAX_METADATA_BYTES:
-        raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES // 1024} kB")
+    if v is None:
+        return v
+    try:
+        size = len(json.dumps(v, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+    except (ValueError, UnicodeEncodeError):
+        raise ValueError("must be JSON without NaN, infinities or unpaired surrogates") from None
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"is larger than {MAX_METADATA_BYTES // 1024} kB")
     return v
 
 
@@ -83,13 +90,14 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     metadata: dict[str, Any] | None = None
-    retell_llm_dynamic_variables: dict[str, Any] | None = None
+    #: key value pairs of strings (the seeds' and the retell-sdk's type)
+    retell_llm_dynamic_variables: dict[str, str] | None = None
 
-    _metadata = field_validator("metadata")(_metadata_size)
+    _metadata = field_validator("metadata", "retell_llm_dynamic_variables")(_metadata_size)
 
 
 def _e164(v: str | None) -> str | None:
-    if v is not None and not E164.match(v):
+    if v is not None and not E164.fullmatch(v):
         raise ValueError(f"{v!r} is not an E.164 number (like +14155550100)")
     return v
 
@@ -120,10 +128,13 @@ class RegisterCallV1(_Body):
 
 
 class RegisterPhoneCall(_Body):
+    """The retell-sdk's phone_call object needs both numbers and a direction: the numbers are
+    required here, and the direction is inbound unless said otherwise."""
+
     agent_id: str = Field(min_length=1)
-    from_number: str | None = None
-    to_number: str | None = None
-    direction: Direction | None = None
+    from_number: str
+    to_number: str
+    direction: Direction = Direction.inbound
 
     _numbers = field_validator("from_number", "to_number")(_e164)
 
@@ -136,16 +147,47 @@ class UpdateCall(BaseModel):
     _metadata = field_validator("metadata")(_metadata_size)
 
 
+MAX_MS = 2**53  # timestamps beyond this are not times (and overflow the database's BIGINT)
+SafeText = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00]*$")]
+
+
+class AgentFilter(BaseModel):
+    agent_id: SafeText
+    version: list[float] | None = None  # agents from the agents file have one version
+
+
+class EnumFilter(BaseModel):
+    op: Literal["in"] = "in"
+    type: Literal["enum"] = "enum"
+    value: list[SafeText]
+
+
+class TimeFilter(BaseModel):
+    op: Literal["bt", "eq", "ge", "gt", "le", "lt"]
+    type: Literal["range", "number"] | None = None
+    value: Annotated[int, Field(ge=0, le=MAX_MS)] | Annotated[list[Annotated[int, Field(ge=0, le=MAX_MS)]], Field(min_length=2, max_length=2)]
+
+    def bounds(self) -> tuple[int | None, int | None]:
+        v = self.value
+        if self.op == "bt":
+            if not isinstance(v, list):
+                raise ValueError("filter_criteria.start_timestamp: bt takes [from_ms, to_ms]")
+            return v[0], v[1]
+        if isinstance(v, list):
+            raise ValueError(f"filter_criteria.start_timestamp: {self.op} takes one number")
+        return {"eq": (v, v), "ge": (v, None), "gt": (v + 1, None), "le": (None, v), "lt": (None, v - 1)}[self.op]
+
+
 class ListFilter(BaseModel):
     """``filter_criteria`` of POST /v3/list-calls: the retell-sdk's shape, the fields the bridge
     can filter on (others are refused, not silently ignored)."""
 
     model_config = ConfigDict(extra="forbid")
-    agent: list[dict[str, Any]] | None = None
-    call_status: dict[str, Any] | None = None
-    direction: dict[str, Any] | None = None
-    call_type: dict[str, Any] | None = None
-    start_timestamp: dict[str, Any] | None = None
+    agent: list[AgentFilter] | None = None
+    call_status: EnumFilter | None = None
+    direction: EnumFilter | None = None
+    call_type: EnumFilter | None = None
+    start_timestamp: TimeFilter | None = None
 
 
 class ListCalls(BaseModel):
@@ -153,7 +195,8 @@ class ListCalls(BaseModel):
     filter_criteria: ListFilter | None = None
     sort_order: Literal["ascending", "descending"] = "descending"
     limit: int = Field(50, ge=1, le=1000)
-    pagination_key: str | None = None
+    pagination_key: str | None = Field(None, max_length=512)
+    skip: int = Field(0, ge=0, le=100_000)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -163,8 +206,11 @@ def services(request: Request):
     return request.app.state.services
 
 
+CALL_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 async def _call(request: Request, call_id: str) -> CallRecord:
-    record = await services(request).store.get(call_id)
+    record = await services(request).store.get(call_id) if CALL_ID.fullmatch(call_id) else None
     if record is None:
         raise ApiError(404, f"call {call_id} not found")
     return record
@@ -181,13 +227,15 @@ def _created(record: CallRecord) -> JSONResponse:
     return JSONResponse(record.public(), status_code=201)
 
 
-def _enum_values(criterion: dict | None, name: str, allowed: set[str]) -> list[str]:
+def _enum_values(criterion: EnumFilter | None, name: str, allowed: set[str], never: set[str] = frozenset()) -> list[str]:
+    """The values to match; ``never`` are values the SDK may send that no bridge call has."""
     if criterion is None:
         return []
-    values = criterion.get("value")
-    if criterion.get("op", "in") != "in" or not isinstance(values, list) or not set(values) <= allowed:
-        raise ApiError(422, f"filter_criteria.{name} must be {{op: 'in', value: [{', '.join(sorted(allowed))}]}}")
-    return values
+    unknown = set(criterion.value) - allowed - never
+    if unknown:
+        raise ApiError(422, f"filter_criteria.{name}: unknown value(s) {sorted(unknown)}; one of {sorted(allowed)}")
+    values = [v for v in criterion.value if v in allowed]
+    return values or ["\x01none"]  # only values no call has: match nothing
 
 
 # --- endpoints -------------------------------------------------------------------------------
@@ -233,21 +281,11 @@ async def get_call(call_id: str, request: Request) -> JSONResponse:
 )  # fmt: skip
 async def list_calls_v3(request: Request, body: ListCalls = Body(default_factory=ListCalls)) -> JSONResponse:
     f = body.filter_criteria or ListFilter()
-    start_after = start_before = None
-    if f.start_timestamp is not None:
-        op, value = f.start_timestamp.get("op"), f.start_timestamp.get("value")
-        if op == "bt" and isinstance(value, list) and len(value) == 2:
-            start_after, start_before = int(value[0]), int(value[1])
-        elif op in ("ge", "gt") and isinstance(value, (int, float)):
-            start_after = int(value) + (op == "gt")
-        elif op in ("le", "lt") and isinstance(value, (int, float)):
-            start_before = int(value) - (op == "lt")
-        else:
-            raise ApiError(422, "filter_criteria.start_timestamp must be {op: 'bt', value: [from_ms, to_ms]} or ge/gt/le/lt")
     try:
+        start_after, start_before = f.start_timestamp.bounds() if f.start_timestamp else (None, None)
         page, cursor = await services(request).store.list(
-            agent_ids=[a["agent_id"] for a in f.agent or [] if isinstance(a, dict) and "agent_id" in a],
-            statuses=_enum_values(f.call_status, "call_status", {s.value for s in CallStatus}),
+            agent_ids=[a.agent_id for a in f.agent or []],
+            statuses=_enum_values(f.call_status, "call_status", {s.value for s in CallStatus}, {"not_connected"}),
             directions=_enum_values(f.direction, "direction", {d.value for d in Direction}),
             call_types=_enum_values(f.call_type, "call_type", {t.value for t in CallType}),
             start_after=start_after,
@@ -255,6 +293,7 @@ async def list_calls_v3(request: Request, body: ListCalls = Body(default_factory
             descending=body.sort_order == "descending",
             limit=body.limit,
             cursor=body.pagination_key,
+            skip=body.skip,
         )
     except ValueError as e:
         raise ApiError(422, str(e)) from None
@@ -267,14 +306,14 @@ async def list_calls_v3(request: Request, body: ListCalls = Body(default_factory
 )  # fmt: skip
 async def list_calls_v2(
     request: Request,
-    agent_id: list[str] = Query(default=[]),
+    agent_id: list[SafeText] = Query(default=[]),
     call_status: list[CallStatus] = Query(default=[]),
     direction: list[Direction] = Query(default=[]),
-    start_after: int | None = None,
-    start_before: int | None = None,
+    start_after: int | None = Query(None, ge=0, le=MAX_MS),
+    start_before: int | None = Query(None, ge=0, le=MAX_MS),
     sort_order: Literal["ascending", "descending"] = "descending",
     limit: int = Query(50, ge=1, le=1000),
-    pagination_key: str | None = None,
+    pagination_key: str | None = Query(None, max_length=512),
 ) -> Response:
     try:
         page, cursor = await services(request).store.list(
@@ -301,6 +340,8 @@ async def update_call(call_id: str, request: Request, body: UpdateCall) -> JSONR
     await _call(request, call_id)
     changes = body.model_dump(exclude_unset=True)
     record = await services(request).store.update(call_id, **changes) if changes else await _call(request, call_id)
+    if record is None:  # deleted meanwhile
+        raise ApiError(404, f"call {call_id} not found")
     return JSONResponse(record.public())
 
 
@@ -324,8 +365,11 @@ async def stop_call(call_id: str, request: Request) -> Response:
     if record.twilio_call_sid:
         await svc.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
     if not svc.stop_local_call(call_id, DisconnectionReason.agent_hangup, "stopped through the API"):
-        # registered, or relayed by another replica: Twilio's hang-up ends the stream there
-        await svc.store.finish(call_id, DisconnectionReason.agent_hangup, error_detail="stopped through the API")
+        # registered, or relayed by another replica (Twilio's hang-up ends the stream there,
+        # which records the end with everything it measured)
+        await svc.store.finish(
+            call_id, DisconnectionReason.agent_hangup, error_detail="stopped through the API", only_if=CallStatus.registered
+        )
     return Response(status_code=204)
 
 

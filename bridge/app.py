@@ -17,7 +17,7 @@ from audio import repair_wav
 from audio.filters import plan
 
 from . import api, echo_agent, outbound, twilio_webhook, web_call
-from .models import CallStatus, CallType, DisconnectionReason, now_ms
+from .models import CallStatus, CallType, Direction, DisconnectionReason, now_ms
 from .observer import percentiles
 from .outbound import CallThrottle
 from .relay import handle_media_stream
@@ -32,6 +32,8 @@ from .webhooks import WebhookDispatcher, targets
 log = logging.getLogger(__name__)
 
 MAX_SWEEP_INTERVAL_S = 2.0
+OUTBOUND_RING_S = 120  # Twilio rings for 60 s by default; calls.create takes `timeout` up to 600
+OUTBOX_KEEP_DAYS = 7
 
 
 RESTART_DETAIL = "the bridge instance restarted while the call was live"
@@ -68,9 +70,7 @@ class Services:
         return request_base.rstrip("/")
 
     async def note(self, call_id: str, text: str) -> None:
-        record = await self.store.get(call_id)
-        if record is not None:
-            await self.store.update(call_id, notes=[*record.notes, text])
+        await self.store.add_note(call_id, text)
 
     def recording_path(self, call_id: str) -> Path:
         return self.settings.data_dir / "recordings" / f"{call_id}.wav"
@@ -95,19 +95,27 @@ class Services:
             fields["error_detail"] = detail
         ended = await self.store.finish(call_id, reason, **fields)
         log.info("call %s ended: %s %s", call_id, reason.value, detail)
-        if ended is None:
-            log.warning("call %s had already ended", call_id)
+        if ended is None:  # ended elsewhere first (stop-call on another replica): keep what we measured
+            fields.pop("error_detail", None)
+            await self.store.update(call_id, **{k: v for k, v in fields.items() if v is not None})
 
     async def enforce_retention(self) -> None:
-        """Delete recordings older than recording_retention_days (checked hourly)."""
-        days = self.settings.recording_retention_days
-        while days:
-            cutoff = time.time() - days * 86400
-            for path in (self.settings.data_dir / "recordings").glob("*.wav"):
-                with contextlib.suppress(FileNotFoundError):
-                    if path.stat().st_mtime < cutoff:
-                        path.unlink()
-                        log.info("recording %s deleted (older than %g days)", path.name, days)
+        """Hourly: delete recordings (and public logs) older than recording_retention_days, and
+        webhook jobs settled more than OUTBOX_KEEP_DAYS ago."""
+        while True:
+            days = self.settings.recording_retention_days
+            if days:
+                cutoff = time.time() - days * 86400
+                for folder, pattern in (("recordings", "*.wav"), ("logs", "*.jsonl")):
+                    for path in (self.settings.data_dir / folder).glob(pattern):
+                        with contextlib.suppress(FileNotFoundError):
+                            if path.stat().st_mtime < cutoff:
+                                path.unlink()
+                                log.info("%s deleted (older than %g days)", path.name, days)
+            try:
+                await self.store.purge_outbox(now_ms() - OUTBOX_KEEP_DAYS * 86_400_000)
+            except Exception:
+                log.exception("outbox purge failed")
             await asyncio.sleep(3600)
 
     async def heartbeat(self) -> None:
@@ -119,18 +127,31 @@ class Services:
                 log.exception("heartbeat failed")
 
     async def sweep_registered(self) -> None:
-        """Calls registered but never connected end as registered_call_timeout."""
+        """Calls registered but never connected end as registered_call_timeout (web calls nobody
+        joined as error_user_not_joined). An outbound call may ring for a while first: it gets
+        OUTBOUND_RING_S more, and is hung up through Twilio when it is swept."""
+        timeout_ms = int(self.settings.registered_call_timeout_s * 1000)
         while True:
             await asyncio.sleep(min(MAX_SWEEP_INTERVAL_S, self.settings.registered_call_timeout_s / 2))
-            cutoff = now_ms() - int(self.settings.registered_call_timeout_s * 1000)
-            for record in await self.store.registered_before(cutoff):
-                web = record.call_type is CallType.web_call
-                await self.store.finish(  # unless its stream started meanwhile
-                    record.call_id,
-                    DisconnectionReason.error_user_not_joined if web else DisconnectionReason.registered_call_timeout,
-                    only_if=CallStatus.registered,
-                    error_detail=f"no media stream within {self.settings.registered_call_timeout_s:g} s",
-                )
+            try:
+                for record in await self.store.registered_before(now_ms() - timeout_ms):
+                    await self._sweep(record, timeout_ms)
+            except Exception:  # the database may be restarting: keep sweeping next time
+                log.exception("sweep of registered calls failed")
+
+    async def _sweep(self, record, timeout_ms: int) -> None:
+        dialed = record.direction is Direction.outbound and record.twilio_call_sid
+        if dialed and record.registered_at > now_ms() - timeout_ms - OUTBOUND_RING_S * 1000:
+            return  # still ringing, perhaps
+        web = record.call_type is CallType.web_call
+        ended = await self.store.finish(  # unless its stream started meanwhile
+            record.call_id,
+            DisconnectionReason.error_user_not_joined if web else DisconnectionReason.registered_call_timeout,
+            only_if=CallStatus.registered,
+            error_detail=f"no media stream within {timeout_ms / 1000:g} s",
+        )
+        if ended is not None and dialed:
+            await self.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

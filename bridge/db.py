@@ -7,6 +7,9 @@ PostgreSQL) never lose an update."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 from pathlib import Path
 
 from alembic import command
@@ -63,6 +66,7 @@ outbox = Table(
     Column("last_error", String(500)),
 )
 Index("ix_outbox_due", outbox.c.next_attempt_at)
+Index("ix_outbox_call", outbox.c.call_id, outbox.c.id)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 DEFAULT_SQLITE = "var/bridge.db"
@@ -106,9 +110,17 @@ def _upgrade(sync_connection) -> None:
 
 
 async def migrate(engine: AsyncEngine) -> None:
-    """Bring the schema to the latest version. On PostgreSQL an advisory lock makes replicas that
-    start together migrate one at a time."""
-    async with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
+    """Bring the schema to the latest version, one process at a time: an advisory lock on
+    PostgreSQL, a lock file next to the database on SQLite."""
+    if engine.dialect.name == "postgresql":
+        async with engine.begin() as conn:
             await conn.execute(text("SELECT pg_advisory_xact_lock(48151623)"))
-        await conn.run_sync(_upgrade)
+            await conn.run_sync(_upgrade)
+        return
+    database = engine.url.database
+    lock_path = Path(database + ".migrate.lock") if database and database != ":memory:" else None
+    with open(lock_path, "w") if lock_path else contextlib.nullcontext() as lock:
+        if lock is not None:
+            await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+        async with engine.begin() as conn:
+            await conn.run_sync(_upgrade)

@@ -32,7 +32,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .models import Encoding, Protocol
 
-E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+E164 = re.compile(r"\+[1-9]\d{1,14}")  # use fullmatch: $ would accept a trailing newline
 ECHO_AGENT_ID = "echo"
 
 
@@ -86,7 +86,7 @@ class AgentConfig(BaseModel):
     @classmethod
     def _e164(cls, v: list[str]) -> list[str]:
         for number in v:
-            if not E164.match(number):
+            if not E164.fullmatch(number):
                 raise ValueError(f"{number!r} is not an E.164 number (like +14155550100)")
         return v
 

@@ -45,6 +45,8 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         key, call_id = raw.split(":", 1)
+        if not 0 <= int(key) < 2**63 or "\x00" in call_id:
+            raise ValueError
         return int(key), call_id
     except (ValueError, UnicodeDecodeError):
         raise ValueError("pagination_key is not one this API gave out") from None
@@ -88,7 +90,7 @@ class SqlCallStore(CallStore):
             call_ids = [row.call_id for row in rows]
         ended = []
         for call_id in call_ids:
-            record = await self.finish(call_id, reason, error_detail=detail)
+            record = await self.finish(call_id, reason, error_detail=detail, owner=self.instance_id)
             if record is not None:
                 ended.append(record)
         return ended
@@ -107,16 +109,18 @@ class SqlCallStore(CallStore):
 
     async def _row(self, call_id: str):
         async with self.engine.connect() as conn:
-            result = await conn.execute(select(calls.c.record, calls.c.version).where(calls.c.call_id == call_id))
+            result = await conn.execute(
+                select(calls.c.record, calls.c.version, calls.c.instance_id).where(calls.c.call_id == call_id)
+            )
             return result.first()
 
-    async def _change(self, call_id: str, make, take_ownership: bool = False, events=()) -> CallRecord | None:
+    async def _change(self, call_id: str, make, take_ownership: bool = False, events=(), owner: str | None = None) -> CallRecord | None:
         """Apply ``make(record) -> new record | None`` as a compare-and-set on the row version.
         ``events(new record) -> [(event, url)]`` go into the webhook outbox in the same
         transaction: the change and its webhooks are stored together or not at all."""
         for _ in range(RETRIES):
             row = await self._row(call_id)
-            if row is None:
+            if row is None or (owner is not None and row.instance_id != owner):
                 return None
             new = make(CallRecord.model_validate(row.record))
             if new is None:
@@ -124,10 +128,11 @@ class SqlCallStore(CallStore):
             values = {**_columns(new), "version": row.version + 1}
             if take_ownership:
                 values["instance_id"] = self.instance_id
+            condition = [calls.c.call_id == call_id, calls.c.version == row.version]
+            if owner is not None:  # e.g. recovery: only while the call is still this instance's
+                condition.append(calls.c.instance_id == owner)
             async with self.engine.begin() as conn:
-                done = await conn.execute(
-                    update(calls).where(calls.c.call_id == call_id, calls.c.version == row.version).values(**values)
-                )
+                done = await conn.execute(update(calls).where(*condition).values(**values))
                 if done.rowcount == 1 and events:
                     await self._enqueue(conn, new, events(new))
             if done.rowcount == 1:
@@ -147,7 +152,8 @@ class SqlCallStore(CallStore):
         return await self._change(call_id, make, take_ownership=True, events=self._hooks("call_started"))
 
     async def finish(
-        self, call_id: str, reason: DisconnectionReason, *, only_if: CallStatus | None = None, **fields: Any
+        self, call_id: str, reason: DisconnectionReason, *, only_if: CallStatus | None = None, owner: str | None = None,
+        **fields: Any,
     ) -> CallRecord | None:
         def make(r: CallRecord) -> CallRecord | None:
             if r.call_status in (CallStatus.ended, CallStatus.error):
@@ -158,7 +164,7 @@ class SqlCallStore(CallStore):
             changes = {"call_status": status, "disconnection_reason": reason, "end_timestamp": now_ms(), **fields}
             return r.model_copy(update=changes)
 
-        return await self._change(call_id, make, events=self._hooks("call_ended"))
+        return await self._change(call_id, make, events=self._hooks("call_ended"), owner=owner)
 
     # --- webhook outbox ----------------------------------------------------------------------
 
@@ -214,19 +220,35 @@ class SqlCallStore(CallStore):
                 claimed.append(dict(row._mapping))
         return claimed
 
+    def _mine(self, job_id: int):
+        # only while this instance still holds the lease: a late answer never overwrites a job
+        # that another replica took over (or already delivered)
+        return and_(outbox.c.id == job_id, outbox.c.leased_by == self.instance_id, outbox.c.delivered_at.is_(None))
+
     async def job_done(self, job_id: int) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(
-                update(outbox).where(outbox.c.id == job_id).values(delivered_at=now_ms(), next_attempt_at=None, leased_by=None)
+                update(outbox).where(self._mine(job_id)).values(delivered_at=now_ms(), next_attempt_at=None, leased_by=None)
             )
 
     async def job_failed(self, job_id: int, attempts: int, retry_at: int | None, error: str) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(
                 update(outbox)
-                .where(outbox.c.id == job_id)
+                .where(self._mine(job_id))
                 .values(attempts=attempts, next_attempt_at=retry_at, last_error=error[:500], leased_by=None)
             )
+
+    async def purge_outbox(self, older_than_ms: int) -> int:
+        """Delete delivered or abandoned webhook jobs older than the given time."""
+        async with self.engine.begin() as conn:
+            done = await conn.execute(
+                delete(outbox).where(outbox.c.next_attempt_at.is_(None), outbox.c.created_at < older_than_ms)
+            )
+            return done.rowcount
+
+    async def add_note(self, call_id: str, text: str) -> None:
+        await self._change(call_id, lambda r: r.model_copy(update={"notes": [*r.notes, text]}))
 
     async def release_leases(self) -> None:
         """After a restart: the jobs this instance was delivering when it died are due again."""
@@ -275,6 +297,7 @@ class SqlCallStore(CallStore):
         descending: bool = True,
         limit: int = 50,
         cursor: str | None = None,
+        skip: int = 0,
     ) -> tuple[list[CallRecord], str | None]:
         """One page of calls, newest first by default (by start time, else registration time);
         returns the page and the cursor of the next page (None at the end)."""
@@ -297,7 +320,7 @@ class SqlCallStore(CallStore):
             else:
                 query = query.where(or_(calls.c.sort_key > key, and_(calls.c.sort_key == key, calls.c.call_id > call_id)))
         order = (calls.c.sort_key.desc(), calls.c.call_id.desc()) if descending else (calls.c.sort_key, calls.c.call_id)
-        query = query.order_by(*order).limit(limit + 1)
+        query = query.order_by(*order).offset(skip).limit(limit + 1)
         async with self.engine.connect() as conn:
             rows = list(await conn.execute(query))
         page = rows[:limit]

@@ -26,10 +26,12 @@ class CallStore:
         raise NotImplementedError
 
     async def finish(
-        self, call_id: str, reason: DisconnectionReason, *, only_if: CallStatus | None = None, **fields: Any
+        self, call_id: str, reason: DisconnectionReason, *, only_if: CallStatus | None = None, owner: str | None = None,
+        **fields: Any,
     ) -> CallRecord | None:
         """-> ended / error with ``end_timestamp`` and the reason; None if it already ended (or,
-        with ``only_if``, if its status is not that one any more)."""
+        with ``only_if``, if its status is not that one any more; with ``owner``, if another
+        instance owns it now)."""
         raise NotImplementedError
 
     async def by_twilio_sid(self, call_sid: str) -> CallRecord | None:

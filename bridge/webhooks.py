@@ -23,6 +23,25 @@ from .models import CallRecord, now_ms
 log = logging.getLogger(__name__)
 
 ANALYZE = "analyze"
+MAX_IN_FLIGHT = 32
+
+
+def _plain(value):
+    """Whole floats as integers, as JavaScript writes them (120.0 -> 120)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def body_text(payload) -> str:
+    """The body exactly as ``JSON.stringify(req.body)`` re-serialises it (compact, UTF-8, whole
+    floats as integers), so receivers that verify a re-serialised body, as Retell's examples
+    do, get the same bytes the signature covers."""
+    return json.dumps(_plain(payload), separators=(",", ":"), ensure_ascii=False)
 
 
 def sign(body: str, key: str, timestamp_ms: int | None = None) -> str:
@@ -53,32 +72,47 @@ class WebhookDispatcher:
         self.jobs_for = targets(settings)
 
     async def run(self) -> None:
+        """Claim due jobs and deliver each in its own task (at most ``MAX_IN_FLIGHT``), so a slow
+        receiver never holds up the others. A job's lease outlasts its total deadline, so no
+        other replica delivers it while this one still might."""
         lease_ms = int((self.settings.webhook_timeout_s + 5) * 1000)
+        in_flight: set[asyncio.Task] = set()
         while True:
-            try:
-                jobs = await self.store.claim_due(lease_ms)
-            except Exception:  # the database may be restarting: try again shortly
-                log.exception("webhook outbox unavailable")
-                jobs = []
-            if jobs:
-                await asyncio.gather(*(self._attempt(job) for job in jobs))
-            else:
+            jobs = []
+            if len(in_flight) < MAX_IN_FLIGHT:
+                try:
+                    jobs = await self.store.claim_due(lease_ms, limit=MAX_IN_FLIGHT - len(in_flight))
+                except Exception:  # the database may be restarting: try again shortly
+                    log.exception("webhook outbox unavailable")
+            for job in jobs:
+                task = asyncio.create_task(self._attempt(job))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            if not jobs:
                 await asyncio.sleep(self.settings.webhook_poll_s)
 
     async def _attempt(self, job: dict) -> None:
         try:
-            if job["event"] == ANALYZE:
-                await self._analyze(job)
-            else:
-                await self._post(job["url"], json.dumps(job["payload"], separators=(",", ":")), job)
-            await self.store.job_done(job["id"])
+            async with asyncio.timeout(self.settings.webhook_timeout_s):  # the whole attempt
+                if job["event"] == ANALYZE:
+                    await self._analyze(job)
+                else:
+                    await self._post(job["url"], body_text(job["payload"]), job)
         except Exception as e:  # noqa: BLE001 - any failure is retried, and recorded
             attempts = job["attempts"] + 1
             retry_at = None
             if attempts < self.settings.webhook_max_attempts:
                 retry_at = now_ms() + int(self.settings.webhook_retry_base_s * 1000 * 2 ** (attempts - 1))
             log.warning("webhook %s for %s failed (attempt %d): %s", job["event"], job["call_id"], attempts, e)
-            await self.store.job_failed(job["id"], attempts, retry_at, f"{type(e).__name__}: {e}")
+            await self._settle(self.store.job_failed(job["id"], attempts, retry_at, f"{type(e).__name__}: {e}"))
+        else:
+            await self._settle(self.store.job_done(job["id"]))
+
+    async def _settle(self, update) -> None:
+        try:
+            await update
+        except Exception:  # the lease runs out and the job is tried again: never lost
+            log.exception("could not record a webhook attempt")
 
     async def _post(self, url: str, body: str, job: dict) -> httpx.Response:
         headers = {
@@ -86,7 +120,7 @@ class WebhookDispatcher:
             "x-retell-signature": sign(body, self.key),
             "x-bridge-event-id": f"{job['call_id']}:{job['event']}:{job['id']}",  # for deduplication
         }
-        response = await self.http.post(url, content=body, headers=headers, timeout=self.settings.webhook_timeout_s)
+        response = await self.http.post(url, content=body.encode("utf-8"), headers=headers, timeout=self.settings.webhook_timeout_s)
         if not 200 <= response.status_code < 300:
             raise RuntimeError(f"{url} answered {response.status_code}")
         return response
@@ -95,7 +129,7 @@ class WebhookDispatcher:
         record = await self.store.get(job["call_id"])
         if record is None:  # deleted meanwhile: nothing to analyse
             return
-        body = json.dumps({"event": "call_ended", "call": record.public()}, separators=(",", ":"))
+        body = body_text({"event": "call_ended", "call": record.public()})
         response = await self._post(job["url"], body, job)
         analysis = response.json()
         if not isinstance(analysis, dict):

@@ -117,7 +117,16 @@ GOOD_V1 = {"agent_id": "echo", "audio_websocket_protocol": "web", "audio_encodin
         ("/register-call", {**GOOD_V1, "end_call_after_silence_ms": 9999}, 422, "end_call_after_silence_ms"),
         ("/register-call", {**GOOD_V1, "from_number": "555-1234"}, 422, "E.164"),
         ("/register-call", {**GOOD_V1, "agent_id": "nobody"}, 404, "agent nobody not found"),
-        ("/register-call", {**GOOD_V1, "metadata": {"blob": "x" * 60000}}, 422, "metadata is larger than 50 kB"),
+        ("/register-call", {**GOOD_V1, "metadata": {"blob": "x" * 60000}}, 422, "is larger than 50 kB"),
+        ("/register-call", {**GOOD_V1, "retell_llm_dynamic_variables": {"n": 5}}, 422, "retell_llm_dynamic_variables.n"),
+        ("/register-call", {**GOOD_V1, "from_number": "+14155550100\n"}, 422, "E.164"),
+        ("/v2/register-phone-call", {"agent_id": "echo", "from_number": "+14155550100"}, 422, "to_number"),
+        ("/v3/list-calls", {"filter_criteria": {"start_timestamp": {"op": "bt", "value": ["x", 1]}}}, 422, "start_timestamp"),
+        ("/v3/list-calls", {"filter_criteria": {"start_timestamp": {"op": "ge", "value": 10**30}}}, 422, "start_timestamp"),
+        ("/v3/list-calls", {"filter_criteria": {"call_status": {"op": "in", "value": [{}]}}}, 422, "call_status"),
+        ("/v3/list-calls", {"filter_criteria": {"agent": [{"agent_id": 5}]}}, 422, "agent"),
+        ("/v3/list-calls", {"filter_criteria": {"agent": [{"agent_id": "a\u0000b"}]}}, 422, "agent"),
+        ("/v3/list-calls", {"pagination_key": "OTk5OTk5OTk5OTk5OTk5OTk5OTk5OjE"}, 422, "pagination_key"),
         ("/register-call", {**GOOD_V1, "metadata": "not an object"}, 422, "metadata"),
         ("/v2/register-phone-call", {}, 422, "agent_id"),
         ("/v2/register-phone-call", {"agent_id": "echo", "direction": "sideways"}, 422, "direction"),
@@ -133,6 +142,22 @@ async def test_bad_bodies_answer_the_documented_error_and_store_nothing(bridge, 
     assert r.status_code == status
     assert r.json()["status"] == "error" and message in r.json()["message"]
     assert await count(bridge) == 0
+
+
+async def test_odd_call_ids_are_404_and_skip_pages(bridge, sdk):
+    async with httpx.AsyncClient(base_url=bridge.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        for path in ("/v2/get-call/%00", "/v2/get-call/a%20b", "/get-call/" + "x" * 65):
+            assert (await http.get(path)).status_code == 404
+        r = await http.get("/v2/list-calls", params={"start_after": 2**64})
+        assert r.status_code == 422
+    ids = [(await sdk.call.register_phone_call(agent_id="echo", from_number="+14155550100", to_number="+14155550111")).call_id
+           for _ in range(3)]  # fmt: skip
+    page = await sdk.call.list(skip=1, limit=10)
+    assert [c.call_id for c in page.items] == list(reversed(ids))[1:]
+    nothing = await sdk.call.list(filter_criteria={"call_status": {"op": "in", "type": "enum", "value": ["not_connected"]}})
+    assert nothing.items == []
+    call = await sdk.call.register_phone_call(agent_id="echo", from_number="+14155550100", to_number="+14155550111")
+    assert call.direction == "inbound"  # the SDK needs a direction: inbound unless said
 
 
 async def test_not_json_is_400_and_unknown_calls_are_404(bridge):

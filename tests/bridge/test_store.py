@@ -174,3 +174,47 @@ async def test_outbox_jobs_are_leased_ordered_per_call_and_released_after_a_rest
     assert [j["event"] for j in await other.claim_due(lease_ms=60_000)] == ["call_ended"]
     await store.close()
     await other.close()
+
+
+async def test_a_late_answer_never_overwrites_a_job_another_instance_took_over(database_url):
+    a = await SqlCallStore.open(database_url, "instance-a")
+    b = await SqlCallStore.open(database_url, "instance-b")
+    a.webhook_targets = lambda event, r: [(event, "http://hooks.example/h")]
+    await a.create(record("c1"))
+    await a.start("c1")
+    (job,) = await a.claim_due(lease_ms=1)  # a's lease runs out at once...
+    await asyncio.sleep(0.01)
+    (again,) = await b.claim_due(lease_ms=60_000)  # ...and b takes the job over
+    await b.job_done(again["id"])
+    await a.job_failed(job["id"], 1, retry_at=0, error="late")  # a's late answer: ignored
+    (settled,) = await a.jobs("c1")
+    assert settled["delivered_at"] is not None and settled["next_attempt_at"] is None
+    assert await a.claim_due(lease_ms=60_000) == []
+    await a.close()
+    await b.close()
+
+
+async def test_notes_are_never_lost(store):
+    await store.create(record("c1"))
+    await asyncio.gather(*(store.add_note("c1", f"n{i}") for i in range(10)))
+    assert sorted((await store.get("c1")).notes) == sorted(f"n{i}" for i in range(10))
+
+
+async def test_recovery_leaves_a_call_another_instance_took_over(database_url):
+    a = await SqlCallStore.open(database_url, "instance-a")
+    b = await SqlCallStore.open(database_url, "instance-b")
+    await a.create(record("c1"))
+    assert await a.finish("c1", DisconnectionReason.error_unknown, owner="instance-b") is None
+    await b.start("c1")  # b owns it now
+    assert await a.recover(DisconnectionReason.error_unknown, "x") == []
+    assert (await b.get("c1")).call_status is CallStatus.ongoing
+    await a.close()
+    await b.close()
+
+
+async def test_replicas_starting_together_migrate_one_at_a_time(database_url):
+    stores = await asyncio.gather(*(SqlCallStore.open(database_url, f"instance-{i}") for i in range(6)))
+    await stores[0].create(record("c1"))
+    assert (await stores[5].get("c1")).call_id == "c1"
+    for s in stores:
+        await s.close()

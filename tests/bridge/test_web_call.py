@@ -135,5 +135,7 @@ async def test_garbage_from_the_browser_ends_that_call(bridge, sdk):
             async with asyncio.timeout(5):
                 while True:
                     await ws.recv()
-    r = await bridge.store.get(call.call_id)
+    async with asyncio.timeout(5):  # the record is written after the sockets close
+        while (r := await bridge.store.get(call.call_id)).disconnection_reason is None:
+            await asyncio.sleep(0.05)
     assert r.disconnection_reason.value == "error_frontend_corrupted_payload"

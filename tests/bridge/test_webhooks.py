@@ -138,3 +138,34 @@ async def test_undelivered_events_survive_a_restart(start_bridge, tmp_path):
         await until(lambda: receiver.kinds(result.call_id) == ["call_started", "call_ended"])
         await asyncio.sleep(0.3)
     assert receiver.kinds(result.call_id) == ["call_started", "call_ended"]  # once each
+
+
+def test_the_body_is_what_a_javascript_receiver_re_serialises():
+    from bridge.webhooks import body_text
+
+    payload = {"event": "call_ended", "call": {"transcript": "Agent: ¿qué tal? 你好", "e2e_latency": {"p50": 120.0, "p90": 812.4}}}
+    text = body_text(payload)
+    assert text == '{"event":"call_ended","call":{"transcript":"Agent: ¿qué tal? 你好","e2e_latency":{"p50":120,"p90":812.4}}}'
+    assert verify(text, "key", sign(text, "key"))
+
+
+async def test_a_slow_receiver_does_not_hold_up_the_others(start_bridge):
+    slow_seen, fast = [], Receiver()
+    slow = FastAPI()
+
+    @slow.post("/hook")
+    async def crawl():
+        slow_seen.append(1)
+        await asyncio.sleep(30)  # never answers in time
+        return {}
+
+    async with BackgroundServer(slow) as s, BackgroundServer(fast.app) as f:
+        agents = {
+            "echo": AgentConfig(agent_id="echo", default=True, webhook_url=f"{s.base_url}/hook"),
+            "quick": AgentConfig(agent_id="quick", webhook_url=f"{f.base_url}/hook"),
+        }
+        bridge = await start_bridge(agents=agents, webhook_timeout_s=3, **FAST)
+        await bridge.call(agent_id="echo")
+        quick = await bridge.call(agent_id="quick")
+        await until(lambda: fast.kinds(quick.call_id) == ["call_started", "call_ended"], timeout=2.5)
+    assert slow_seen

@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("last_error", sa.String(500)),
     )
     op.create_index("ix_outbox_due", "webhook_outbox", ["next_attempt_at"])
+    op.create_index("ix_outbox_call", "webhook_outbox", ["call_id", "id"])
 
 
 def downgrade() -> None:
