@@ -1,6 +1,5 @@
 """Every call on the record: recording, turn latency, round trip, limits, log, privacy."""
 
-import asyncio
 import json
 
 import httpx
