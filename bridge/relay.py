@@ -229,25 +229,33 @@ async def _pump_until_end(
     twilio: WebSocket, agent, session: CallSession, settings, stopped: asyncio.Event, limits: Limits
 ) -> None:
     send_timeout = settings.send_timeout_s
+    # sends that have not finished: (started, side). The tick ends the call when one is older
+    # than send_timeout_s; a per-send asyncio.timeout cost ~10 % of the CPU under load
+    sending: dict[int, tuple[float, str]] = {}
 
     async def send(actions) -> None:
+        key = id(asyncio.current_task())
         for target, message in actions:
             if target == TO_TWILIO:
+                sending[key] = (loop.time(), "twilio")
                 try:
-                    async with asyncio.timeout(send_timeout):
-                        await twilio.send_text(message)
-                except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError) as e:
+                    await twilio.send_text(message)
+                except (WebSocketDisconnect, RuntimeError, OSError) as e:
                     session.end(Reason.error_twilio, f"send to Twilio failed: {type(e).__name__}")
                     return
+                finally:
+                    sending.pop(key, None)
             else:
+                sending[key] = (loop.time(), "agent")
                 try:
-                    async with asyncio.timeout(send_timeout):
-                        await agent.send(message)
-                except ConnectionClosed:
-                    return  # the agent's side says how it closed (a clean 1000 is a hang-up)
-                except (TimeoutError, OSError) as e:
-                    session.end(Reason.error_llm_websocket_lost_connection, f"send to agent failed: {type(e).__name__}")
+                    await agent.send(message)
+                except (ConnectionClosed, OSError):
+                    # the receiving side says how the agent's socket ended (its close frame, or
+                    # none: lost); a write failing first on a closed socket must not decide it.
+                    # A socket dead without a close is caught by the ping timeout.
                     return
+                finally:
+                    sending.pop(key, None)
 
     loop = asyncio.get_running_loop()
     last_from_twilio = loop.time()
@@ -294,12 +302,19 @@ async def _pump_until_end(
         protocol), the call's limits, and the watchdog on Twilio's side: a stream that stops
         sending (a half-dead socket) ends the call instead of hanging it."""
         observer = session.observer
-        tick = min(settings.keepalive_interval_s, settings.no_audio_timeout_s / 4, settings.limits_tick_s)
+        tick = min(settings.keepalive_interval_s, settings.no_audio_timeout_s / 4, settings.limits_tick_s, send_timeout / 2)
         next_ping = loop.time() + settings.keepalive_interval_s
         last_latency = 0.0
         while session.ending is None:
             await asyncio.sleep(tick)
             now = loop.time()
+            for started, side in list(sending.values()):
+                if now - started > send_timeout:
+                    if side == "twilio":
+                        session.end(Reason.error_twilio, "send to Twilio failed: TimeoutError")
+                    else:
+                        session.end(Reason.error_llm_websocket_lost_connection, "send to agent failed: TimeoutError")
+                    return
             if now - last_from_twilio > settings.no_audio_timeout_s:
                 session.end(Reason.error_no_audio_received, f"nothing from Twilio for {now - last_from_twilio:.1f} s")
                 return

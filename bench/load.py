@@ -1,0 +1,375 @@
+"""Load harness: how many concurrent calls one core of the bridge carries, and what it adds.
+
+    python -m bench.load                      # bridge (s16le 24 kHz), bridge (mulaw 8 kHz), naive baseline
+    python -m bench.load --targets bridge-24k --steps 50 100 200 --seconds 8
+
+The system under test runs as its own process pinned to core 0. This process, pinned to core 1,
+plays both ends: N Twilio callers (signed webhook, TwiML, media stream, a 20 ms frame per call
+every 20 ms, marks echoed like Twilio) and a "null" agent that sends every audio frame straight
+back. Both ends share one clock, so the delay the system adds to each frame, in each direction,
+is measured directly: caller -> agent (inbound) and agent -> caller (outbound), matching frames
+by their order in each call. Per step it reports frames lost, the added delay p50/p99/max, the
+system's CPU and RSS (and RSS per call), the set-up time of the calls, and this process's own
+CPU; a step where this process itself saturates (> 90 % of its core) is marked as such, instead
+of blaming the system. The ramp stops at the first step that does not hold (p99 added delay over
+20 ms, or any frame lost) and prints the largest N that held. Loopback only; bounded in time.
+
+Targets (issue 6): >= 500 calls with s16le 24 kHz both ways and p99 <= 5 ms, >= 1.5x the naive
+baseline, p50 <= 0.5 ms at 1 call, <= 100 KiB RSS per call, set-up <= 20 ms p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import websockets
+from twilio.request_validator import RequestValidator
+
+AUTH_TOKEN = "load-test-token"
+API_KEY = "load-test-key"
+FRAME_S = 0.020
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+
+
+@dataclass
+class Call:
+    index: int
+    call_id: str = ""
+    sent: list[float] = field(default_factory=list)  # caller -> bridge, per frame
+    heard: list[float] = field(default_factory=list)  # bridge -> caller, per media frame
+    agent_got: list[float] = field(default_factory=list)  # bridge -> agent
+    agent_sent: list[float] = field(default_factory=list)  # agent -> bridge
+    setup_started: float = 0.0
+    agent_opened: float = 0.0
+    ws: object = None
+    media_text: str = ""
+
+
+class NullAgent:
+    """Sends every audio frame straight back; notes when each frame came and went."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, Call] = {}
+        self.port = 0
+        self.server = None
+
+    async def handler(self, ws) -> None:
+        call_id = ws.request.path.strip("/").split("?")[0]
+        call = self.calls.get(call_id)
+        if call is None:
+            await ws.close(1008)
+            return
+        call.agent_opened = time.perf_counter()
+        got, sent, clock = call.agent_got, call.agent_sent, time.perf_counter
+        try:
+            async for message in ws:
+                if isinstance(message, bytes):
+                    got.append(clock())
+                    await ws.send(message)
+                    sent.append(clock())
+                elif message == "ping":
+                    await ws.send("pong")
+        except websockets.ConnectionClosed:
+            pass
+
+    async def start(self) -> None:
+        self.server = await websockets.serve(self.handler, "127.0.0.1", 0, compression=None, max_queue=None)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+
+class Target:
+    """A system under test: its process, and how a call is opened on it."""
+
+    name = ""
+
+    def __init__(self, agent_port: int, workdir: Path):
+        self.port = free_port()
+        self.agent_port = agent_port
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> tuple[list[str], dict]:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        cmd, env = self.command()
+        self.process = subprocess.Popen(
+            ["taskset", "-c", "0", *cmd], env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        async with httpx.AsyncClient() as http:
+            for _ in range(300):
+                try:
+                    await http.get(f"http://127.0.0.1:{self.port}/healthz" if self.name != "naive" else f"http://127.0.0.1:{self.port}/docs")
+                    return
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+class Bridge(Target):
+    def __init__(self, agent_port, workdir, encoding: str, rate: int):
+        super().__init__(agent_port, workdir)
+        self.name = f"bridge {encoding} {rate // 1000}k"
+        self.encoding, self.rate = encoding, rate
+
+    def command(self):
+        agents = self.workdir / f"agents-{self.encoding}-{self.rate}.toml"
+        agents.write_text(
+            f'[agents.null]\nurl = "ws://127.0.0.1:{self.agent_port}/{{call_id}}"\nprotocol = "web"\n'
+            f'encoding = "{self.encoding}"\nsample_rate = {self.rate}\ndefault = true\n'
+        )
+        env = {
+            "BRIDGE_PORT": str(self.port), "BRIDGE_AGENTS_FILE": str(agents), "BRIDGE_TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "BRIDGE_API_KEYS": API_KEY, "BRIDGE_DATA_DIR": str(self.workdir / f"data-{self.encoding}-{self.rate}"),
+            "BRIDGE_INSTANCE_ID": f"load-{self.encoding}-{self.rate}",
+        }  # fmt: skip
+        return [sys.executable, "-m", "bridge", "serve", "--port", str(self.port)], env
+
+    async def open(self, call: Call, http: httpx.AsyncClient, validator: RequestValidator, known) -> None:
+        url = f"http://127.0.0.1:{self.port}/twilio/voice"
+        params = {"CallSid": "CA" + secrets.token_hex(16), "AccountSid": "AC" + "0" * 32, "From": "+15550100000",
+                  "To": "+15550199999", "Direction": "inbound", "CallStatus": "ringing"}  # fmt: skip
+        r = await http.post(url, data=params, headers={"X-Twilio-Signature": validator.compute_signature(url, params)})
+        stream_url = re.search(r'<Stream url="([^"]+)"', r.text).group(1)
+        custom = dict(re.findall(r'<Parameter name="([^"]+)" value="([^"]+)"', r.text))
+        call.call_id = custom["call_id"]
+        known(call)  # the agent must know the call before the bridge dials it
+        await self._connect(call, stream_url, custom, {"X-Twilio-Signature": validator.compute_signature(stream_url, {})})
+
+    async def _connect(self, call: Call, stream_url: str, custom: dict, headers: dict) -> None:
+        ws = await websockets.connect(stream_url, additional_headers=headers, compression=None, max_queue=None)
+        sid = "MZ" + secrets.token_hex(16)
+        await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await ws.send(json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": sid, "start": {
+            "streamSid": sid, "accountSid": "AC" + "0" * 32, "callSid": "CA" + secrets.token_hex(16), "tracks": ["inbound"],
+            "customParameters": custom, "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))  # fmt: skip
+        payload = base64.b64encode(bytes(range(256))[48:208]).decode()  # 160 bytes of varied mu-law
+        call.media_text = json.dumps({"event": "media", "streamSid": sid, "media": {"track": "inbound", "payload": payload}})
+        call.ws = ws
+
+
+class Naive(Bridge):
+    def __init__(self, agent_port, workdir):
+        Target.__init__(self, agent_port, workdir)
+        self.name = "naive"
+
+    def command(self):
+        return [sys.executable, "-m", "bench.naive_relay", str(self.port), f"ws://127.0.0.1:{self.agent_port}/{{call_id}}"], {}
+
+    async def open(self, call: Call, http, validator, known) -> None:
+        call.call_id = "naive" + secrets.token_hex(8)
+        known(call)
+        await self._connect(call, f"ws://127.0.0.1:{self.port}/media", {"call_id": call.call_id}, {})
+
+
+async def receive(call: Call) -> None:
+    clock, heard = time.perf_counter, call.heard
+    try:
+        async for message in call.ws:
+            if message.startswith('{"event":"media"') or '"media"' in message[:40]:
+                heard.append(clock())
+            elif '"mark"' in message[:40]:  # echo marks like Twilio
+                frame = json.loads(message)
+                await call.ws.send(json.dumps({"event": "mark", "streamSid": frame["streamSid"], "mark": frame["mark"]}))
+    except websockets.ConnectionClosed:
+        pass
+
+
+def stats(values: list[float]) -> tuple[float, float, float]:
+    if not values:
+        return (float("nan"),) * 3
+    a = np.asarray(values) * 1000
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99)), float(a.max())
+
+
+async def run_step(target: Target, agent: NullAgent, n: int, seconds: float, warmup: float) -> dict:
+    validator = RequestValidator(AUTH_TOKEN)
+    calls = [Call(i) for i in range(n)]
+    limits = httpx.Limits(max_connections=50)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as http:
+        gate = asyncio.Semaphore(20)
+
+        async def open_one(call: Call) -> None:
+            async with gate:
+                call.setup_started = time.perf_counter()
+                await target.open(call, http, validator, lambda c: agent.calls.__setitem__(c.call_id, c))
+
+        await asyncio.gather(*(open_one(call) for call in calls))
+    receivers = [asyncio.create_task(receive(c)) for c in calls]
+    await asyncio.sleep(0.5)  # agent sockets open
+    rss_before = rss_bytes(target.process.pid)
+    start = time.perf_counter()
+    measure_from = start + warmup
+    end = start + seconds
+    cpu0 = cpu1 = me0 = me1 = None
+    # one ticker paces every call: call i sends at phase i/n of each 20 ms period
+    tick = 0
+    while True:
+        now = time.perf_counter()
+        if now >= end:
+            break
+        if cpu0 is None and now >= measure_from:
+            cpu0, me0, t0 = cpu_seconds(target.process.pid), cpu_seconds(), now
+        period_start = start + tick * FRAME_S
+        for i, call in enumerate(calls):
+            due = period_start + FRAME_S * i / n
+            delay = due - time.perf_counter()
+            if delay > 0.001:
+                await asyncio.sleep(delay)
+            call.sent.append(time.perf_counter())
+            await call.ws.send(call.media_text)
+        tick += 1
+        delay = start + tick * FRAME_S - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    cpu1, me1, t1 = cpu_seconds(target.process.pid), cpu_seconds(), time.perf_counter()
+    rss = rss_bytes(target.process.pid)
+    await asyncio.sleep(0.5)  # drain
+    for call in calls:
+        try:
+            await call.ws.send(json.dumps({"event": "stop", "stop": {}}))
+            await call.ws.close()
+        except websockets.ConnectionClosed:
+            pass
+    await asyncio.gather(*receivers, return_exceptions=True)
+    inbound, outbound, lost_in, lost_out, setups = [], [], 0, 0, []
+    for call in calls:
+        k = [j for j, t in enumerate(call.sent) if t >= measure_from]
+        got = call.agent_got
+        for j in k:
+            if j < len(got):
+                inbound.append(got[j] - call.sent[j])
+            else:
+                lost_in += 1
+        k2 = [j for j, t in enumerate(call.agent_sent) if t >= measure_from]
+        for j in k2:
+            if j < len(call.heard):
+                outbound.append(call.heard[j] - call.agent_sent[j])
+            else:
+                lost_out += 1
+        if call.agent_opened:
+            setups.append(call.agent_opened - call.setup_started)
+        agent.calls.pop(call.call_id, None)
+    inp, outp = stats(inbound), stats(outbound)
+    return {
+        "n": n, "in_p50": inp[0], "in_p99": inp[1], "in_max": inp[2], "out_p50": outp[0], "out_p99": outp[1],
+        "out_max": outp[2], "lost": lost_in + lost_out, "cpu": (cpu1 - cpu0) / (t1 - t0) * 100,
+        "me_cpu": (me1 - me0) / (t1 - t0) * 100, "rss_mb": rss / 2**20,
+        "rss_per_call_kib": (rss - rss_before) / max(n, 1) / 1024 if n else 0.0,
+        "setup_p99": stats(setups)[1], "frames": len(inbound) + len(outbound),
+    }  # fmt: skip
+
+
+HEADER = f"{'target':<18}{'calls':>6}{'in p50':>8}{'in p99':>8}{'in max':>8}{'out p50':>8}{'out p99':>8}{'out max':>8}{'lost':>6}{'cpu %':>7}{'RSS MB':>8}{'KiB/call':>9}{'setup p99':>10}{'driver %':>9}  verdict"
+
+
+def row(name: str, r: dict, verdict: str) -> str:
+    return (
+        f"{name:<18}{r['n']:>6}{r['in_p50']:>8.2f}{r['in_p99']:>8.2f}{r['in_max']:>8.1f}{r['out_p50']:>8.2f}"
+        f"{r['out_p99']:>8.2f}{r['out_max']:>8.1f}{r['lost']:>6}{r['cpu']:>7.0f}{r['rss_mb']:>8.0f}"
+        f"{r['rss_per_call_kib']:>9.0f}{r['setup_p99']:>10.1f}{r['me_cpu']:>9.0f}  {verdict}"
+    )
+
+
+async def main_async(args) -> int:
+    os.sched_setaffinity(0, {1})  # this process: core 1; the system under test: core 0
+    agent = NullAgent()
+    await agent.start()
+    workdir = Path(tempfile.mkdtemp(prefix="bridge-load-"))
+    makers = {
+        "bridge-24k": lambda: Bridge(agent.port, workdir, "s16le", 24000),
+        "bridge-mulaw": lambda: Bridge(agent.port, workdir, "mulaw", 8000),
+        "naive": lambda: Naive(agent.port, workdir),
+    }
+    deadline = time.monotonic() + args.max_minutes * 60
+    print(HEADER, flush=True)
+    summary = {}
+    for name in args.targets:
+        target = makers[name]()
+        await target.start()
+        held = 0
+        try:
+            for n in args.steps:
+                if time.monotonic() > deadline:
+                    print(f"{target.name}: time budget used up", flush=True)
+                    break
+                r = await run_step(target, agent, n, args.seconds, args.warmup)
+                ok = r["lost"] == 0 and r["in_p99"] <= 20 and r["out_p99"] <= 20
+                verdict = "held" if ok else "did not hold"
+                if r["me_cpu"] > 90:
+                    verdict += " (driver saturated: this step says nothing about the target)"
+                print(row(target.name, r, verdict), flush=True)
+                if not ok:
+                    break
+                held = n
+        finally:
+            target.stop()
+        summary[target.name] = held
+        print(f"{target.name}: largest N that held = {held}", flush=True)
+    if len(summary) > 1 and summary.get("naive"):
+        for name, held in summary.items():
+            if name != "naive":
+                print(f"{name}: {held / summary['naive']:.2f}x the naive baseline")
+    await asyncio.sleep(0)
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        import uvloop
+
+        uvloop.install()  # a leaner loop keeps the driver out of the way
+    except ImportError:
+        pass
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", nargs="+", default=["bridge-24k", "bridge-mulaw", "naive"], choices=["bridge-24k", "bridge-mulaw", "naive"])
+    parser.add_argument("--steps", nargs="+", type=int, default=[1, 25, 50, 100, 150, 200, 300, 400, 500, 600])
+    parser.add_argument("--seconds", type=float, default=8.0, help="per step, warm-up included")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--max-minutes", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
