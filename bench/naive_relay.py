@@ -31,10 +31,10 @@ async def media(ws: WebSocket):
                 call_id = message["start"]["customParameters"].get("call_id", stream_sid)
                 agent = await websockets.connect(AGENT_URL.replace("{call_id}", call_id))
 
-                async def from_agent():
+                async def from_agent(agent=agent, sid=stream_sid):
                     async for data in agent:
                         payload = base64.b64encode(data).decode()
-                        await ws.send_text(json.dumps({"event": "media", "streamSid": stream_sid, "media": {"payload": payload}}))
+                        await ws.send_text(json.dumps({"event": "media", "streamSid": sid, "media": {"payload": payload}}))
 
                 asyncio.create_task(from_agent())
             elif message["event"] == "media" and agent is not None:
