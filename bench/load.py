@@ -147,16 +147,17 @@ class Target:
 
 
 class Bridge(Target):
-    def __init__(self, agent_port, workdir, encoding: str, rate: int):
+    def __init__(self, agent_port, workdir, encoding: str, rate: int, private: bool = False):
         super().__init__(agent_port, workdir)
-        self.name = f"bridge {encoding} {rate // 1000}k"
-        self.encoding, self.rate = encoding, rate
+        self.name = f"bridge {encoding} {rate // 1000}k" + (" private" if private else "")
+        self.encoding, self.rate, self.private = encoding, rate, private
 
     def command(self):
         agents = self.workdir / f"agents-{self.encoding}-{self.rate}.toml"
         agents.write_text(
             f'[agents.null]\nurl = "ws://127.0.0.1:{self.agent_port}/{{call_id}}"\nprotocol = "web"\n'
             f'encoding = "{self.encoding}"\nsample_rate = {self.rate}\ndefault = true\n'
+            f"opt_out_sensitive_data_storage = {'true' if self.private else 'false'}\n"
         )
         env = {
             "BRIDGE_PORT": str(self.port), "BRIDGE_AGENTS_FILE": str(agents), "BRIDGE_TWILIO_AUTH_TOKEN": AUTH_TOKEN,
@@ -319,6 +320,7 @@ async def main_async(args) -> int:
     makers = {
         "bridge-24k": lambda: Bridge(agent.port, workdir, "s16le", 24000),
         "bridge-mulaw": lambda: Bridge(agent.port, workdir, "mulaw", 8000),
+        "bridge-24k-private": lambda: Bridge(agent.port, workdir, "s16le", 24000, private=True),
         "naive": lambda: Naive(agent.port, workdir),
     }
     deadline = time.monotonic() + args.max_minutes * 60
@@ -362,7 +364,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", nargs="+", default=["bridge-24k", "bridge-mulaw", "naive"], choices=["bridge-24k", "bridge-mulaw", "naive"])
+    parser.add_argument("--targets", nargs="+", default=["bridge-24k", "bridge-mulaw", "naive"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive"])
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 25, 50, 100, 150, 200, 300, 400, 500, 600])
     parser.add_argument("--seconds", type=float, default=8.0, help="per step, warm-up included")
     parser.add_argument("--warmup", type=float, default=2.0)
