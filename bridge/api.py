@@ -373,22 +373,21 @@ async def stop_call(call_id: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
+async def _call_file(request: Request, call_id: str, path, what: str, media_type: str) -> Response:
+    await _call(request, call_id)
+    if not path.exists():
+        raise ApiError(404, f"call {call_id} has no {what}")
+    return FileResponse(path, media_type=media_type)
+
+
 @router.get("/v2/recordings/{call_id}.wav", dependencies=AUTH, summary="A call's stereo recording (caller left, agent right)")
 async def recording(call_id: str, request: Request) -> Response:
-    await _call(request, call_id)
-    path = services(request).recording_path(call_id)
-    if not path.exists():
-        raise ApiError(404, f"call {call_id} has no recording")
-    return FileResponse(path, media_type="audio/wav")
+    return await _call_file(request, call_id, services(request).recording_path(call_id), "recording", "audio/wav")
 
 
 @router.get("/v2/public-logs/{call_id}.jsonl", dependencies=AUTH, summary="A call's public log (JSON lines)")
 async def public_log(call_id: str, request: Request) -> Response:
-    await _call(request, call_id)
-    path = services(request).log_path(call_id)
-    if not path.exists():
-        raise ApiError(404, f"call {call_id} has no public log")
-    return FileResponse(path, media_type="application/x-ndjson")
+    return await _call_file(request, call_id, services(request).log_path(call_id), "public log", "application/x-ndjson")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -73,6 +73,16 @@ async def start_bridge(tmp_path):
 
 
 @pytest.fixture
+async def sdk(bridge):
+    """The official retell-sdk client pointed at the module's ``bridge``, in strict mode: its own
+    models check every answer."""
+    from retell import AsyncRetell
+
+    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, _strict_response_validation=True, max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture
 async def bad_agent():
     """An agent server whose behaviour is chosen by the path: ``/garbage``, ``/abort``,
     ``/close1011``, ``/hangup`` (close 1000 at once), ``/flood`` (24 kHz audio as fast as it can),

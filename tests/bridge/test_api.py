@@ -3,7 +3,7 @@ own models must parse every answer), and bad bodies over plain HTTP."""
 
 import httpx
 import pytest
-from retell import APIStatusError, AsyncRetell
+from retell import APIStatusError
 
 from bridge.models import DisconnectionReason
 
@@ -13,12 +13,6 @@ from .conftest import API_KEY
 @pytest.fixture
 async def bridge(start_bridge):
     return await start_bridge()
-
-
-@pytest.fixture
-async def sdk(bridge):
-    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, _strict_response_validation=True, max_retries=0) as client:
-        yield client
 
 
 async def count(bridge) -> int:

@@ -25,12 +25,6 @@ async def bridge(start_bridge):
     return b
 
 
-@pytest.fixture
-async def sdk(bridge):
-    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, _strict_response_validation=True, max_retries=0) as c:
-        yield c
-
-
 async def finished(bridge, call_id: str, timeout: float = 20):
     async with asyncio.timeout(timeout):
         while True:

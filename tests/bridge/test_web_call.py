@@ -17,12 +17,6 @@ async def bridge(start_bridge):
     return await start_bridge()
 
 
-@pytest.fixture
-async def sdk(bridge):
-    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, _strict_response_validation=True, max_retries=0) as c:
-        yield c
-
-
 def ws_url(bridge, call_id: str, token: str, **query) -> str:
     extra = "".join(f"&{k}={v}" for k, v in query.items())
     return f"{bridge.base_url.replace('http', 'ws')}/web-call/{call_id}?access_token={token}{extra}"
