@@ -81,24 +81,30 @@ async def handle_media_stream(websocket: WebSocket, services: Services) -> None:
         await websocket.close(code=1008)  # before accept: the upgrade is refused (HTTP 403)
         return
     await websocket.accept()
+    public_base = services.public_base(websocket.headers, str(websocket.base_url))
     try:
-        start, record = await _accept_stream(websocket, services)
+        start, record = await _accept_stream(websocket, services, public_base)
     except StreamRejected as e:
         log.warning("media stream rejected: %s", e)
         if e.call_id:
             await services.note(e.call_id, f"stream rejected: {e}")
         await _close(websocket, 1008, str(e)[:120])
         return
-    await _relay(websocket, services, start, record, services.public_base(websocket.headers, str(websocket.base_url)))
+    await _relay(websocket, services, start, record)
 
 
-async def _accept_stream(websocket: WebSocket, services: Services):
+def is_private(record, agent_config) -> bool:
+    """opt_out_sensitive_data_storage, on the call or its agent."""
+    return bool(record.opt_out_sensitive_data_storage or (agent_config and agent_config.opt_out_sensitive_data_storage))
+
+
+async def _accept_stream(websocket: WebSocket, services: Services, public_base: str):
     """Read ``connected`` and ``start``; check the call and its single-use token."""
     try:
         event = await _read_start(websocket, services.settings.stream_start_timeout_s)
     except TimeoutError:
         raise StreamRejected(f"no start within {services.settings.stream_start_timeout_s:g} s") from None
-    return await _check_start(event, event.custom_parameters.get(CALL_PARAMETER), services)
+    return await _check_start(event, event.custom_parameters.get(CALL_PARAMETER), services, public_base)
 
 
 async def _read_start(websocket: WebSocket, timeout_s: float) -> tf.Start:
@@ -121,7 +127,7 @@ async def _read_start(websocket: WebSocket, timeout_s: float) -> tf.Start:
             return event
 
 
-async def _check_start(event: tf.Start, call_id: str | None, services: Services):
+async def _check_start(event: tf.Start, call_id: str | None, services: Services, public_base: str):
     if not call_id:
         raise StreamRejected("start without a call_id parameter")
     record = await services.store.get(call_id)
@@ -131,21 +137,28 @@ async def _check_start(event: tf.Start, call_id: str | None, services: Services)
         services.tokens.check(call_id, event.custom_parameters.get(TOKEN_PARAMETER))
     except TokenError as e:
         raise StreamRejected(str(e), call_id) from None
-    started = await services.store.start(
+    files = {}
+    if not is_private(record, services.settings.agents.get(record.agent_id)):
+        files = {
+            "recording_url": f"{public_base}/v2/recordings/{call_id}.wav",
+            "public_log_url": f"{public_base}/v2/public-logs/{call_id}.jsonl",
+        }
+    started = await services.store.start(  # one write: ongoing, Twilio's ids, where the files will be
         call_id,
         twilio_call_sid=record.twilio_call_sid or event.call_sid,
         twilio_account_sid=record.twilio_account_sid or event.account_sid,
+        **files,
     )
     if started is None:
         raise StreamRejected(f"stream token already used (call is {record.call_status.value})", call_id)
     return event, started
 
 
-async def _relay(twilio: WebSocket, services: Services, start: tf.Start, record, public_base: str) -> None:
+async def _relay(twilio: WebSocket, services: Services, start: tf.Start, record) -> None:
     settings = services.settings
     call_id = record.call_id
     agent_config = settings.agents.get(record.agent_id)
-    private = bool(record.opt_out_sensitive_data_storage or (agent_config and agent_config.opt_out_sensitive_data_storage))
+    private = is_private(record, agent_config)
     started = asyncio.get_running_loop().time()
     try:
         observer = CallObserver(
@@ -158,12 +171,6 @@ async def _relay(twilio: WebSocket, services: Services, start: tf.Start, record,
         log.error("call %s: no recording or log: %s", call_id, e)
         observer = CallObserver(started=started, private=private)
     observer.event(observer.started, "stream_start", call_sid=start.call_sid, stream_sid=start.stream_sid)
-    if not private:
-        await services.store.update(
-            call_id,
-            recording_url=f"{public_base}/v2/recordings/{call_id}.wav",
-            public_log_url=f"{public_base}/v2/public-logs/{call_id}.jsonl",
-        )
     session = CallSession(
         record.audio_websocket_protocol,
         AudioFormat(record.audio_encoding.value, record.sample_rate),
