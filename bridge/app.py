@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI
+from starlette.routing import WebSocketRoute
 
 from audio import repair_wav
 from audio.filters import plan
@@ -20,6 +21,7 @@ from . import api, echo_agent, outbound, twilio_webhook, web_call
 from .models import CallStatus, CallType, Direction, DisconnectionReason, now_ms
 from .observer import percentiles
 from .outbound import CallThrottle
+from .asgi_socket import AsgiWebSocketEndpoint
 from .relay import handle_media_stream
 from .session import CallSession
 from .settings import Settings, load_settings
@@ -214,9 +216,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(web_call.router)
     app.include_router(echo_agent.router)
 
-    @app.websocket("/twilio/media")
-    async def twilio_media(websocket: WebSocket) -> None:
+    async def twilio_media(websocket) -> None:
         await handle_media_stream(websocket, services)
+
+    # a plain ASGI endpoint: no per-message Starlette wrapper on the hottest path
+    app.router.routes.append(WebSocketRoute("/twilio/media", AsgiWebSocketEndpoint(twilio_media)))
 
     @app.get("/healthz", include_in_schema=False)
     async def health() -> dict:

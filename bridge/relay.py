@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import websockets
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocketDisconnect
+
+from .asgi_socket import AsgiWebSocket as WebSocket
 from twilio.request_validator import RequestValidator
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidURI
 
@@ -407,7 +409,7 @@ async def _play_out(twilio: WebSocket, session: CallSession) -> None:
 
 
 async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
-    if websocket.application_state is WebSocketState.DISCONNECTED or websocket.client_state is WebSocketState.DISCONNECTED:
+    if websocket.closed:
         return
     try:
         async with asyncio.timeout(2):
