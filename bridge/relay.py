@@ -82,7 +82,10 @@ async def handle_media_stream(websocket: WebSocket, services: Services) -> None:
         log.warning("media websocket refused: %s X-Twilio-Signature", "bad" if signature else "no")
         await websocket.close(code=1008)  # before accept: the upgrade is refused (HTTP 403)
         return
-    await websocket.accept()
+    try:
+        await websocket.accept()
+    except (WebSocketDisconnect, OSError):  # gone before the upgrade completed
+        return
     public_base = services.public_base(websocket.headers, str(websocket.base_url))
     try:
         start, record = await _accept_stream(websocket, services, public_base)
