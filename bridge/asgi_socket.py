@@ -17,7 +17,6 @@ class AsgiWebSocket:
         self.headers = Headers(scope=scope)
         self.url = URL(scope=scope)
         self.base_url = HTTPConnection(scope).base_url
-        self.accepted = False
         self.closed = False
 
     async def accept(self) -> None:
@@ -26,7 +25,6 @@ class AsgiWebSocket:
             self.closed = True
             raise WebSocketDisconnect(1006)
         await self._send({"type": "websocket.accept"})
-        self.accepted = True
 
     async def receive(self) -> dict:
         message = await self._receive()

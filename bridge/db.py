@@ -69,7 +69,6 @@ Index("ix_outbox_due", outbox.c.next_attempt_at)
 Index("ix_outbox_call", outbox.c.call_id, outbox.c.id)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-DEFAULT_SQLITE = "var/bridge.db"
 
 
 def database_url(url: str | None, data_dir: Path) -> str:

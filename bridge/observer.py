@@ -17,7 +17,6 @@ every agent payload sent to Twilio (mu-law 8 kHz), with the bridge's clock (seco
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,10 +200,3 @@ class CallObserver:
         if self._log is not None:
             self._log.close()
 
-
-def remove(path: Path | None) -> None:
-    if path is not None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass

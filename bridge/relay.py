@@ -362,7 +362,12 @@ async def _pump_until_end(
 async def _finish(twilio: WebSocket, agent, session: CallSession, services: Services, record) -> None:
     ending = session.ending
     reason = ending.reason if ending else Reason.error_unknown
-    session.observer.event(asyncio.get_running_loop().time(), "end", reason=reason.value, detail=ending.detail if ending else "")
+    stats = session.stats
+    session.observer.event(
+        asyncio.get_running_loop().time(), "end", reason=reason.value, detail=ending.detail if ending else "",
+        frames_from_caller=stats.inbound_frames, frames_to_caller=stats.outbound_frames,
+        agent_audio_ms=round(stats.sent_ms), heard_ms=round(stats.played_ms), clears=stats.clears,
+    )  # fmt: skip
     try:
         if agent is not None:
             try:

@@ -91,7 +91,8 @@ async def test_the_public_log_tells_the_call_in_json_lines(start_bridge):
     kinds = [e["event"] for e in events]
     assert kinds[0] == "stream_start" and kinds[1] == "agent_connected" and kinds[-1] == "end"
     assert {"caller_speech_start", "caller_speech_end", "turn", "clear", "dtmf"} <= set(kinds)
-    assert events[-1]["reason"] == "user_hangup"
+    assert events[-1]["reason"] == "user_hangup" and events[-1]["clears"] == 1
+    assert events[-1]["frames_from_caller"] > 0 and events[-1]["frames_to_caller"] > 0
     assert all(isinstance(e["t_ms"], float) for e in events)
     woven = result.record["transcript_with_tool_calls"]
     assert woven[0] == {"role": "dtmf", "digit": "7"} and woven[1]["role"] == "user"
