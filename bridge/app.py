@@ -26,7 +26,6 @@ from .relay import handle_media_stream
 from .session import CallSession
 from .settings import Settings, load_settings
 from .sql_store import SqlCallStore
-from .store import CallStore
 from .tokens import StreamTokens
 from .twilio_rest import TwilioRest
 from .webhooks import WebhookDispatcher, targets
@@ -46,7 +45,7 @@ class Services:
     settings: Settings
     tokens: StreamTokens
     twilio_rest: TwilioRest
-    store: CallStore | None = None
+    store: SqlCallStore | None = None
     http: httpx.AsyncClient | None = None
     background: list[asyncio.Task] = field(default_factory=list)
     live_calls: dict[str, Callable[[DisconnectionReason, str], None]] = field(default_factory=dict)

@@ -10,7 +10,7 @@ import httpx
 
 from .models import CallRecord, CallType, Direction
 from .settings import AgentConfig, ExternalRegistrar
-from .store import CallStore
+from .sql_store import SqlCallStore
 
 
 class RegistrationError(RuntimeError):
@@ -33,7 +33,7 @@ def call_fields(agent: AgentConfig, **extra: Any) -> dict[str, Any]:
 
 
 async def register_call(
-    store: CallStore,
+    store: SqlCallStore,
     agent: AgentConfig,
     *,
     from_number: str | None,

@@ -1,4 +1,6 @@
-"""``SqlCallStore``: call records in SQLite or PostgreSQL (see ``db.py``), the same code for both.
+"""``SqlCallStore``: where call records live, in SQLite or PostgreSQL (see ``db.py``), the same
+code for both. Status changes are compare-and-set, so a stream token can start a call only once
+and a call ends only once, whichever task or replica gets there first.
 
 Every change is read-modify-write guarded by the row's ``version``: if another task or replica
 changed the call in between, the write does not happen and the change is retried on the fresh
@@ -14,7 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import calls, database_url, instances, make_engine, migrate, outbox
 from .models import CallRecord, CallStatus, DisconnectionReason, now_ms
-from .store import CallStore
 
 LIVE = (CallStatus.registered.value, CallStatus.ongoing.value)
 RETRIES = 20
@@ -52,7 +53,7 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         raise ValueError("pagination_key is not one this API gave out") from None
 
 
-class SqlCallStore(CallStore):
+class SqlCallStore:
     def __init__(self, engine: AsyncEngine, instance_id: str):
         self.engine = engine
         self.instance_id = instance_id
@@ -95,7 +96,7 @@ class SqlCallStore(CallStore):
                 ended.append(record)
         return ended
 
-    # --- CallStore ---------------------------------------------------------------------------
+    # --- calls -------------------------------------------------------------------------------
 
     async def create(self, record: CallRecord) -> None:
         async with self.engine.begin() as conn:
@@ -143,6 +144,8 @@ class SqlCallStore(CallStore):
         return await self._change(call_id, lambda r: r.model_copy(update=fields))
 
     async def start(self, call_id: str, **fields: Any) -> CallRecord | None:
+        """registered -> ongoing (with ``start_timestamp``); None if the call is not registered."""
+
         def make(r: CallRecord) -> CallRecord | None:
             if r.call_status is not CallStatus.registered:
                 return None
@@ -155,6 +158,10 @@ class SqlCallStore(CallStore):
         self, call_id: str, reason: DisconnectionReason, *, only_if: CallStatus | None = None, owner: str | None = None,
         **fields: Any,
     ) -> CallRecord | None:
+        """-> ended / error with ``end_timestamp`` and the reason; None if it already ended (or,
+        with ``only_if``, if its status is not that one any more; with ``owner``, if another
+        instance owns it now)."""
+
         def make(r: CallRecord) -> CallRecord | None:
             if r.call_status in (CallStatus.ended, CallStatus.error):
                 return None
@@ -265,11 +272,13 @@ class SqlCallStore(CallStore):
             return [dict(r._mapping) for r in await conn.execute(query)]
 
     async def by_twilio_sid(self, call_sid: str) -> CallRecord | None:
+        """The call registered for a Twilio CallSid, if any."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(calls.c.record).where(calls.c.twilio_call_sid == call_sid).limit(1))).first()
         return CallRecord.model_validate(row.record) if row else None
 
     async def registered_before(self, timestamp_ms: int) -> list[CallRecord]:
+        """This instance's calls still registered that were registered before the time."""
         async with self.engine.connect() as conn:
             rows = await conn.execute(
                 select(calls.c.record).where(

@@ -1,6 +1,6 @@
 """Stream tokens: short-lived HMAC tokens that tie a media websocket to the call registered by
 the webhook. Stateless to check (any replica with the secret can), single use because the call
-can move from ``registered`` to ``ongoing`` only once (``CallStore.start``)."""
+can move from ``registered`` to ``ongoing`` only once (``SqlCallStore.start``)."""
 
 from __future__ import annotations
 
