@@ -7,6 +7,7 @@ import logging
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request, Response
+from starlette.exceptions import HTTPException
 from starlette.datastructures import ImmutableMultiDict
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 from twilio.twiml.voice_response import VoiceResponse
@@ -34,8 +35,16 @@ MAX_FORM_BYTES = 64 * 1024  # Twilio's webhook forms are a few hundred bytes
 
 
 async def signed_form(request: Request):
-    """The POSTed form if ``X-Twilio-Signature`` matches it and the public URL, else None.
-    Only what Twilio sends is read: a url-encoded body of bounded size (no multipart)."""
+    """The POSTed form, if ``X-Twilio-Signature`` matches it and the public URL; anything else
+    answers 403. Only what Twilio sends is read: a url-encoded body of bounded size (no
+    multipart)."""
+    form = await _form_if_signed(request)
+    if form is None:
+        raise HTTPException(403, "invalid or missing X-Twilio-Signature")
+    return form
+
+
+async def _form_if_signed(request: Request):
     services = request.app.state.services
     signature = request.headers.get("x-twilio-signature")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -66,8 +75,6 @@ async def voice_webhook(request: Request, agent_id: str | None = None) -> Respon
     services = request.app.state.services
     settings = services.settings
     form = await signed_form(request)
-    if form is None:
-        return Response("invalid or missing X-Twilio-Signature", status_code=403, media_type="text/plain")
     call_sid = form.get("CallSid")
     planned = request.query_params.get("call_id")  # an outbound call the API registered and dialed
     if planned:
