@@ -35,11 +35,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
-import websockets
 from twilio.request_validator import RequestValidator
+
+from bridge import ws_frames as wsf
 
 AUTH_TOKEN = "load-test-token"
 API_KEY = "load-test-key"
@@ -73,40 +75,122 @@ class Call:
     agent_sent: list[float] = field(default_factory=list)  # agent -> bridge
     setup_started: float = 0.0
     agent_opened: float = 0.0
-    ws: object = None
-    media_text: str = ""
+    caller: CallerSocket | None = None
+    media_frame: bytes = b""  # the caller's 20 ms media frame, framed and masked once
+
+
+class NullAgentSocket(asyncio.Protocol):
+    """The null agent's side of one call, on a bare protocol: answers the upgrade, then sends
+    every binary frame straight back (and "pong" to the web protocol's "ping")."""
+
+    def __init__(self, agent: NullAgent):
+        self.agent = agent
+        self.call: Call | None = None
+        self.transport = None
+        self.head = b""
+        self.reader = wsf.FrameReader(masked=True)
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        call = self.call
+        if call is None:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            start_line, headers = wsf.parse_head(self.head[:end])
+            call = self.call = self.agent.calls.get(start_line.split(" ")[1].strip("/").split("?")[0])
+            if call is None:
+                self.transport.close()
+                return
+            self.transport.write(wsf.ServerHandshake("GET", dict(headers)).accept())
+            call.agent_opened = time.perf_counter()
+            data = self.head[end + 4 :]
+            if not data:
+                return
+        clock, write = time.perf_counter, self.transport.write
+        for op, payload in self.reader.feed(data):
+            if op == wsf.OP_BINARY:
+                call.agent_got.append(clock())
+                write(wsf.encode(wsf.OP_BINARY, payload))
+                call.agent_sent.append(clock())
+            elif op == wsf.OP_TEXT and payload == "ping":
+                write(wsf.encode(wsf.OP_TEXT, b"pong"))
+            elif op == wsf.OP_PING:
+                write(wsf.encode(wsf.OP_PONG, payload))
+            elif op == wsf.OP_CLOSE:
+                write(wsf.encode(wsf.OP_CLOSE, wsf.close_payload(1000)))
+                self.transport.close()
+                return
 
 
 class NullAgent:
-    """Sends every audio frame straight back; notes when each frame came and went."""
-
     def __init__(self) -> None:
         self.calls: dict[str, Call] = {}
         self.port = 0
         self.server = None
 
-    async def handler(self, ws) -> None:
-        call_id = ws.request.path.strip("/").split("?")[0]
-        call = self.calls.get(call_id)
-        if call is None:
-            await ws.close(1008)
-            return
-        call.agent_opened = time.perf_counter()
-        got, sent, clock = call.agent_got, call.agent_sent, time.perf_counter
-        try:
-            async for message in ws:
-                if isinstance(message, bytes):
-                    got.append(clock())
-                    await ws.send(message)
-                    sent.append(clock())
-                elif message == "ping":
-                    await ws.send("pong")
-        except websockets.ConnectionClosed:
-            pass
-
     async def start(self) -> None:
-        self.server = await websockets.serve(self.handler, "127.0.0.1", 0, compression=None, max_queue=None)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: NullAgentSocket(self), "127.0.0.1", 0, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
+
+
+class CallerSocket(asyncio.Protocol):
+    """One simulated Twilio caller's media stream, on a bare protocol: notes when each media
+    frame arrives and echoes marks as Twilio does."""
+
+    def __init__(self, call: Call, handshake: wsf.ClientHandshake):
+        self.call = call
+        self.handshake = handshake
+        self.transport = None
+        self.head = b""
+        self.open = asyncio.get_running_loop().create_future()
+        self.reader = wsf.FrameReader(masked=False)
+        self.stream_sid = "MZ" + secrets.token_hex(16)
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.handshake.request)
+
+    def connection_lost(self, exc) -> None:
+        if not self.open.done():
+            self.open.set_exception(ConnectionError("closed during the upgrade"))
+
+    def data_received(self, data: bytes) -> None:
+        if not self.open.done():
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.handshake.check(self.head[:end])
+            self.open.set_result(None)
+            data = self.head[end + 4 :]
+            if not data:
+                return
+        clock, heard = time.perf_counter, self.call.heard
+        for op, payload in self.reader.feed(data):
+            if op != wsf.OP_TEXT:
+                if op == wsf.OP_CLOSE:
+                    self.transport.close()
+                continue
+            head = payload[:40]
+            if '"media"' in head:
+                heard.append(clock())
+            elif '"mark"' in head:  # echo marks like Twilio
+                frame = json.loads(payload)
+                self.send_text(json.dumps({"event": "mark", "streamSid": frame["streamSid"], "mark": frame["mark"]}))
+
+    def send_text(self, text: str) -> None:
+        self.transport.write(wsf.encode(wsf.OP_TEXT, text.encode(), mask=True))
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.send_text(json.dumps({"event": "stop", "streamSid": self.stream_sid, "stop": {}}))
+            self.transport.write(wsf.encode(wsf.OP_CLOSE, wsf.close_payload(1000), mask=True))
+            self.transport.close()
 
 
 class Target:
@@ -128,13 +212,14 @@ class Target:
         self.process = subprocess.Popen(
             ["taskset", "-c", "0", *cmd], env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        async with httpx.AsyncClient() as http:
-            for _ in range(300):
-                try:
-                    await http.get(f"http://127.0.0.1:{self.port}/healthz" if self.name != "naive" else f"http://127.0.0.1:{self.port}/docs")
-                    return
-                except httpx.TransportError:
-                    await asyncio.sleep(0.1)
+        for _ in range(300):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.close()
+                await asyncio.sleep(0.3)  # let the app finish its start-up
+                return
+            except OSError:
+                await asyncio.sleep(0.1)
         raise RuntimeError(f"{self.name} did not start")
 
     def stop(self) -> None:
@@ -175,18 +260,23 @@ class Bridge(Target):
         custom = dict(re.findall(r'<Parameter name="([^"]+)" value="([^"]+)"', r.text))
         call.call_id = custom["call_id"]
         known(call)  # the agent must know the call before the bridge dials it
-        await self._connect(call, stream_url, custom, {"X-Twilio-Signature": validator.compute_signature(stream_url, {})})
+        await self._connect(call, stream_url, custom, [("X-Twilio-Signature", validator.compute_signature(stream_url, {}))])
 
-    async def _connect(self, call: Call, stream_url: str, custom: dict, headers: dict) -> None:
-        ws = await websockets.connect(stream_url, additional_headers=headers, compression=None, max_queue=None)
-        sid = "MZ" + secrets.token_hex(16)
-        await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-        await ws.send(json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": sid, "start": {
+    async def _connect(self, call: Call, stream_url: str, custom: dict, headers: list) -> None:
+        parts = urlsplit(stream_url)
+        handshake = wsf.ClientHandshake(parts.netloc, parts.path + (f"?{parts.query}" if parts.query else ""), headers)
+        loop = asyncio.get_running_loop()
+        _, caller = await loop.create_connection(lambda: CallerSocket(call, handshake), parts.hostname, parts.port)
+        await caller.open
+        sid = caller.stream_sid
+        caller.send_text(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        caller.send_text(json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": sid, "start": {
             "streamSid": sid, "accountSid": "AC" + "0" * 32, "callSid": "CA" + secrets.token_hex(16), "tracks": ["inbound"],
             "customParameters": custom, "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))  # fmt: skip
         payload = base64.b64encode(bytes(range(256))[48:208]).decode()  # 160 bytes of varied mu-law
-        call.media_text = json.dumps({"event": "media", "streamSid": sid, "media": {"track": "inbound", "payload": payload}})
-        call.ws = ws
+        text = json.dumps({"event": "media", "streamSid": sid, "media": {"track": "inbound", "payload": payload}})
+        call.media_frame = wsf.encode(wsf.OP_TEXT, text.encode(), mask=True)  # one mask for the call: the bridge cannot tell
+        call.caller = caller
 
 
 class Naive(Bridge):
@@ -200,20 +290,19 @@ class Naive(Bridge):
     async def open(self, call: Call, http, validator, known) -> None:
         call.call_id = "naive" + secrets.token_hex(8)
         known(call)
-        await self._connect(call, f"ws://127.0.0.1:{self.port}/media", {"call_id": call.call_id}, {})
+        await self._connect(call, f"ws://127.0.0.1:{self.port}/media", {"call_id": call.call_id}, [])
 
 
-async def receive(call: Call) -> None:
-    clock, heard = time.perf_counter, call.heard
-    try:
-        async for message in call.ws:
-            if message.startswith('{"event":"media"') or '"media"' in message[:40]:
-                heard.append(clock())
-            elif '"mark"' in message[:40]:  # echo marks like Twilio
-                frame = json.loads(message)
-                await call.ws.send(json.dumps({"event": "mark", "streamSid": frame["streamSid"], "mark": frame["mark"]}))
-    except websockets.ConnectionClosed:
-        pass
+class Floor(Naive):
+    """The floor: the leanest relay Python can run here (bench/floor_relay.py)."""
+
+    def __init__(self, agent_port, workdir, rate: int = 8000):
+        Target.__init__(self, agent_port, workdir)
+        self.rate = rate
+        self.name = "floor" + (f" s16le {rate // 1000}k" if rate != 8000 else " mulaw 8k")
+
+    def command(self):
+        return [sys.executable, "-m", "bench.floor_relay", str(self.port), f"ws://127.0.0.1:{self.agent_port}/{{call_id}}", str(self.rate)], {}
 
 
 def stats(values: list[float]) -> tuple[float, float, float]:
@@ -236,7 +325,6 @@ async def run_step(target: Target, agent: NullAgent, n: int, seconds: float, war
                 await target.open(call, http, validator, lambda c: agent.calls.__setitem__(c.call_id, c))
 
         await asyncio.gather(*(open_one(call) for call in calls))
-    receivers = [asyncio.create_task(receive(c)) for c in calls]
     await asyncio.sleep(0.5)  # agent sockets open
     rss_before = rss_bytes(target.process.pid)
     start = time.perf_counter()
@@ -258,7 +346,7 @@ async def run_step(target: Target, agent: NullAgent, n: int, seconds: float, war
             if delay > 0.001:
                 await asyncio.sleep(delay)
             call.sent.append(time.perf_counter())
-            await call.ws.send(call.media_text)
+            call.caller.transport.write(call.media_frame)
         tick += 1
         delay = start + tick * FRAME_S - time.perf_counter()
         if delay > 0:
@@ -267,12 +355,8 @@ async def run_step(target: Target, agent: NullAgent, n: int, seconds: float, war
     rss = rss_bytes(target.process.pid)
     await asyncio.sleep(0.5)  # drain
     for call in calls:
-        try:
-            await call.ws.send(json.dumps({"event": "stop", "stop": {}}))
-            await call.ws.close()
-        except websockets.ConnectionClosed:
-            pass
-    await asyncio.gather(*receivers, return_exceptions=True)
+        call.caller.close()
+    await asyncio.sleep(0.2)
     inbound, outbound, lost_in, lost_out, setups = [], [], 0, 0, []
     for call in calls:
         k = [j for j, t in enumerate(call.sent) if t >= measure_from]
@@ -322,6 +406,8 @@ async def main_async(args) -> int:
         "bridge-mulaw": lambda: Bridge(agent.port, workdir, "mulaw", 8000),
         "bridge-24k-private": lambda: Bridge(agent.port, workdir, "s16le", 24000, private=True),
         "naive": lambda: Naive(agent.port, workdir),
+        "floor": lambda: Floor(agent.port, workdir),
+        "floor-24k": lambda: Floor(agent.port, workdir, 24000),
     }
     deadline = time.monotonic() + args.max_minutes * 60
     print(HEADER, flush=True)
@@ -364,7 +450,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", nargs="+", default=["bridge-24k", "bridge-mulaw", "naive"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive"])
+    parser.add_argument("--targets", nargs="+", default=["bridge-24k", "bridge-mulaw", "naive"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive", "floor", "floor-24k"])
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 25, 50, 100, 150, 200, 300, 400, 500, 600])
     parser.add_argument("--seconds", type=float, default=8.0, help="per step, warm-up included")
     parser.add_argument("--warmup", type=float, default=2.0)

@@ -21,8 +21,8 @@ from . import api, echo_agent, outbound, twilio_webhook, web_call
 from .models import CallStatus, CallType, Direction, DisconnectionReason, now_ms
 from .observer import percentiles
 from .outbound import CallThrottle
-from .asgi_socket import AsgiWebSocketEndpoint
-from .relay import handle_media_stream
+from . import ws_io
+from .relay import MEDIA_PATH, handle_media_stream
 from .session import CallSession
 from .settings import Settings, load_settings
 from .sql_store import SqlCallStore
@@ -215,11 +215,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(web_call.router)
     app.include_router(echo_agent.router)
 
-    async def twilio_media(websocket) -> None:
-        await handle_media_stream(websocket, services)
+    async def twilio_media(connection: ws_io.ServerConnection) -> None:
+        await handle_media_stream(connection, services)
 
-    # a plain ASGI endpoint: no per-message Starlette wrapper on the hottest path
-    app.router.routes.append(WebSocketRoute("/twilio/media", AsgiWebSocketEndpoint(twilio_media)))
+    # The media stream runs on the bridge's own lean websocket protocol, handed to uvicorn as
+    # its websocket implementation (``bridge serve`` and ``BackgroundServer`` do this):
+    # ``uvicorn.Config(app, ws=app.state.ws_protocol)``. Other websockets go to the ASGI app.
+    app.state.ws_protocol = ws_io.UpgradeProtocol.with_routes({MEDIA_PATH: twilio_media})
+
+    async def media_on_plain_asgi(scope, receive, send) -> None:
+        log.error("%s reached the ASGI app: serve with `bridge serve` (or uvicorn ws=app.state.ws_protocol)", MEDIA_PATH)
+        await send({"type": "websocket.close", "code": 1011})
+
+    app.router.routes.append(WebSocketRoute(MEDIA_PATH, media_on_plain_asgi))
 
     @app.get("/healthz", include_in_schema=False)
     async def health() -> dict:

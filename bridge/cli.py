@@ -47,11 +47,13 @@ def serve(
 ) -> None:
     """Serve the bridge (Twilio webhook, media streams, call API, embedded echo agent)."""
     from .app import create_app
+    from .server import ws_protocol
 
     settings = _settings(host=host, port=port, agents_file=agents_file, public_url=public_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     typer.echo(f"agents: {', '.join(settings.agents)}; Twilio voice webhook: {settings.public_url or 'http://HOST'}/twilio/voice")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, ws="websockets-sansio", log_level="info")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, ws=ws_protocol(app), log_level="info")
 
 
 @app.command()

@@ -30,9 +30,10 @@ RATE = 8000
 #: Caller audio that arrives later than its place on the clock by more than this is a real gap
 #: (a dropout), recorded as silence; less is jitter, and the audio stays contiguous.
 JITTER_S = 0.1
-#: Caller audio is analysed (VAD) and recorded in batches of this many bytes of 8 kHz PCM
-#: (100 ms): per 20 ms frame it costs a fifth, and event times stay exact (they are stream times).
-BATCH_BYTES = 1600
+#: Caller audio is analysed (VAD) and recorded, and agent audio recorded, in batches of this
+#: many samples (100 ms): per 20 ms frame it costs a fifth, and event times stay exact (they are
+#: stream times).
+BATCH_SAMPLES = 800
 
 
 def percentiles(samples: list[float]) -> Latency | None:
@@ -90,8 +91,10 @@ class CallObserver:
         self._turn_end: float | None = None  # a caller turn that ended, waiting for the agent
         self._agent_sent_at: list[float] = []  # agent burst starts since the caller last spoke
         self._agent_last_sent = -1.0
-        self._caller_pcm = bytearray()  # caller audio not yet analysed and recorded
+        self._caller_ulaw = bytearray()  # caller audio not yet analysed and recorded
         self._caller_at = 0  # clock position (samples) of its first byte
+        self._agent_ulaw = bytearray()  # agent audio not yet recorded (contiguous)
+        self._agent_at = 0
         self._log = None
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,18 +111,20 @@ class CallObserver:
     def caller_audio(self, payload: bytes, now: float) -> None:
         if not payload:
             return
-        pending = self._caller_pcm
+        pending = self._caller_ulaw
         if not pending:
             self._caller_at = max(0, int((now - self.started) * RATE) - len(payload))
-        pending += ulaw_to_pcm(payload)
-        if len(pending) >= BATCH_BYTES:
+        pending += payload
+        if len(pending) >= BATCH_SAMPLES:
             self._caller_batch(now)
 
     def _caller_batch(self, now: float) -> None:
-        pcm = bytes(self._caller_pcm)
-        self._caller_pcm.clear()
+        pcm = ulaw_to_pcm(bytes(self._caller_ulaw))
+        self._caller_ulaw.clear()
         if self.recording is not None:
             self.recording.place(LEFT, pcm, self._caller_at)
+            if self._agent_ulaw:  # the clock must not pass agent audio still held in a batch
+                self._agent_batch()
             self.recording.advance(int((now - self.started) * RATE))
         for e in self.vad.process(pcm):
             # on the clock, the event happened as much audio ago as the VAD has seen since it
@@ -148,11 +153,27 @@ class CallObserver:
         start = max(now, self.agent_audio_until)
         self.agent_audio_until = start + duration
         if self.recording is not None:
-            self.recording.place(RIGHT, ulaw_to_pcm(payload), int((start - self.started) * RATE))
+            # contiguous audio is batched; a jump past the jitter allowance starts a new batch
+            # (the recording then has a gap), exactly as placing each frame would
+            pending = self._agent_ulaw
+            at = int((start - self.started) * RATE)
+            if pending and at - (self._agent_at + len(pending)) > JITTER_S * RATE:
+                self._agent_batch()
+            if not pending:
+                self._agent_at = at
+            pending += payload
+            if len(pending) >= BATCH_SAMPLES:
+                self._agent_batch()
+
+    def _agent_batch(self) -> None:
+        self.recording.place(RIGHT, ulaw_to_pcm(bytes(self._agent_ulaw)), self._agent_at)
+        self._agent_ulaw.clear()
 
     def agent_cleared(self, now: float) -> None:
         self.agent_audio_until = now
         if self.recording is not None:
+            if self._agent_ulaw:
+                self._agent_batch()
             self.recording.cut_agent(int((now - self.started) * RATE))
         self.event(now, "clear")
 
@@ -193,9 +214,11 @@ class CallObserver:
         return woven
 
     def close(self) -> None:
-        if self._caller_pcm:
-            self._caller_batch(self.started + len(self._caller_pcm) / 2 / RATE)
+        if self._caller_ulaw:
+            self._caller_batch(self.started + len(self._caller_ulaw) / RATE)
         if self.recording is not None:
+            if self._agent_ulaw:
+                self._agent_batch()
             self.recording.close()
         if self._log is not None:
             self._log.close()

@@ -2,8 +2,10 @@
 
 A thin asyncio layer: it checks the stream (signature, registered call, single-use token), opens
 the agent socket, then moves frames between the two sockets through ``CallSession`` until either
-side ends, and records how the call ended. Every send has a deadline, so a half-dead socket ends
-its own call and never stalls another.
+side ends, and records how the call ended. After set-up the relay runs on callbacks: a frame from
+either socket is converted and written on in the same ``data_received`` call, with no task,
+queue or future per frame. Sends never block; a peer that stops reading for ``send_timeout_s``
+ends its own call and never stalls another.
 
 How a call ends (``disconnection_reason``):
 
@@ -13,16 +15,19 @@ agent closes with 1000 / 1001          ``agent_hangup``; call hung up through Tw
                                        then the Twilio socket is closed
 agent socket cannot open               ``error_llm_websocket_open``; caller hears the fallback
 agent socket lost (no close frame,     ``error_llm_websocket_lost_connection``; fallback
-or a send to it times out)
+stops reading, stops answering pings)
 agent closes with another code         ``error_llm_websocket_runtime``; fallback
 (e.g. 1011), or is not configured
-agent sends garbage                    ``error_llm_websocket_corrupt_payload``; fallback
+agent sends garbage (or breaks the     ``error_llm_websocket_corrupt_payload``; fallback
+websocket protocol)
 Twilio sends garbage (bad JSON, bad    ``error_frontend_corrupted_payload``
-base64, binary frames)
+base64, binary frames, broken
+websocket framing)
 Twilio socket lost without ``stop``,   ``error_twilio``
-or a send to Twilio times out
+or stops reading
 nothing from Twilio for                ``error_no_audio_received``
 ``no_audio_timeout_s`` (10 s)
+the bridge shuts down                  ``error_unknown`` ("the bridge shut down")
 =====================================  ==================================================
 
 "Fallback" = the bridge closes the Twilio socket and Twilio plays the TwiML after </Connect>.
@@ -35,16 +40,12 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import websockets
-from starlette.websockets import WebSocketDisconnect
-
-from .asgi_socket import AsgiWebSocket as WebSocket
 from twilio.request_validator import RequestValidator
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidURI
 
 from audio import AudioFormat
 
 from . import twilio_frames as tf
+from . import ws_io
 from .models import DisconnectionReason as Reason
 from .models import Protocol
 from .observer import CallObserver, Recording
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 
 TOKEN_PARAMETER = "token"
 CALL_PARAMETER = "call_id"
+MEDIA_PATH = "/twilio/media"
+SHUTDOWN_DETAIL = "the bridge shut down"
 
 
 class StreamRejected(Exception):
@@ -68,32 +71,33 @@ class StreamRejected(Exception):
         self.call_id = call_id
 
 
-def media_url(services: Services, websocket: WebSocket) -> str:
+def media_url(services: Services, websocket: ws_io.ServerConnection) -> str:
     """The URL Twilio signed for the media websocket (wss, no query)."""
-    base = services.public_base(websocket.headers, str(websocket.base_url))
-    return base.replace("http", "ws", 1) + websocket.url.path
+    base = services.public_base(websocket.headers, websocket.base_url)
+    return base.replace("http", "ws", 1) + websocket.path
 
 
-async def handle_media_stream(websocket: WebSocket, services: Services) -> None:
+async def handle_media_stream(websocket: ws_io.ServerConnection, services: Services) -> None:
     settings = services.settings
     signature = websocket.headers.get("x-twilio-signature")
     validator = RequestValidator(settings.twilio_auth_token or "")
     if not signature or not validator.validate(media_url(services, websocket), {}, signature):
         log.warning("media websocket refused: %s X-Twilio-Signature", "bad" if signature else "no")
-        await websocket.close(code=1008)  # before accept: the upgrade is refused (HTTP 403)
+        websocket.refuse(403)
         return
     try:
-        await websocket.accept()
-    except (WebSocketDisconnect, OSError):  # gone before the upgrade completed
+        websocket.accept()
+    except ws_io.ConnectionClosed as e:
+        log.warning("media websocket refused: %s", e)
         return
-    public_base = services.public_base(websocket.headers, str(websocket.base_url))
+    public_base = services.public_base(websocket.headers, websocket.base_url)
     try:
         start, record = await _accept_stream(websocket, services, public_base)
     except StreamRejected as e:
         log.warning("media stream rejected: %s", e)
         if e.call_id:
             await services.note(e.call_id, f"stream rejected: {e}")
-        await _close(websocket, 1008, str(e)[:120])
+        await websocket.close(1008, str(e)[:120])
         return
     await _relay(websocket, services, start, record)
 
@@ -103,7 +107,7 @@ def is_private(record, agent_config) -> bool:
     return bool(record.opt_out_sensitive_data_storage or (agent_config and agent_config.opt_out_sensitive_data_storage))
 
 
-async def _accept_stream(websocket: WebSocket, services: Services, public_base: str):
+async def _accept_stream(websocket: ws_io.ServerConnection, services: Services, public_base: str):
     """Read ``connected`` and ``start``; check the call and its single-use token."""
     try:
         event = await _read_start(websocket, services.settings.stream_start_timeout_s)
@@ -112,14 +116,14 @@ async def _accept_stream(websocket: WebSocket, services: Services, public_base: 
     return await _check_start(event, event.custom_parameters.get(CALL_PARAMETER), services, public_base)
 
 
-async def _read_start(websocket: WebSocket, timeout_s: float) -> tf.Start:
+async def _read_start(websocket: ws_io.ServerConnection, timeout_s: float) -> tf.Start:
     async with asyncio.timeout(timeout_s):
         while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                raise StreamRejected("closed before start")
-            text = message.get("text")
-            if text is None:
+            try:
+                text = await websocket.recv()
+            except ws_io.ConnectionClosed:
+                raise StreamRejected("closed before start") from None
+            if type(text) is not str:
                 raise StreamRejected("binary frame before start")
             try:
                 event = tf.parse(text)
@@ -159,12 +163,13 @@ async def _check_start(event: tf.Start, call_id: str | None, services: Services,
     return event, started
 
 
-async def _relay(twilio: WebSocket, services: Services, start: tf.Start, record) -> None:
+async def _relay(twilio: ws_io.ServerConnection, services: Services, start: tf.Start, record) -> None:
     settings = services.settings
     call_id = record.call_id
     agent_config = settings.agents.get(record.agent_id)
     private = is_private(record, agent_config)
-    started = asyncio.get_running_loop().time()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     try:
         observer = CallObserver(
             started=started,
@@ -185,48 +190,44 @@ async def _relay(twilio: WebSocket, services: Services, start: tf.Start, record)
         observer=observer,
     )
     agent = None
-    stopped = asyncio.Event()
+    relay: MediaRelay | None = None
 
     def stop(reason: Reason, detail: str) -> None:  # stop-call through the API, a machine answered...
         session.end(reason, detail)
-        stopped.set()
+        if relay is not None:
+            relay.finish()
 
     services.live_calls[call_id] = stop
+    twilio.on_shutdown = lambda: stop(Reason.error_unknown, SHUTDOWN_DETAIL)
     try:
         if agent_config is None:
             session.end(Reason.error_llm_websocket_runtime, f"agent {record.agent_id} is not configured")
         else:
             agent = await _open_agent(session, agent_config.websocket_url(call_id, settings.internal_base), settings)
-        if agent is not None:
-            observer.event(asyncio.get_running_loop().time(), "agent_connected", protocol=session.protocol.value)
+        if agent is not None and session.ending is None:
+            observer.event(loop.time(), "agent_connected", protocol=session.protocol.value)
             if session.protocol is Protocol.twilio:
-                await agent.send(tf.connected_frame())
-                await agent.send(tf.start_frame(start, drop_parameters=(TOKEN_PARAMETER,)))
+                agent.send_text(tf.connected_frame())
+                agent.send_text(tf.start_frame(start, drop_parameters=(TOKEN_PARAMETER,)))
             limits = Limits(
                 silence_ms=record.end_call_after_silence_ms or agent_config.end_call_after_silence_ms,
                 max_duration_ms=agent_config.max_call_duration_ms,
             )
-            await _pump_until_end(twilio, agent, session, settings, stopped, limits)
+            relay = MediaRelay(twilio, agent, session, settings, limits, loop)
+            await relay.run()
     except Exception as e:  # a bug must end this call cleanly, never the process
         log.exception("call %s failed", call_id)
         session.end(Reason.error_unknown, f"{type(e).__name__}: {e}")
     finally:
         services.live_calls.pop(call_id, None)
-        await _finish(twilio, agent, session, services, record)
+        await _finish(twilio, agent, session, services, record, relay)
 
 
-async def _open_agent(session: CallSession, url: str, settings):
+async def _open_agent(session: CallSession, url: str, settings) -> ws_io.WsConnection | None:
     try:
         async with asyncio.timeout(settings.agent_connect_timeout_s):
-            return await websockets.connect(
-                url,
-                open_timeout=None,
-                ping_interval=settings.keepalive_interval_s,
-                ping_timeout=settings.agent_ping_timeout_s,
-                max_size=2**22,
-                compression=None,
-            )
-    except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ValueError) as e:
+            return await ws_io.connect(url)
+    except (OSError, TimeoutError, ws_io.HandshakeError, ValueError) as e:
         session.end(Reason.error_llm_websocket_open, f"cannot open {url}: {type(e).__name__}: {e}")
         return None
 
@@ -237,129 +238,179 @@ class Limits:
     max_duration_ms: int  # max_duration_reached
 
 
-async def _pump_until_end(
-    twilio: WebSocket, agent, session: CallSession, settings, stopped: asyncio.Event, limits: Limits
-) -> None:
-    send_timeout = settings.send_timeout_s
-    # sends that have not finished: (started, side). The tick ends the call when one is older
-    # than send_timeout_s; a per-send asyncio.timeout cost ~10 % of the CPU under load
-    sending: dict[int, tuple[float, str]] = {}
+class MediaRelay:
+    """Moves frames between the two open sockets of one call through its ``CallSession``, on
+    the sockets' callbacks, until the session has an ending. A timer (``tick``) keeps the
+    watchdogs, limits and pings; another sends a partial frame or a burst's mark when the agent
+    goes quiet (``CallSession.idle_timeout``)."""
 
-    async def send(actions) -> None:
-        key = id(asyncio.current_task())
+    def __init__(self, twilio: ws_io.WsConnection, agent: ws_io.WsConnection, session: CallSession, settings, limits: Limits, loop):
+        self.twilio, self.agent, self.session = twilio, agent, session
+        self.settings, self.limits, self.loop = settings, limits, loop
+        self.twilio_protocol = session.protocol is Protocol.twilio
+        self.done = loop.create_future()
+        self.last_from_twilio = loop.time()
+        self._idle_deadline: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_at = 0.0
+        self._tick_timer: asyncio.TimerHandle | None = None
+        self._next_ping = 0.0
+        self._last_latency = 0.0
+        self._tick_s = min(settings.keepalive_interval_s, settings.no_audio_timeout_s / 4, settings.limits_tick_s, settings.send_timeout_s / 2)
+
+    async def run(self) -> None:
+        self._next_ping = self.loop.time() + self.settings.keepalive_interval_s
+        self.twilio.listen(self._from_twilio, self._twilio_closed)
+        self.agent.listen(self._from_agent, self._agent_closed)
+        self._tick_timer = self.loop.call_later(self._tick_s, self._tick)
+        try:
+            await self.done
+        finally:
+            for timer in (self._tick_timer, self._idle_timer):
+                if timer is not None:
+                    timer.cancel()
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # --- frames -------------------------------------------------------------------------------
+
+    def _send(self, actions) -> None:
+        twilio, agent = [], []
         for target, message in actions:
             if target == TO_TWILIO:
-                sending[key] = (loop.time(), "twilio")
-                try:
-                    await twilio.send_text(message)
-                except (WebSocketDisconnect, RuntimeError, OSError) as e:
-                    session.end(Reason.error_twilio, f"send to Twilio failed: {type(e).__name__}")
-                    return
-                finally:
-                    sending.pop(key, None)
+                twilio.append(self.twilio.frame_text(message))
+            elif type(message) is str:
+                agent.append(self.agent.frame_text(message))
             else:
-                sending[key] = (loop.time(), "agent")
-                try:
-                    await agent.send(message)
-                except (ConnectionClosed, OSError):
-                    # the receiving side says how the agent's socket ended (its close frame, or
-                    # none: lost); a write failing first on a closed socket must not decide it.
-                    # A socket dead without a close is caught by the ping timeout.
-                    return
-                finally:
-                    sending.pop(key, None)
+                agent.append(self.agent.frame_binary(message))
+        if twilio:
+            self.twilio.send_many(twilio)
+        if agent:
+            self.agent.send_many(agent)
 
-    loop = asyncio.get_running_loop()
-    last_from_twilio = loop.time()
+    def _from_twilio(self, message) -> None:
+        session = self.session
+        self.last_from_twilio = now = self.loop.time()
+        if type(message) is not str:
+            session.end(Reason.error_frontend_corrupted_payload, "binary frame from Twilio")
+        else:
+            actions = session.from_twilio(message, now)
+            if actions:
+                self._send(actions)
+        if session.ending is not None:
+            self.finish()
 
-    async def from_twilio() -> None:
-        nonlocal last_from_twilio
-        while session.ending is None:
-            message = await twilio.receive()
-            last_from_twilio = now = loop.time()
-            if message["type"] == "websocket.disconnect":
-                session.end(Reason.error_twilio, f"Twilio socket closed without stop (code {message.get('code')})")
-                return
-            text = message.get("text")
-            if text is None:
-                session.end(Reason.error_frontend_corrupted_payload, "binary frame from Twilio")
-                return
-            await send(session.from_twilio(text, now))
+    def _from_agent(self, message) -> None:
+        session = self.session
+        now = self.loop.time()
+        actions = session.from_agent(message, now)
+        if actions:
+            self._send(actions)
+        if session.ending is not None:
+            self.finish()
+            return
+        wait = session.idle_timeout(now)
+        if wait is None:
+            self._idle_deadline = None
+            return
+        self._idle_deadline = deadline = now + wait
+        if self._idle_timer is None or deadline < self._idle_at:
+            self._arm_idle(deadline)
 
-    async def from_agent() -> None:
-        while session.ending is None:
-            wait = session.idle_timeout(loop.time())
+    def _arm_idle(self, deadline: float) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_at = deadline
+        self._idle_timer = self.loop.call_at(deadline, self._idle)
+
+    def _idle(self) -> None:
+        """The agent has been quiet: re-arm if more audio moved the deadline, else flush."""
+        self._idle_timer = None
+        deadline = self._idle_deadline
+        if deadline is None or self.session.ending is not None:
+            return
+        now = self.loop.time()
+        if now < deadline:
+            self._arm_idle(deadline)
+            return
+        self._send(self.session.agent_idle(now))
+        wait = self.session.idle_timeout(now)
+        self._idle_deadline = None if wait is None else now + wait
+        if wait is not None:
+            self._arm_idle(now + wait)
+
+    def _twilio_closed(self) -> None:
+        t = self.twilio
+        if t.protocol_error:
+            self.session.end(Reason.error_frontend_corrupted_payload, f"Twilio broke the websocket protocol: {t.protocol_error}")
+        else:
+            code = t.close_code if t.close_code is not None else 1006
+            self.session.end(Reason.error_twilio, f"Twilio socket closed without stop (code {code})")
+        self.finish()
+
+    def _agent_closed(self) -> None:
+        a = self.agent
+        if a.protocol_error:
+            self.session.end(Reason.error_llm_websocket_corrupt_payload, f"agent broke the websocket protocol: {a.protocol_error}")
+        elif a.close_code is None:
+            self.session.end(Reason.error_llm_websocket_lost_connection, "agent socket lost (no close frame)")
+        elif a.close_code in ws_io.OK_CLOSE_CODES:
+            self.session.end(Reason.agent_hangup, f"agent closed the socket ({a.close_code})")
+        else:
+            self.session.end(Reason.error_llm_websocket_runtime, f"agent closed with {a.close_code} {a.close_reason}".rstrip())
+        self.finish()
+
+    # --- the tick: watchdogs, limits, pings ---------------------------------------------------
+
+    def _tick(self) -> None:
+        self._tick_timer = None
+        if self.session.ending is None:
             try:
-                if wait is None:
-                    message = await agent.recv()
-                else:  # a partial frame or an unmarked burst waits for more audio this long
-                    async with asyncio.timeout(wait):
-                        message = await agent.recv()
-            except TimeoutError:
-                await send(session.agent_idle(loop.time()))
-                continue
-            except ConnectionClosedOK:
-                session.end(Reason.agent_hangup, f"agent closed the socket ({agent.close_code})")
-                return
-            except ConnectionClosed as e:
-                if e.rcvd is None:  # no close frame: the connection died
-                    session.end(Reason.error_llm_websocket_lost_connection, f"agent socket lost: {e}")
-                else:
-                    session.end(Reason.error_llm_websocket_runtime, f"agent closed with {e.rcvd.code} {e.rcvd.reason}")
-                return
-            await send(session.from_agent(message, loop.time()))
+                self._check(self.loop.time())
+            except Exception as e:  # a bug ends this call, never the loop
+                log.exception("call tick failed")
+                self.session.end(Reason.error_unknown, f"{type(e).__name__}: {e}")
+        if self.session.ending is not None:
+            self.finish()
+            return
+        self._tick_timer = self.loop.call_later(self._tick_s, self._tick)
 
-    async def keepalive() -> None:
-        """Web-protocol ping to the agent (and the websocket ping's round trip on the twilio
-        protocol), the call's limits, and the watchdog on Twilio's side: a stream that stops
-        sending (a half-dead socket) ends the call instead of hanging it."""
+    def _check(self, now: float) -> None:
+        session, settings, limits = self.session, self.settings, self.limits
         observer = session.observer
-        tick = min(settings.keepalive_interval_s, settings.no_audio_timeout_s / 4, settings.limits_tick_s, send_timeout / 2)
-        next_ping = loop.time() + settings.keepalive_interval_s
-        last_latency = 0.0
-        while session.ending is None:
-            await asyncio.sleep(tick)
-            now = loop.time()
-            for started, side in list(sending.values()):
-                if now - started > send_timeout:
-                    if side == "twilio":
-                        session.end(Reason.error_twilio, "send to Twilio failed: TimeoutError")
-                    else:
-                        session.end(Reason.error_llm_websocket_lost_connection, "send to agent failed: TimeoutError")
-                    return
-            if now - last_from_twilio > settings.no_audio_timeout_s:
-                session.end(Reason.error_no_audio_received, f"nothing from Twilio for {now - last_from_twilio:.1f} s")
-                return
-            silent_ms = observer.silent_for(now) * 1000
-            if limits.silence_ms and silent_ms >= limits.silence_ms:
-                session.end(Reason.inactivity, f"the caller was silent for {silent_ms / 1000:.1f} s")
-                return
-            if (now - observer.started) * 1000 >= limits.max_duration_ms:
-                session.end(Reason.max_duration_reached, f"the call reached {limits.max_duration_ms / 1000:g} s")
-                return
-            if session.protocol is Protocol.twilio and agent.latency and agent.latency != last_latency:
-                last_latency = agent.latency  # the round trip of websockets' own keepalive ping
-                session.stats.rtt_ms.append(last_latency * 1000)
-            if now >= next_ping:
-                next_ping = now + settings.keepalive_interval_s
-                await send(session.ping(now))
-
-    tasks = [asyncio.create_task(coro) for coro in (from_twilio(), from_agent(), keepalive(), stopped.wait())]
-    try:
-        while session.ending is None:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task.exception() is not None:
-                    raise task.exception()
-            if session.ending is None and all(t.done() for t in tasks):
-                break
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        send_timeout = settings.send_timeout_s
+        if self.twilio.stalled_for() > send_timeout:
+            session.end(Reason.error_twilio, f"Twilio stopped reading for over {send_timeout:g} s")
+            return
+        if self.agent.stalled_for() > send_timeout:
+            session.end(Reason.error_llm_websocket_lost_connection, f"agent stopped reading for over {send_timeout:g} s")
+            return
+        if self.agent.ping_outstanding_s > settings.agent_ping_timeout_s:
+            session.end(Reason.error_llm_websocket_lost_connection, f"agent answered no ping for {settings.agent_ping_timeout_s:g} s")
+            return
+        if now - self.last_from_twilio > settings.no_audio_timeout_s:
+            session.end(Reason.error_no_audio_received, f"nothing from Twilio for {now - self.last_from_twilio:.1f} s")
+            return
+        silent_ms = observer.silent_for(now) * 1000
+        if limits.silence_ms and silent_ms >= limits.silence_ms:
+            session.end(Reason.inactivity, f"the caller was silent for {silent_ms / 1000:.1f} s")
+            return
+        if (now - observer.started) * 1000 >= limits.max_duration_ms:
+            session.end(Reason.max_duration_reached, f"the call reached {limits.max_duration_ms / 1000:g} s")
+            return
+        latency = self.agent.latency
+        if self.twilio_protocol and latency and latency != self._last_latency:
+            self._last_latency = latency  # the websocket ping's round trip
+            session.stats.rtt_ms.append(latency * 1000)
+        if now >= self._next_ping:
+            self._next_ping = now + settings.keepalive_interval_s
+            self.agent.ping()
+            self._send(session.ping(now))
 
 
-async def _finish(twilio: WebSocket, agent, session: CallSession, services: Services, record) -> None:
+async def _finish(twilio: ws_io.ServerConnection, agent, session: CallSession, services: Services, record, relay) -> None:
     ending = session.ending
     reason = ending.reason if ending else Reason.error_unknown
     stats = session.stats
@@ -369,19 +420,15 @@ async def _finish(twilio: WebSocket, agent, session: CallSession, services: Serv
         agent_audio_ms=round(stats.sent_ms), heard_ms=round(stats.played_ms), clears=stats.clears,
     )  # fmt: skip
     try:
-        if agent is not None:
-            try:
-                async with asyncio.timeout(2):  # 1000 for a normal end, 1011 when something failed
-                    await agent.close(code=1011 if reason.is_error else 1000, reason=reason.value)
-            except (TimeoutError, ConnectionClosed, OSError):
-                pass
+        if agent is not None:  # 1000 for a normal end, 1011 when something failed
+            await agent.close(code=1011 if reason.is_error else 1000, reason=reason.value)
         if reason in HUNG_UP_BY_BRIDGE and record.twilio_call_sid:
             # let the caller hear the agent's last words (audio is sent ahead of playback), then
             # hang up: closing the stream alone would make Twilio play the fallback after </Connect>
             if reason is Reason.agent_hangup:
                 await _play_out(twilio, session)
             await services.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
-        await _close(twilio, 1011 if reason.is_error else 1000, reason.value)
+        await twilio.close(1011 if reason.is_error else 1000, reason.value)
     finally:
         await services.end_call(record.call_id, reason, ending.detail if ending else "", session)
 
@@ -392,35 +439,33 @@ PLAY_OUT_MARK = "bridge-play-out"
 MAX_PLAY_OUT_S = 60.0
 
 
-async def _play_out(twilio: WebSocket, session: CallSession) -> None:
+async def _play_out(twilio: ws_io.ServerConnection, session: CallSession) -> None:
     """Send what is left of the agent's audio and a last mark, and wait until Twilio echoes it
     (the caller heard everything), the caller hangs up, or the queued audio's time is up."""
+    if twilio.closed or twilio.close_code is not None:
+        return
+    heard = asyncio.get_running_loop().create_future()
+
+    def on_message(text) -> None:
+        try:
+            event = tf.parse(text) if type(text) is str else None
+        except tf.FrameError:
+            event = None
+        if event is None or type(event) is tf.Stop or (type(event) is tf.Mark and event.name == PLAY_OUT_MARK):
+            if not heard.done():
+                heard.set_result(None)
+
+    def on_close() -> None:
+        if not heard.done():
+            heard.set_result(None)
+
+    twilio.listen(on_message, on_close)
     unplayed_s = max(0.0, session.stats.sent_ms - session.stats.played_ms) / 1000
+    frames = [twilio.frame_text(message) for _, message in session.flush_agent_audio(asyncio.get_running_loop().time())]
+    frames.append(twilio.frame_text(session.twilio.mark(PLAY_OUT_MARK)))
+    twilio.send_many(frames)
     try:
         async with asyncio.timeout(min(MAX_PLAY_OUT_S, unplayed_s + 2.0)):
-            for _, message in session.flush_agent_audio(asyncio.get_running_loop().time()):
-                await twilio.send_text(message)
-            await twilio.send_text(session.twilio.mark(PLAY_OUT_MARK))
-            while True:
-                message = await twilio.receive()
-                text = message.get("text")
-                if message["type"] == "websocket.disconnect" or text is None:
-                    return
-                try:
-                    event = tf.parse(text)
-                except tf.FrameError:
-                    return
-                if type(event) is tf.Stop or (type(event) is tf.Mark and event.name == PLAY_OUT_MARK):
-                    return
-    except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
+            await heard
+    except TimeoutError:
         return
-
-
-async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
-    if websocket.closed:
-        return
-    try:
-        async with asyncio.timeout(2):
-            await websocket.close(code=code, reason=reason)
-    except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
-        pass

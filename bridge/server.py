@@ -8,10 +8,17 @@ import asyncio
 import uvicorn
 
 
+def ws_protocol(app):
+    """The app's own websocket protocol if it has one (the bridge's media stream), else
+    uvicorn's websockets implementation."""
+    state = getattr(app, "state", None)
+    return getattr(state, "ws_protocol", None) or "websockets-sansio"
+
+
 class BackgroundServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, lifespan: str = "on"):
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", lifespan=lifespan, ws="websockets-sansio",
+            app, host=host, port=port, log_level="warning", lifespan=lifespan, ws=ws_protocol(app),
             timeout_graceful_shutdown=1,
         )  # fmt: skip
         self.server = uvicorn.Server(config)
