@@ -18,7 +18,7 @@ from audio import AudioFormat, agent_to_twilio, twilio_to_agent
 from bridge import ws_frames as wsf
 from bridge import ws_io
 
-PAYLOAD = '"payload":"'
+PAYLOAD = '"payload"'
 
 
 class FloorRelay(asyncio.Protocol):
@@ -54,8 +54,8 @@ class FloorRelay(asyncio.Protocol):
                     self.transport.close()
                 continue
             at = text.find(PAYLOAD)
-            if at >= 0 and self.agent is not None:  # media
-                start = at + len(PAYLOAD)
+            if at >= 0 and self.agent is not None:  # media: the string after "payload":
+                start = text.index('"', text.index(":", at + len(PAYLOAD)) + 1) + 1
                 audio = binascii.a2b_base64(text[start : text.index('"', start)])
                 if self.inbound is not None:
                     audio = self.inbound.process(audio)

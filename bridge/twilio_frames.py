@@ -35,7 +35,7 @@ class Start:
     tracks: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every frame, and frozen __init__ is slower
 class Media:
     payload: bytes
     track: str | None = None
@@ -98,6 +98,8 @@ def _decode_payload(media: dict[str, Any]) -> bytes:
 
 
 def _int(value: Any) -> int | None:
+    if value is None:
+        return None
     try:
         return int(value)
     except (TypeError, ValueError):

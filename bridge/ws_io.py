@@ -15,6 +15,7 @@ websocket goes to uvicorn's own implementation.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections import deque
@@ -23,6 +24,8 @@ from urllib.parse import urlsplit
 
 from . import ws_frames as wsf
 from .ws_frames import OK_CLOSE_CODES, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, WsProtocolError  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 2.0
 
@@ -399,6 +402,10 @@ class UpgradeProtocol(asyncio.Protocol):
     async def _serve(handler, conn: ServerConnection) -> None:
         try:
             await handler(conn)
+        except ConnectionClosed:
+            pass
+        except Exception:  # a bug ends this connection, never the server
+            log.exception("websocket handler for %s failed", conn.path)
         finally:
             if not conn.accepted:
                 conn.refuse(500)  # (a no-op if the handler refused it already)
