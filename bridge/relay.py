@@ -139,26 +139,27 @@ async def _read_start(websocket: ws_io.ServerConnection, timeout_s: float) -> tf
 async def _check_start(event: tf.Start, call_id: str | None, services: Services, public_base: str):
     if not call_id:
         raise StreamRejected("start without a call_id parameter")
-    record = await services.store.get(call_id)
-    if record is None:
-        raise StreamRejected("unknown call", None)
     try:
         services.tokens.check(call_id, event.custom_parameters.get(TOKEN_PARAMETER))
-    except TokenError as e:
-        raise StreamRejected(str(e), call_id) from None
-    files = {}
-    if not is_private(record, services.settings.agents.get(record.agent_id)):
-        files = {
-            "recording_url": f"{public_base}/v2/recordings/{call_id}.wav",
-            "public_log_url": f"{public_base}/v2/public-logs/{call_id}.jsonl",
+    except TokenError as e:  # (a valid token names a call this bridge registered)
+        record = await services.store.get(call_id)
+        raise StreamRejected(str(e) if record else "unknown call", call_id if record else None) from None
+
+    def fields_for(record) -> dict:  # Twilio's ids, and where the files will be
+        fields = {
+            "twilio_call_sid": record.twilio_call_sid or event.call_sid,
+            "twilio_account_sid": record.twilio_account_sid or event.account_sid,
         }
-    started = await services.store.start(  # one write: ongoing, Twilio's ids, where the files will be
-        call_id,
-        twilio_call_sid=record.twilio_call_sid or event.call_sid,
-        twilio_account_sid=record.twilio_account_sid or event.account_sid,
-        **files,
-    )
+        if not is_private(record, services.settings.agents.get(record.agent_id)):
+            fields["recording_url"] = f"{public_base}/v2/recordings/{call_id}.wav"
+            fields["public_log_url"] = f"{public_base}/v2/public-logs/{call_id}.jsonl"
+        return fields
+
+    started = await services.store.start(call_id, fields_for)  # one read and one write
     if started is None:
+        record = await services.store.get(call_id)
+        if record is None:
+            raise StreamRejected("unknown call", None)
         raise StreamRejected(f"stream token already used (call is {record.call_status.value})", call_id)
     return event, started
 

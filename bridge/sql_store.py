@@ -143,13 +143,15 @@ class SqlCallStore:
     async def update(self, call_id: str, **fields: Any) -> CallRecord | None:
         return await self._change(call_id, lambda r: r.model_copy(update=fields))
 
-    async def start(self, call_id: str, **fields: Any) -> CallRecord | None:
-        """registered -> ongoing (with ``start_timestamp``); None if the call is not registered."""
+    async def start(self, call_id: str, fields_for=None, **fields: Any) -> CallRecord | None:
+        """registered -> ongoing (with ``start_timestamp``); None if the call is not registered.
+        ``fields_for(record) -> dict``: more fields, chosen from the record being started."""
 
         def make(r: CallRecord) -> CallRecord | None:
             if r.call_status is not CallStatus.registered:
                 return None
-            return r.model_copy(update={"call_status": CallStatus.ongoing, "start_timestamp": now_ms(), **fields})
+            more = fields_for(r) if fields_for is not None else {}
+            return r.model_copy(update={"call_status": CallStatus.ongoing, "start_timestamp": now_ms(), **fields, **more})
 
         # the instance relaying the call owns it from now on (the webhook may have run elsewhere)
         return await self._change(call_id, make, take_ownership=True, events=self._hooks("call_started"))
