@@ -111,6 +111,7 @@ class PeriodPlan:
         self.width = self.history + ((self.rows - 1) * M) // L + 1
         self.matrix = _coefficients(h, L, M, self.rows, self.history, self.width)
         self.matrix.setflags(write=False)
+        self.matrix_t = self.matrix.T  # (a view, made once: it is used for every frame)
 
     @property
     def nbytes(self) -> int:
@@ -141,7 +142,7 @@ class PeriodPlan:
 
     def _periods(self, buf: np.ndarray, count: int) -> np.ndarray:
         if count > FEW_PERIODS:  # one matrix product
-            return np.dot(_windows(buf, count, self.width, self.step), self.matrix.T)
+            return np.dot(_windows(buf, count, self.width, self.step), self.matrix_t)
         # few long periods (8k<->44.1k: two per 20 ms): one matrix-vector product per period is
         # ~1.5x faster than a matrix product with only 1-4 rows
         out = np.empty((count, self.rows), np.float32)

@@ -15,7 +15,7 @@ from numbers import Integral
 
 import numpy as np
 
-from .filters import MAX_RATE, MIN_RATE, plan, prototype
+from .filters import FEW_PERIODS, MAX_RATE, MIN_RATE, _windows, plan, prototype
 
 try:  # the clip ufunc itself: np.clip adds ~2 us of Python dispatch per call
     from numpy._core.umath import clip as _clip
@@ -68,7 +68,7 @@ class Resampler:
     # _buf[:_held] holds the inputs still needed; _buf[0] is input number _origin counted from
     # the start of the current period (M inputs -> L outputs), and _row is the next output's
     # number within that period.
-    __slots__ = ("in_rate", "out_rate", "_plan", "_buf", "_held", "_origin", "_row", "_delay_virtual", "_fed")
+    __slots__ = ("in_rate", "out_rate", "_plan", "_buf", "_held", "_origin", "_row", "_delay_virtual", "_fed", "_view")
 
     def __init__(self, in_rate: int, out_rate: int):
         self.in_rate = check_rate("in_rate", in_rate)
@@ -78,6 +78,7 @@ class Resampler:
         self._origin = 0
         self._row = 0
         self._fed = False
+        self._view = None  # the steady state's window view of _buf
         if self.in_rate == self.out_rate:
             self._plan = None
             self._delay_virtual = 0.0
@@ -117,8 +118,29 @@ class Resampler:
         """Resample one chunk; returns every output sample that is now due."""
         if type(pcm) is not bytes or not pcm or len(pcm) & 1:
             pcm = check_pcm(pcm)
-        if self._plan is None:
+        p = self._plan
+        if p is None:
             return bytes(pcm)
+        n = len(pcm) >> 1
+        # The streaming steady state (a 20 ms frame is whole periods for the usual rates): the
+        # same products as _advance, without its bookkeeping for partial periods.
+        if p.kind == "period" and not self._row and n % p.step == 0:
+            h = p.history
+            total = h + n
+            buf = self._buf
+            if self._held == h and total <= len(buf):
+                buf[h:total] = np.frombuffer(pcm, dtype="<i2")
+                count = n // p.step
+                if count > FEW_PERIODS:  # one matrix product over a cached window view
+                    windows = self._view
+                    if windows is None or windows.shape[0] != count or windows.base is not buf:
+                        windows = self._view = _windows(buf, count, p.width, p.step)
+                    y = np.dot(windows, p.matrix_t)
+                else:
+                    y = p._periods(buf, count)
+                buf[:h] = buf[n:total]
+                self._fed = True
+                return to_int16_bytes(y)
         return to_int16_bytes(self._advance(np.frombuffer(pcm, dtype="<i2")))
 
     def flush(self) -> bytes:
