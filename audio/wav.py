@@ -51,11 +51,13 @@ class StereoWavWriter:
 
     BLOCK_FRAMES = 8192
 
-    def __init__(self, path: str | os.PathLike, sample_rate: int = 8000, *, sync_ms: int = 250):
+    def __init__(self, path: str | os.PathLike, sample_rate: int = 8000, *, sync_ms: int = 250, opener=open):
+        """``opener(path, mode)`` opens the file: ``open``, or one whose writes happen
+        elsewhere (it needs ``write``, ``seek``, ``flush``, ``close`` and ``closed``)."""
         self.path = Path(path)
         self.sample_rate = check_rate("sample_rate", sample_rate)
         self._sync_frames = max(1, self.sample_rate * sync_ms // 1000)
-        self._file = open(self.path, "xb")  # never overwrite (e.g. a crashed recording to repair)
+        self._file = opener(self.path, "xb")  # never overwrite (e.g. a crashed recording to repair)
         self._file.write(wav_header(self.sample_rate, 2, 0))
         self._file.flush()
         self.frames_written = 0  # stereo frames in the file

@@ -23,6 +23,7 @@ from .models import CallStatus, CallType, Direction, DisconnectionReason, now_ms
 from .observer import percentiles
 from .outbound import CallThrottle
 from . import ws_io
+from .file_writer import FileWriter
 from .relay import MEDIA_PATH, handle_media_stream
 from .session import CallSession
 from .settings import Settings, load_settings
@@ -52,6 +53,7 @@ class Services:
     live_calls: dict[str, Callable[[DisconnectionReason, str], None]] = field(default_factory=dict)
     dial_throttle: CallThrottle | None = None
     web_tokens: StreamTokens | None = None
+    file_writer: FileWriter = field(default_factory=FileWriter)  # recordings' writes, off the loop
 
     def stop_local_call(self, call_id: str, reason: DisconnectionReason, detail: str) -> bool:
         """Ask the relay of a call running in this process to end it; False if it is not here."""
@@ -83,6 +85,10 @@ class Services:
     async def end_call(self, call_id: str, reason: DisconnectionReason, detail: str, session: CallSession) -> None:
         observer = session.observer
         observer.close()
+        try:  # the recording is complete on disk before the record says the call ended
+            await asyncio.wait_for(asyncio.wrap_future(self.file_writer.barrier()), 10)
+        except TimeoutError:
+            log.error("call %s: the recording's writes are still queued after 10 s", call_id)
         fields = {
             "e2e_latency": percentiles(observer.turn_latencies_ms),
             "llm_websocket_network_rtt_latency": percentiles(session.stats.rtt_ms),
@@ -206,6 +212,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await services.http.aclose()
             await services.twilio_rest.close()
             await store.close()
+            await asyncio.to_thread(services.file_writer.stop)
 
     app = FastAPI(
         title="twilio-audio-bridge",

@@ -17,6 +17,7 @@ every agent payload sent to Twilio (mu-law 8 kHz), with the bridge's clock (seco
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,10 +54,10 @@ class Recording:
     stream started on the bridge's clock; each side stays contiguous unless it fell behind the
     clock by more than JITTER_S (then the gap is silence)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, opener=open):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.writer = StereoWavWriter(path, RATE, sync_ms=1000)
+        self.writer = StereoWavWriter(path, RATE, sync_ms=1000, opener=opener)
 
     def place(self, channel: int, pcm: bytes, clock_pos: int) -> None:
         end = self.writer.channel_end(channel)
@@ -91,6 +92,9 @@ class CallObserver:
         self._turn_end: float | None = None  # a caller turn that ended, waiting for the agent
         self._agent_sent_at: list[float] = []  # agent burst starts since the caller last spoke
         self._agent_last_sent = -1.0
+        # The first batch is of random length, so that calls started together (or all calls of
+        # a load test) do not all analyse their audio in the same 20 ms every 200 ms.
+        self._caller_batch_samples = random.randint(RATE // 50, BATCH_SAMPLES)
         self._caller_ulaw = bytearray()  # caller audio not yet analysed and recorded
         self._caller_at = 0  # clock position (samples) of its first byte
         self._agent_ulaw = bytearray()  # agent audio not yet recorded (contiguous)
@@ -115,7 +119,8 @@ class CallObserver:
         if not pending:
             self._caller_at = max(0, int((now - self.started) * RATE) - len(payload))
         pending += payload
-        if len(pending) >= BATCH_SAMPLES:
+        if len(pending) >= self._caller_batch_samples:
+            self._caller_batch_samples = BATCH_SAMPLES
             self._caller_batch(now)
 
     def _caller_batch(self, now: float) -> None:

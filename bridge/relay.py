@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -174,7 +175,7 @@ async def _relay(twilio: ws_io.ServerConnection, services: Services, start: tf.S
     try:
         observer = CallObserver(
             started=started,
-            recording=None if private else Recording(services.recording_path(call_id)),
+            recording=None if private else Recording(services.recording_path(call_id), services.file_writer.open),
             log_path=None if private else services.log_path(call_id),
             private=private,
         )
@@ -263,7 +264,8 @@ class MediaRelay:
         self._next_ping = self.loop.time() + self.settings.keepalive_interval_s
         self.twilio.listen(self._from_twilio, self._twilio_closed)
         self.agent.listen(self._from_agent, self._agent_closed)
-        self._tick_timer = self.loop.call_later(self._tick_s, self._tick)
+        # the first tick at a random point of the period: calls started together tick apart
+        self._tick_timer = self.loop.call_later(random.uniform(0, self._tick_s), self._tick)
         try:
             await self.done
         finally:

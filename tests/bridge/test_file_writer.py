@@ -1,0 +1,59 @@
+"""FileWriter: recording writes happen on one thread, in order per file, and a failing write
+costs only that file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from audio import StereoWavWriter, read_wav
+from bridge.file_writer import FileWriter
+
+
+def test_writes_seeks_and_flushes_land_in_order(tmp_path):
+    writer = FileWriter()
+    direct, queued = tmp_path / "direct.bin", tmp_path / "queued.bin"
+    with open(direct, "xb") as f:
+        ops = [("write", b"hello world"), ("seek", 6), ("write", b"there"), ("seek", 0, 2), ("write", b"!"), ("flush",)]
+        background = writer.open(queued)
+        for op, *args in ops:
+            getattr(f, op)(*args)
+            getattr(background, op)(*args)
+    background.close()
+    assert background.closed
+    writer.barrier().result(5)
+    assert queued.read_bytes() == direct.read_bytes() == b"hello there!"
+    writer.stop()
+
+
+def test_a_wav_written_through_it_equals_one_written_directly(tmp_path):
+    writer = FileWriter()
+    pcm = bytes(range(256)) * 40
+    for name, opener in (("direct.wav", open), ("queued.wav", writer.open)):
+        wav = StereoWavWriter(tmp_path / name, 8000, sync_ms=20, opener=opener)
+        for i in range(10):
+            wav.write(i % 2, pcm)
+        wav.close()
+    writer.barrier().result(5)
+    assert (tmp_path / "queued.wav").read_bytes() == (tmp_path / "direct.wav").read_bytes()
+    frames, rate, channels = read_wav(tmp_path / "queued.wav")
+    assert (rate, channels, len(frames)) == (8000, 2, 2 * 5 * len(pcm))  # 5 writes a channel, 4 bytes a stereo frame
+    writer.stop()
+
+
+async def test_a_failing_write_is_logged_and_other_files_go_on(tmp_path, caplog):
+    writer = FileWriter()
+    broken, fine = writer.open(tmp_path / "a.bin"), writer.open(tmp_path / "b.bin")
+    broken.close()
+    broken._writer.submit(broken._file.write, b"too late")  # a write to a closed file: ValueError
+    fine.write(b"still written")
+    fine.close()
+    with caplog.at_level(logging.ERROR):
+        await asyncio.wrap_future(writer.barrier())
+    assert (tmp_path / "b.bin").read_bytes() == b"still written"
+    assert any("recording write failed" in r.message for r in caplog.records)
+    writer.stop()
+
+
+def test_a_barrier_before_any_write_is_done_at_once():
+    assert FileWriter().barrier().done()
