@@ -210,8 +210,9 @@ class Target:
     async def start(self) -> None:
         cmd, env = self.command()
         self.process = subprocess.Popen(
-            ["taskset", "-c", "0", *cmd], env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+            ["taskset", "-c", "0", *cmd], env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=getattr(self, "source", None),
+        )  # fmt: skip
         for _ in range(300):
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", self.port)
@@ -232,10 +233,10 @@ class Target:
 
 
 class Bridge(Target):
-    def __init__(self, agent_port, workdir, encoding: str, rate: int, private: bool = False):
+    def __init__(self, agent_port, workdir, encoding: str, rate: int, private: bool = False, source: Path | None = None):
         super().__init__(agent_port, workdir)
-        self.name = f"bridge {encoding} {rate // 1000}k" + (" private" if private else "")
-        self.encoding, self.rate, self.private = encoding, rate, private
+        self.name = f"bridge {encoding} {rate // 1000}k" + (" private" if private else "") + (f" @{source.name}" if source else "")
+        self.encoding, self.rate, self.private, self.source = encoding, rate, private, source
 
     def command(self):
         agents = self.workdir / f"agents-{self.encoding}-{self.rate}.toml"
@@ -249,6 +250,8 @@ class Bridge(Target):
             "BRIDGE_API_KEYS": API_KEY, "BRIDGE_DATA_DIR": str(self.workdir / f"data-{self.encoding}-{self.rate}"),
             "BRIDGE_INSTANCE_ID": f"load-{self.encoding}-{self.rate}",
         }  # fmt: skip
+        if self.source is not None:  # another checkout of the bridge (e.g. before a change)
+            env["PYTHONPATH"] = str(self.source)
         return [sys.executable, "-m", "bridge", "serve", "--port", str(self.port)], env
 
     async def open(self, call: Call, http: httpx.AsyncClient, validator: RequestValidator, known) -> None:
@@ -408,6 +411,7 @@ async def main_async(args) -> int:
         "naive": lambda: Naive(agent.port, workdir),
         "floor": lambda: Floor(agent.port, workdir),
         "floor-24k": lambda: Floor(agent.port, workdir, 24000),
+        "bridge-24k-other": lambda: Bridge(agent.port, workdir, "s16le", 24000, source=args.other),
     }
     deadline = time.monotonic() + args.max_minutes * 60
     print(HEADER, flush=True)
@@ -489,7 +493,8 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", nargs="+", default=["floor", "floor-24k", "naive", "bridge-24k", "bridge-mulaw"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive", "floor", "floor-24k"])
+    parser.add_argument("--targets", nargs="+", default=["floor", "floor-24k", "naive", "bridge-24k", "bridge-mulaw"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive", "floor", "floor-24k", "bridge-24k-other"])
+    parser.add_argument("--other", type=Path, help="bridge-24k-other runs the bridge from this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 25, 50, 75, 100, 125, 150, 200, 250, 300, 400, 500])
     parser.add_argument("--seconds", type=float, default=8.0, help="per step, warm-up included")
     parser.add_argument("--warmup", type=float, default=2.0)
