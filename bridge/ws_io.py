@@ -389,7 +389,7 @@ class UpgradeProtocol(asyncio.Protocol):
             self.inner.connection_made(self.transport)
             self.inner.data_received(data)
             return
-        secure = self.transport.get_extra_info("sslcontext") is not None
+        secure = self._scheme_is_secure(dict(headers))
         conn = ServerConnection(self.transport, target, headers, wsf.ServerHandshake(method, dict(headers)), secure)
         self.inner = conn
         if end >= 0 and end + 4 < len(data):
@@ -397,6 +397,24 @@ class UpgradeProtocol(asyncio.Protocol):
         task = asyncio.get_running_loop().create_task(self._serve(handler, conn))
         self.server_state.tasks.add(task)
         task.add_done_callback(self.server_state.tasks.discard)
+
+    def _scheme_is_secure(self, headers: dict[str, str]) -> bool:
+        """wss or ws, as uvicorn's proxy-headers handling would tell the ASGI app: TLS here, or
+        X-Forwarded-Proto from a trusted proxy (``forwarded_allow_ips``, 127.0.0.1 by default:
+        ngrok's local agent)."""
+        if self.transport.get_extra_info("sslcontext") is not None:
+            return True
+        proto = headers.get("x-forwarded-proto", "").strip()
+        if not proto or not getattr(self.config, "proxy_headers", False):
+            return False
+        peer = self.transport.get_extra_info("peername")
+        try:
+            from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+            trusted = peer is not None and peer[0] in ProxyHeadersMiddleware(None, self.config.forwarded_allow_ips).trusted_hosts
+        except (ImportError, AttributeError, TypeError, ValueError):  # uvicorn changed: trust loopback only
+            trusted = peer is not None and peer[0] in ("127.0.0.1", "::1")
+        return trusted and proto in ("https", "wss")
 
     @staticmethod
     async def _serve(handler, conn: ServerConnection) -> None:

@@ -15,7 +15,7 @@ from bridge.settings import AgentConfig
 from bridge.simulator import parse_twiml
 
 from .conftest import AUTH_TOKEN, envelope_ms
-from .test_webhook import PARAMS, post
+from .test_webhook import PARAMS, post, signed
 
 
 async def register(bridge) -> tuple[str, dict]:
@@ -47,6 +47,24 @@ async def open_stream(url: str, params: dict | None, first: list[str] | None = N
     for frame in first if first is not None else [start_frame(params)]:
         await ws.send(frame)
     return ws
+
+
+async def test_behind_a_local_tls_proxy_the_signed_wss_url_is_accepted(start_bridge):
+    """ngrok's agent on this machine forwards https as http with X-Forwarded-Proto: https. With no
+    public_url set, Twilio signs the wss:// URL the TwiML named, and the upgrade must pass."""
+    bridge = await start_bridge()
+    https = bridge.base_url.replace("http://", "https://", 1) + "/twilio/voice"
+    r = await post(bridge.base_url, headers={**signed(https, PARAMS), "X-Forwarded-Proto": "https"})
+    url, params, _ = parse_twiml(r.text)
+    assert url.startswith("wss://")
+    plain = url.replace("wss://", "ws://", 1)  # where the proxy really connects
+    ws = await websockets.connect(plain, additional_headers={**upgrade_headers(url), "X-Forwarded-Proto": "https"})
+    await ws.send(start_frame(params))
+    await ws.send(json.dumps({"event": "stop", "stop": {}}))
+    record = await wait_for_end(bridge, params["call_id"])
+    assert record.disconnection_reason.value == "user_hangup"
+    with pytest.raises(InvalidStatus):  # without the proxy's header the signed URL does not match
+        await websockets.connect(plain, additional_headers=upgrade_headers(url))
 
 
 async def closed_with(ws) -> int:
