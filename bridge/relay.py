@@ -296,31 +296,41 @@ class MediaRelay:
     def _from_twilio(self, message) -> None:
         session = self.session
         self.last_from_twilio = now = self.loop.time()
-        if type(message) is not str:
-            session.end(Reason.error_frontend_corrupted_payload, "binary frame from Twilio")
-        else:
-            actions = session.from_twilio(message, now)
-            if actions:
-                self._send(actions)
+        try:
+            if type(message) is not str:
+                session.end(Reason.error_frontend_corrupted_payload, "binary frame from Twilio")
+            else:
+                actions = session.from_twilio(message, now)
+                if actions:
+                    self._send(actions)
+        except Exception as e:  # a bug ends this call (and says so), never the connection silently
+            self._failed(e)
         if session.ending is not None:
             self.finish()
 
     def _from_agent(self, message) -> None:
         session = self.session
         now = self.loop.time()
-        actions = session.from_agent(message, now)
-        if actions:
-            self._send(actions)
+        try:
+            actions = session.from_agent(message, now)
+            if actions:
+                self._send(actions)
+            if session.ending is None:
+                wait = session.idle_timeout(now)
+                if wait is None:
+                    self._idle_deadline = None
+                else:
+                    self._idle_deadline = deadline = now + wait
+                    if self._idle_timer is None or deadline < self._idle_at:
+                        self._arm_idle(deadline)
+        except Exception as e:
+            self._failed(e)
         if session.ending is not None:
             self.finish()
-            return
-        wait = session.idle_timeout(now)
-        if wait is None:
-            self._idle_deadline = None
-            return
-        self._idle_deadline = deadline = now + wait
-        if self._idle_timer is None or deadline < self._idle_at:
-            self._arm_idle(deadline)
+
+    def _failed(self, error: Exception) -> None:
+        log.exception("call relay failed")
+        self.session.end(Reason.error_unknown, f"{type(error).__name__}: {error}")
 
     def _arm_idle(self, deadline: float) -> None:
         if self._idle_timer is not None:
@@ -338,8 +348,13 @@ class MediaRelay:
         if now < deadline:
             self._arm_idle(deadline)
             return
-        self._send(self.session.agent_idle(now))
-        wait = self.session.idle_timeout(now)
+        try:
+            self._send(self.session.agent_idle(now))
+            wait = self.session.idle_timeout(now)
+        except Exception as e:
+            self._failed(e)
+            self.finish()
+            return
         self._idle_deadline = None if wait is None else now + wait
         if wait is not None:
             self._arm_idle(now + wait)
@@ -373,8 +388,7 @@ class MediaRelay:
             try:
                 self._check(self.loop.time())
             except Exception as e:  # a bug ends this call, never the loop
-                log.exception("call tick failed")
-                self.session.end(Reason.error_unknown, f"{type(e).__name__}: {e}")
+                self._failed(e)
         if self.session.ending is not None:
             self.finish()
             return
@@ -422,9 +436,12 @@ async def _finish(twilio: ws_io.ServerConnection, agent, session: CallSession, s
         frames_from_caller=stats.inbound_frames, frames_to_caller=stats.outbound_frames,
         agent_audio_ms=round(stats.sent_ms), heard_ms=round(stats.played_ms), clears=stats.clears,
     )  # fmt: skip
+    # The agent's close handshake runs beside the caller's side: an agent that stopped reading
+    # (its close answer never comes; we drop it after 2 s) must not delay the caller's fallback.
+    agent_closed = None
+    if agent is not None:  # 1000 for a normal end, 1011 when something failed
+        agent_closed = asyncio.ensure_future(agent.close(code=1011 if reason.is_error else 1000, reason=reason.value))
     try:
-        if agent is not None:  # 1000 for a normal end, 1011 when something failed
-            await agent.close(code=1011 if reason.is_error else 1000, reason=reason.value)
         if reason in HUNG_UP_BY_BRIDGE and record.twilio_call_sid:
             # let the caller hear the agent's last words (audio is sent ahead of playback), then
             # hang up: closing the stream alone would make Twilio play the fallback after </Connect>
@@ -433,6 +450,8 @@ async def _finish(twilio: ws_io.ServerConnection, agent, session: CallSession, s
             await services.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
         await twilio.close(1011 if reason.is_error else 1000, reason.value)
     finally:
+        if agent_closed is not None:
+            await agent_closed
         await services.end_call(record.call_id, reason, ending.detail if ending else "", session)
 
 

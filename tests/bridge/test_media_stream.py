@@ -300,3 +300,27 @@ async def test_a_stalled_twilio_socket_ends_its_call_and_stalls_no_other(start_b
     assert stalled.call_status.value == "error"
     assert stalled.disconnection_reason.value == "error_twilio"
     assert "Twilio stopped reading" in stalled.error_detail
+
+
+async def test_a_bug_in_one_call_s_relay_ends_that_call_as_error_unknown(start_bridge, monkeypatch):
+    """An exception inside the per-frame path (here: the session, on the agent's first audio)
+    ends that call with error_unknown and the exception named, closes both sockets, and leaves the
+    process and the next call alone."""
+    from bridge.session import CallSession
+
+    original = CallSession.from_agent
+
+    def broken(self, message, now=0.0):
+        if not getattr(broken, "fired", False):
+            broken.fired = True
+            raise RuntimeError("boom")
+        return original(self, message, now)
+
+    monkeypatch.setattr(CallSession, "from_agent", broken)
+    bridge = await start_bridge()
+    failed = await bridge.call()
+    assert failed.record["call_status"] == "error"
+    assert failed.record["disconnection_reason"] == "error_unknown"
+    assert "RuntimeError: boom" in (await bridge.store.get(failed.call_id)).error_detail
+    assert failed.ended_by == "bridge"
+    await healthy_call(bridge)
