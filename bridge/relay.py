@@ -52,6 +52,7 @@ from .models import Protocol
 from .observer import CallObserver, Recording
 from .session import TO_TWILIO, CallSession
 from .tokens import TokenError
+from .ws_frames import OK_CLOSE_CODES
 
 if TYPE_CHECKING:
     from .app import Services
@@ -374,7 +375,7 @@ class MediaRelay:
             self.session.end(Reason.error_llm_websocket_corrupt_payload, f"agent broke the websocket protocol: {a.protocol_error}")
         elif a.close_code is None:
             self.session.end(Reason.error_llm_websocket_lost_connection, "agent socket lost (no close frame)")
-        elif a.close_code in ws_io.OK_CLOSE_CODES:
+        elif a.close_code in OK_CLOSE_CODES:
             self.session.end(Reason.agent_hangup, f"agent closed the socket ({a.close_code})")
         else:
             self.session.end(Reason.error_llm_websocket_runtime, f"agent closed with {a.close_code} {a.close_reason}".rstrip())

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from . import ws_frames as wsf
-from .ws_frames import OK_CLOSE_CODES, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, WsProtocolError  # noqa: F401
+from .ws_frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, WsProtocolError
 
 log = logging.getLogger(__name__)
 

@@ -184,3 +184,13 @@ def best_correlation(heard: bytes, said: bytes) -> tuple[float, int]:
     lag = int(np.argmax(corr))
     window = h[lag : lag + len(s)]
     return float(corr[lag] / (np.linalg.norm(window) * np.linalg.norm(s) + 1e-9)), lag
+
+
+async def wait_for_end(bridge, call_id: str, timeout: float = 5.0):
+    """The call's record once it has ended (ended or error), polling the store."""
+    async with asyncio.timeout(timeout):
+        while True:
+            record = await bridge.store.get(call_id)
+            if record.call_status.value in ("ended", "error"):
+                return record
+            await asyncio.sleep(0.02)

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from bridge.settings import AgentConfig
 from bridge.simulator import parse_twiml
 
-from .conftest import AUTH_TOKEN, envelope_ms
+from .conftest import AUTH_TOKEN, envelope_ms, wait_for_end
 from .test_webhook import PARAMS, post, signed
 
 
@@ -74,15 +74,6 @@ async def closed_with(ws) -> int:
                 await ws.recv()
     except ConnectionClosed as e:
         return e.rcvd.code if e.rcvd else 1006
-
-
-async def wait_for_end(bridge, call_id: str, timeout: float = 5.0):
-    async with asyncio.timeout(timeout):
-        while True:
-            record = await bridge.store.get(call_id)
-            if record.call_status.value in ("ended", "error"):
-                return record
-            await asyncio.sleep(0.02)
 
 
 async def test_a_used_token_cannot_open_a_second_stream(start_bridge):

@@ -9,7 +9,7 @@ from retell import APIStatusError, AsyncRetell
 
 from bridge.settings import AgentConfig
 
-from .conftest import API_KEY, caller_audio, envelope_ms
+from .conftest import API_KEY, caller_audio, envelope_ms, wait_for_end
 
 OWNED = "+14155550100"
 AGENTS = {
@@ -25,15 +25,6 @@ async def bridge(start_bridge):
     return b
 
 
-async def finished(bridge, call_id: str, timeout: float = 20):
-    async with asyncio.timeout(timeout):
-        while True:
-            record = await bridge.store.get(call_id)
-            if record.call_status.value in ("ended", "error"):
-                return record
-            await asyncio.sleep(0.05)
-
-
 async def test_a_dialed_call_that_is_answered_reaches_the_agent(bridge, sdk):
     call = await sdk.call.create_phone_call(
         from_number=OWNED, to_number="+14155550199", metadata={"campaign": 3}, retell_llm_dynamic_variables={"first": "Ada"},
@@ -46,7 +37,7 @@ async def test_a_dialed_call_that_is_answered_reaches_the_agent(bridge, sdk):
     assert "MachineDetection" not in params
     callee = await next(iter(bridge.fake.outbound.values()))
     assert callee.ended_by == "caller" and len(envelope_ms(callee.heard)) == 1  # heard its echo
-    record = await finished(bridge, call.call_id)
+    record = await wait_for_end(bridge, call.call_id, timeout=20)
     assert record.disconnection_reason.value == "user_hangup" and record.twilio_call_sid == callee.call_sid
     assert record.metadata == {"campaign": 3} and record.retell_llm_dynamic_variables == {"first": "Ada"}
     assert len((await bridge.store.list(limit=100))[0]) == 1  # Twilio's voice request did not register another
@@ -56,14 +47,14 @@ async def test_override_agent_id(bridge, sdk):
     call = await sdk.call.create_phone_call(from_number=OWNED, to_number="+14155550199", override_agent_id="slow")
     assert call.agent_id == "slow"
     await next(iter(bridge.fake.outbound.values()))
-    assert (await finished(bridge, call.call_id)).sample_rate == 16000
+    assert (await wait_for_end(bridge, call.call_id, timeout=20)).sample_rate == 16000
 
 
 @pytest.mark.parametrize("outcome,reason", [("busy", "dial_busy"), ("failed", "dial_failed"), ("no-answer", "dial_no_answer")])
 async def test_calls_that_never_connect_end_with_the_dial_reason(bridge, sdk, outcome, reason):
     bridge.fake.dial_outcome = lambda params: outcome
     call = await sdk.call.create_phone_call(from_number=OWNED, to_number="+14155550199")
-    record = await finished(bridge, call.call_id)
+    record = await wait_for_end(bridge, call.call_id, timeout=20)
     assert record.disconnection_reason.value == reason and record.start_timestamp is None
 
 
@@ -84,7 +75,7 @@ async def test_a_machine_answering_drops_the_call_when_asked(bridge, sdk):
     assert params["AsyncAmdStatusCallback"].endswith(f"/twilio/amd/{call.call_id}")
     callee = await next(iter(bridge.fake.outbound.values()))
     assert callee.ended_by == "rest"  # hung up through Twilio, no fallback
-    record = await finished(bridge, call.call_id)
+    record = await wait_for_end(bridge, call.call_id, timeout=20)
     assert record.disconnection_reason.value == "voicemail_reached" and record.call_status.value == "ended"
 
 
