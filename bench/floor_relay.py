@@ -15,8 +15,8 @@ import json
 import sys
 
 from audio import AudioFormat, agent_to_twilio, twilio_to_agent
-from bridge import ws_frames as wsf
-from bridge import ws_io
+from bridge.protocol import websocket as wsf
+from bridge.media import connection as ws_io
 
 PAYLOAD = '"payload"'
 

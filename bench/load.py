@@ -41,7 +41,7 @@ import httpx
 import numpy as np
 from twilio.request_validator import RequestValidator
 
-from bridge import ws_frames as wsf
+from bridge.protocol import websocket as wsf
 
 AUTH_TOKEN = "load-test-token"
 API_KEY = "load-test-key"

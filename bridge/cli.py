@@ -65,7 +65,7 @@ def demo(
     bundled speech sample; print the call record and where the caller's audio is."""
     from .app import create_app
     from .server import BackgroundServer
-    from .simulator import FakeTwilioApi, simulate_call
+    from .dev.simulator import FakeTwilioApi, simulate_call
 
     settings = _settings()
     pcm, rate, _ = read_wav(SAMPLE)
@@ -108,7 +108,7 @@ def simulate(
     out: Path = typer.Option(None, help="write what the caller heard to this WAV"),
 ) -> None:
     """Place a simulated Twilio call on a running bridge."""
-    from .simulator import simulate_call
+    from .dev.simulator import simulate_call
 
     settings = load_settings()
     if not auth_token or not api_key:

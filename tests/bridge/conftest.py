@@ -14,7 +14,7 @@ from audio import SPEECH_END, VoiceActivityDetector, read_wav
 from bridge.app import create_app
 from bridge.server import BackgroundServer
 from bridge.settings import load_settings
-from bridge.simulator import FakeTwilioApi, simulate_call
+from bridge.dev.simulator import FakeTwilioApi, simulate_call
 
 AUTH_TOKEN = "test-twilio-auth-token"
 API_KEY = "key_test"
@@ -33,12 +33,12 @@ def caller_audio(first_phrase_only: bool = True) -> bytes:
 class Bridge:
     @property
     def store(self):
-        return self.services.store
+        return self.calls.store
 
     def __init__(self, settings, server: BackgroundServer, fake: FakeTwilioApi, app):
         self.settings, self.server, self.fake, self.app = settings, server, fake, app
         self.base_url = server.base_url
-        self.services = app.state.services
+        self.calls = app.state.calls
 
     async def call(self, pcm: bytes | None = None, **options):
         options.setdefault("speed", 8.0)

@@ -3,7 +3,7 @@ import json
 import numpy as np
 
 from audio import read_wav
-from bridge.echo_agent import EchoAgent
+from bridge.dev.echo_agent import EchoAgent
 
 from .conftest import SAMPLES, TRUTH
 

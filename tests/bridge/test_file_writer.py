@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from audio import StereoWavWriter, read_wav
-from bridge.file_writer import FileWriter
+from bridge.media.file_writer import FileWriter
 
 
 def test_writes_seeks_and_flushes_land_in_order(tmp_path):

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from bridge import twilio_frames as tf
-from bridge import web_frames as wf
+from bridge.protocol import twilio as tf
+from bridge.protocol import web as wf
 
 SID = "MZ" + "a" * 32
 

@@ -12,7 +12,7 @@ from twilio.request_validator import RequestValidator
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from bridge.settings import AgentConfig
-from bridge.simulator import parse_twiml
+from bridge.dev.simulator import parse_twiml
 
 from .conftest import AUTH_TOKEN, envelope_ms, wait_for_end
 from .test_webhook import PARAMS, post, signed
@@ -297,7 +297,7 @@ async def test_a_bug_in_one_call_s_relay_ends_that_call_as_error_unknown(start_b
     """An exception inside the per-frame path (here: the session, on the agent's first audio)
     ends that call with error_unknown and the exception named, closes both sockets, and leaves the
     process and the next call alone."""
-    from bridge.session import CallSession
+    from bridge.protocol.session import CallSession
 
     original = CallSession.from_agent
 

@@ -14,7 +14,7 @@ import numpy as np
 from audio import read_wav
 
 from bridge.server import BackgroundServer
-from bridge.simulator import FakeTwilioApi, simulate_call
+from bridge.dev.simulator import FakeTwilioApi, simulate_call
 
 from .conftest import API_KEY, AUTH_TOKEN, caller_audio
 from .test_webhooks import Receiver

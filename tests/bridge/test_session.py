@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from audio import AudioFormat, pcm_to_ulaw
-from bridge import twilio_frames as tf
+from bridge.protocol import twilio as tf
 from bridge.models import DisconnectionReason as R
 from bridge.models import Protocol
-from bridge.session import TO_AGENT, TO_TWILIO, CallSession
+from bridge.protocol.session import TO_AGENT, TO_TWILIO, CallSession
 
 SID = "MZ" + "b" * 32
 

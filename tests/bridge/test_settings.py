@@ -1,7 +1,7 @@
 import pytest
 
 from bridge.settings import SettingsError, ensure_dev_secrets, load_settings
-from bridge.tokens import StreamTokens, TokenError
+from bridge.calls.tokens import StreamTokens, TokenError
 
 GOOD = """
 [agents.sales]

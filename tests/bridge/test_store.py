@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from bridge.models import CallRecord, CallStatus, DisconnectionReason
-from bridge.sql_store import SqlCallStore
+from bridge.store import SqlCallStore
 
 
 def record(call_id: str, **fields) -> CallRecord:

@@ -7,7 +7,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from bridge.settings import AgentConfig, ExternalRegistrar
-from bridge.simulator import parse_twiml
+from bridge.dev.simulator import parse_twiml
 
 from .conftest import AUTH_TOKEN
 

@@ -10,7 +10,7 @@ from retell.lib.webhook_auth import verify
 
 from bridge.server import BackgroundServer
 from bridge.settings import AgentConfig
-from bridge.webhooks import sign
+from bridge.store.outbox import sign
 
 from .conftest import API_KEY
 
@@ -141,7 +141,7 @@ async def test_undelivered_events_survive_a_restart(start_bridge, tmp_path):
 
 
 def test_the_body_is_what_a_javascript_receiver_re_serialises():
-    from bridge.webhooks import body_text
+    from bridge.store.outbox import body_text
 
     payload = {"event": "call_ended", "call": {"transcript": "Agent: ¿qué tal? 你好", "e2e_latency": {"p50": 120.0, "p90": 812.4}}}
     text = body_text(payload)

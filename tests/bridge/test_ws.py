@@ -13,9 +13,9 @@ import websockets
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 
-from bridge import ws_frames as wsf
-from bridge import ws_io
-from bridge.ws_frames import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_TEXT, WsProtocolError
+from bridge.protocol import websocket as wsf
+from bridge.media import connection as ws_io
+from bridge.protocol.websocket import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_TEXT, WsProtocolError
 
 
 def frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:

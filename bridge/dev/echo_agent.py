@@ -18,8 +18,8 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from audio import SPEECH_END, SPEECH_START, VoiceActivityDetector, pcm_to_ulaw, ulaw_to_pcm
 
-from . import twilio_frames as tf
-from .twilio_frames import FrameError
+from ..protocol import twilio as tf
+from ..protocol.twilio import FrameError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from .twilio_frames import FrameError
+from .twilio import FrameError
 
 
 @dataclass(frozen=True, slots=True)

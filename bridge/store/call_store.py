@@ -14,8 +14,8 @@ from typing import Any, Iterable
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .db import calls, database_url, instances, make_engine, migrate, outbox
-from .models import CallRecord, CallStatus, DisconnectionReason, now_ms
+from .schema import calls, database_url, instances, make_engine, migrate, outbox
+from ..models import CallRecord, CallStatus, DisconnectionReason, now_ms
 
 LIVE = (CallStatus.registered.value, CallStatus.ongoing.value)
 RETRIES = 20

@@ -39,145 +39,104 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from twilio.request_validator import RequestValidator
 
 from audio import AudioFormat
 
-from . import twilio_frames as tf
-from . import ws_io
-from .models import DisconnectionReason as Reason
-from .models import Protocol
-from .observer import CallObserver, Recording
-from .session import TO_TWILIO, CallSession
-from .tokens import TokenError
-from .ws_frames import OK_CLOSE_CODES
-
-if TYPE_CHECKING:
-    from .app import Services
+from ..calls import CallRefused, CallService
+from ..models import CallRecord, Protocol
+from ..models import DisconnectionReason as Reason
+from ..protocol import twilio as tf
+from ..protocol.session import TO_TWILIO, CallSession
+from ..protocol.twilio import CALL_PARAMETER, TOKEN_PARAMETER
+from ..protocol.websocket import OK_CLOSE_CODES
+from . import connection
+from .file_writer import FileWriter
+from .observer import CallObserver, Recording, measured_fields
 
 log = logging.getLogger(__name__)
 
-TOKEN_PARAMETER = "token"
-CALL_PARAMETER = "call_id"
-MEDIA_PATH = "/twilio/media"
 SHUTDOWN_DETAIL = "the bridge shut down"
+RECORDING_FLUSH_TIMEOUT_S = 10.0
 
 
-class StreamRejected(Exception):
-    """The stream is not accepted (closed with 1008); ``call_id`` if one was named."""
-
-    def __init__(self, reason: str, call_id: str | None = None):
-        super().__init__(reason)
-        self.call_id = call_id
-
-
-def media_url(services: Services, websocket: ws_io.ServerConnection) -> str:
+def media_url(calls: CallService, websocket: connection.ServerConnection) -> str:
     """The URL Twilio signed for the media websocket (wss, no query)."""
-    base = services.public_base(websocket.headers, websocket.base_url)
+    base = calls.public_base(websocket.headers, websocket.base_url)
     return base.replace("http", "ws", 1) + websocket.path
 
 
-async def handle_media_stream(websocket: ws_io.ServerConnection, services: Services) -> None:
-    settings = services.settings
+async def handle_media_stream(websocket: connection.ServerConnection, calls: CallService, files: FileWriter) -> None:
+    """One Twilio media stream, from the upgrade to the call's record."""
     signature = websocket.headers.get("x-twilio-signature")
-    validator = RequestValidator(settings.twilio_auth_token or "")
-    if not signature or not validator.validate(media_url(services, websocket), {}, signature):
+    validator = RequestValidator(calls.settings.twilio_auth_token or "")
+    if not signature or not validator.validate(media_url(calls, websocket), {}, signature):
         log.warning("media websocket refused: %s X-Twilio-Signature", "bad" if signature else "no")
         websocket.refuse(403)
         return
     try:
         websocket.accept()
-    except ws_io.ConnectionClosed as e:
+    except connection.ConnectionClosed as e:
         log.warning("media websocket refused: %s", e)
         return
-    public_base = services.public_base(websocket.headers, websocket.base_url)
+    public_base = calls.public_base(websocket.headers, websocket.base_url)
     try:
-        start, record = await _accept_stream(websocket, services, public_base)
-    except StreamRejected as e:
+        start, record = await _accept_stream(websocket, calls, public_base)
+    except CallRefused as e:
         log.warning("media stream rejected: %s", e)
         if e.call_id:
-            await services.note(e.call_id, f"stream rejected: {e}")
+            await calls.note(e.call_id, f"stream rejected: {e}")
         await websocket.close(1008, str(e)[:120])
         return
-    await _relay(websocket, services, start, record)
+    await _relay(websocket, calls, files, start, record)
 
 
-def is_private(record, agent_config) -> bool:
-    """opt_out_sensitive_data_storage, on the call or its agent."""
-    return bool(record.opt_out_sensitive_data_storage or (agent_config and agent_config.opt_out_sensitive_data_storage))
-
-
-async def _accept_stream(websocket: ws_io.ServerConnection, services: Services, public_base: str):
-    """Read ``connected`` and ``start``; check the call and its single-use token."""
+async def _accept_stream(websocket: connection.ServerConnection, calls: CallService, public_base: str):
+    """Read ``connected`` and ``start``; the call service checks the call and its token."""
+    timeout_s = calls.settings.stream_start_timeout_s
     try:
-        event = await _read_start(websocket, services.settings.stream_start_timeout_s)
+        event = await _read_start(websocket, timeout_s)
     except TimeoutError:
-        raise StreamRejected(f"no start within {services.settings.stream_start_timeout_s:g} s") from None
-    return await _check_start(event, event.custom_parameters.get(CALL_PARAMETER), services, public_base)
+        raise CallRefused(f"no start within {timeout_s:g} s") from None
+    params = event.custom_parameters
+    record = await calls.start_stream(
+        params.get(CALL_PARAMETER), params.get(TOKEN_PARAMETER), event.call_sid, event.account_sid, public_base
+    )
+    return event, record
 
 
-async def _read_start(websocket: ws_io.ServerConnection, timeout_s: float) -> tf.Start:
+async def _read_start(websocket: connection.ServerConnection, timeout_s: float) -> tf.Start:
     async with asyncio.timeout(timeout_s):
         while True:
             try:
                 text = await websocket.recv()
-            except ws_io.ConnectionClosed:
-                raise StreamRejected("closed before start") from None
+            except connection.ConnectionClosed:
+                raise CallRefused("closed before start") from None
             if type(text) is not str:
-                raise StreamRejected("binary frame before start")
+                raise CallRefused("binary frame before start")
             try:
                 event = tf.parse(text)
             except tf.FrameError as e:
-                raise StreamRejected(f"bad frame before start: {e}") from None
+                raise CallRefused(f"bad frame before start: {e}") from None
             if type(event) is tf.Connected:
                 continue
             if type(event) is not tf.Start:
-                raise StreamRejected(f"expected start, got {type(event).__name__.lower()}")
+                raise CallRefused(f"expected start, got {type(event).__name__.lower()}")
             return event
 
 
-async def _check_start(event: tf.Start, call_id: str | None, services: Services, public_base: str):
-    if not call_id:
-        raise StreamRejected("start without a call_id parameter")
-    try:
-        services.tokens.check(call_id, event.custom_parameters.get(TOKEN_PARAMETER))
-    except TokenError as e:  # (a valid token names a call this bridge registered)
-        record = await services.store.get(call_id)
-        raise StreamRejected(str(e) if record else "unknown call", call_id if record else None) from None
-
-    def fields_for(record) -> dict:  # Twilio's ids, and where the files will be
-        fields = {
-            "twilio_call_sid": record.twilio_call_sid or event.call_sid,
-            "twilio_account_sid": record.twilio_account_sid or event.account_sid,
-        }
-        if not is_private(record, services.settings.agents.get(record.agent_id)):
-            fields["recording_url"] = f"{public_base}/v2/recordings/{call_id}.wav"
-            fields["public_log_url"] = f"{public_base}/v2/public-logs/{call_id}.jsonl"
-        return fields
-
-    started = await services.store.start(call_id, fields_for)  # one read and one write
-    if started is None:
-        record = await services.store.get(call_id)
-        if record is None:
-            raise StreamRejected("unknown call", None)
-        raise StreamRejected(f"stream token already used (call is {record.call_status.value})", call_id)
-    return event, started
-
-
-async def _relay(twilio: ws_io.ServerConnection, services: Services, start: tf.Start, record) -> None:
-    settings = services.settings
+async def _relay(twilio: connection.ServerConnection, calls: CallService, files: FileWriter, start: tf.Start, record: CallRecord) -> None:
+    settings = calls.settings
     call_id = record.call_id
-    agent_config = settings.agents.get(record.agent_id)
-    private = is_private(record, agent_config)
+    agent_config = calls.agent(record)
+    private = calls.is_private(record)
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
         observer = CallObserver(
             started=started,
-            recording=None if private else Recording(services.recording_path(call_id), services.file_writer.open),
-            log_path=None if private else services.log_path(call_id),
+            recording=None if private else Recording(calls.recording_path(call_id), files.open),
+            log_path=None if private else calls.log_path(call_id),
             private=private,
         )
     except OSError as e:  # a full disk must not cost the call: go on without recording or log
@@ -200,7 +159,7 @@ async def _relay(twilio: ws_io.ServerConnection, services: Services, start: tf.S
         if relay is not None:
             relay.finish()
 
-    services.live_calls[call_id] = stop
+    calls.attach(call_id, stop)
     twilio.on_shutdown = lambda: stop(Reason.error_unknown, SHUTDOWN_DETAIL)
     try:
         if agent_config is None:
@@ -222,15 +181,15 @@ async def _relay(twilio: ws_io.ServerConnection, services: Services, start: tf.S
         log.exception("call %s failed", call_id)
         session.end(Reason.error_unknown, f"{type(e).__name__}: {e}")
     finally:
-        services.live_calls.pop(call_id, None)
-        await _finish(twilio, agent, session, services, record, relay)
+        calls.detach(call_id)
+        await _finish(twilio, agent, session, calls, files, record)
 
 
-async def _open_agent(session: CallSession, url: str, settings) -> ws_io.WsConnection | None:
+async def _open_agent(session: CallSession, url: str, settings) -> connection.WsConnection | None:
     try:
         async with asyncio.timeout(settings.agent_connect_timeout_s):
-            return await ws_io.connect(url)
-    except (OSError, TimeoutError, ws_io.HandshakeError, ValueError) as e:
+            return await connection.connect(url)
+    except (OSError, TimeoutError, connection.HandshakeError, ValueError) as e:
         session.end(Reason.error_llm_websocket_open, f"cannot open {url}: {type(e).__name__}: {e}")
         return None
 
@@ -247,7 +206,7 @@ class MediaRelay:
     watchdogs, limits and pings; another sends a partial frame or a burst's mark when the agent
     goes quiet (``CallSession.idle_timeout``)."""
 
-    def __init__(self, twilio: ws_io.WsConnection, agent: ws_io.WsConnection, session: CallSession, settings, limits: Limits, loop):
+    def __init__(self, twilio: connection.WsConnection, agent: connection.WsConnection, session: CallSession, settings, limits: Limits, loop):
         self.twilio, self.agent, self.session = twilio, agent, session
         self.settings, self.limits, self.loop = settings, limits, loop
         self.twilio_protocol = session.protocol is Protocol.twilio
@@ -428,7 +387,9 @@ class MediaRelay:
             self._send(session.ping(now))
 
 
-async def _finish(twilio: ws_io.ServerConnection, agent, session: CallSession, services: Services, record, relay) -> None:
+async def _finish(
+    twilio: connection.ServerConnection, agent, session: CallSession, calls: CallService, files: FileWriter, record: CallRecord
+) -> None:
     ending = session.ending
     reason = ending.reason if ending else Reason.error_unknown
     stats = session.stats
@@ -448,12 +409,17 @@ async def _finish(twilio: ws_io.ServerConnection, agent, session: CallSession, s
             # hang up: closing the stream alone would make Twilio play the fallback after </Connect>
             if reason is Reason.agent_hangup:
                 await _play_out(twilio, session)
-            await services.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
+            await calls.hang_up(record)
         await twilio.close(1011 if reason.is_error else 1000, reason.value)
     finally:
         if agent_closed is not None:
             await agent_closed
-        await services.end_call(record.call_id, reason, ending.detail if ending else "", session)
+        session.observer.close()
+        try:  # the recording is complete on disk before the record says the call ended
+            await asyncio.wait_for(asyncio.wrap_future(files.barrier()), RECORDING_FLUSH_TIMEOUT_S)
+        except TimeoutError:
+            log.error("call %s: the recording's writes are still queued after %g s", record.call_id, RECORDING_FLUSH_TIMEOUT_S)
+        await calls.end(record.call_id, reason, ending.detail if ending else "", measured_fields(session.observer, session))
 
 
 #: Endings where the bridge hangs the phone call up through Twilio REST (no fallback TwiML)
@@ -462,7 +428,7 @@ PLAY_OUT_MARK = "bridge-play-out"
 MAX_PLAY_OUT_S = 60.0
 
 
-async def _play_out(twilio: ws_io.ServerConnection, session: CallSession) -> None:
+async def _play_out(twilio: connection.ServerConnection, session: CallSession) -> None:
     """Send what is left of the agent's audio and a last mark, and wait until Twilio echoes it
     (the caller heard everything), the caller hangs up, or the queued audio's time is up."""
     if twilio.closed or twilio.close_code is not None:

@@ -1,5 +1,6 @@
 """``POST /twilio/voice``: Twilio's voice webhook. Checks the signature, picks the agent,
-registers the call and answers ``<Connect><Stream>`` TwiML with a single-use stream token."""
+registers the call and answers ``<Connect><Stream>`` TwiML with a single-use stream token.
+``signed_form`` checks every Twilio callback (voice, status, AMD)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from starlette.datastructures import ImmutableMultiDict
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 from twilio.twiml.voice_response import VoiceResponse
 
-from .models import CallStatus, Direction
-from .registrar import RegistrationError, register_call
-from .relay import CALL_PARAMETER, TOKEN_PARAMETER
+from ..calls.registrar import RegistrationError
+from ..models import CallStatus, Direction
+from ..protocol.twilio import CALL_PARAMETER, MEDIA_PATH, TOKEN_PARAMETER
+from .deps import call_service
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["twilio"])
@@ -45,7 +47,7 @@ async def signed_form(request: Request):
 
 
 async def _form_if_signed(request: Request):
-    services = request.app.state.services
+    calls = call_service(request)
     signature = request.headers.get("x-twilio-signature")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not signature or content_type != "application/x-www-form-urlencoded":
@@ -61,30 +63,30 @@ async def _form_if_signed(request: Request):
         return None
     # the path exactly as requested (percent-encoding kept): that is what Twilio signed
     path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
-    url = services.public_base(request.headers, str(request.base_url)) + path
+    url = calls.public_base(request.headers, str(request.base_url)) + path
     if request.url.query:
         url += "?" + request.url.query
     algorithm = get_signature_algorithm(request.headers.get("x-twilio-webhooks-signature-settings"))
-    validator = RequestValidator(services.settings.twilio_auth_token or "")
+    validator = RequestValidator(calls.settings.twilio_auth_token or "")
     return form if validator.validate(url, form, signature, algorithm) else None
 
 
 @router.post("/twilio/voice", include_in_schema=True, summary="Twilio voice webhook (routes by called number)")
 @router.post("/twilio/voice/{agent_id}", summary="Twilio voice webhook for one agent")
 async def voice_webhook(request: Request, agent_id: str | None = None) -> Response:
-    services = request.app.state.services
-    settings = services.settings
+    calls = call_service(request)
+    settings = calls.settings
     form = await signed_form(request)
     call_sid = form.get("CallSid")
     planned = request.query_params.get("call_id")  # an outbound call the API registered and dialed
     if planned:
-        existing = await services.store.get(planned)
+        existing = await calls.store.get(planned)
         if existing is None:
             return fallback_twiml(settings.fallback_message)
         if call_sid and not existing.twilio_call_sid:  # Twilio asked before the dial request returned
-            existing = await services.store.update(planned, twilio_call_sid=call_sid, twilio_account_sid=form.get("AccountSid"))
+            existing = await calls.store.update(planned, twilio_call_sid=call_sid, twilio_account_sid=form.get("AccountSid"))
     else:
-        existing = await services.store.by_twilio_sid(call_sid) if call_sid else None
+        existing = await calls.store.by_twilio_sid(call_sid) if call_sid else None
     if existing is not None:
         if form.get("AnsweredBy") or existing.call_status is not CallStatus.registered:
             # an async answering-machine-detection callback, or a call already under way
@@ -96,15 +98,13 @@ async def voice_webhook(request: Request, agent_id: str | None = None) -> Respon
         return fallback_twiml(settings.fallback_message)
     direction = Direction.inbound if form.get("Direction", "inbound") == "inbound" else Direction.outbound
     try:
-        record = await register_call(
-            services.store,
+        record = await calls.register_phone_call(
             agent,
             from_number=form.get("From"),
             to_number=form.get("To"),
             direction=direction,
             twilio_call_sid=call_sid,
             twilio_account_sid=form.get("AccountSid"),
-            http=services.http,
         )
     except RegistrationError as e:
         log.error("registration of %s failed: %s", call_sid, e)
@@ -114,14 +114,14 @@ async def voice_webhook(request: Request, agent_id: str | None = None) -> Respon
 
 def _connect(request: Request, call_id: str) -> Response:
     """``<Connect><Stream>`` for a registered call, with a fresh single-use stream token."""
-    services = request.app.state.services
-    settings = services.settings
-    stream_url = services.public_base(request.headers, str(request.base_url)).replace("http", "ws", 1)
+    calls = call_service(request)
+    settings = calls.settings
+    stream_url = calls.public_base(request.headers, str(request.base_url)).replace("http", "ws", 1)
     response = VoiceResponse()
     connect = response.connect()
-    stream = connect.stream(url=f"{stream_url}/twilio/media")
+    stream = connect.stream(url=f"{stream_url}{MEDIA_PATH}")
     stream.parameter(name=CALL_PARAMETER, value=call_id)
-    stream.parameter(name=TOKEN_PARAMETER, value=services.tokens.issue(call_id))
+    stream.parameter(name=TOKEN_PARAMETER, value=calls.stream_token(call_id))
     response.say(settings.fallback_message)  # played only if the stream ends abnormally
     response.hangup()
     return _twiml(response)

@@ -1,8 +1,8 @@
-"""Alembic environment: migrations run on the connection the bridge hands over (db.migrate)."""
+"""Alembic environment: migrations run on the connection the bridge hands over (bridge.store.schema.migrate)."""
 
 from alembic import context
 
-from bridge.db import metadata
+from bridge.store.schema import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)

@@ -16,20 +16,20 @@ default account limit is 1 call per second); a request that would wait longer th
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import Field, field_validator
-from twilio.base.exceptions import TwilioException
 
-from .api import AUTH, ERRORS, ApiError, CallObject, _Body, _e164, services
-from .models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason
-from .registrar import call_fields, new_call_id
-from .twilio_webhook import signed_form
+from ..calls import DialRefused, TooManyCalls
+from ..calls.registrar import call_fields, new_call_id
+from ..models import CallRecord, CallType, Direction, DisconnectionReason
+from .deps import AUTH, call_service
+from .errors import ERRORS, ApiError
+from .schemas import CallBody, CallObject, e164
+from .twilio_voice import signed_form
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["calls"])
@@ -44,31 +44,13 @@ VOICEMAIL = {"machine_end_beep", "machine_end_silence", "machine_end_other"}
 MACHINE = {"machine_start", "fax"}
 
 
-class CallThrottle:
-    """At most ``rate`` starts a second; waiters queue in order."""
-
-    def __init__(self, rate: float):
-        self.interval = 1.0 / rate
-        self.next_slot = 0.0
-        self.lock = asyncio.Lock()
-
-    async def wait(self, max_wait: float) -> None:
-        async with self.lock:
-            now = time.monotonic()
-            slot = max(now, self.next_slot)
-            if slot - now > max_wait:
-                raise ApiError(429, f"too many calls: Twilio accepts {1 / self.interval:g} a second; try again shortly")
-            self.next_slot = slot + self.interval
-        await asyncio.sleep(slot - now)
-
-
-class CreatePhoneCall(_Body):
+class CreatePhoneCall(CallBody):
     from_number: str
     to_number: str
     override_agent_id: str | None = Field(None, min_length=1)
     drop_call_if_machine_detected: bool | None = None
 
-    _numbers = field_validator("from_number", "to_number")(_e164)
+    _numbers = field_validator("from_number", "to_number")(e164)
 
 
 @router.post(
@@ -76,8 +58,8 @@ class CreatePhoneCall(_Body):
     response_model=CallObject, responses=ERRORS,
 )  # fmt: skip
 async def create_phone_call(request: Request, body: CreatePhoneCall) -> Response:
-    svc = services(request)
-    settings = svc.settings
+    calls = call_service(request)
+    settings = calls.settings
     if not settings.twilio_account_sid:
         raise ApiError(500, "outbound calls need the Twilio account: set BRIDGE_TWILIO_ACCOUNT_SID")
     if body.from_number not in settings.routes:
@@ -94,7 +76,7 @@ async def create_phone_call(request: Request, body: CreatePhoneCall) -> Response
         drop_call_if_machine_detected=body.drop_call_if_machine_detected,
         **call_fields(agent, from_number=body.from_number, to_number=body.to_number, direction=Direction.outbound),
     )
-    base = svc.public_base(request.headers, str(request.base_url))
+    base = calls.public_base(request.headers, str(request.base_url))
     params: dict[str, Any] = dict(
         to=body.to_number,
         from_=body.from_number,
@@ -111,47 +93,36 @@ async def create_phone_call(request: Request, body: CreatePhoneCall) -> Response
             async_amd_status_callback=f"{base}/twilio/amd/{record.call_id}",
             async_amd_status_callback_method="POST",
         )
-    await svc.dial_throttle.wait(settings.dial_queue_timeout_s)
-    await svc.store.create(record)
     try:
-        call = await svc.twilio_rest.client().calls.create_async(**params)
-    except TwilioException as e:
-        detail = getattr(e, "msg", None) or str(e)
-        await svc.store.finish(record.call_id, DisconnectionReason.dial_failed, error_detail=f"Twilio refused: {detail}")
-        raise ApiError(400, f"Twilio refused the call: {detail}") from None
-    record = await svc.store.update(record.call_id, twilio_call_sid=call.sid, twilio_account_sid=call.account_sid)
+        record = await calls.dial(record, params)
+    except TooManyCalls as e:
+        raise ApiError(429, str(e)) from None
+    except DialRefused as e:
+        raise ApiError(400, f"Twilio refused the call: {e}") from None
     return JSONResponse(record.public(), status_code=201)
 
 
 @router.post("/twilio/status/{call_id}", include_in_schema=False)
 async def status_callback(call_id: str, request: Request) -> Response:
     form = await signed_form(request)
-    svc = services(request)
+    calls = call_service(request)
     status = form.get("CallStatus", "")
     if status in DIAL_FAILURES:
-        await svc.store.finish(
-            call_id, DIAL_FAILURES[status], only_if=CallStatus.registered, error_detail=f"Twilio CallStatus {status}"
-        )
+        await calls.dial_ended(call_id, DIAL_FAILURES[status], f"Twilio CallStatus {status}")
     elif status == "completed":  # answered, then gone before any stream (a live call ends by its stream)
-        await svc.store.finish(
-            call_id, DisconnectionReason.user_hangup, only_if=CallStatus.registered, error_detail="completed before the stream"
-        )
+        await calls.dial_ended(call_id, DisconnectionReason.user_hangup, "completed before the stream")
     return Response(status_code=204)
 
 
 @router.post("/twilio/amd/{call_id}", include_in_schema=False)
 async def amd_callback(call_id: str, request: Request) -> Response:
     form = await signed_form(request)
-    svc = services(request)
+    calls = call_service(request)
     answered_by = form.get("AnsweredBy", "")
-    record = await svc.store.get(call_id)
+    record = await calls.store.get(call_id)
     if record is None or not record.drop_call_if_machine_detected:
         return Response(status_code=204)
     if answered_by in VOICEMAIL or answered_by in MACHINE:
         reason = DisconnectionReason.voicemail_reached if answered_by in VOICEMAIL else DisconnectionReason.machine_detected
-        detail = f"AnsweredBy {answered_by}"
-        if not svc.stop_local_call(call_id, reason, detail):  # the relay hangs up; else do it here
-            if record.twilio_call_sid:
-                await svc.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
-            await svc.store.finish(call_id, reason, error_detail=detail)
+        await calls.machine_answered(record, reason, f"AnsweredBy {answered_by}")
     return Response(status_code=204)

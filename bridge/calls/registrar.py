@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 
-from .models import CallRecord, CallType, Direction
-from .settings import AgentConfig, ExternalRegistrar
-from .sql_store import SqlCallStore
+from ..models import CallRecord, CallType, Direction
+from ..settings import AgentConfig, ExternalRegistrar
+from ..store import SqlCallStore
 
 
 class RegistrationError(RuntimeError):

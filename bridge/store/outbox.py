@@ -18,7 +18,7 @@ import logging
 
 import httpx
 
-from .models import CallRecord, now_ms
+from ..models import CallRecord, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def sign(body: str, key: str, timestamp_ms: int | None = None) -> str:
     return f"v={ms},d={digest}"
 
 
-def targets(settings):
+def webhook_targets(settings):
     """The outbox jobs a call event queues: ``(event, record) -> [(event, url)]``."""
 
     def jobs(event: str, record: CallRecord) -> list[tuple[str, str]]:
@@ -69,7 +69,7 @@ class WebhookDispatcher:
     def __init__(self, store, settings, http: httpx.AsyncClient):
         self.store, self.settings, self.http = store, settings, http
         self.key = settings.webhook_signing_key or (settings.api_keys[0] if settings.api_keys else "")
-        self.jobs_for = targets(settings)
+        self.jobs_for = webhook_targets(settings)
 
     async def run(self) -> None:
         """Claim due jobs and deliver each in its own task (at most ``MAX_IN_FLIGHT``), so a slow

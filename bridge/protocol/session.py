@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 from audio import AudioFormat, agent_to_twilio, twilio_to_agent
 
-from . import twilio_frames as tf
-from . import web_frames as wf
-from .models import DisconnectionReason, Protocol
+from . import twilio as tf
+from . import web as wf
+from ..models import DisconnectionReason, Protocol
 
 TO_TWILIO = 0
 TO_AGENT = 1

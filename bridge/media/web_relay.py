@@ -1,11 +1,8 @@
-"""Web calls: ``POST /v2/create-web-call`` / ``/v3/create-web-call`` register a call and return a
-single-use ``access_token`` that expires after ``web_call_token_ttl_s``; the token opens
-
-    ws(s)://BRIDGE/web-call/{call_id}?access_token=...[&encoding=s16le&sample_rate=24000]
-
+"""The web-call socket: ``/web-call/{call_id}?access_token=...[&encoding=s16le&sample_rate=24000]``,
 where a browser (or any client) speaks the ``web`` protocol (docs/protocol.md) in the format it
 names (default: the agent's), and is relayed to the agent like a phone call: audio converted
 both ways, ``clear``, ``update`` and ``metadata`` passed on to the browser, ``ping``/``pong``.
+The call and its single-use access token come from create-web-call (``bridge.api.web_calls``).
 
 Endings: the browser closes -> ``user_hangup``; the agent closes with 1000 -> ``agent_hangup``
 (the browser socket is closed with 1000); agent failures -> the ``error_llm_websocket_*``
@@ -19,101 +16,47 @@ import asyncio
 import logging
 
 import websockets
-from fastapi import APIRouter, Request, WebSocket
-from fastapi.responses import JSONResponse
-from starlette.websockets import WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidURI
 
 from audio import AudioFormat, Converter
 
-from . import web_frames as wf
-from .api import AUTH, ERRORS, CallObject, _Body, _agent, services
-from .models import CallRecord, CallType, DisconnectionReason as Reason
-from .registrar import call_fields, new_call_id
-from .tokens import TokenError
+from ..calls import CallRefused, CallService
+from ..models import CallRecord
+from ..models import DisconnectionReason as Reason
+from ..protocol import web as wf
+from .observer import transcript_fields
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["calls"])
+
+WEB_CALL_PATH = "/web-call/{call_id}"
 
 
-class CreateWebCall(_Body):
-    agent_id: str
+def _browser_format(websocket: WebSocket, record: CallRecord) -> AudioFormat:
+    """The format the browser asked for in the query string (default: the agent's)."""
+    query = websocket.query_params
+    rate = query.get("sample_rate") or ""
+    if rate and not rate.isdigit():
+        raise ValueError(f"sample_rate {rate[:20]!r} is not a number")
+    return AudioFormat(query.get("encoding") or record.audio_encoding.value, int(rate) if rate else record.sample_rate)
 
 
-async def _create(request: Request, body: CreateWebCall) -> tuple[CallRecord, str, int]:
-    agent = _agent(request, body.agent_id)
-    svc = services(request)
-    record = CallRecord(
-        call_id=new_call_id(),
-        call_type=CallType.web_call,
-        metadata=body.metadata,
-        retell_llm_dynamic_variables=body.retell_llm_dynamic_variables,
-        **call_fields(agent),
-    )
-    token = svc.web_tokens.issue(record.call_id)
-    record.access_token = token
-    await svc.store.create(record)
-    expires_at = int(token.split(".", 1)[0])
-    return record, token, expires_at
-
-
-class WebCallV3(CallObject):  # type: ignore[valid-type, misc]
-    expires_at: int
-    ice_servers: list[dict]
-    transport: str = "gateway"
-
-
-@router.post(
-    "/v2/create-web-call", dependencies=AUTH, status_code=201, summary="Create a web call", response_model=CallObject,
-    responses=ERRORS,
-)  # fmt: skip
-async def create_web_call_v2(request: Request, body: CreateWebCall) -> JSONResponse:
-    record, _, _ = await _create(request, body)
-    return JSONResponse(record.public(), status_code=201)
-
-
-@router.post(
-    "/v3/create-web-call", dependencies=AUTH, status_code=201, summary="Create a web call (v3)", response_model=WebCallV3,
-    responses=ERRORS,
-)  # fmt: skip
-async def create_web_call_v3(request: Request, body: CreateWebCall) -> JSONResponse:
-    """The v3 answer the retell-sdk expects. ``transport`` is always ``gateway``: the bridge's
-    ``/web-call/{call_id}`` websocket; there are no ICE servers (no WebRTC)."""
-    record, token, expires_at = await _create(request, body)
-    body = {**record.public(), "expires_at": expires_at, "ice_servers": [], "transport": "gateway"}
-    return JSONResponse(body, status_code=201)
-
-
-@router.websocket("/web-call/{call_id}")
-async def web_call_socket(websocket: WebSocket, call_id: str, access_token: str = "", encoding: str = "", sample_rate: int = 0):
-    svc = websocket.app.state.services
-    record = await svc.store.get(call_id)
-    reason = None
-    if record is None or record.call_type is not CallType.web_call:
-        reason = "unknown web call"
-    else:
-        try:
-            svc.web_tokens.check(call_id, access_token)
-        except TokenError as e:
-            reason = str(e)
+async def handle_web_call(websocket: WebSocket, calls: CallService) -> None:
+    call_id = websocket.path_params["call_id"]
     try:
-        browser = AudioFormat(encoding or record.audio_encoding.value, sample_rate or record.sample_rate) if not reason else None
-    except ValueError as e:
-        reason = str(e)
-    if reason is None:
-        record = await svc.store.start(call_id)
-        if record is None:
-            reason = "access token already used"
-    if reason:
-        log.warning("web call %s refused: %s", call_id, reason)
+        record = await calls.check_web_call(call_id, websocket.query_params.get("access_token"))
+        browser = _browser_format(websocket, record)  # before the token is spent
+        record = await calls.start_web_call(call_id)
+    except (CallRefused, ValueError) as e:
+        log.warning("web call %s refused: %s", call_id, e)
         await websocket.close(code=1008)
         return
     await websocket.accept()
-    await _relay(websocket, svc, record, browser)
+    await _relay(websocket, calls, record, browser)
 
 
-async def _relay(browser: WebSocket, svc, record: CallRecord, browser_format: AudioFormat) -> None:
-    settings = svc.settings
+async def _relay(browser: WebSocket, calls: CallService, record: CallRecord, browser_format: AudioFormat) -> None:
+    settings = calls.settings
     agent_format = AudioFormat(record.audio_encoding.value, record.sample_rate)
     to_agent, to_browser = Converter(browser_format, agent_format), Converter(agent_format, browser_format)
     ending: list[tuple[Reason, str]] = []
@@ -125,9 +68,9 @@ async def _relay(browser: WebSocket, svc, record: CallRecord, browser_format: Au
             ending.append((reason, detail))
         stopped.set()
 
-    svc.live_calls[record.call_id] = end
+    calls.attach(record.call_id, end)
     agent = None
-    agent_config = settings.agents.get(record.agent_id)
+    agent_config = calls.agent(record)
     try:
         if agent_config is None:
             end(Reason.error_llm_websocket_runtime, f"agent {record.agent_id} is not configured")
@@ -218,7 +161,7 @@ async def _relay(browser: WebSocket, svc, record: CallRecord, browser_format: Au
         log.exception("web call %s failed", record.call_id)
         end(Reason.error_unknown, f"{type(e).__name__}: {e}")
     finally:
-        svc.live_calls.pop(record.call_id, None)
+        calls.detach(record.call_id)
         reason, detail = ending[0] if ending else (Reason.error_unknown, "")
         code = 1011 if reason.is_error else 1000
         if agent is not None:
@@ -232,8 +175,7 @@ async def _relay(browser: WebSocket, svc, record: CallRecord, browser_format: Au
                 await browser.close(code=code, reason=reason.value)
         except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
             pass
-        fields = {"error_detail": detail} if detail else {}
-        if transcript:
-            fields["transcript_object"] = [{"role": u["role"], "content": u["content"], "words": []} for u in transcript]
-            fields["transcript"] = "".join(f"{u['role'].capitalize()}: {u['content']}\n" for u in transcript)
-        await svc.store.finish(record.call_id, reason, **fields)
+        measured = {} if calls.is_private(record) else transcript_fields(
+            [{"role": u["role"], "content": u["content"]} for u in transcript]
+        )
+        await calls.end(record.call_id, reason, detail, measured)

@@ -15,6 +15,14 @@ from typing import Any
 import orjson
 
 
+#: Where Twilio opens the media stream (the ``url`` of ``<Connect><Stream>``), and the custom
+#: parameters the bridge's TwiML gives it: the call and its single-use stream token. The voice
+#: webhook writes them and the relay reads them back from ``start``.
+MEDIA_PATH = "/twilio/media"
+CALL_PARAMETER = "call_id"
+TOKEN_PARAMETER = "token"
+
+
 class FrameError(ValueError):
     """A frame that cannot be understood (bad JSON, bad base64, wrong shape)."""
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from audio import LEFT, RIGHT, SPEECH_END, SPEECH_START, StereoWavWriter, VoiceActivityDetector, ulaw_to_pcm
 
-from .models import Latency
+from ..models import Latency
 
 RATE = 8000
 #: Caller audio that arrives later than its place on the clock by more than this is a real gap
@@ -228,3 +228,28 @@ class CallObserver:
         if self._log is not None:
             self._log.close()
 
+
+
+def transcript_fields(transcript: list[dict]) -> dict:
+    """The record's ``transcript_object`` and ``transcript`` (word timings only if the agent
+    sent them: the web protocol's update carries none)."""
+    if not transcript:
+        return {}
+    return {
+        "transcript_object": [{**u, "words": u.get("words", [])} for u in transcript],
+        "transcript": "".join(f"{u['role'].capitalize()}: {u['content']}\n" for u in transcript),
+    }
+
+
+def measured_fields(observer: CallObserver, session) -> dict:
+    """What a phone call's record keeps of what its relay measured: turn latency, the agent
+    link's round trip, and (unless the call is private) the transcript with keypad presses."""
+    fields = {
+        "e2e_latency": percentiles(observer.turn_latencies_ms),
+        "llm_websocket_network_rtt_latency": percentiles(session.stats.rtt_ms),
+    }
+    if not observer.private:
+        fields.update(transcript_fields(session.transcript))
+        if session.transcript or session.stats.dtmf:
+            fields["transcript_with_tool_calls"] = observer.woven_transcript(session.transcript)
+    return fields

@@ -1,4 +1,4 @@
-"""Websocket connections on asyncio protocols (the I/O edge around ``ws_frames``).
+"""Websocket connections on asyncio protocols (the I/O edge around ``bridge.protocol.websocket``).
 
 ``WsConnection`` is one open websocket, either side. Messages arrive by callback
 (``listen(on_message, on_close)``), straight from ``data_received``: no task, queue or future per
@@ -22,8 +22,8 @@ from collections import deque
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from . import ws_frames as wsf
-from .ws_frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, WsProtocolError
+from ..protocol import websocket as wsf
+from ..protocol.websocket import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, WsProtocolError
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from websockets.exceptions import ConnectionClosed
 
 from audio import pcm_to_ulaw, ulaw_to_pcm
 
-from .server import BackgroundServer
+from ..server import BackgroundServer
 
 FRAME_MS = 20
 FRAME_BYTES = 160  # mu-law 8 kHz

@@ -1,0 +1,344 @@
+"""``CallService``: the lifecycle of every call behind one narrow interface.
+
+A call is registered (the voice webhook, the call API, create-web-call, a dial), started when its
+media arrives (the Twilio stream or the browser's socket, with a single-use token), live while a
+relay in this process holds it, and ended once, with everything measured. The relays
+(``bridge.media``) and the HTTP routes (``bridge.api``) both go through this service; neither
+imports the other. It also keeps what belongs to no single request: recovery at start-up, the
+sweep of calls registered but never connected, the instance heartbeat, retention, and where a
+call's files live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import httpx
+from twilio.base.exceptions import TwilioException
+
+from audio import repair_wav
+
+from ..models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason, now_ms
+from ..settings import AgentConfig, Settings
+from ..store import SqlCallStore, webhook_targets
+from .registrar import register_call
+from .throttle import DialThrottle
+from .tokens import StreamTokens, TokenError
+from .twilio_rest import TwilioRest
+
+log = logging.getLogger(__name__)
+
+MAX_SWEEP_INTERVAL_S = 2.0
+OUTBOUND_RING_S = 120  # Twilio rings for 60 s by default; calls.create takes `timeout` up to 600
+OUTBOX_KEEP_DAYS = 7
+RETENTION_INTERVAL_S = 3600.0
+RESTART_DETAIL = "the bridge instance restarted while the call was live"
+
+#: ``stop(reason, detail)``: how the relay holding a live call is asked to end it
+StopCall = Callable[[DisconnectionReason, str], None]
+
+
+class CallRefused(Exception):
+    """A stream or web-call socket that may not start the call. ``call_id`` is set when the call
+    exists (the refusal is then noted on its record)."""
+
+    def __init__(self, reason: str, call_id: str | None = None):
+        super().__init__(reason)
+        self.call_id = call_id
+
+
+class DialRefused(Exception):
+    """Twilio refused to place an outbound call (the record ends as ``dial_failed``)."""
+
+
+class CallService:
+    def __init__(self, settings: Settings):
+        if not settings.twilio_auth_token:
+            raise ValueError("twilio_auth_token is required (set BRIDGE_TWILIO_AUTH_TOKEN)")
+        self.settings = settings
+        self.stream_tokens = StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl_s)
+        self.web_tokens = StreamTokens(settings.twilio_auth_token, settings.web_call_token_ttl_s, purpose="web")
+        self.twilio_rest = TwilioRest(settings.twilio_api_base_url, settings.twilio_auth_token, settings.twilio_account_sid)
+        self.dial_throttle = DialThrottle(settings.twilio_calls_per_second)
+        self.store: SqlCallStore | None = None  # set by open()
+        self.http: httpx.AsyncClient | None = None
+        self._live: dict[str, StopCall] = {}
+
+    # --- the service's own start and stop ---------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the store (migrating it), end the calls this instance left live when it last
+        stopped, and make the HTTP client for registrars."""
+        settings = self.settings
+        store = await SqlCallStore.open(settings.database_url, settings.instance_id, settings.data_dir)
+        store.webhook_targets = webhook_targets(settings)
+        self.store = store
+        await self.recover()
+        await store.release_leases()
+        self.http = httpx.AsyncClient(timeout=10)
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+        await self.twilio_rest.close()
+        if self.store is not None:
+            await self.store.close()
+
+    def background_jobs(self) -> list[Coroutine[Any, Any, None]]:
+        """What runs for as long as the service does (the app starts and cancels them)."""
+        return [self.sweep_registered(), self.heartbeat(), self.enforce_retention()]
+
+    # --- where things are --------------------------------------------------------------------
+
+    def public_base(self, headers, request_base: str) -> str:
+        """The base URL Twilio uses for us: configured, else trusted X-Forwarded-*, else the
+        request's own (right on loopback, wrong behind a proxy: configure public_url there)."""
+        if self.settings.public_url:
+            return self.settings.public_url
+        if self.settings.trust_forwarded_headers and headers.get("x-forwarded-host"):
+            proto = headers.get("x-forwarded-proto", "https").split(",")[0].strip()
+            return f"{proto}://{headers['x-forwarded-host'].split(',')[0].strip()}"
+        return request_base.rstrip("/")
+
+    def recording_path(self, call_id: str) -> Path:
+        return self.settings.data_dir / "recordings" / f"{call_id}.wav"
+
+    def log_path(self, call_id: str) -> Path:
+        return self.settings.data_dir / "logs" / f"{call_id}.jsonl"
+
+    def agent(self, record: CallRecord) -> AgentConfig | None:
+        return self.settings.agents.get(record.agent_id)
+
+    def is_private(self, record: CallRecord) -> bool:
+        """opt_out_sensitive_data_storage, on the call or its agent: no recording, log or
+        transcript is kept."""
+        agent = self.agent(record)
+        return bool(record.opt_out_sensitive_data_storage or (agent and agent.opt_out_sensitive_data_storage))
+
+    # --- registering -------------------------------------------------------------------------
+
+    async def register(self, record: CallRecord) -> CallRecord:
+        """Store a call built by the API (status ``registered``)."""
+        await self.store.create(record)
+        return record
+
+    async def register_phone_call(self, agent: AgentConfig, **fields: Any) -> CallRecord:
+        """Register a phone call for ``agent``, with its own or an external registrar."""
+        return await register_call(self.store, agent, http=self.http, **fields)
+
+    def stream_token(self, call_id: str) -> str:
+        """A fresh single-use token for the call's media stream (goes into the TwiML)."""
+        return self.stream_tokens.issue(call_id)
+
+    async def register_web_call(self, record: CallRecord) -> tuple[CallRecord, str, int]:
+        """Store a web call with its access token: ``(record, token, expires_at_ms)``."""
+        token = self.web_tokens.issue(record.call_id)
+        record.access_token = token
+        await self.store.create(record)
+        return record, token, int(token.split(".", 1)[0])
+
+    async def dial(self, record: CallRecord, params: dict[str, Any]) -> CallRecord:
+        """Register an outbound call and ask Twilio to place it (``calls.create`` with
+        ``params``), within the account's rate. Raises ``TooManyCalls`` (nothing stored) or
+        ``DialRefused`` (the record ends as ``dial_failed``)."""
+        await self.dial_throttle.wait(self.settings.dial_queue_timeout_s)
+        await self.store.create(record)
+        try:
+            call = await self.twilio_rest.client().calls.create_async(**params)
+        except TwilioException as e:
+            detail = getattr(e, "msg", None) or str(e)
+            await self.store.finish(record.call_id, DisconnectionReason.dial_failed, error_detail=f"Twilio refused: {detail}")
+            raise DialRefused(detail) from None
+        return await self.store.update(record.call_id, twilio_call_sid=call.sid, twilio_account_sid=call.account_sid)
+
+    # --- starting, the live registry, ending -------------------------------------------------
+
+    async def start_stream(self, call_id: str | None, token: str | None, call_sid: str | None, account_sid: str | None, public_base: str) -> CallRecord:
+        """A Twilio media stream's ``start`` names a call and its token: check both and mark the
+        call ongoing (with Twilio's ids and where its files will be). Raises ``CallRefused``."""
+        if not call_id:
+            raise CallRefused("start without a call_id parameter")
+        try:
+            self.stream_tokens.check(call_id, token)
+        except TokenError as e:  # (a valid token names a call this bridge registered)
+            known = await self.store.get(call_id) is not None
+            raise CallRefused(str(e) if known else "unknown call", call_id if known else None) from None
+
+        def fields_for(record: CallRecord) -> dict:
+            fields = {
+                "twilio_call_sid": record.twilio_call_sid or call_sid,
+                "twilio_account_sid": record.twilio_account_sid or account_sid,
+            }
+            if not self.is_private(record):
+                fields["recording_url"] = f"{public_base}/v2/recordings/{call_id}.wav"
+                fields["public_log_url"] = f"{public_base}/v2/public-logs/{call_id}.jsonl"
+            return fields
+
+        started = await self.store.start(call_id, fields_for)  # one read and one write
+        if started is None:
+            record = await self.store.get(call_id)
+            if record is None:
+                raise CallRefused("unknown call")
+            raise CallRefused(f"stream token already used (call is {record.call_status.value})", call_id)
+        return started
+
+    async def check_web_call(self, call_id: str, token: str | None) -> CallRecord:
+        """The web call a browser's access token opens. Raises ``CallRefused``."""
+        record = await self.store.get(call_id)
+        if record is None or record.call_type is not CallType.web_call:
+            raise CallRefused("unknown web call")
+        try:
+            self.web_tokens.check(call_id, token)
+        except TokenError as e:
+            raise CallRefused(str(e), call_id) from None
+        return record
+
+    async def start_web_call(self, call_id: str) -> CallRecord:
+        """Mark a checked web call ongoing, once. Raises ``CallRefused``."""
+        started = await self.store.start(call_id)
+        if started is None:
+            raise CallRefused("access token already used", call_id)
+        return started
+
+    def attach(self, call_id: str, stop: StopCall) -> None:
+        """A relay in this process holds the call from now on; ``stop`` asks it to end it."""
+        self._live[call_id] = stop
+
+    def detach(self, call_id: str) -> None:
+        self._live.pop(call_id, None)
+
+    def live_here(self) -> list[str]:
+        """The calls relayed by this process right now."""
+        return list(self._live)
+
+    def _stop_here(self, call_id: str, reason: DisconnectionReason, detail: str) -> bool:
+        stop = self._live.get(call_id)
+        if stop is None:
+            return False
+        stop(reason, detail)
+        return True
+
+    async def end(self, call_id: str, reason: DisconnectionReason, detail: str = "", measured: dict[str, Any] | None = None) -> None:
+        """Record how a live call ended, with what its relay measured (latency, transcript...).
+        If it was ended elsewhere first (stop-call on another replica), keep the measurements."""
+        fields = dict(measured or {})
+        if detail:
+            fields["error_detail"] = detail
+        ended = await self.store.finish(call_id, reason, **fields)
+        log.info("call %s ended: %s %s", call_id, reason.value, detail)
+        if ended is None:
+            fields.pop("error_detail", None)
+            fields = {k: v for k, v in fields.items() if v is not None}
+            if fields:
+                await self.store.update(call_id, **fields)
+
+    async def hang_up(self, record: CallRecord) -> bool:
+        """End the phone call through Twilio REST (no fallback TwiML is played)."""
+        if not record.twilio_call_sid:
+            return False
+        return await self.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
+
+    async def note(self, call_id: str, text: str) -> None:
+        """Add a line to the call's record (why a stream was refused, ...)."""
+        await self.store.add_note(call_id, text)
+
+    # --- control from outside the relay -------------------------------------------------------
+
+    async def stop(self, record: CallRecord, reason: DisconnectionReason, detail: str) -> None:
+        """End a live call on both legs (stop-call): the phone call is hung up through Twilio,
+        the relay here (if it is here) closes the agent socket and records the end. A call only
+        registered, or relayed by another replica, is ended here only if still registered (the
+        hang-up ends the stream there, which records the end with what it measured)."""
+        await self.hang_up(record)
+        if not self._stop_here(record.call_id, reason, detail):
+            await self.store.finish(record.call_id, reason, error_detail=detail, only_if=CallStatus.registered)
+
+    async def machine_answered(self, record: CallRecord, reason: DisconnectionReason, detail: str) -> None:
+        """Answering-machine detection said a machine answered: the relay here hangs up and
+        records it; if the call is not relayed here, hang up and record it now."""
+        if not self._stop_here(record.call_id, reason, detail):
+            await self.hang_up(record)
+            await self.store.finish(record.call_id, reason, error_detail=detail)
+
+    async def dial_ended(self, call_id: str, reason: DisconnectionReason, detail: str) -> None:
+        """Twilio's status callback: the dialed call ended before any stream (busy, no answer,
+        hung up while connecting). A call whose stream started ends by its stream."""
+        await self.store.finish(call_id, reason, only_if=CallStatus.registered, error_detail=detail)
+
+    # --- recovery and the background jobs ------------------------------------------------------
+
+    async def recover(self) -> None:
+        """End the calls this instance left live when it stopped, and make what their
+        recordings hold playable."""
+        for record in await self.store.recover(DisconnectionReason.error_unknown, RESTART_DETAIL):
+            log.warning("call %s was live when this instance stopped: ended", record.call_id)
+            path = self.recording_path(record.call_id)
+            if path.exists():
+                try:
+                    repair_wav(path)
+                except ValueError as e:
+                    log.warning("recording %s cannot be repaired: %s", path, e)
+
+    async def enforce_retention(self) -> None:
+        """Hourly: delete recordings (and public logs) older than recording_retention_days, and
+        webhook jobs settled more than OUTBOX_KEEP_DAYS ago."""
+        while True:
+            await self.retention_pass()
+            await asyncio.sleep(RETENTION_INTERVAL_S)
+
+    async def retention_pass(self, now: float | None = None) -> None:
+        days = self.settings.recording_retention_days
+        now = time.time() if now is None else now
+        if days:
+            cutoff = now - days * 86400
+            for folder, pattern in (("recordings", "*.wav"), ("logs", "*.jsonl")):
+                for path in (self.settings.data_dir / folder).glob(pattern):
+                    with contextlib.suppress(FileNotFoundError):
+                        if path.stat().st_mtime < cutoff:
+                            path.unlink()
+                            log.info("%s deleted (older than %g days)", path.name, days)
+        try:
+            await self.store.purge_outbox(int(now * 1000) - OUTBOX_KEEP_DAYS * 86_400_000)
+        except Exception:
+            log.exception("outbox purge failed")
+
+    async def heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            try:
+                await self.store.heartbeat()
+            except Exception:  # the database may be restarting: keep serving, retry next time
+                log.exception("heartbeat failed")
+
+    async def sweep_registered(self) -> None:
+        """Calls registered but never connected end as registered_call_timeout (web calls nobody
+        joined as error_user_not_joined). An outbound call may ring for a while first: it gets
+        OUTBOUND_RING_S more, and is hung up through Twilio when it is swept."""
+        timeout_ms = int(self.settings.registered_call_timeout_s * 1000)
+        while True:
+            await asyncio.sleep(min(MAX_SWEEP_INTERVAL_S, self.settings.registered_call_timeout_s / 2))
+            try:
+                for record in await self.store.registered_before(now_ms() - timeout_ms):
+                    await self._sweep(record, timeout_ms)
+            except Exception:  # the database may be restarting: keep sweeping next time
+                log.exception("sweep of registered calls failed")
+
+    async def _sweep(self, record: CallRecord, timeout_ms: int) -> None:
+        dialed = record.direction is Direction.outbound and record.twilio_call_sid
+        if dialed and record.registered_at > now_ms() - timeout_ms - OUTBOUND_RING_S * 1000:
+            return  # still ringing, perhaps
+        web = record.call_type is CallType.web_call
+        ended = await self.store.finish(  # unless its stream started meanwhile
+            record.call_id,
+            DisconnectionReason.error_user_not_joined if web else DisconnectionReason.registered_call_timeout,
+            only_if=CallStatus.registered,
+            error_detail=f"no media stream within {timeout_ms / 1000:g} s",
+        )
+        if ended is not None and dialed:
+            await self.hang_up(record)
