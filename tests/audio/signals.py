@@ -1,4 +1,4 @@
-"""Test signals and measurements shared by the audio tests."""
+"""Test signals and measurements shared by the audio and bridge tests."""
 
 import numpy as np
 
@@ -43,3 +43,8 @@ def total_energy(y: np.ndarray) -> float:
 
 def stream(processor, pcm: bytes, chunk_bytes: int) -> bytes:
     return b"".join(processor.process(pcm[i : i + chunk_bytes]) for i in range(0, len(pcm), chunk_bytes))
+
+
+def tone_pcm(rate: int, ms: float, freq: float = 440.0, amplitude: float = 8000.0) -> bytes:
+    """``ms`` of a sine tone as s16le bytes at ``rate``."""
+    return to_pcm(tone(freq, rate, ms / 1000, amplitude))

@@ -1,16 +1,24 @@
-"""A live bridge on a loopback port, the fake Twilio REST API, and agents that misbehave."""
+"""A live bridge on a loopback port, the fake Twilio REST API, agents that misbehave, and the
+helpers every bridge test shares: ``until`` (poll for a condition), ``wait_for_end``,
+``api_client`` (httpx with the API key), ``retell_client`` (the official SDK, strict),
+``free_port``."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
+import socket
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import websockets
 
 from audio import SPEECH_END, VoiceActivityDetector, read_wav
+from tests.audio.signals import tone_pcm
 from bridge.app import create_app
 from bridge.server import BackgroundServer
 from bridge.settings import load_settings
@@ -41,20 +49,27 @@ class Bridge:
         self.calls = app.state.calls
 
     async def call(self, pcm: bytes | None = None, **options):
+        """A simulated Twilio call (``simulate_call``); the simulator saw no frame that Twilio
+        would reject, whatever the test is about."""
         options.setdefault("speed", 8.0)
         options.setdefault("tail_ms", 1500)
-        return await simulate_call(
+        result = await simulate_call(
             self.base_url, AUTH_TOKEN, caller_audio() if pcm is None else pcm, api_key=API_KEY, fake_api=self.fake, **options
         )
+        assert result.protocol_errors == [], result.protocol_errors
+        return result
 
 
 @pytest.fixture
 async def start_bridge(tmp_path):
-    """``await start_bridge(agents={...}, **settings)`` -> a running ``Bridge``."""
+    """``await start_bridge(agents={...}, **settings)`` -> a running ``Bridge``; ``callee_pcm``
+    is what the fake Twilio's callee says on outbound calls."""
     running: list[tuple[BackgroundServer, FakeTwilioApi]] = []
 
-    async def start(**overrides) -> Bridge:
+    async def start(callee_pcm: bytes | None = None, **overrides) -> Bridge:
         fake = FakeTwilioApi(AUTH_TOKEN)
+        if callee_pcm is not None:
+            fake.callee_pcm = callee_pcm
         api = await fake.start()
         overrides.setdefault("data_dir", tmp_path / f"bridge{len(running)}")
         overrides.setdefault("twilio_account_sid", "AC" + "0" * 32)
@@ -73,13 +88,48 @@ async def start_bridge(tmp_path):
 
 
 @pytest.fixture
-async def sdk(bridge):
-    """The official retell-sdk client pointed at the module's ``bridge``, in strict mode: its own
-    models check every answer."""
+async def bridge(request, start_bridge):
+    """A running bridge with the test module's ``BRIDGE_SETTINGS`` (default: the embedded defaults)."""
+    return await start_bridge(**getattr(request.module, "BRIDGE_SETTINGS", {}))
+
+
+def retell_client(bridge):
+    """The official retell-sdk client pointed at ``bridge``, in strict mode: its own models
+    check every answer (``async with retell_client(bridge) as sdk``)."""
     from retell import AsyncRetell
 
-    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, _strict_response_validation=True, max_retries=0) as client:
+    return AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, _strict_response_validation=True, max_retries=0)
+
+
+@pytest.fixture
+async def sdk(bridge):
+    async with retell_client(bridge) as client:
         yield client
+
+
+def api_client(base_url: str | None = None, api_key: str = API_KEY) -> httpx.AsyncClient:
+    """httpx with the API key (``base_url`` optional: full URLs work either way)."""
+    return httpx.AsyncClient(base_url=base_url or "", headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (just now)."""
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def until(predicate, timeout: float = 10.0, interval: float = 0.02):
+    """Poll ``predicate()`` (plain or async) until it is truthy; returns its value. Fails the
+    test with TimeoutError after ``timeout`` s: a condition, never a fixed sleep."""
+    async with asyncio.timeout(timeout):
+        while True:
+            value = predicate()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+            await asyncio.sleep(interval)
 
 
 @pytest.fixture
@@ -94,7 +144,7 @@ async def bad_agent():
             delay_ms = int(path.split("/")[2])
             vad = VoiceActivityDetector(24000, end_silence_ms=300)
             heard_ms, answer_at = 0.0, []
-            tone = (np.sin(2 * np.pi * 500 * np.arange(9600) / 24000) * 8000).astype("<i2").tobytes()
+            tone = tone_pcm(24000, 400, 500)
             async for message in ws:
                 if not isinstance(message, bytes):
                     continue
@@ -105,13 +155,11 @@ async def bad_agent():
                     await ws.send(tone)
         elif path.startswith("/goodbye"):  # 3 s of audio at once, then a clean hang-up
             await ws.recv()
-            t = np.arange(24000 * 3) / 24000
-            await ws.send((np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes())
+            await ws.send(tone_pcm(24000, 3000))
             await ws.close(1000, "goodbye")
         elif path.startswith("/flood"):
             await ws.recv()
-            second = np.sin(np.arange(24000) / 24000 * 2 * np.pi * 440) * 8000
-            chunk = second.astype("<i2").tobytes()
+            chunk = tone_pcm(24000, 1000)
             try:
                 while True:
                     await ws.send(chunk)
@@ -188,9 +236,9 @@ def best_correlation(heard: bytes, said: bytes) -> tuple[float, int]:
 
 async def wait_for_end(bridge, call_id: str, timeout: float = 5.0):
     """The call's record once it has ended (ended or error), polling the store."""
-    async with asyncio.timeout(timeout):
-        while True:
-            record = await bridge.store.get(call_id)
-            if record.call_status.value in ("ended", "error"):
-                return record
-            await asyncio.sleep(0.02)
+
+    async def ended():
+        record = await bridge.store.get(call_id)
+        return record if record.call_status.value in ("ended", "error") else None
+
+    return await until(ended, timeout)

@@ -7,12 +7,7 @@ from retell import APIStatusError
 
 from bridge.models import DisconnectionReason
 
-from .conftest import API_KEY
-
-
-@pytest.fixture
-async def bridge(start_bridge):
-    return await start_bridge()
+from .conftest import API_KEY, api_client
 
 
 async def count(bridge) -> int:
@@ -80,7 +75,7 @@ async def test_a_call_placed_through_twilio_is_seen_by_the_sdk(bridge, sdk):
 
 
 async def test_v1_register_call_and_v2_list(bridge):
-    async with httpx.AsyncClient(base_url=bridge.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+    async with api_client(bridge.base_url) as http:
         body = {"agent_id": "echo", "audio_websocket_protocol": "twilio", "audio_encoding": "mulaw", "sample_rate": 8000,
                 "end_call_after_silence_ms": 600000, "from_number": "+12137771234", "to_number": "+12137771235",
                 "direction": "inbound", "metadata": {}, "retell_llm_dynamic_variables": {"customer_name": "John Doe"},
@@ -131,7 +126,7 @@ GOOD_V1 = {"agent_id": "echo", "audio_websocket_protocol": "web", "audio_encodin
     ],
 )  # fmt: skip
 async def test_bad_bodies_answer_the_documented_error_and_store_nothing(bridge, path, body, status, message):
-    async with httpx.AsyncClient(base_url=bridge.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+    async with api_client(bridge.base_url) as http:
         r = await http.post(path, json=body)
     assert r.status_code == status
     assert r.json()["status"] == "error" and message in r.json()["message"]
@@ -139,7 +134,7 @@ async def test_bad_bodies_answer_the_documented_error_and_store_nothing(bridge, 
 
 
 async def test_odd_call_ids_are_404_and_skip_pages(bridge, sdk):
-    async with httpx.AsyncClient(base_url=bridge.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+    async with api_client(bridge.base_url) as http:
         for path in ("/v2/get-call/%00", "/v2/get-call/a%20b", "/get-call/" + "x" * 65):
             assert (await http.get(path)).status_code == 404
         r = await http.get("/v2/list-calls", params={"start_after": 2**64})
@@ -155,7 +150,7 @@ async def test_odd_call_ids_are_404_and_skip_pages(bridge, sdk):
 
 
 async def test_not_json_is_400_and_unknown_calls_are_404(bridge):
-    async with httpx.AsyncClient(base_url=bridge.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+    async with api_client(bridge.base_url) as http:
         r = await http.post("/register-call", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json() == {"status": "error", "message": "the body is not valid JSON"}
         for method, path in (("GET", "/v2/get-call/nope"), ("GET", "/get-call/nope"), ("PATCH", "/v2/update-call/nope"),

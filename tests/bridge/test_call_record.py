@@ -9,11 +9,11 @@ import pytest
 from audio import read_wav
 from bridge.settings import AgentConfig
 
-from .conftest import API_KEY, TRUTH, best_correlation, caller_audio, envelope_ms
+from .conftest import TRUTH, api_client, best_correlation, caller_audio, envelope_ms
 
 
 async def fetch(bridge, url: str) -> bytes:
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+    async with api_client() as http:
         r = await http.get(url)
     assert r.status_code == 200, r.text
     return r.content
@@ -111,7 +111,7 @@ async def test_opting_out_leaves_nothing_on_disk(start_bridge, tmp_path):
     assert all(name.startswith("bridge.db") for name in files), files  # only the call database
     database = b"".join((data_dir / name).read_bytes() for name in files)
     assert b"of speech" not in database and b"<dtmf" not in database  # no transcript content anywhere
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+    async with api_client() as http:
         r = await http.get(f"{bridge.base_url}/v2/recordings/{result.call_id}.wav")
     assert r.status_code == 404
 

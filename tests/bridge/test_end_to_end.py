@@ -9,7 +9,7 @@ from bridge.settings import AgentConfig
 from .conftest import TRUTH, best_correlation, caller_audio, envelope_ms
 
 SPEECH_MS = TRUTH[0][1] - TRUTH[0][0]
-AGENTS = {
+BRIDGE_SETTINGS = dict(agents={
     "web-8000": AgentConfig(agent_id="web-8000", sample_rate=8000),
     "web-16000": AgentConfig(agent_id="web-16000", sample_rate=16000),
     "web-24000": AgentConfig(agent_id="web-24000", sample_rate=24000, default=True),
@@ -17,12 +17,8 @@ AGENTS = {
     "web-48000": AgentConfig(agent_id="web-48000", sample_rate=48000),
     "web-mulaw-16000": AgentConfig(agent_id="web-mulaw-16000", encoding="mulaw", sample_rate=16000),
     "twilio": AgentConfig(agent_id="twilio", protocol="twilio", encoding="mulaw", sample_rate=8000),
-}
-
-
-@pytest.fixture
-async def bridge(start_bridge):
-    return await start_bridge(agents=AGENTS)
+})
+AGENTS = BRIDGE_SETTINGS["agents"]
 
 
 @pytest.mark.parametrize("agent", list(AGENTS))

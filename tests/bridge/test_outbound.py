@@ -5,11 +5,11 @@ import asyncio
 import time
 
 import pytest
-from retell import APIStatusError, AsyncRetell
+from retell import APIStatusError
 
 from bridge.settings import AgentConfig
 
-from .conftest import API_KEY, caller_audio, envelope_ms, wait_for_end
+from .conftest import api_client, caller_audio, envelope_ms, retell_client, wait_for_end
 
 OWNED = "+14155550100"
 AGENTS = {
@@ -18,11 +18,7 @@ AGENTS = {
 }
 
 
-@pytest.fixture
-async def bridge(start_bridge):
-    b = await start_bridge(agents=AGENTS, twilio_calls_per_second=50)
-    b.fake.callee_pcm = caller_audio()
-    return b
+BRIDGE_SETTINGS = dict(agents=AGENTS, twilio_calls_per_second=50, callee_pcm=caller_audio())
 
 
 async def test_a_dialed_call_that_is_answered_reaches_the_agent(bridge, sdk):
@@ -89,9 +85,8 @@ async def test_a_machine_answering_drops_the_call_when_asked(bridge, sdk):
     ],
 )
 async def test_bad_dial_requests(bridge, body, status, message):
-    import httpx
 
-    async with httpx.AsyncClient(base_url=bridge.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+    async with api_client(bridge.base_url) as http:
         r = await http.post("/v2/create-phone-call", json=body)
     assert r.status_code == status and message in r.json()["message"]
     assert bridge.fake.created == [] and (await bridge.store.list())[0] == []
@@ -100,7 +95,7 @@ async def test_bad_dial_requests(bridge, body, status, message):
 async def test_dialing_is_throttled_to_twilio_s_rate(start_bridge):
     bridge = await start_bridge(agents=AGENTS, twilio_calls_per_second=4, dial_queue_timeout_s=5)
     bridge.fake.dial_outcome = lambda params: "busy"
-    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, max_retries=0) as sdk:
+    async with retell_client(bridge) as sdk:
         started = time.monotonic()
         await asyncio.gather(*(sdk.call.create_phone_call(from_number=OWNED, to_number="+14155550199") for _ in range(5)))
         elapsed = time.monotonic() - started
@@ -111,7 +106,7 @@ async def test_dialing_is_throttled_to_twilio_s_rate(start_bridge):
 async def test_a_full_dial_queue_answers_429(start_bridge):
     bridge = await start_bridge(agents=AGENTS, twilio_calls_per_second=1, dial_queue_timeout_s=0.2)
     bridge.fake.dial_outcome = lambda params: "busy"
-    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, max_retries=0) as sdk:
+    async with retell_client(bridge) as sdk:
         results = await asyncio.gather(
             *(sdk.call.create_phone_call(from_number=OWNED, to_number="+14155550199") for _ in range(3)), return_exceptions=True
         )

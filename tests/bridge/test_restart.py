@@ -4,7 +4,6 @@ as ended with a reason, and every webhook event is delivered exactly once."""
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -16,14 +15,8 @@ from audio import read_wav
 from bridge.server import BackgroundServer
 from bridge.dev.simulator import FakeTwilioApi, simulate_call
 
-from .conftest import API_KEY, AUTH_TOKEN, caller_audio
+from .conftest import API_KEY, AUTH_TOKEN, api_client, caller_audio, free_port
 from .test_webhooks import Receiver
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def start_process(env: dict, port: int) -> subprocess.Popen:
@@ -68,12 +61,12 @@ async def test_a_call_cut_by_a_crash_is_ended_and_its_webhooks_arrive_once(datab
             result = await call
             assert result.ended_by == "bridge"  # Twilio saw the stream die (and ran the fallback)
             process = await start_process(env, port)
-            async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            async with api_client(base) as http:
                 record = (await http.get(f"/v2/get-call/{result.call_id}")).json()
             assert record["call_status"] == "error" and record["disconnection_reason"] == "error_unknown"
             assert record["end_timestamp"] >= record["start_timestamp"]
             # the recording cut by the crash was repaired at start-up: a playable WAV
-            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            async with api_client() as http:
                 wav = (await http.get(record["recording_url"])).content
             path = tmp_path / "after-crash.wav"
             path.write_bytes(wav)

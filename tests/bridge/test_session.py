@@ -3,7 +3,6 @@
 import base64
 import json
 
-import numpy as np
 import pytest
 
 from audio import AudioFormat, pcm_to_ulaw
@@ -11,6 +10,7 @@ from bridge.protocol import twilio as tf
 from bridge.models import DisconnectionReason as R
 from bridge.models import Protocol
 from bridge.protocol.session import TO_AGENT, TO_TWILIO, CallSession
+from tests.audio.signals import tone_pcm
 
 SID = "MZ" + "b" * 32
 
@@ -20,8 +20,7 @@ def media(payload: bytes) -> str:
 
 
 def tone(rate: int, ms: int, freq: float = 440.0) -> bytes:
-    t = np.arange(rate * ms // 1000) / rate
-    return (np.sin(2 * np.pi * freq * t) * 8000).astype("<i2").tobytes()
+    return tone_pcm(rate, ms, freq)
 
 
 def web(rate: int = 24000, **kw) -> CallSession:

@@ -4,17 +4,11 @@ import asyncio
 
 import pytest
 import websockets
-from retell import AsyncRetell
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from audio import Resampler
 
-from .conftest import API_KEY, TRUTH, best_correlation, caller_audio
-
-
-@pytest.fixture
-async def bridge(start_bridge):
-    return await start_bridge()
+from .conftest import TRUTH, api_client, best_correlation, caller_audio, retell_client
 
 
 def ws_url(bridge, call_id: str, token: str, **query) -> str:
@@ -76,9 +70,8 @@ async def test_the_browser_can_use_another_format(bridge, sdk):
 
 
 async def test_v2_create_web_call_answers_the_web_call_object(bridge):
-    import httpx
 
-    async with httpx.AsyncClient(base_url=bridge.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+    async with api_client(bridge.base_url) as http:
         r = await http.post("/v2/create-web-call", json={"agent_id": "echo"})
     body = r.json()
     assert r.status_code == 201 and body["call_type"] == "web_call" and body["access_token"]
@@ -88,7 +81,7 @@ async def test_v2_create_web_call_answers_the_web_call_object(bridge):
 @pytest.mark.parametrize("problem", ["used", "forged", "expired", "other call", "bad format"])
 async def test_access_tokens_are_single_use_and_expire(start_bridge, problem):
     bridge = await start_bridge(web_call_token_ttl_s=0.3)
-    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, max_retries=0) as sdk:
+    async with retell_client(bridge) as sdk:
         call = await sdk.call.create_web_call(agent_id="echo")
         other = await sdk.call.create_web_call(agent_id="echo")
     url = ws_url(bridge, call.call_id, call.access_token)
@@ -112,7 +105,7 @@ async def test_access_tokens_are_single_use_and_expire(start_bridge, problem):
 
 async def test_a_web_call_nobody_joins_ends_as_user_not_joined(start_bridge):
     bridge = await start_bridge(registered_call_timeout_s=0.4)
-    async with AsyncRetell(api_key=API_KEY, base_url=bridge.base_url, max_retries=0) as sdk:
+    async with retell_client(bridge) as sdk:
         call = await sdk.call.create_web_call(agent_id="echo")
         async with asyncio.timeout(5):
             while (r := await sdk.call.retrieve(call.call_id)).call_status == "registered":

@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import socket
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -12,7 +11,7 @@ from bridge.server import BackgroundServer
 from bridge.settings import AgentConfig
 from bridge.store.outbox import sign
 
-from .conftest import API_KEY
+from .conftest import API_KEY, free_port, until
 
 
 class Receiver:
@@ -43,12 +42,6 @@ class Receiver:
 
     def kinds(self, call_id: str) -> list[str]:
         return [e["event"] for e in self.events if e["call"]["call_id"] == call_id]
-
-
-async def until(predicate, timeout: float = 10.0):
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.05)
 
 
 FAST = dict(webhook_retry_base_s=0.05, webhook_poll_s=0.05)
@@ -91,9 +84,7 @@ async def test_failed_deliveries_are_retried_with_backoff(start_bridge):
 
 
 async def test_an_unreachable_receiver_is_given_up_after_the_last_attempt(start_bridge):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here
+    port = free_port()  # nothing listens here
     bridge = await start_bridge(webhook_url=f"http://127.0.0.1:{port}/hook", webhook_max_attempts=3, **FAST)
     result = await bridge.call()
 
@@ -123,9 +114,7 @@ async def test_an_agent_can_have_its_own_webhook(start_bridge):
 
 
 async def test_undelivered_events_survive_a_restart(start_bridge, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}/hook"
     data_dir = tmp_path / "shared"
     patient = dict(FAST, webhook_max_attempts=10)
