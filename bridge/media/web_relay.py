@@ -49,6 +49,8 @@ async def handle_web_call(websocket: WebSocket, calls: CallService) -> None:
         record = await calls.start_web_call(call_id)
     except (CallRefused, ValueError) as e:
         log.warning("web call %s refused: %s", call_id, e)
+        if isinstance(e, ValueError) or e.call_id:  # the call exists: its record says why
+            await calls.note(call_id, f"web call socket refused: {e}")
         await websocket.close(code=1008)
         return
     await websocket.accept()

@@ -112,6 +112,11 @@ def api_client(base_url: str | None = None, api_key: str = API_KEY) -> httpx.Asy
     return httpx.AsyncClient(base_url=base_url or "", headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
 
 
+def tampered(token: str) -> str:
+    """``token`` with its last character changed (always to a different one)."""
+    return token[:-1] + ("1" if token[-1] == "0" else "0")
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (just now)."""
     with contextlib.closing(socket.socket()) as s:
@@ -232,6 +237,17 @@ def best_correlation(heard: bytes, said: bytes) -> tuple[float, int]:
     lag = int(np.argmax(corr))
     window = h[lag : lag + len(s)]
     return float(corr[lag] / (np.linalg.norm(window) * np.linalg.norm(s) + 1e-9)), lag
+
+
+async def ongoing_calls(bridge) -> list:
+    """The records of the calls ongoing now (for ``until``: empty is falsy)."""
+    return (await bridge.store.list(statuses=["ongoing"]))[0]
+
+
+async def call_status(bridge, call_id: str, status: str):
+    """The record if the call's status is ``status`` now (for ``until``), else None."""
+    record = await bridge.store.get(call_id)
+    return record if record is not None and record.call_status.value == status else None
 
 
 async def wait_for_end(bridge, call_id: str, timeout: float = 5.0):

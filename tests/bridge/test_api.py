@@ -1,13 +1,15 @@
 """The call API against the official retell-sdk client (strict response validation: the SDK's
 own models must parse every answer), and bad bodies over plain HTTP."""
 
+import asyncio
+
 import httpx
 import pytest
 from retell import APIStatusError
 
 from bridge.models import DisconnectionReason
 
-from .conftest import API_KEY, api_client
+from .conftest import API_KEY, api_client, ongoing_calls, until
 
 
 async def count(bridge) -> int:
@@ -173,15 +175,8 @@ async def test_every_endpoint_needs_the_api_key(bridge, header):
 
 
 async def test_stop_call_ends_a_live_call_on_both_legs(bridge, sdk):
-    import asyncio
-
     call_task = asyncio.create_task(bridge.call(speed=1.0, tail_ms=20000))
-    async with asyncio.timeout(5):
-        while True:
-            live = (await bridge.store.list(statuses=["ongoing"]))[0]
-            if live:
-                break
-            await asyncio.sleep(0.05)
+    live = await until(lambda: ongoing_calls(bridge))
     await sdk.call.stop(live[0].call_id)
     result = await call_task
     assert result.ended_by == "rest"  # Twilio was told to hang up: no fallback

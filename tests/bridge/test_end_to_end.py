@@ -108,7 +108,9 @@ async def test_the_caller_hears_the_same_at_any_speed(bridge):
     slow = await bridge.call(agent_id="web-16000", speed=2.0)
     fast = await bridge.call(agent_id="web-16000", speed=16.0)
     (s0, s1), (f0, f1) = envelope_ms(slow.heard)[0], envelope_ms(fast.heard)[0]
-    assert abs((s1 - s0) - (f1 - f0)) <= 40 and 0 <= f0 - s0 <= 200
+    # the echo's length is stream time: equal at any speed; its start can only be later when
+    # faster (by the processing time x 16, which a loaded machine makes large)
+    assert abs((s1 - s0) - (f1 - f0)) <= 40 and 0 <= f0 - s0 <= 1000
     a = np.frombuffer(slow.heard, "<i2")[s0 * 8 : s1 * 8].astype(float)
     b = np.frombuffer(fast.heard, "<i2")[f0 * 8 : f0 * 8 + len(a)].astype(float)
     assert np.corrcoef(a[: len(b)], b[: len(a)])[0, 1] > 0.9

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from bridge.settings import AgentConfig
 from bridge.dev.simulator import parse_twiml
 
-from .conftest import AUTH_TOKEN, envelope_ms, wait_for_end
+from .conftest import AUTH_TOKEN, call_status, envelope_ms, tampered, until, wait_for_end
 from .test_webhook import PARAMS, post, signed
 
 
@@ -80,8 +80,7 @@ async def test_a_used_token_cannot_open_a_second_stream(start_bridge):
     bridge = await start_bridge()
     url, params = await register(bridge)
     first = await open_stream(url, params)
-    await asyncio.sleep(0.2)
-    assert (await bridge.store.get(params["call_id"])).call_status.value == "ongoing"
+    await until(lambda: call_status(bridge, params["call_id"], "ongoing"))
     second = await open_stream(url, params)
     assert await closed_with(second) == 1008
     record = await bridge.store.get(params["call_id"])
@@ -95,7 +94,7 @@ async def test_a_used_token_cannot_open_a_second_stream(start_bridge):
     "tamper,why",
     [
         (lambda p: {**p, "call_id": "no-such-call"}, None),
-        (lambda p: {**p, "token": p["token"][:-2] + "00"}, "does not match"),
+        (lambda p: {**p, "token": tampered(p["token"])}, "does not match"),
         (lambda p: {"call_id": p["call_id"]}, "no stream token"),
         (lambda p: {**p, "token": "garbage"}, "malformed"),
     ],
@@ -114,7 +113,7 @@ async def test_unknown_calls_and_bad_tokens_are_refused_with_1008(start_bridge, 
 async def test_an_expired_token_is_refused_and_the_call_times_out(start_bridge):
     bridge = await start_bridge(stream_token_ttl_s=0.1, registered_call_timeout_s=0.6)
     url, params = await register(bridge)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # the token's lifetime (0.1 s) passes
     ws = await open_stream(url, params)
     assert await closed_with(ws) == 1008
     record = await wait_for_end(bridge, params["call_id"], timeout=3)
@@ -133,10 +132,15 @@ async def test_a_stream_without_start_is_refused_with_1008(start_bridge, first):
         await ws.send(b"\x00\x01" if kind == "binary" else frames[kind])
     if not first:
         await ws.close()
-        await asyncio.sleep(0.2)
+        assert ws.close_code == 1000  # the bridge answered the close handshake
     else:
         assert await closed_with(ws) == 1008
     assert (await bridge.store.get(params["call_id"])).call_status.value == "registered"
+    # the refused socket spent nothing: the token still opens the call's real stream
+    real = await open_stream(url, params)
+    await until(lambda: call_status(bridge, params["call_id"], "ongoing"))
+    await real.send(json.dumps({"event": "stop", "stop": {}}))
+    assert (await wait_for_end(bridge, params["call_id"])).disconnection_reason.value == "user_hangup"
 
 
 async def test_a_stream_that_never_sends_start_is_closed_with_1008(start_bridge):

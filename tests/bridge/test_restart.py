@@ -15,8 +15,10 @@ from audio import read_wav
 from bridge.server import BackgroundServer
 from bridge.dev.simulator import FakeTwilioApi, simulate_call
 
-from .conftest import API_KEY, AUTH_TOKEN, api_client, caller_audio, free_port
-from .test_webhooks import Receiver
+from bridge.store import SqlCallStore
+
+from .conftest import API_KEY, AUTH_TOKEN, api_client, caller_audio, free_port, until
+from .test_webhooks import Receiver, all_delivered
 
 
 async def start_process(env: dict, port: int) -> subprocess.Popen:
@@ -52,10 +54,11 @@ async def test_a_call_cut_by_a_crash_is_ended_and_its_webhooks_arrive_once(datab
         process = await start_process(env, port)
         try:
             call = asyncio.create_task(simulate_call(base, AUTH_TOKEN, caller_audio(), speed=1.0, tail_ms=60000, fake_api=fake))
-            async with asyncio.timeout(20):  # the call is live and call_started was delivered
-                while not any(e["event"] == "call_started" for e in receiver.events):
-                    await asyncio.sleep(0.05)
-            await asyncio.sleep(1.5)  # the caller's first words are being recorded
+            # the call is live, call_started was delivered, and the caller's first words are
+            # in the recording (0.8 s of stereo 16-bit 8 kHz past the header)
+            started = await until(lambda: [e for e in receiver.events if e["event"] == "call_started"], timeout=20)
+            recording = tmp_path / "recordings" / f"{started[0]['call']['call_id']}.wav"
+            await until(lambda: recording.exists() and recording.stat().st_size >= 44 + 0.8 * 32000, timeout=20)
             process.send_signal(signal.SIGKILL)
             process.wait(10)
             result = await call
@@ -74,10 +77,12 @@ async def test_a_call_cut_by_a_crash_is_ended_and_its_webhooks_arrive_once(datab
             assert (rate, channels) == (8000, 2) and len(pcm) == len(wav) - 44
             left = np.frombuffer(pcm, "<i2").reshape(-1, 2)[:, 0]
             assert len(left) >= 8000 * 0.5 and left.any()  # the caller's first words are in it
-            async with asyncio.timeout(10):
-                while receiver.kinds(result.call_id) != ["call_started", "call_ended"]:
-                    await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)  # and nothing more
+            await until(lambda: receiver.kinds(result.call_id) == ["call_started", "call_ended"])
+            store = await SqlCallStore.open(database_url, "test-observer", tmp_path)
+            try:  # every job delivered: nothing more can come
+                await until(lambda: all_delivered(store, result.call_id, 2))
+            finally:
+                await store.close()
             assert receiver.kinds(result.call_id) == ["call_started", "call_ended"]
             assert receiver.bad_signatures == 0
             ended = receiver.events[-1]["call"]

@@ -8,7 +8,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from audio import Resampler
 
-from .conftest import TRUTH, api_client, best_correlation, caller_audio, retell_client
+from .conftest import TRUTH, api_client, best_correlation, caller_audio, call_status, retell_client, tampered, until, wait_for_end
 
 
 def ws_url(bridge, call_id: str, token: str, **query) -> str:
@@ -54,9 +54,8 @@ async def test_a_browser_talks_to_the_agent_through_a_web_call(bridge, sdk):
     corr, _ = best_correlation(heard, sentence)
     assert corr >= 0.9
     assert any('"event_type":"update"' in t for t in texts)  # the agent's updates reach the browser
-    async with asyncio.timeout(5):
-        while (r := await sdk.call.retrieve(call.call_id)).call_status not in ("ended", "error"):
-            await asyncio.sleep(0.05)
+    await wait_for_end(bridge, call.call_id)
+    r = await sdk.call.retrieve(call.call_id)
     assert r.call_status == "ended" and r.disconnection_reason == "user_hangup"
     assert r.transcript.startswith("User: (")
 
@@ -87,11 +86,11 @@ async def test_access_tokens_are_single_use_and_expire(start_bridge, problem):
     url = ws_url(bridge, call.call_id, call.access_token)
     if problem == "used":
         first = await websockets.connect(url)
-        await asyncio.sleep(0.1)
+        await until(lambda: call_status(bridge, call.call_id, "ongoing"))
     elif problem == "forged":
-        url = ws_url(bridge, call.call_id, call.access_token[:-4] + "0000")
+        url = ws_url(bridge, call.call_id, tampered(call.access_token))
     elif problem == "expired":
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # the token's lifetime (0.3 s) passes
     elif problem == "other call":
         url = ws_url(bridge, call.call_id, other.access_token)
     else:
@@ -99,17 +98,23 @@ async def test_access_tokens_are_single_use_and_expire(start_bridge, problem):
     with pytest.raises(InvalidStatus) as refused:
         await websockets.connect(url)
     assert refused.value.response.status_code == 403
+    why = {"used": "already used", "forged": "does not match", "expired": "expired", "other call": "does not match",
+           "bad format": "sample_rate"}[problem]  # fmt: skip
+    record = await bridge.store.get(call.call_id)
+    assert any(why in note for note in record.notes), record.notes
     if problem == "used":
+        assert record.call_status.value == "ongoing"  # the first socket's call goes on
         await first.close()
+    else:
+        assert record.call_status.value == "registered"  # a refused token spends nothing
 
 
 async def test_a_web_call_nobody_joins_ends_as_user_not_joined(start_bridge):
     bridge = await start_bridge(registered_call_timeout_s=0.4)
     async with retell_client(bridge) as sdk:
         call = await sdk.call.create_web_call(agent_id="echo")
-        async with asyncio.timeout(5):
-            while (r := await sdk.call.retrieve(call.call_id)).call_status == "registered":
-                await asyncio.sleep(0.05)
+        await wait_for_end(bridge, call.call_id)
+        r = await sdk.call.retrieve(call.call_id)
     assert r.call_status == "error" and r.disconnection_reason == "error_user_not_joined"
 
 
@@ -122,7 +127,5 @@ async def test_garbage_from_the_browser_ends_that_call(bridge, sdk):
             async with asyncio.timeout(5):
                 while True:
                     await ws.recv()
-    async with asyncio.timeout(5):  # the record is written after the sockets close
-        while (r := await bridge.store.get(call.call_id)).disconnection_reason is None:
-            await asyncio.sleep(0.05)
+    r = await wait_for_end(bridge, call.call_id)  # the record is written after the sockets close
     assert r.disconnection_reason.value == "error_frontend_corrupted_payload"

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -19,6 +20,7 @@ class Receiver:
 
     def __init__(self, fail_first: int = 0):
         self.events: list[dict] = []
+        self.attempts: list[tuple[str, float]] = []  # (event id, monotonic time), failures too
         self.failures_left = fail_first
         self.bad_signatures = 0
         self.app = FastAPI()
@@ -30,6 +32,7 @@ class Receiver:
         if not verify(body, API_KEY, request.headers.get("x-retell-signature", "")):
             self.bad_signatures += 1
             return JSONResponse({}, status_code=401)
+        self.attempts.append((request.headers["x-bridge-event-id"], time.monotonic()))
         if self.failures_left:
             self.failures_left -= 1
             return JSONResponse({}, status_code=500)
@@ -47,6 +50,13 @@ class Receiver:
 FAST = dict(webhook_retry_base_s=0.05, webhook_poll_s=0.05)
 
 
+async def all_delivered(bridge_or_store, call_id: str, jobs: int) -> bool:
+    """The call's ``jobs`` outbox jobs are all delivered: nothing more can come."""
+    store = getattr(bridge_or_store, "store", bridge_or_store)
+    found = await store.jobs(call_id)
+    return len(found) == jobs and all(j["delivered_at"] is not None for j in found)
+
+
 def test_signatures_are_what_retell_sdk_verifies():
     body = '{"event":"call_ended","call":{"call_id":"x"}}'
     assert verify(body, "key", sign(body, "key"))
@@ -60,8 +70,7 @@ async def test_a_call_sends_started_ended_and_analyzed_once_each(start_bridge):
     async with BackgroundServer(receiver.app) as server:
         bridge = await start_bridge(webhook_url=f"{server.base_url}/hook", analysis_url=f"{server.base_url}/analyze", **FAST)
         result = await bridge.call()
-        await until(lambda: len(receiver.kinds(result.call_id)) == 3)
-        await asyncio.sleep(0.3)  # nothing more comes
+        await until(lambda: all_delivered(bridge, result.call_id, 4))  # the analysis job too
     assert receiver.kinds(result.call_id) == ["call_started", "call_ended", "call_analyzed"]
     assert receiver.bad_signatures == 0
     started, ended, analyzed = receiver.events
@@ -73,14 +82,23 @@ async def test_a_call_sends_started_ended_and_analyzed_once_each(start_bridge):
 
 
 async def test_failed_deliveries_are_retried_with_backoff(start_bridge):
+    base = 0.4
     receiver = Receiver(fail_first=2)
     async with BackgroundServer(receiver.app) as server:
-        bridge = await start_bridge(webhook_url=f"{server.base_url}/hook", **FAST)
+        bridge = await start_bridge(webhook_url=f"{server.base_url}/hook", webhook_poll_s=0.05, webhook_retry_base_s=base)
         result = await bridge.call()
         await until(lambda: receiver.kinds(result.call_id) == ["call_started", "call_ended"])
     jobs = await bridge.store.jobs(result.call_id)
     assert [j["delivered_at"] is not None for j in jobs] == [True, True]
     assert sum(j["attempts"] for j in jobs) == 2  # the two failures, recorded
+    # call_started failed twice (the receiver fails the first two deliveries it sees), then
+    # got through: the retries waited base, then 2 x base (exponential), never less
+    started_id = next(e["_id"] for e in receiver.events if e["event"] == "call_started")
+    times = [t for event_id, t in receiver.attempts if event_id == started_id]
+    assert len(times) == 3
+    first_wait, second_wait = times[1] - times[0], times[2] - times[1]
+    assert base <= first_wait < second_wait, (first_wait, second_wait)
+    assert 2 * base <= second_wait
 
 
 async def test_an_unreachable_receiver_is_given_up_after_the_last_attempt(start_bridge):
@@ -123,9 +141,8 @@ async def test_undelivered_events_survive_a_restart(start_bridge, tmp_path):
     await first.server.stop()  # the receiver was down the whole time
     receiver = Receiver()
     async with BackgroundServer(receiver.app, port=port):
-        await start_bridge(webhook_url=url, data_dir=data_dir, **patient)  # same database
-        await until(lambda: receiver.kinds(result.call_id) == ["call_started", "call_ended"])
-        await asyncio.sleep(0.3)
+        second = await start_bridge(webhook_url=url, data_dir=data_dir, **patient)  # same database
+        await until(lambda: all_delivered(second, result.call_id, 2))
     assert receiver.kinds(result.call_id) == ["call_started", "call_ended"]  # once each
 
 
@@ -139,13 +156,15 @@ def test_the_body_is_what_a_javascript_receiver_re_serialises():
 
 
 async def test_a_slow_receiver_does_not_hold_up_the_others(start_bridge):
-    slow_seen, fast = [], Receiver()
+    """The slow receiver holds its requests until the quick receiver has everything: delivery
+    one job at a time would wait for it (60 s timeout) and never get there."""
+    slow_seen, fast, release = [], Receiver(), asyncio.Event()
     slow = FastAPI()
 
     @slow.post("/hook")
     async def crawl():
         slow_seen.append(1)
-        await asyncio.sleep(30)  # never answers in time
+        await release.wait()
         return {}
 
     async with BackgroundServer(slow) as s, BackgroundServer(fast.app) as f:
@@ -153,8 +172,11 @@ async def test_a_slow_receiver_does_not_hold_up_the_others(start_bridge):
             "echo": AgentConfig(agent_id="echo", default=True, webhook_url=f"{s.base_url}/hook"),
             "quick": AgentConfig(agent_id="quick", webhook_url=f"{f.base_url}/hook"),
         }
-        bridge = await start_bridge(agents=agents, webhook_timeout_s=3, **FAST)
+        bridge = await start_bridge(agents=agents, webhook_timeout_s=60, **FAST)
         await bridge.call(agent_id="echo")
+        await until(lambda: slow_seen)  # its call_started is in flight, unanswered (its call_ended waits behind it)
         quick = await bridge.call(agent_id="quick")
-        await until(lambda: fast.kinds(quick.call_id) == ["call_started", "call_ended"], timeout=2.5)
-    assert slow_seen
+        await until(lambda: fast.kinds(quick.call_id) == ["call_started", "call_ended"], timeout=20)
+        assert slow_seen == [1]
+        release.set()
+        await until(lambda: all_delivered(bridge, quick.call_id, 2))
