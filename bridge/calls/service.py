@@ -287,7 +287,8 @@ class CallService:
 
     async def enforce_retention(self) -> None:
         """Hourly: delete recordings (and public logs) older than recording_retention_days, and
-        webhook jobs settled more than OUTBOX_KEEP_DAYS ago."""
+        webhook jobs created more than OUTBOX_KEEP_DAYS ago that are settled (delivered or given
+        up: with the default retries a job settles within a minute of its creation)."""
         while True:
             await self.retention_pass()
             await asyncio.sleep(RETENTION_INTERVAL_S)

@@ -78,7 +78,8 @@ class FakeTwilioApi:
     outbound calls (``Calls.json``), whose outcome ``dial_outcome(params)`` picks: ``refuse``
     (400, an invalid number), ``busy`` / ``failed`` / ``no-answer`` (a status callback), ``human``
     (the voice URL is fetched and the callee, ``callee_pcm``, talks on a media stream), ``machine``
-    (the same, plus an async AMD callback saying ``machine_end_beep`` after ``amd_after_ms``)."""
+    (the same, plus an async AMD callback saying ``machine_end_beep`` after ``amd_after_ms``),
+    ``ringing`` (accepted, then nothing: the callee's phone rings until someone hangs it up)."""
 
     def __init__(self, auth_token: str):
         self.auth_token = auth_token
@@ -137,6 +138,8 @@ class FakeTwilioApi:
                 form = {**base, **extra}
                 await http.post(url, data=form, headers={"X-Twilio-Signature": validator.compute_signature(url, form)})
 
+            if outcome == "ringing":
+                return None
             if outcome in ("busy", "failed", "no-answer"):
                 await asyncio.sleep(0.05)
                 await callback(params["StatusCallback"], {"CallStatus": outcome})
