@@ -131,26 +131,25 @@ async def _relay(twilio: connection.ServerConnection, calls: CallService, files:
     agent_config = calls.agent(record)
     private = calls.is_private(record)
     loop = asyncio.get_running_loop()
-    started = loop.time()
     try:
-        observer = CallObserver(
-            started=started,
-            recording=None if private else Recording(calls.recording_path(call_id), files.open),
-            log_path=None if private else calls.log_path(call_id),
-            private=private,
+        observer, unavailable = _observe(calls, files, record, loop.time(), private)
+        observer.event(observer.started, "stream_start", call_sid=start.call_sid, stream_sid=start.stream_sid)
+        session = CallSession(
+            record.audio_websocket_protocol,
+            AudioFormat(record.audio_encoding.value, record.sample_rate),
+            start.stream_sid,
+            frame_ms=settings.media_frame_ms,
+            mark_interval_ms=settings.mark_interval_ms,
+            observer=observer,
         )
-    except OSError as e:  # a full disk must not cost the call: go on without recording or log
-        log.error("call %s: no recording or log: %s", call_id, e)
-        observer = CallObserver(started=started, private=private)
-    observer.event(observer.started, "stream_start", call_sid=start.call_sid, stream_sid=start.stream_sid)
-    session = CallSession(
-        record.audio_websocket_protocol,
-        AudioFormat(record.audio_encoding.value, record.sample_rate),
-        start.stream_sid,
-        frame_ms=settings.media_frame_ms,
-        mark_interval_ms=settings.mark_interval_ms,
-        observer=observer,
-    )
+    except Exception as e:  # a bug setting the call up ends it on the record, never leaves it ongoing
+        log.exception("call %s could not be set up", call_id)
+        await twilio.close(1011, Reason.error_unknown.value)
+        await calls.end(call_id, Reason.error_unknown, f"set-up failed: {type(e).__name__}: {e}")
+        return
+    for problem in unavailable.values():
+        log.error("call %s: %s", call_id, problem)
+        await calls.note(call_id, problem)
     agent = None
     relay: MediaRelay | None = None
 
@@ -182,7 +181,27 @@ async def _relay(twilio: connection.ServerConnection, calls: CallService, files:
         session.end(Reason.error_unknown, f"{type(e).__name__}: {e}")
     finally:
         calls.detach(call_id)
-        await _finish(twilio, agent, session, calls, files, record)
+        await _finish(twilio, agent, session, calls, files, record, unavailable)
+
+
+def _observe(calls: CallService, files: FileWriter, record: CallRecord, started: float, private: bool):
+    """The call's observer, with its recording and public log unless the call is private. A
+    file that cannot be opened (a full disk, a read-only volume) costs that file only, never the
+    call: ``(observer, {record field: why it is unavailable})``."""
+    unavailable: dict[str, str] = {}
+    recording = None
+    if not private:
+        try:
+            recording = Recording(calls.recording_path(record.call_id), files.open)
+        except OSError as e:
+            unavailable["recording_url"] = f"no recording: {e}"
+    log_path = None if private else calls.log_path(record.call_id)
+    try:
+        observer = CallObserver(started=started, recording=recording, log_path=log_path, private=private)
+    except OSError as e:  # (the log is opened last: the recording, if any, is still ours)
+        unavailable["public_log_url"] = f"no public log: {e}"
+        observer = CallObserver(started=started, recording=recording, private=private)
+    return observer, unavailable
 
 
 async def _open_agent(session: CallSession, url: str, settings) -> connection.WsConnection | None:
@@ -388,7 +407,8 @@ class MediaRelay:
 
 
 async def _finish(
-    twilio: connection.ServerConnection, agent, session: CallSession, calls: CallService, files: FileWriter, record: CallRecord
+    twilio: connection.ServerConnection, agent, session: CallSession, calls: CallService, files: FileWriter, record: CallRecord,
+    unavailable: dict[str, str],
 ) -> None:
     ending = session.ending
     reason = ending.reason if ending else Reason.error_unknown
@@ -419,7 +439,9 @@ async def _finish(
             await asyncio.wait_for(asyncio.wrap_future(files.barrier()), RECORDING_FLUSH_TIMEOUT_S)
         except TimeoutError:
             log.error("call %s: the recording's writes are still queued after %g s", record.call_id, RECORDING_FLUSH_TIMEOUT_S)
-        await calls.end(record.call_id, reason, ending.detail if ending else "", measured_fields(session.observer, session))
+        measured = measured_fields(session.observer, session)
+        measured.update(dict.fromkeys(unavailable))  # no URL for a file that was never written
+        await calls.end(record.call_id, reason, ending.detail if ending else "", measured)
 
 
 #: Endings where the bridge hangs the phone call up through Twilio REST (no fallback TwiML)

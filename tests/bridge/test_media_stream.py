@@ -319,3 +319,27 @@ async def test_a_bug_in_one_call_s_relay_ends_that_call_as_error_unknown(start_b
     assert "RuntimeError: boom" in (await bridge.store.get(failed.call_id)).error_detail
     assert failed.ended_by == "bridge"
     await healthy_call(bridge)
+
+
+async def test_a_bug_while_a_call_is_set_up_ends_it_on_the_record(start_bridge, monkeypatch):
+    """An exception between the stream's start and the relay (building the session here) ends
+    the call as error_unknown, naming the exception: the record never stays ongoing."""
+    from bridge.media import relay
+
+    fired = []
+
+    def broken(*args, **kwargs):
+        if not fired:
+            fired.append(1)
+            raise RuntimeError("no session")
+        return original(*args, **kwargs)
+
+    original = relay.CallSession
+    monkeypatch.setattr(relay, "CallSession", broken)
+    bridge = await start_bridge()
+    failed = await bridge.call()
+    assert failed.ended_by == "bridge"
+    record = await wait_for_end(bridge, failed.call_id)
+    assert record.disconnection_reason.value == "error_unknown"
+    assert record.error_detail == "set-up failed: RuntimeError: no session"
+    assert (await bridge.call()).record["disconnection_reason"] == "user_hangup"  # the next call is fine
