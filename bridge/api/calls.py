@@ -42,8 +42,6 @@ def _enum_values(criterion: EnumFilter | None, name: str, allowed: set[str], nev
     return values or ["\x01none"]  # only values no call has: match nothing
 
 
-
-
 @router.post("/register-call", dependencies=AUTH, status_code=201, summary="Register a call (v1)", response_model=CallObject, responses=ERRORS)
 async def register_call_v1(request: Request, body: RegisterCallV1) -> JSONResponse:
     find_agent(request, body.agent_id)

@@ -26,7 +26,6 @@ def require_api_key(request: Request) -> None:
         raise ApiError(401, "invalid API key")
 
 
-
 AUTH = [Depends(require_api_key)]
 
 

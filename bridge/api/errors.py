@@ -32,7 +32,6 @@ ERRORS = {code: {"model": ErrorBody, "description": what} for code, what in (
 )}  # fmt: skip
 
 
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -229,7 +229,6 @@ class CallObserver:
             self._log.close()
 
 
-
 def transcript_fields(transcript: list[dict]) -> dict:
     """The record's ``transcript_object`` and ``transcript`` (word timings only if the agent
     sent them: the web protocol's update carries none)."""

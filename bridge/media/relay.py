@@ -39,6 +39,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
+
 from twilio.request_validator import RequestValidator
 
 from audio import AudioFormat
@@ -131,6 +132,7 @@ async def _relay(twilio: connection.ServerConnection, calls: CallService, files:
     agent_config = calls.agent(record)
     private = calls.is_private(record)
     loop = asyncio.get_running_loop()
+    observer = None
     try:
         observer, unavailable = _observe(calls, files, record, loop.time(), private)
         observer.event(observer.started, "stream_start", call_sid=start.call_sid, stream_sid=start.stream_sid)
@@ -144,6 +146,8 @@ async def _relay(twilio: connection.ServerConnection, calls: CallService, files:
         )
     except Exception as e:  # a bug setting the call up ends it on the record, never leaves it ongoing
         log.exception("call %s could not be set up", call_id)
+        if observer is not None:
+            observer.close()
         await twilio.close(1011, Reason.error_unknown.value)
         await calls.end(call_id, Reason.error_unknown, f"set-up failed: {type(e).__name__}: {e}")
         return
