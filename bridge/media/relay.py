@@ -7,12 +7,17 @@ either socket is converted and written on in the same ``data_received`` call, wi
 queue or future per frame. Sends never block; a peer that stops reading for ``send_timeout_s``
 ends its own call and never stalls another.
 
-How a call ends (``disconnection_reason``):
+How a call ends (``disconnection_reason``), and how each side's socket is closed:
 
 =====================================  ==================================================
 Twilio sends ``stop``                  ``user_hangup``; agent socket closed with 1000
-agent closes with 1000 / 1001          ``agent_hangup``; call hung up through Twilio REST,
-                                       then the Twilio socket is closed
+agent closes with 1000 / 1001          ``agent_hangup``; the agent's last words play out,
+                                       the call is hung up through Twilio REST, then the
+                                       Twilio socket is closed with 1000
+the caller is silent for               ``inactivity``; hung up through Twilio REST
+``end_call_after_silence_ms``
+the call reaches                       ``max_duration_reached``; hung up through Twilio REST
+``max_call_duration_ms``
 agent socket cannot open               ``error_llm_websocket_open``; caller hears the fallback
 agent socket lost (no close frame,     ``error_llm_websocket_lost_connection``; fallback
 stops reading, stops answering pings)
@@ -20,17 +25,19 @@ agent closes with another code         ``error_llm_websocket_runtime``; fallback
 (e.g. 1011), or is not configured
 agent sends garbage (or breaks the     ``error_llm_websocket_corrupt_payload``; fallback
 websocket protocol)
-Twilio sends garbage (bad JSON, bad    ``error_frontend_corrupted_payload``
-base64, binary frames, broken
-websocket framing)
+Twilio sends garbage                   ``error_frontend_corrupted_payload``; closed with
+                                       1007 (bad JSON or base64), 1003 (binary frames),
+                                       1008 (a frame only servers send), 1002 (broken
+                                       websocket framing)
 Twilio socket lost without ``stop``,   ``error_twilio``
 or stops reading
-nothing from Twilio for                ``error_no_audio_received``
+nothing from Twilio for                ``error_no_audio_received``; closed with 1008
 ``no_audio_timeout_s`` (10 s)
-the bridge shuts down                  ``error_unknown`` ("the bridge shut down")
+the bridge shuts down                  ``error_unknown`` ("the bridge shut down"); 1001
 =====================================  ==================================================
 
-"Fallback" = the bridge closes the Twilio socket and Twilio plays the TwiML after </Connect>.
+"Fallback" = the bridge closes the Twilio socket (with 1011 unless said otherwise) and Twilio
+plays the TwiML after </Connect>: the fallback message is heard only when something failed.
 """
 
 from __future__ import annotations
@@ -50,7 +57,9 @@ from ..models import DisconnectionReason as Reason
 from ..protocol import twilio as tf
 from ..protocol.session import TO_TWILIO, CallSession
 from ..protocol.twilio import CALL_PARAMETER, TOKEN_PARAMETER
-from ..protocol.websocket import OK_CLOSE_CODES
+from ..protocol.websocket import (
+    GOING_AWAY, INTERNAL_ERROR, NORMAL, OK_CLOSE_CODES, POLICY_VIOLATION, PROTOCOL_ERROR, UNSUPPORTED_DATA,
+)  # fmt: skip
 from . import connection
 from .file_writer import FileWriter
 from .observer import CallObserver, Recording, measured_fields
@@ -281,7 +290,7 @@ class MediaRelay:
         self.last_from_twilio = now = self.loop.time()
         try:
             if type(message) is not str:
-                session.end(Reason.error_frontend_corrupted_payload, "binary frame from Twilio")
+                session.end(Reason.error_frontend_corrupted_payload, "binary frame from Twilio", UNSUPPORTED_DATA)
             else:
                 actions = session.from_twilio(message, now)
                 if actions:
@@ -345,7 +354,9 @@ class MediaRelay:
     def _twilio_closed(self) -> None:
         t = self.twilio
         if t.protocol_error:
-            self.session.end(Reason.error_frontend_corrupted_payload, f"Twilio broke the websocket protocol: {t.protocol_error}")
+            self.session.end(
+                Reason.error_frontend_corrupted_payload, f"Twilio broke the websocket protocol: {t.protocol_error}", PROTOCOL_ERROR
+            )
         else:
             code = t.close_code if t.close_code is not None else 1006
             self.session.end(Reason.error_twilio, f"Twilio socket closed without stop (code {code})")
@@ -434,7 +445,7 @@ async def _finish(
             if reason is Reason.agent_hangup:
                 await _play_out(twilio, session)
             await calls.hang_up(record)
-        await twilio.close(1011 if reason.is_error else 1000, reason.value)
+        await twilio.close(twilio_close_code(ending), reason.value)
     finally:
         if agent_closed is not None:
             await agent_closed
@@ -448,8 +459,30 @@ async def _finish(
         await calls.end(record.call_id, reason, ending.detail if ending else "", measured)
 
 
-#: Endings where the bridge hangs the phone call up through Twilio REST (no fallback TwiML)
-HUNG_UP_BY_BRIDGE = (Reason.agent_hangup, Reason.machine_detected, Reason.voicemail_reached)
+#: Endings that are no failure, where the bridge hangs the phone call up through Twilio REST:
+#: closing the stream alone makes Twilio run the TwiML after </Connect>, the fallback message
+#: meant for failures ("Sorry, we could not connect your call")
+HUNG_UP_BY_BRIDGE = (
+    Reason.agent_hangup, Reason.machine_detected, Reason.voicemail_reached, Reason.inactivity, Reason.max_duration_reached,
+)  # fmt: skip
+
+
+def twilio_close_code(ending) -> int:
+    """The close code for Twilio's socket that says what happened: 1000 for a normal end, the
+    code naming what was wrong with Twilio's frames (1007, 1003, 1008, 1002), 1001 when the
+    bridge shuts down, 1008 for a stream that went silent, 1011 when the bridge or the agent
+    failed."""
+    if ending is None:
+        return INTERNAL_ERROR
+    if ending.close_code is not None:
+        return ending.close_code
+    if not ending.reason.is_error:
+        return NORMAL
+    if ending.reason is Reason.error_unknown and ending.detail == SHUTDOWN_DETAIL:
+        return GOING_AWAY
+    if ending.reason is Reason.error_no_audio_received:
+        return POLICY_VIOLATION
+    return INTERNAL_ERROR
 PLAY_OUT_MARK = "bridge-play-out"
 MAX_PLAY_OUT_S = 60.0
 

@@ -25,6 +25,7 @@ from audio import AudioFormat, agent_to_twilio, twilio_to_agent
 from . import twilio as tf
 from . import web as wf
 from ..models import DisconnectionReason, Protocol
+from .websocket import INVALID_PAYLOAD, POLICY_VIOLATION
 
 TO_TWILIO = 0
 TO_AGENT = 1
@@ -37,6 +38,9 @@ Action = tuple[int, str | bytes]
 class Ending:
     reason: DisconnectionReason
     detail: str = ""
+    #: the close code that says what went wrong with Twilio's side, if it was Twilio's frames
+    #: (RFC 6455: 1007 invalid payload, 1003 unsupported data, 1008 policy, 1002 protocol)
+    close_code: int | None = None
 
 
 @dataclass
@@ -86,9 +90,9 @@ class CallSession:
 
     # --- ending ------------------------------------------------------------------------------
 
-    def end(self, reason: DisconnectionReason, detail: str = "") -> None:
+    def end(self, reason: DisconnectionReason, detail: str = "", close_code: int | None = None) -> None:
         if self.ending is None:
-            self.ending = Ending(reason, detail)
+            self.ending = Ending(reason, detail, close_code)
 
     # --- Twilio -> agent ---------------------------------------------------------------------
 
@@ -96,7 +100,7 @@ class CallSession:
         try:
             event = tf.parse(text)
         except tf.FrameError as e:
-            self.end(DisconnectionReason.error_frontend_corrupted_payload, f"from Twilio: {e}")
+            self.end(DisconnectionReason.error_frontend_corrupted_payload, f"from Twilio: {e}", INVALID_PAYLOAD)
             return []
         twilio_protocol = self.protocol is Protocol.twilio
         if type(event) is tf.Media:
@@ -123,7 +127,7 @@ class CallSession:
             self.end(DisconnectionReason.user_hangup, "Twilio sent stop")
             return [(TO_AGENT, text)] if twilio_protocol else []
         if type(event) is tf.Clear:
-            self.end(DisconnectionReason.error_frontend_corrupted_payload, "Twilio sent a clear frame")
+            self.end(DisconnectionReason.error_frontend_corrupted_payload, "Twilio sent a clear frame", POLICY_VIOLATION)
         return []  # a repeated connected/start, or an event added after this was written
 
     def _mark_echoed(self, name: str) -> None:

@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from .schema import calls, database_url, instances, make_engine, migrate, outbox
 from ..models import CallRecord, CallStatus, DisconnectionReason, now_ms
 
-LIVE = (CallStatus.registered.value, CallStatus.ongoing.value)
 RETRIES = 20
 
 
@@ -83,10 +82,14 @@ class SqlCallStore:
                 await conn.execute(insert(instances).values(instance_id=self.instance_id, started_at=now, heartbeat_at=now))
 
     async def recover(self, reason: DisconnectionReason, detail: str) -> list[CallRecord]:
-        """End the calls this instance left registered or ongoing (it died with them)."""
+        """End the calls this instance was relaying when it stopped (it died with them). Calls
+        only registered are left alone: their stream may still come (to any instance), and if it
+        never does they end by their own ``registered_call_timeout``."""
         async with self.engine.connect() as conn:
             rows = await conn.execute(
-                select(calls.c.call_id).where(calls.c.instance_id == self.instance_id, calls.c.call_status.in_(LIVE))
+                select(calls.c.call_id).where(
+                    calls.c.instance_id == self.instance_id, calls.c.call_status == CallStatus.ongoing.value
+                )
             )
             call_ids = [row.call_id for row in rows]
         ended = []

@@ -81,6 +81,8 @@ async def test_limits_end_the_call_at_the_configured_time(start_bridge, limit):
     result = await bridge.call(bytes(1600), speed=1.0, tail_ms=30000)  # the caller says nothing
     record = result.record
     assert record["disconnection_reason"] == reason and record["call_status"] == "ended"
+    # a normal end: hung up through Twilio, so the caller never hears the failure message
+    assert result.ended_by == "rest" and result.fallback == []
     # on the stream's own clock (the public log's times), never early and at most a few ticks
     # late; the wall-clock timestamps also include the store's writes
     lines = (await fetch(bridge, record["public_log_url"])).decode().splitlines()

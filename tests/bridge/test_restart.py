@@ -2,6 +2,7 @@
 as ended with a reason, and every webhook event is delivered exactly once."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,9 @@ from bridge.dev.simulator import FakeTwilioApi, simulate_call
 
 from bridge.store import SqlCallStore
 
-from .conftest import API_KEY, AUTH_TOKEN, api_client, caller_audio, free_port, until
+from .conftest import (
+    API_KEY, AUTH_TOKEN, api_client, call_status, caller_audio, free_port, retell_client, until, wait_for_end,
+)  # fmt: skip
 from .test_webhooks import Receiver, all_delivered
 
 
@@ -91,3 +94,29 @@ async def test_a_call_cut_by_a_crash_is_ended_and_its_webhooks_arrive_once(datab
             process.kill()
             process.wait(10)
             await fake.stop()
+
+
+async def test_calls_only_registered_survive_a_restart(start_bridge, tmp_path):
+    """A call registered by the voice webhook (its TwiML not yet acted on), by the API and by
+    create-web-call, then the bridge restarts: none of them is ended by the restart, the stream
+    token still opens the phone call's stream, and the others end by their own timeout."""
+    from .test_media_stream import open_stream, register
+
+    data_dir = tmp_path / "restarting"
+    first = await start_bridge(data_dir=data_dir)
+    url, params = await register(first)  # the voice webhook's TwiML, not yet acted on
+    async with retell_client(first) as sdk:
+        api_call = await sdk.call.register_phone_call(agent_id="echo", from_number="+14155550100", to_number="+14155550111")
+        web_call = await sdk.call.create_web_call(agent_id="echo")
+    await first.server.stop()
+    second = await start_bridge(data_dir=data_dir, registered_call_timeout_s=3)
+    url = url.replace(first.base_url.replace("http", "ws"), second.base_url.replace("http", "ws"))
+    for call_id in (params["call_id"], api_call.call_id, web_call.call_id):
+        assert (await second.store.get(call_id)).call_status.value == "registered"
+    stream = await open_stream(url, params)
+    await until(lambda: call_status(second, params["call_id"], "ongoing"))
+    await stream.send(json.dumps({"event": "stop", "stop": {}}))
+    assert (await wait_for_end(second, params["call_id"])).disconnection_reason.value == "user_hangup"
+    swept = {call_id: (await wait_for_end(second, call_id, timeout=15)).disconnection_reason.value
+             for call_id in (api_call.call_id, web_call.call_id)}  # fmt: skip
+    assert swept == {api_call.call_id: "registered_call_timeout", web_call.call_id: "error_user_not_joined"}
