@@ -33,9 +33,27 @@ class CallList(BaseModel):
 # --- request bodies --------------------------------------------------------------------------
 
 
+MAX_METADATA_DEPTH = 32  # nesting levels of objects and arrays: far more than any real metadata
+
+
+def _nesting_depth(value) -> int:
+    """How deeply objects and arrays nest in ``value`` (iterative: no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth > MAX_METADATA_DEPTH:
+                break
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _metadata_size(v: dict | None) -> dict | None:
     if v is None:
         return v
+    if _nesting_depth(v) > MAX_METADATA_DEPTH:
+        raise ValueError(f"nests objects or arrays deeper than {MAX_METADATA_DEPTH} levels")
     try:
         size = len(json.dumps(v, ensure_ascii=False, allow_nan=False).encode("utf-8"))
     except (ValueError, UnicodeEncodeError):

@@ -93,6 +93,14 @@ async def test_v1_register_call_and_v2_list(bridge):
         assert [c["call_id"] for c in listed.json()] == [call["call_id"]]
 
 
+def nested(levels: int) -> dict:
+    """``levels`` objects, one inside the other (``nested(1) == {"a": 1}``)."""
+    value: object = 1
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
 GOOD_V1 = {"agent_id": "echo", "audio_websocket_protocol": "web", "audio_encoding": "s16le", "sample_rate": 24000}
 
 
@@ -109,6 +117,9 @@ GOOD_V1 = {"agent_id": "echo", "audio_websocket_protocol": "web", "audio_encodin
         ("/register-call", {**GOOD_V1, "from_number": "555-1234"}, 422, "E.164"),
         ("/register-call", {**GOOD_V1, "agent_id": "nobody"}, 404, "agent nobody not found"),
         ("/register-call", {**GOOD_V1, "metadata": {"blob": "x" * 60000}}, 422, "is larger than 50 kB"),
+        ("/register-call", {**GOOD_V1, "metadata": nested(33)}, 422, "metadata: Value error, nests objects or arrays deeper than 32"),
+        ("/register-call", {**GOOD_V1, "metadata": nested(300)}, 422, "deeper than 32 levels"),  # was a 500
+        ("/register-call", {**GOOD_V1, "metadata": {"list": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}, 422, "deeper"),
         ("/register-call", {**GOOD_V1, "retell_llm_dynamic_variables": {"n": 5}}, 422, "retell_llm_dynamic_variables.n"),
         ("/register-call", {**GOOD_V1, "from_number": "+14155550100\n"}, 422, "E.164"),
         ("/v2/register-phone-call", {"agent_id": "echo", "from_number": "+14155550100"}, 422, "to_number"),
@@ -201,3 +212,14 @@ async def test_openapi_documents_every_endpoint(bridge):
     schemas = spec["components"]["schemas"]
     assert {"RegisterCallV1", "CallObject", "CallList", "ErrorBody", "CreatePhoneCall", "WebCallV3"} <= set(schemas)
     assert "disconnection_reason" in schemas["CallObject"]["properties"]
+
+
+async def test_metadata_nested_32_levels_deep_is_kept(bridge, sdk):
+    call = await sdk.call.update(
+        (await sdk.call.register_phone_call(agent_id="echo", from_number="+14155550100", to_number="+14155550111")).call_id,
+        metadata=nested(32),
+    )
+    assert call.metadata == nested(32)
+    async with api_client(bridge.base_url) as http:
+        r = await http.patch(f"/v2/update-call/{call.call_id}", json={"metadata": nested(300)})
+    assert r.status_code == 422 and "deeper than 32 levels" in r.json()["message"]
