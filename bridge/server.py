@@ -7,6 +7,8 @@ import asyncio
 
 import uvicorn
 
+from .protocol.websocket import MAX_MESSAGE_BYTES
+
 
 def ws_protocol(app):
     """The app's own websocket protocol if it has one (the bridge's media stream), else
@@ -15,11 +17,18 @@ def ws_protocol(app):
     return getattr(state, "ws_protocol", None) or "websockets-sansio"
 
 
+def websocket_options(app) -> dict:
+    """uvicorn's websocket options for ``app``: its own protocol for the media stream, and the
+    media stream's message cap on every other websocket too (web calls; uvicorn's default is
+    16 MiB)."""
+    return {"ws": ws_protocol(app), "ws_max_size": MAX_MESSAGE_BYTES}
+
+
 class BackgroundServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, lifespan: str = "on"):
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", lifespan=lifespan, ws=ws_protocol(app),
-            timeout_graceful_shutdown=1,
+            app, host=host, port=port, log_level="warning", lifespan=lifespan, timeout_graceful_shutdown=1,
+            **websocket_options(app),
         )  # fmt: skip
         self.server = uvicorn.Server(config)
         self.host = host

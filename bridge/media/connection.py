@@ -45,7 +45,7 @@ class WsConnection(asyncio.Protocol):
     (None: no close frame came, the connection was lost), ``protocol_error`` if the peer broke
     the protocol (then we closed with ``error_code``)."""
 
-    def __init__(self, *, client: bool, max_message: int = 1 << 22):
+    def __init__(self, *, client: bool, max_message: int = wsf.MAX_MESSAGE_BYTES):
         self.client = client
         self.reader = wsf.FrameReader(masked=not client, max_message=max_message)
         self.transport: asyncio.Transport | None = None
@@ -275,7 +275,7 @@ class _ClientOpening(WsConnection):
         self.transport.close()
 
 
-async def connect(url: str, *, max_message: int = 1 << 22, headers: list[tuple[str, str]] = ()) -> WsConnection:
+async def connect(url: str, *, max_message: int = wsf.MAX_MESSAGE_BYTES, headers: list[tuple[str, str]] = ()) -> WsConnection:
     """Open a client websocket to ``ws://`` or ``wss://`` ``url`` (no proxy, no extensions).
     Raises HandshakeError, OSError, or ValueError for a bad URL. Bound it with a timeout."""
     parts = urlsplit(url)

@@ -25,11 +25,22 @@ from ..calls import CallRefused, CallService
 from ..models import CallRecord
 from ..models import DisconnectionReason as Reason
 from ..protocol import web as wf
+from ..protocol.websocket import (
+    INVALID_PAYLOAD, MAX_MESSAGE_BYTES, MESSAGE_TOO_BIG, PROTOCOL_ERROR, UNSUPPORTED_DATA,
+)  # fmt: skip
 from .observer import transcript_fields
 
 log = logging.getLogger(__name__)
 
 WEB_CALL_PATH = "/web-call/{call_id}"
+#: Close codes of a browser socket that ended because of what the browser sent (the server
+#: closes with these when the browser breaks RFC 6455; a browser may send them too)
+BROWSER_FAULTS = {
+    PROTOCOL_ERROR: "broke the websocket protocol",
+    UNSUPPORTED_DATA: "sent data the web protocol does not carry",
+    INVALID_PAYLOAD: "sent text that is not valid UTF-8",
+    MESSAGE_TOO_BIG: f"sent a message over {MAX_MESSAGE_BYTES} bytes",
+}
 
 
 def _browser_format(websocket: WebSocket, record: CallRecord) -> AudioFormat:
@@ -82,7 +93,7 @@ async def _relay(browser: WebSocket, calls: CallService, record: CallRecord, bro
             async with asyncio.timeout(settings.agent_connect_timeout_s):
                 agent = await websockets.connect(
                     url, open_timeout=None, ping_interval=settings.keepalive_interval_s,
-                    ping_timeout=settings.agent_ping_timeout_s, max_size=2**22, compression=None,
+                    ping_timeout=settings.agent_ping_timeout_s, max_size=MAX_MESSAGE_BYTES, compression=None,
                 )  # fmt: skip
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ValueError) as e:
             end(Reason.error_llm_websocket_open, f"cannot open {url}: {type(e).__name__}: {e}")
@@ -99,7 +110,11 @@ async def _relay(browser: WebSocket, calls: CallService, record: CallRecord, bro
             while not stopped.is_set():
                 message = await browser.receive()
                 if message["type"] == "websocket.disconnect":
-                    end(Reason.user_hangup, f"the browser closed ({message.get('code')})")
+                    code = message.get("code")
+                    if code in BROWSER_FAULTS:
+                        end(Reason.error_frontend_corrupted_payload, f"the browser {BROWSER_FAULTS[code]} (close {code})")
+                    else:
+                        end(Reason.user_hangup, f"the browser closed ({code})")
                     return
                 data, text = message.get("bytes"), message.get("text")
                 if data is not None:

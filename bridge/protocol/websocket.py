@@ -30,6 +30,8 @@ CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
 NORMAL, GOING_AWAY, PROTOCOL_ERROR, UNSUPPORTED_DATA = 1000, 1001, 1002, 1003
 INVALID_PAYLOAD, POLICY_VIOLATION, MESSAGE_TOO_BIG, INTERNAL_ERROR = 1007, 1008, 1009, 1011
 NO_STATUS = 1005  # a close frame without a code
+#: the largest message any of the bridge's websockets takes (a second of 48 kHz audio is 96 kB)
+MAX_MESSAGE_BYTES = 1 << 22
 OK_CLOSE_CODES = (1000, 1001, NO_STATUS)  # a normal end (as the websockets library counts it)
 _SENDABLE_CODES = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
 
@@ -54,7 +56,7 @@ class FrameReader:
 
     __slots__ = ("masked", "max_message", "_buf", "_parts", "_parts_size", "_part_op")
 
-    def __init__(self, *, masked: bool, max_message: int = 1 << 22):
+    def __init__(self, *, masked: bool, max_message: int = MAX_MESSAGE_BYTES):
         self.masked = masked
         self.max_message = max_message
         self._buf = b""

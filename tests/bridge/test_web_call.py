@@ -129,3 +129,52 @@ async def test_garbage_from_the_browser_ends_that_call(bridge, sdk):
                     await ws.recv()
     r = await wait_for_end(bridge, call.call_id)  # the record is written after the sockets close
     assert r.disconnection_reason.value == "error_frontend_corrupted_payload"
+
+
+def _break(kind: str) -> bytes:
+    """What a hostile or broken browser sends after the upgrade."""
+    import struct
+
+    from .test_ws import frame
+
+    return {
+        "unmasked": frame(0x2, bytes(960), mask=False),
+        "rsv bits": frame(0x2, bytes(960), rsv=0x40),
+        "bad utf-8": frame(0x1, b"\xff\xfe ping"),
+        "bad close code": frame(0x8, struct.pack("!H", 999)),
+        "oversized length": bytes([0x82, 0xFF]) + struct.pack("!Q", 1 << 40) + bytes(4),
+        "5 MiB message": frame(0x2, bytes(5 << 20)),
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    "kind,detail",
+    [
+        ("unmasked", "broke the websocket protocol"),
+        ("rsv bits", "broke the websocket protocol"),
+        ("bad utf-8", "not valid UTF-8"),
+        ("bad close code", "broke the websocket protocol"),
+        ("oversized length", "over 4194304 bytes"),
+        ("5 MiB message", "over 4194304 bytes"),
+    ],
+)
+async def test_a_browser_breaking_the_websocket_protocol_is_a_corrupted_payload(bridge, sdk, kind, detail):
+    """Recorded as error_frontend_corrupted_payload naming what was wrong (not user_hangup), with
+    the media stream's 4 MiB message cap."""
+    import base64
+    import os
+
+    call = await sdk.call.create_web_call(agent_id="echo")
+    reader, writer = await asyncio.open_connection(bridge.server.host, bridge.server.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /web-call/{call.call_id}?access_token={call.access_token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    await until(lambda: call_status(bridge, call.call_id, "ongoing"))
+    writer.write(_break(kind))
+    record = await wait_for_end(bridge, call.call_id, timeout=15)
+    writer.close()
+    assert record.disconnection_reason.value == "error_frontend_corrupted_payload", record.error_detail
+    assert detail in record.error_detail
