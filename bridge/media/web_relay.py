@@ -19,7 +19,7 @@ import websockets
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidURI
 
-from audio import AudioFormat, Converter
+from audio import AudioFormat, Converter, VoiceActivityDetector, ulaw_to_pcm
 
 from ..calls import CallRefused, CallService
 from ..models import CallRecord
@@ -68,10 +68,40 @@ async def handle_web_call(websocket: WebSocket, calls: CallService) -> None:
     await _relay(websocket, calls, record, browser)
 
 
+class Activity:
+    """Who spoke when, on the bridge's clock (s): the browser's voice (VAD on what it sends) and
+    the agent's audio as it plays in the browser. For the silence limit (``inactivity``)."""
+
+    def __init__(self, browser_format: AudioFormat, started: float):
+        self.format = browser_format
+        self.vad = VoiceActivityDetector(browser_format.sample_rate)
+        self.last_voice = started  # the caller's last voiced moment (or the start)
+        self.agent_until = started  # when the agent audio sent so far ends playing
+
+    def heard(self, data: bytes, now: float) -> None:
+        self.vad.process(ulaw_to_pcm(data) if self.format.encoding == "mulaw" else data)
+        if self.vad.speaking:
+            self.last_voice = now
+
+    def played(self, audio: bytes, now: float) -> None:
+        self.agent_until = max(self.agent_until, now) + self.format.duration_ms(len(audio)) / 1000
+
+    def cleared(self, now: float) -> None:
+        self.agent_until = now
+
+    def silent_for(self, now: float) -> float:
+        if self.vad.speaking or now < self.agent_until:
+            return 0.0
+        return now - max(self.last_voice, self.agent_until)
+
+
 async def _relay(browser: WebSocket, calls: CallService, record: CallRecord, browser_format: AudioFormat) -> None:
     settings = calls.settings
     agent_format = AudioFormat(record.audio_encoding.value, record.sample_rate)
     to_agent, to_browser = Converter(browser_format, agent_format), Converter(agent_format, browser_format)
+    loop = asyncio.get_running_loop()
+    started = last_from_browser = loop.time()
+    activity = Activity(browser_format, started)
     ending: list[tuple[Reason, str]] = []
     transcript: list[dict] = []
     stopped = asyncio.Event()
@@ -103,12 +133,25 @@ async def _relay(browser: WebSocket, calls: CallService, record: CallRecord, bro
             try:
                 async with asyncio.timeout(settings.send_timeout_s):
                     await send
-            except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
+            except TimeoutError:
+                end(Reason.user_hangup, f"the browser stopped reading for over {settings.send_timeout_s:g} s")
+            except (WebSocketDisconnect, RuntimeError, OSError):
                 end(Reason.user_hangup, "the browser went away")
 
+        async def send_agent(message) -> None:
+            try:
+                async with asyncio.timeout(settings.send_timeout_s):
+                    await agent.send(message)
+            except TimeoutError:
+                end(Reason.error_llm_websocket_lost_connection, f"agent stopped reading for over {settings.send_timeout_s:g} s")
+            except ConnectionClosed:
+                pass  # from_agent records how it closed
+
         async def from_browser() -> None:
+            nonlocal last_from_browser
             while not stopped.is_set():
                 message = await browser.receive()
+                last_from_browser = loop.time()
                 if message["type"] == "websocket.disconnect":
                     code = message.get("code")
                     if code in BROWSER_FAULTS:
@@ -123,11 +166,9 @@ async def _relay(browser: WebSocket, calls: CallService, record: CallRecord, bro
                     except ValueError as e:
                         end(Reason.error_frontend_corrupted_payload, str(e))
                         return
+                    activity.heard(data, last_from_browser)
                     if audio:
-                        try:
-                            await agent.send(audio)
-                        except ConnectionClosed:
-                            return
+                        await send_agent(audio)
                 elif text.strip() == "ping":
                     await send_browser(browser.send_text("pong"))
                 elif text.strip() != "pong":
@@ -153,18 +194,36 @@ async def _relay(browser: WebSocket, calls: CallService, record: CallRecord, bro
                 if type(event) is wf.Audio:
                     audio = to_browser.process(event.data) if event.data else b""
                     if audio:
+                        activity.played(audio, loop.time())
                         await send_browser(browser.send_bytes(audio))
                 elif event is wf.CLEAR:
                     to_browser.reset()
+                    activity.cleared(loop.time())
                     await send_browser(browser.send_text("clear"))
                 elif event is wf.PING:
-                    await agent.send("pong")
+                    await send_agent("pong")
                 elif type(event) in (wf.Update, wf.Metadata):
                     if type(event) is wf.Update:
                         transcript[:] = event.transcript
                     await send_browser(browser.send_text(message))
 
-        tasks = [asyncio.create_task(c) for c in (from_browser(), from_agent(), stopped.wait())]
+        silence_ms = record.end_call_after_silence_ms or agent_config.end_call_after_silence_ms
+        max_duration_ms = agent_config.max_call_duration_ms
+        tick_s = min(settings.limits_tick_s, settings.no_audio_timeout_s / 4)
+
+        async def watchdog() -> None:
+            """The phone call's limits, on a web call: duration, silence, no audio."""
+            while not stopped.is_set():
+                await asyncio.sleep(tick_s)
+                now = loop.time()
+                if now - last_from_browser > settings.no_audio_timeout_s:
+                    end(Reason.error_no_audio_received, f"nothing from the browser for {now - last_from_browser:.1f} s")
+                elif silence_ms and (silent_s := activity.silent_for(now)) * 1000 >= silence_ms:
+                    end(Reason.inactivity, f"the caller was silent for {silent_s:.1f} s")
+                elif (now - started) * 1000 >= max_duration_ms:
+                    end(Reason.max_duration_reached, f"the call reached {max_duration_ms / 1000:g} s")
+
+        tasks = [asyncio.create_task(c) for c in (from_browser(), from_agent(), watchdog(), stopped.wait())]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:

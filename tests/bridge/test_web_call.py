@@ -7,6 +7,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from audio import Resampler
+from bridge.settings import AgentConfig
 
 from .conftest import TRUTH, api_client, best_correlation, caller_audio, call_status, retell_client, tampered, until, wait_for_end
 
@@ -178,3 +179,37 @@ async def test_a_browser_breaking_the_websocket_protocol_is_a_corrupted_payload(
     writer.close()
     assert record.disconnection_reason.value == "error_frontend_corrupted_payload", record.error_detail
     assert detail in record.error_detail
+
+
+@pytest.mark.parametrize(
+    "limit,reason,expected_s",
+    [
+        (dict(max_call_duration_ms=1500), "max_duration_reached", 1.5),
+        (dict(end_call_after_silence_ms=10000), "inactivity", 10.0),
+        ("no audio", "error_no_audio_received", 0.6),
+    ],
+)
+async def test_a_web_call_keeps_the_phone_call_limits(start_bridge, limit, reason, expected_s):
+    """A silent browser on an agent with a duration or silence limit, and a browser that sends
+    nothing at all, end as a phone call would, at the configured time."""
+    agent = AgentConfig(agent_id="a", default=True, **(limit if isinstance(limit, dict) else {}))
+    bridge = await start_bridge(agents={"a": agent}, no_audio_timeout_s=0.6 if limit == "no audio" else 10)
+    async with retell_client(bridge) as sdk:
+        call = await sdk.call.create_web_call(agent_id="a")
+    async with websockets.connect(ws_url(bridge, call.call_id, call.access_token)) as browser:
+
+        async def talk_silence():
+            while limit != "no audio":
+                await browser.send(bytes(960))  # 20 ms of silence at 24 kHz
+                await asyncio.sleep(0.02)
+
+        sender = asyncio.create_task(talk_silence())
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(expected_s + 15):
+                while True:
+                    await browser.recv()
+        sender.cancel()
+    record = await wait_for_end(bridge, call.call_id)
+    assert record.disconnection_reason.value == reason, record.error_detail
+    lasted = (record.end_timestamp - record.start_timestamp) / 1000
+    assert expected_s <= lasted <= expected_s + 3  # never early; a loaded machine may be late
