@@ -15,6 +15,7 @@ from starlette.websockets import WebSocket
 from audio.filters import plan
 
 from .api import calls, outbound, twilio_voice, web_calls
+from .api.deps import MAX_FORM_BYTES, RequestGate
 from .api.errors import install_error_handlers
 from .calls import CallService
 from .media import connection
@@ -63,8 +64,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.calls = call_service
     install_error_handlers(app)
-    for module in (twilio_voice, calls, outbound, web_calls):
-        app.include_router(module.router)
+    # the key and the declared size are checked before any body is read; bodies sent in chunks
+    # are cut off at the same cap while they are read (413 either way)
+    app.add_middleware(RequestGate, settings=settings)
+    app.include_router(twilio_voice.router, max_body_size=MAX_FORM_BYTES)
+    for module in (calls, outbound, web_calls):
+        app.include_router(module.router, max_body_size=settings.max_request_bytes)
 
     if any(agent.url is None for agent in settings.agents.values()):  # an agent is the embedded echo
         from .dev import echo_agent

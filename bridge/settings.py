@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     media_frame_ms: int = Field(20, ge=20, le=60)
     mark_interval_ms: int = Field(100, ge=20)
     fallback_message: str = "Sorry, we could not connect your call. Please try again later."
+    #: The largest request body the call API reads (413 beyond; Twilio's forms have their own,
+    #: smaller cap). Metadata and dynamic variables are at most 50 kB each.
+    max_request_bytes: int = Field(1 << 20, ge=64 * 1024)
     #: Twilio's REST API limit for starting calls (1 a second by default on an account)
     twilio_calls_per_second: float = Field(1.0, gt=0)
     dial_queue_timeout_s: float = Field(10.0, ge=0)

@@ -7,6 +7,7 @@ import hmac
 import re
 
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
 
 from ..calls import CallService
 from ..models import CallRecord
@@ -16,14 +17,60 @@ from .errors import ApiError
 CALL_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
-def require_api_key(request: Request) -> None:
-    keys = call_service(request).settings.api_keys
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
+def api_key_problem(keys: list[str], authorization: str) -> str | None:
+    """What is wrong with an ``Authorization`` header for the call API, or None if its bearer
+    key is one of ``keys`` (compared in constant time)."""
+    scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise ApiError(401, "missing API key: send Authorization: Bearer YOUR_API_KEY")
+        return "missing API key: send Authorization: Bearer YOUR_API_KEY"
     if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in keys):
-        raise ApiError(401, "invalid API key")
+        return "invalid API key: it is none of the keys in BRIDGE_API_KEYS"
+    return None
+
+
+def require_api_key(request: Request) -> None:
+    problem = api_key_problem(call_service(request).settings.api_keys, request.headers.get("authorization", ""))
+    if problem:
+        raise ApiError(401, problem)
+
+
+#: HTTP paths that need no API key: Twilio's callbacks carry a signature instead
+PUBLIC_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
+TWILIO_PREFIX = "/twilio/"
+#: Twilio's webhook forms are a few hundred bytes
+MAX_FORM_BYTES = 64 * 1024
+
+
+class RequestGate:
+    """Every HTTP request, before anything reads its body: the call API's key is checked (401 at
+    once without a valid one: FastAPI reads and parses a body before it runs a route's
+    dependencies), and a declared ``Content-Length`` over the route's cap is answered 413 at
+    once (Twilio's callbacks: ``MAX_FORM_BYTES``; the call API: ``max_request_bytes``). A body
+    sent in chunks is cut off at the same cap as it is read (the routers' ``max_body_size``)."""
+
+    def __init__(self, app, settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        twilio = path.startswith(TWILIO_PREFIX)
+        headers = dict(scope["headers"])
+        problem = None
+        if not twilio and path not in PUBLIC_PATHS:
+            problem = api_key_problem(self.settings.api_keys, headers.get(b"authorization", b"").decode("latin-1"))
+            status = 401
+        declared = headers.get(b"content-length")
+        cap = MAX_FORM_BYTES if twilio else self.settings.max_request_bytes
+        if problem is None and declared is not None and (not declared.isdigit() or int(declared) > cap):
+            problem, status = f"the body is over {cap} bytes", 413
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse({"status": "error", "message": problem}, status_code=status, headers={"Connection": "close"})
+        await response(scope, receive, send)
 
 
 AUTH = [Depends(require_api_key)]

@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 from ..calls import DialRefused, TooManyCalls
 from ..calls.registrar import call_fields, new_call_id
 from ..models import CallRecord, CallType, Direction, DisconnectionReason
-from .deps import AUTH, call_service
+from .deps import AUTH, MAX_FORM_BYTES, call_service
 from .errors import ERRORS, ApiError
 from .schemas import CallBody, CallObject, e164
 from .twilio_voice import signed_form
@@ -102,7 +102,7 @@ async def create_phone_call(request: Request, body: CreatePhoneCall) -> Response
     return JSONResponse(record.public(), status_code=201)
 
 
-@router.post("/twilio/status/{call_id}", include_in_schema=False)
+@router.post("/twilio/status/{call_id}", include_in_schema=False, max_body_size=MAX_FORM_BYTES)
 async def status_callback(call_id: str, request: Request) -> Response:
     form = await signed_form(request)
     calls = call_service(request)
@@ -114,7 +114,7 @@ async def status_callback(call_id: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/twilio/amd/{call_id}", include_in_schema=False)
+@router.post("/twilio/amd/{call_id}", include_in_schema=False, max_body_size=MAX_FORM_BYTES)
 async def amd_callback(call_id: str, request: Request) -> Response:
     form = await signed_form(request)
     calls = call_service(request)

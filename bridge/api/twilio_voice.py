@@ -16,7 +16,7 @@ from twilio.twiml.voice_response import VoiceResponse
 from ..calls.registrar import RegistrationError
 from ..models import CallStatus, Direction
 from ..protocol.twilio import CALL_PARAMETER, MEDIA_PATH, TOKEN_PARAMETER
-from .deps import call_service
+from .deps import MAX_FORM_BYTES, call_service
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["twilio"])
@@ -33,7 +33,6 @@ def fallback_twiml(message: str) -> Response:
     return _twiml(response)
 
 
-MAX_FORM_BYTES = 64 * 1024  # Twilio's webhook forms are a few hundred bytes
 
 
 async def signed_form(request: Request):

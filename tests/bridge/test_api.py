@@ -2,6 +2,7 @@
 own models must parse every answer), and bad bodies over plain HTTP."""
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -223,3 +224,51 @@ async def test_metadata_nested_32_levels_deep_is_kept(bridge, sdk):
     async with api_client(bridge.base_url) as http:
         r = await http.patch(f"/v2/update-call/{call.call_id}", json={"metadata": nested(300)})
     assert r.status_code == 422 and "deeper than 32 levels" in r.json()["message"]
+
+
+async def raw_request(bridge, head: str, body_chunks=()) -> tuple[int, dict]:
+    """Send a request head (and maybe chunks of a body) on a bare socket; the status and JSON
+    body of the answer. Nothing waits for a body the head promised but never sent."""
+    reader, writer = await asyncio.open_connection(bridge.server.host, bridge.server.port)
+    writer.write(head.replace("\n", "\r\n").encode() + b"\r\n")
+    for chunk in body_chunks:
+        writer.write(chunk)
+        await writer.drain()
+    async with asyncio.timeout(10):
+        head_in = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+        length = int(head_in.split("content-length:", 1)[1].split("\r\n", 1)[0])
+        answer = await reader.readexactly(length)
+    writer.close()
+    return int(head_in.split()[1]), json.loads(answer)
+
+
+@pytest.mark.parametrize(
+    "head,status,message",
+    [
+        ("POST /v2/register-phone-call HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: 200000000\n",
+         401, "missing API key"),
+        ("POST /v2/register-phone-call HTTP/1.1\nHost: x\nAuthorization: Bearer wrong\nContent-Length: 200000000\n",
+         401, "invalid API key"),
+        (f"POST /v2/register-phone-call HTTP/1.1\nHost: x\nAuthorization: Bearer {API_KEY}\nContent-Type: application/json\n"
+         "Content-Length: 200000000\n", 413, "the body is over 1048576 bytes"),
+        ("POST /twilio/voice HTTP/1.1\nHost: x\nX-Twilio-Signature: x\nContent-Type: application/x-www-form-urlencoded\n"
+         "Content-Length: 1000000\n", 413, "the body is over 65536 bytes"),
+    ],
+)  # fmt: skip
+async def test_a_huge_body_is_refused_from_its_head_before_a_byte_of_it_is_read(bridge, head, status, message):
+    """The API key and the declared size are checked before any body is read: the answer comes
+    though the 200 MB never do."""
+    got, body = await raw_request(bridge, head)
+    assert got == status and message in body["message"]
+    assert await count(bridge) == 0
+
+
+async def test_a_body_sent_in_chunks_is_cut_off_at_the_cap(bridge):
+    head = (
+        f"POST /v2/register-phone-call HTTP/1.1\nHost: x\nAuthorization: Bearer {API_KEY}\n"
+        "Content-Type: application/json\nTransfer-Encoding: chunked\n"
+    )
+    chunk = b"100000\r\n" + b" " * 0x100000 + b"\r\n"  # 1 MiB of JSON whitespace a chunk
+    got, body = await raw_request(bridge, head, [chunk] * 3)
+    assert got == 413 and body["status"] == "error"
+    assert await count(bridge) == 0
