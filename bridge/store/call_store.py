@@ -1,4 +1,4 @@
-"""``SqlCallStore``: where call records live, in SQLite or PostgreSQL (see ``db.py``), the same
+"""``SqlCallStore``: where call records live, in SQLite or PostgreSQL (see ``schema.py``), the same
 code for both. Status changes are compare-and-set, so a stream token can start a call only once
 and a call ends only once, whichever task or replica gets there first.
 
@@ -11,13 +11,15 @@ from __future__ import annotations
 import base64
 from typing import Any, Iterable
 
+import orjson
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .schema import calls, database_url, instances, make_engine, migrate, outbox
 from ..models import CallRecord, CallStatus, DisconnectionReason, now_ms
+from .schema import calls, database_url, instances, make_engine, migrate, outbox
 
 RETRIES = 20
+STREAM_ROWS = 50  # rows fetched at a time when a page is streamed from the database
 
 
 def _columns(record: CallRecord) -> dict[str, Any]:
@@ -312,9 +314,12 @@ class SqlCallStore:
         limit: int = 50,
         cursor: str | None = None,
         skip: int = 0,
+        max_bytes: int | None = None,
     ) -> tuple[list[CallRecord], str | None]:
         """One page of calls, newest first by default (by start time, else registration time);
-        returns the page and the cursor of the next page (None at the end)."""
+        returns the page and the cursor of the next page (None at the end). With ``max_bytes``
+        the page stops early (with a cursor) once its records' JSON would pass that size: rows
+        are streamed from the database, so a page of large records is never held whole."""
         query = select(calls.c.record, calls.c.sort_key, calls.c.call_id)
         for column, values in (
             (calls.c.agent_id, agent_ids), (calls.c.call_status, statuses),
@@ -335,8 +340,16 @@ class SqlCallStore:
                 query = query.where(or_(calls.c.sort_key > key, and_(calls.c.sort_key == key, calls.c.call_id > call_id)))
         order = (calls.c.sort_key.desc(), calls.c.call_id.desc()) if descending else (calls.c.sort_key, calls.c.call_id)
         query = query.order_by(*order).offset(skip).limit(limit + 1)
+        page, more, size = [], False, 0
         async with self.engine.connect() as conn:
-            rows = list(await conn.execute(query))
-        page = rows[:limit]
-        next_cursor = encode_cursor(page[-1].sort_key, page[-1].call_id) if len(rows) > limit else None
+            result = await conn.stream(query.execution_options(yield_per=STREAM_ROWS))
+            async for row in result:
+                if max_bytes is not None:
+                    size += len(orjson.dumps(row.record))
+                if len(page) == limit or (page and max_bytes is not None and size > max_bytes):
+                    more = True
+                    break
+                page.append(row)
+            await result.close()
+        next_cursor = encode_cursor(page[-1].sort_key, page[-1].call_id) if more else None
         return [CallRecord.model_validate(r.record) for r in page], next_cursor

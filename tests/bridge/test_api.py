@@ -272,3 +272,19 @@ async def test_a_body_sent_in_chunks_is_cut_off_at_the_cap(bridge):
     got, body = await raw_request(bridge, head, [chunk] * 3)
     assert got == 413 and body["status"] == "error"
     assert await count(bridge) == 0
+
+
+async def test_a_page_of_large_calls_is_bounded_and_pages_on_with_the_sdk(bridge, sdk):
+    """limit=1000 over calls with 45 kB of metadata each: the answer stops at about 2 MB with
+    has_more and a pagination key, and the SDK's paging still reaches every call once."""
+    blob = {"notes": "x" * 45_000}
+    for _ in range(60):
+        await sdk.call.register_phone_call(agent_id="echo", from_number="+14155550100", to_number="+14155550111", metadata=blob)
+    first = await sdk.call.list(limit=1000)
+    assert 1 <= len(first.items) < 60 and first.has_more and first.pagination_key
+    seen, key = [i.call_id for i in first.items], first.pagination_key
+    while key:
+        page = await sdk.call.list(limit=1000, pagination_key=key)
+        seen += [i.call_id for i in page.items]
+        key = page.pagination_key if page.has_more else None
+    assert len(seen) == len(set(seen)) == 60

@@ -219,3 +219,23 @@ async def test_replicas_starting_together_migrate_one_at_a_time(database_url):
     assert (await stores[5].get("c1")).call_id == "c1"
     for s in stores:
         await s.close()
+
+
+async def test_a_page_of_large_records_stops_at_its_byte_budget_and_pages_on(store):
+    """30 calls with 40 kB of metadata each, listed with a 200 kB budget: pages of at most 5
+    calls (and never an empty one, even when one record alone is over the budget), whose
+    cursors still walk every call once, in order."""
+    blob = {"notes": "x" * 40_000}
+    for i in range(30):
+        await store.create(record(f"c{i:02}", registered_at=1000 + i, metadata=blob))
+    seen, cursor, sizes = [], None, []
+    while True:
+        page, cursor = await store.list(limit=1000, cursor=cursor, max_bytes=200_000)
+        sizes.append(len(page))
+        seen += [r.call_id for r in page]
+        if cursor is None:
+            break
+    assert seen == [f"c{i:02}" for i in reversed(range(30))]
+    assert max(sizes) <= 5 and min(sizes) >= 1
+    (one,), cursor = await store.list(limit=1000, max_bytes=10)
+    assert one.call_id == "c29" and cursor is not None
