@@ -23,6 +23,7 @@ from .media.file_writer import FileWriter
 from .media.relay import handle_media_stream
 from .media.web_relay import WEB_CALL_PATH, handle_web_call
 from .protocol.twilio import MEDIA_PATH
+from .server import redact_secrets_in_logs
 from .settings import Settings, load_settings
 from .store import WebhookDispatcher
 
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for agent in settings.agents.values():  # design every filter before the first call
             if agent.sample_rate != 8000:
                 plan(8000, agent.sample_rate), plan(agent.sample_rate, 8000)
+        redact_secrets_in_logs()  # (uvicorn has configured its loggers by now)
         await call_service.open()
         jobs = call_service.background_jobs() + [WebhookDispatcher(call_service.store, settings, call_service.http).run()]
         background = [asyncio.create_task(job) for job in jobs]

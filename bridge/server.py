@@ -4,6 +4,8 @@ Twilio API and the tests use it to serve on a free loopback port)."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 
 import uvicorn
 
@@ -15,6 +17,32 @@ def ws_protocol(app):
     uvicorn's websockets implementation."""
     state = getattr(app, "state", None)
     return getattr(state, "ws_protocol", None) or "websockets-sansio"
+
+
+#: query parameters that carry secrets: web-call access tokens, the echo agent's key
+SECRET_PARAMETER = re.compile(r"\b(access_token|token|key)=[^&\s\"']+")
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces secrets in logged URLs (uvicorn's access log and websocket lines name the full
+    path with its query) with ``[redacted]``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.args = tuple(
+                SECRET_PARAMETER.sub(r"\1=[redacted]", a) if isinstance(a, str) else a for a in record.args
+            )
+        elif isinstance(record.msg, str):
+            record.msg = SECRET_PARAMETER.sub(r"\1=[redacted]", record.msg)
+        return True
+
+
+def redact_secrets_in_logs() -> None:
+    """Install ``RedactSecrets`` on uvicorn's loggers (after uvicorn has configured them)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactSecrets) for f in logger.filters):
+            logger.addFilter(RedactSecrets())
 
 
 def websocket_options(app) -> dict:

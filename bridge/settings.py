@@ -96,14 +96,16 @@ class AgentConfig(BaseModel):
             raise ValueError("the twilio protocol carries mulaw at 8000 Hz: set encoding = 'mulaw', sample_rate = 8000")
         return self
 
-    def websocket_url(self, call_id: str, internal_base: str) -> str:
-        """The agent's audio websocket for one call (no url: the embedded echo agent)."""
+    def websocket_url(self, call_id: str, internal_base: str, internal_key: str = "") -> str:
+        """The agent's audio websocket for one call (no url: the embedded echo agent, which
+        takes only sockets that carry ``internal_key``, the bridge's own for this call)."""
         if self.url:
             return self.url.replace("{call_id}", call_id)
         base = internal_base.replace("http", "ws", 1)
         if self.protocol is Protocol.twilio:
-            return f"{base}/agents/echo-twilio/audio-websocket/{call_id}"
-        return f"{base}/agents/echo/audio-websocket/{call_id}?encoding={self.encoding.value}&sample_rate={self.sample_rate}"
+            return f"{base}/agents/echo-twilio/audio-websocket/{call_id}?key={internal_key}"
+        query = f"encoding={self.encoding.value}&sample_rate={self.sample_rate}&key={internal_key}"
+        return f"{base}/agents/echo/audio-websocket/{call_id}?{query}"
 
 
 class Settings(BaseSettings):

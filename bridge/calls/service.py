@@ -29,7 +29,7 @@ from ..settings import AgentConfig, Settings
 from ..store import SqlCallStore, webhook_targets
 from .registrar import register_call
 from .throttle import DialThrottle
-from .tokens import StreamTokens, TokenError
+from .tokens import StreamTokens, TokenError, internal_key
 from .twilio_rest import TwilioRest
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,14 @@ class CallService:
 
     def agent(self, record: CallRecord) -> AgentConfig | None:
         return self.settings.agents.get(record.agent_id)
+
+    def agent_url(self, record: CallRecord) -> str | None:
+        """Where the call's agent listens (None: its agent is not configured)."""
+        agent = self.agent(record)
+        if agent is None:
+            return None
+        key = internal_key(self.settings.twilio_auth_token, record.call_id)
+        return agent.websocket_url(record.call_id, self.settings.internal_base, key)
 
     def is_private(self, record: CallRecord) -> bool:
         """opt_out_sensitive_data_storage, on the call or its agent: no recording, log or

@@ -14,6 +14,17 @@ class TokenError(ValueError):
     pass
 
 
+def internal_key(secret: str | bytes, call_id: str) -> str:
+    """The key the bridge gives its embedded agents for one call: on the public port, only the
+    bridge itself can open their sockets."""
+    key = secret.encode() if isinstance(secret, str) else secret
+    return hmac.new(key, f"internal:{call_id}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def internal_key_matches(secret: str | bytes, call_id: str, key: str | None) -> bool:
+    return bool(key) and hmac.compare_digest(key, internal_key(secret, call_id))
+
+
 class StreamTokens:
     """``purpose`` separates token kinds: a media-stream token never opens a web call."""
 

@@ -18,6 +18,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from audio import SPEECH_END, SPEECH_START, VoiceActivityDetector, pcm_to_ulaw, ulaw_to_pcm
 
+from ..calls.tokens import internal_key_matches
 from ..protocol import twilio as tf
 from ..protocol.twilio import FrameError
 
@@ -107,9 +108,17 @@ class EchoAgent:
 router = APIRouter()
 
 
+def _from_the_bridge(ws: WebSocket, call_id: str, key: str) -> bool:
+    """Only the bridge, relaying one of its calls, may open the echo agent."""
+    return internal_key_matches(ws.app.state.settings.twilio_auth_token or "", call_id, key)
+
+
 @router.websocket("/agents/echo/audio-websocket/{call_id}")
-async def echo_web(ws: WebSocket, call_id: str, encoding: str = "s16le", sample_rate: int = 24000) -> None:
+async def echo_web(ws: WebSocket, call_id: str, encoding: str = "s16le", sample_rate: int = 24000, key: str = "") -> None:
     settings = ws.app.state.settings
+    if not _from_the_bridge(ws, call_id, key):
+        await ws.close(code=1008, reason="only the bridge opens its echo agent")
+        return
     if encoding not in ("s16le", "mulaw") or not 8000 <= sample_rate <= 48000:
         await ws.close(code=1008, reason="bad encoding or sample_rate")
         return
@@ -148,8 +157,11 @@ async def echo_web(ws: WebSocket, call_id: str, encoding: str = "s16le", sample_
 
 
 @router.websocket("/agents/echo-twilio/audio-websocket/{call_id}")
-async def echo_twilio(ws: WebSocket, call_id: str) -> None:
+async def echo_twilio(ws: WebSocket, call_id: str, key: str = "") -> None:
     settings = ws.app.state.settings
+    if not _from_the_bridge(ws, call_id, key):
+        await ws.close(code=1008, reason="only the bridge opens its echo agent")
+        return
     await ws.accept()
     agent = EchoAgent(8000, settings.echo_end_silence_ms, chunk_ms=20)
     frames: tf.FrameBuilder | None = None

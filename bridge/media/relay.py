@@ -177,7 +177,7 @@ async def _relay(twilio: connection.ServerConnection, calls: CallService, files:
         if agent_config is None:
             session.end(Reason.error_llm_websocket_runtime, f"agent {record.agent_id} is not configured")
         else:
-            agent = await _open_agent(session, agent_config.websocket_url(call_id, settings.internal_base), settings)
+            agent = await _open_agent(session, calls.agent_url(record), settings)
         if agent is not None and session.ending is None:
             observer.event(loop.time(), "agent_connected", protocol=session.protocol.value)
             if session.protocol is Protocol.twilio:
@@ -222,7 +222,7 @@ async def _open_agent(session: CallSession, url: str, settings) -> connection.Ws
         async with asyncio.timeout(settings.agent_connect_timeout_s):
             return await connection.connect(url)
     except (OSError, TimeoutError, connection.HandshakeError, ValueError) as e:
-        session.end(Reason.error_llm_websocket_open, f"cannot open {url}: {type(e).__name__}: {e}")
+        session.end(Reason.error_llm_websocket_open, f"cannot open {url.partition('?')[0]}: {type(e).__name__}: {e}")
         return None
 
 

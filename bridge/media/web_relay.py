@@ -118,7 +118,7 @@ async def _relay(browser: WebSocket, calls: CallService, record: CallRecord, bro
         if agent_config is None:
             end(Reason.error_llm_websocket_runtime, f"agent {record.agent_id} is not configured")
             return
-        url = agent_config.websocket_url(record.call_id, settings.internal_base)
+        url = calls.agent_url(record)
         try:
             async with asyncio.timeout(settings.agent_connect_timeout_s):
                 agent = await websockets.connect(
@@ -126,7 +126,7 @@ async def _relay(browser: WebSocket, calls: CallService, record: CallRecord, bro
                     ping_timeout=settings.agent_ping_timeout_s, max_size=MAX_MESSAGE_BYTES, compression=None,
                 )  # fmt: skip
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ValueError) as e:
-            end(Reason.error_llm_websocket_open, f"cannot open {url}: {type(e).__name__}: {e}")
+            end(Reason.error_llm_websocket_open, f"cannot open {url.partition('?')[0]}: {type(e).__name__}: {e}")
             return
 
         async def send_browser(send) -> None:

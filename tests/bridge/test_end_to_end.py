@@ -114,3 +114,24 @@ async def test_the_caller_hears_the_same_at_any_speed(bridge):
     a = np.frombuffer(slow.heard, "<i2")[s0 * 8 : s1 * 8].astype(float)
     b = np.frombuffer(fast.heard, "<i2")[f0 * 8 : f0 * 8 + len(a)].astype(float)
     assert np.corrcoef(a[: len(b)], b[: len(a)])[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("path", ["/agents/echo/audio-websocket/c1", "/agents/echo-twilio/audio-websocket/c1"])
+@pytest.mark.parametrize("key", [None, "forged", "another call's"])
+async def test_only_the_bridge_opens_its_echo_agent(bridge, path, key):
+    """The echo agent is served on the public port: a socket without the bridge's key for that
+    very call is refused, so nobody else can use it as a free audio loop."""
+    import websockets
+    from websockets.exceptions import InvalidStatus
+
+    from bridge.calls.tokens import internal_key
+
+    if key == "another call's":
+        key = internal_key(bridge.settings.twilio_auth_token, "c2")
+    url = bridge.base_url.replace("http", "ws") + path + (f"?key={key}" if key else "")
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(url)
+    assert refused.value.response.status_code == 403
+    own = internal_key(bridge.settings.twilio_auth_token, "c1")
+    async with websockets.connect(f"{bridge.base_url.replace('http', 'ws')}{path}?key={own}") as ws:
+        await ws.send("ping" if "twilio" not in path else '{"event": "connected"}')

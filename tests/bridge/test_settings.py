@@ -48,8 +48,8 @@ def test_no_agents_file_means_the_echo_agent_takes_every_call():
     s = load_settings()
     assert list(s.agents) == ["echo"] and s.default_agent == "echo"
     assert s.agent_for_number("+15550001111").agent_id == "echo"
-    url = s.agents["echo"].websocket_url("abc", "http://127.0.0.1:8080")
-    assert url == "ws://127.0.0.1:8080/agents/echo/audio-websocket/abc?encoding=s16le&sample_rate=24000"
+    url = s.agents["echo"].websocket_url("abc", "http://127.0.0.1:8080", "k3y")
+    assert url == "ws://127.0.0.1:8080/agents/echo/audio-websocket/abc?encoding=s16le&sample_rate=24000&key=k3y"
 
 
 @pytest.mark.parametrize(

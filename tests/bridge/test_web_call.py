@@ -213,3 +213,29 @@ async def test_a_web_call_keeps_the_phone_call_limits(start_bridge, limit, reaso
     assert record.disconnection_reason.value == reason, record.error_detail
     lasted = (record.end_timestamp - record.start_timestamp) / 1000
     assert expected_s <= lasted <= expected_s + 3  # never early; a loaded machine may be late
+
+
+async def test_access_tokens_never_reach_the_logs(bridge, sdk):
+    """uvicorn logs every request and websocket with its query string: the web call's access
+    token (and the echo agent's key) are redacted from every line."""
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(handler.format(record))
+    loggers = [logging.getLogger(name) for name in ("uvicorn.access", "uvicorn.error")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+    try:
+        call = await sdk.call.create_web_call(agent_id="echo")
+        await talk(ws_url(bridge, call.call_id, call.access_token), bytes(9600), 24000, tail_s=0.5)
+        await wait_for_end(bridge, call.call_id)
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    assert any("/web-call/" in line and "access_token=[redacted]" in line for line in lines), lines
+    assert any("/agents/echo/" in line and "key=[redacted]" in line for line in lines), lines
+    assert not any(call.access_token in line for line in lines)
