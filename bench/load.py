@@ -248,7 +248,7 @@ class Bridge(Target):
         env = {
             "BRIDGE_PORT": str(self.port), "BRIDGE_AGENTS_FILE": str(agents), "BRIDGE_TWILIO_AUTH_TOKEN": AUTH_TOKEN,
             "BRIDGE_API_KEYS": API_KEY, "BRIDGE_DATA_DIR": str(self.workdir / f"data-{self.encoding}-{self.rate}"),
-            "BRIDGE_INSTANCE_ID": f"load-{self.encoding}-{self.rate}",
+            "BRIDGE_INSTANCE_ID": f"load-{self.encoding}-{self.rate}", "BRIDGE_REQUEST_HOST_SIGNATURES": "1",
         }  # fmt: skip
         if self.source is not None:  # another checkout of the bridge (e.g. before a change)
             env["PYTHONPATH"] = str(self.source)

@@ -14,7 +14,7 @@ import uvicorn
 
 from audio import read_wav, write_wav
 
-from .settings import SettingsError, ensure_dev_secrets, load_settings
+from .settings import SettingsError, ensure_dev_secrets, load_settings, signed_url_problem
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Twilio <-> voice agent audio bridge")
 
@@ -50,6 +50,9 @@ def serve(
     from .server import websocket_options
 
     settings = _settings(host=host, port=port, agents_file=agents_file, public_url=public_url)
+    if problem := signed_url_problem(settings):
+        typer.secho(problem, fg="red", err=True)
+        raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     typer.echo(f"agents: {', '.join(settings.agents)}; Twilio voice webhook: {settings.public_url or 'http://HOST'}/twilio/voice")
     app = create_app(settings)

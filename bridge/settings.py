@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     #: against it). Unset: built from X-Forwarded-* if trusted, else from the request itself.
     public_url: str | None = None
     trust_forwarded_headers: bool = False
+    #: Check signatures against each request's own Host (no public_url, no trusted proxy): right
+    #: only for local development, where nothing else is signed with the same auth token. With
+    #: it, a request Twilio signed for another app on the same account would be accepted.
+    request_host_signatures: bool = False
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     #: How the bridge reaches its own embedded agents (default http://127.0.0.1:PORT).
@@ -265,6 +269,20 @@ def load_settings(**overrides: Any) -> Settings:
     return settings
 
 
+def signed_url_problem(settings: Settings) -> str | None:
+    """Why the bridge cannot know the URL Twilio signs, or None: with a Twilio auth token of
+    one's own, signatures need the public URL (or a proxy trusted to name it)."""
+    if settings.public_url or settings.trust_forwarded_headers or settings.request_host_signatures:
+        return None
+    return (
+        "BRIDGE_PUBLIC_URL is not set, so webhook signatures could only be checked against each "
+        "request's own Host header, which would accept requests Twilio signed for another app on "
+        "your account. Set BRIDGE_PUBLIC_URL to the URL Twilio calls (e.g. https://abc.ngrok.app), "
+        "or BRIDGE_TRUST_FORWARDED_HEADERS=1 behind a proxy that sets X-Forwarded-Host, or "
+        "BRIDGE_REQUEST_HOST_SIGNATURES=1 for local development only."
+    )
+
+
 def ensure_dev_secrets(settings: Settings) -> list[str]:
     """A fresh machine has no Twilio auth token and no API key: make random ones, kept in
     ``data_dir/dev-secrets.json`` so ``bridge simulate`` on the same machine can use them.
@@ -284,6 +302,7 @@ def ensure_dev_secrets(settings: Settings) -> list[str]:
     path.chmod(0o600)
     if not settings.twilio_auth_token:
         settings.twilio_auth_token = stored["twilio_auth_token"]
+        settings.request_host_signatures = True  # a token only this machine knows signs nothing else
         filled.append("twilio_auth_token")
     if not settings.api_keys:
         settings.api_keys = [stored["api_key"]]

@@ -25,7 +25,7 @@ from twilio.base.exceptions import TwilioException
 from audio import repair_wav
 
 from ..models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason, now_ms
-from ..settings import AgentConfig, Settings
+from ..settings import AgentConfig, Settings, SettingsError, signed_url_problem
 from ..store import SqlCallStore, webhook_targets
 from .registrar import register_call
 from .throttle import DialThrottle
@@ -60,7 +60,9 @@ class DialRefused(Exception):
 class CallService:
     def __init__(self, settings: Settings):
         if not settings.twilio_auth_token:
-            raise ValueError("twilio_auth_token is required (set BRIDGE_TWILIO_AUTH_TOKEN)")
+            raise SettingsError("twilio_auth_token is required (set BRIDGE_TWILIO_AUTH_TOKEN)")
+        if problem := signed_url_problem(settings):
+            raise SettingsError(problem)
         self.settings = settings
         self.stream_tokens = StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl_s)
         self.web_tokens = StreamTokens(settings.twilio_auth_token, settings.web_call_token_ttl_s, purpose="web")

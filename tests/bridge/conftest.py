@@ -73,6 +73,7 @@ async def start_bridge(tmp_path):
         api = await fake.start()
         overrides.setdefault("data_dir", tmp_path / f"bridge{len(running)}")
         overrides.setdefault("twilio_account_sid", "AC" + "0" * 32)
+        overrides.setdefault("request_host_signatures", True)  # loopback: nothing else is signed
         settings = load_settings(twilio_auth_token=AUTH_TOKEN, api_keys=API_KEY, twilio_api_base_url=api, **overrides)
         app = create_app(settings)
         server = BackgroundServer(app)

@@ -1,6 +1,7 @@
-"""bridge calls list / show against a live bridge (the CLI runs in its own process)."""
+"""The CLI in its own process: bridge calls list / show against a live bridge, and serve refusing a setup it cannot run safely."""
 
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,14 @@ async def test_calls_show_errors_are_clear(start_bridge):
     assert bad_key.returncode == 1 and "401: invalid API key" in bad_key.stderr
     down = await run_cli("calls", "list", "--url", "http://127.0.0.1:9", "--api-key", API_KEY)
     assert down.returncode == 1 and "cannot reach" in down.stderr
+
+
+async def test_serve_with_a_real_token_and_no_public_url_stops_with_the_fix(tmp_path):
+    env = {**os.environ, "BRIDGE_TWILIO_AUTH_TOKEN": "a-real-token", "BRIDGE_API_KEYS": "k", "BRIDGE_DATA_DIR": str(tmp_path)}
+    env.pop("BRIDGE_PUBLIC_URL", None)
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bridge", "serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "BRIDGE_PUBLIC_URL is not set" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 3

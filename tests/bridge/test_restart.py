@@ -50,7 +50,7 @@ async def test_a_call_cut_by_a_crash_is_ended_and_its_webhooks_arrive_once(datab
     env = {
         "BRIDGE_DATA_DIR": str(tmp_path), "BRIDGE_DATABASE_URL": database_url, "BRIDGE_INSTANCE_ID": "restart-test",
         "BRIDGE_TWILIO_AUTH_TOKEN": AUTH_TOKEN, "BRIDGE_API_KEYS": API_KEY, "BRIDGE_TWILIO_API_BASE_URL": fake.base_url,
-        "BRIDGE_WEBHOOK_POLL_S": "0.05", "BRIDGE_WEBHOOK_RETRY_BASE_S": "0.1",
+        "BRIDGE_WEBHOOK_POLL_S": "0.05", "BRIDGE_WEBHOOK_RETRY_BASE_S": "0.1", "BRIDGE_REQUEST_HOST_SIGNATURES": "1",
     }  # fmt: skip
     async with BackgroundServer(receiver.app) as hooks:
         env["BRIDGE_WEBHOOK_URL"] = f"{hooks.base_url}/hook"

@@ -126,3 +126,32 @@ def test_stream_tokens():
     with pytest.raises(TokenError, match="no stream token"):
         tokens.check("call-1", None)
     assert tokens.issue("call-1") != tokens.issue("call-1")
+
+
+@pytest.mark.parametrize(
+    "overrides,starts",
+    [
+        ({}, False),  # a real auth token, and nothing says which URL Twilio signs
+        ({"public_url": "https://abc.ngrok.app"}, True),
+        ({"trust_forwarded_headers": True}, True),
+        ({"request_host_signatures": True}, True),  # local development, said out loud
+    ],
+)
+def test_a_real_auth_token_needs_the_public_url(tmp_path, overrides, starts):
+    from bridge.app import create_app
+    from bridge.settings import signed_url_problem
+
+    settings = load_settings(twilio_auth_token="a-real-token", api_keys="k", data_dir=tmp_path, **overrides)
+    if starts:
+        assert signed_url_problem(settings) is None
+        create_app(settings)
+    else:
+        with pytest.raises(SettingsError, match="BRIDGE_PUBLIC_URL is not set") as refused:
+            create_app(settings)
+        assert "BRIDGE_REQUEST_HOST_SIGNATURES=1 for local development" in str(refused.value)
+
+
+def test_dev_secrets_sign_only_on_this_machine_so_the_request_host_is_enough(tmp_path):
+    settings = load_settings(data_dir=tmp_path)
+    assert ensure_dev_secrets(settings) == ["twilio_auth_token", "api_keys"]
+    assert settings.request_host_signatures
