@@ -27,7 +27,11 @@ def _settings(**overrides):
     except SettingsError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None
-    filled = ensure_dev_secrets(settings)
+    try:
+        filled = ensure_dev_secrets(settings)
+    except OSError as e:
+        typer.secho(f"BRIDGE_DATA_DIR {settings.data_dir} is not a writable directory: {e.strerror or e}", fg="red", err=True)
+        raise typer.Exit(2) from None
     if filled:
         typer.secho(
             f"dev secrets for {', '.join(filled)} are in {settings.data_dir / 'dev-secrets.json'} "
@@ -36,6 +40,34 @@ def _settings(**overrides):
             err=True,
         )
     return settings
+
+
+def _storage_problem(settings) -> str | None:
+    """Why the data directory or the call database cannot be used, in one line, or None."""
+    from sqlalchemy.engine import make_url
+
+    from .store import SqlCallStore
+    from .store.schema import database_url
+
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        probe = settings.data_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"BRIDGE_DATA_DIR {settings.data_dir} is not a writable directory: {e.strerror or e}"
+
+    async def open_and_close() -> None:
+        store = await SqlCallStore.open(settings.database_url, settings.instance_id, settings.data_dir)
+        await store.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(open_and_close(), 20))
+    except Exception as e:  # noqa: BLE001 - any failure: say which database and why, in one line
+        where = make_url(database_url(settings.database_url, settings.data_dir)).render_as_string(hide_password=True)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        return f"cannot open the call database {where} ({type(e).__name__}: {why}); check BRIDGE_DATABASE_URL"
+    return None
 
 
 @app.command()
@@ -50,7 +82,7 @@ def serve(
     from .server import websocket_options
 
     settings = _settings(host=host, port=port, agents_file=agents_file, public_url=public_url)
-    if problem := signed_url_problem(settings):
+    if problem := signed_url_problem(settings) or _storage_problem(settings):
         typer.secho(problem, fg="red", err=True)
         raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -108,19 +140,25 @@ def simulate(
     speed: float = typer.Option(1.0, help="how much faster than real time"),
     dtmf: list[str] = typer.Option([], help="keypad presses as MS:DIGIT, e.g. 2000:5"),
     tail_ms: int = typer.Option(2000, help="silence after the caller's audio before hanging up"),
+    max_call_s: float = typer.Option(120.0, help="the caller hangs up after this long, whatever is still playing"),
     out: Path = typer.Option(None, help="write what the caller heard to this WAV"),
 ) -> None:
     """Place a simulated Twilio call on a running bridge."""
+    import httpx
+
     from .dev.simulator import simulate_call
 
     settings = load_settings()
-    if not auth_token or not api_key:
-        secrets_file = settings.data_dir / "dev-secrets.json"
-        stored = json.loads(secrets_file.read_text()) if secrets_file.exists() else {}
-        auth_token = auth_token or os.environ.get("BRIDGE_TWILIO_AUTH_TOKEN") or stored.get("twilio_auth_token")
-        api_key = api_key or (os.environ.get("BRIDGE_API_KEYS", "").split(",")[0] or stored.get("api_key"))
+    secrets_file = settings.data_dir / "dev-secrets.json"
+    stored = json.loads(secrets_file.read_text()) if secrets_file.exists() else {}
+    token_from = "--auth-token"
     if not auth_token:
-        typer.secho("no auth token: pass --auth-token or set BRIDGE_TWILIO_AUTH_TOKEN", fg="red", err=True)
+        auth_token, token_from = os.environ.get("BRIDGE_TWILIO_AUTH_TOKEN"), "BRIDGE_TWILIO_AUTH_TOKEN"
+    if not auth_token:
+        auth_token, token_from = stored.get("twilio_auth_token"), str(secrets_file)
+    api_key = api_key or (os.environ.get("BRIDGE_API_KEYS", "").split(",")[0] or stored.get("api_key"))
+    if not auth_token:
+        typer.secho(f"no auth token: pass --auth-token or set BRIDGE_TWILIO_AUTH_TOKEN ({secrets_file} has none)", fg="red", err=True)
         raise typer.Exit(2)
     pcm, rate, channels = read_wav(wav)
     if rate != 8000 or channels != 1:
@@ -130,17 +168,38 @@ def simulate(
     for item in dtmf:
         at, _, digit = item.partition(":")
         presses.append((int(at), digit))
-    result = asyncio.run(
-        simulate_call(url, auth_token, pcm, api_key=api_key, agent_id=agent, to_number=to, speed=speed, dtmf=tuple(presses), tail_ms=tail_ms)
-    )
+    try:
+        result = asyncio.run(
+            simulate_call(
+                url, auth_token, pcm, api_key=api_key, agent_id=agent, to_number=to, speed=speed, dtmf=tuple(presses),
+                tail_ms=tail_ms, max_call_s=max_call_s,
+            )
+        )
+    except (httpx.HTTPError, OSError) as e:
+        typer.secho(f"cannot reach the bridge at {url} ({type(e).__name__}: {e}): is `bridge serve` running there?", fg="red", err=True)
+        raise typer.Exit(1) from None
+    if result.status_code == 403:
+        typer.secho(
+            f"the bridge refused the webhook's signature: the auth token from {token_from} is not the one it checks "
+            "with (pass --auth-token, or set BRIDGE_TWILIO_AUTH_TOKEN, as the bridge has it)",
+            fg="red", err=True,
+        )  # fmt: skip
+        raise typer.Exit(1)
     if result.status_code != 200:
         typer.secho(f"webhook answered {result.status_code}: {result.twiml[:200]}", fg="red", err=True)
         raise typer.Exit(1)
     if out:
         write_wav(out, result.heard, 8000)
         typer.echo(f"what the caller heard: {out}")
-    typer.echo(json.dumps(result.record, indent=2))
+    if result.hit_max_call:
+        typer.secho(f"the call reached --max-call-s ({max_call_s:g} s) and the caller hung up", fg="yellow", err=True)
+    if result.record_problem:
+        typer.secho(f"{result.record_problem} (pass --api-key, or set BRIDGE_API_KEYS, as the bridge has it)", fg="red", err=True)
+    else:
+        typer.echo(json.dumps(result.record, indent=2))
     typer.echo(json.dumps(result.summary(), indent=2))
+    if result.record_problem:
+        raise typer.Exit(1)
 
 
 calls_app = typer.Typer(no_args_is_help=True, help="Call records of a running bridge (local or remote)")

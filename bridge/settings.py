@@ -34,6 +34,7 @@ from .models import Encoding, Protocol
 
 E164 = re.compile(r"\+[1-9]\d{1,14}")  # use fullmatch: $ would accept a trailing newline
 ECHO_AGENT_ID = "echo"
+DATABASE_SCHEMES = ("sqlite:///", "sqlite+aiosqlite:///", "postgres://", "postgresql://", "postgresql+asyncpg://")
 
 
 class SettingsError(ValueError):
@@ -186,6 +187,14 @@ class Settings(BaseSettings):
     def _comma_list(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, v: str | None) -> str | None:
+        if v and not v.startswith(DATABASE_SCHEMES):
+            scheme = v.split("://", 1)[0] if "://" in v else v[:20]
+            raise ValueError(f"{scheme!r} is not supported: use sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")
         return v
 
     @field_validator("public_url", "internal_url")

@@ -61,7 +61,7 @@ async def create_phone_call(request: Request, body: CreatePhoneCall) -> Response
     calls = call_service(request)
     settings = calls.settings
     if not settings.twilio_account_sid:
-        raise ApiError(500, "outbound calls need the Twilio account: set BRIDGE_TWILIO_ACCOUNT_SID")
+        raise ApiError(422, "this bridge cannot dial: outbound calls need the Twilio account (set BRIDGE_TWILIO_ACCOUNT_SID)")
     if body.from_number not in settings.routes:
         raise ApiError(422, f"from_number {body.from_number} is not one of this bridge's numbers (agents' numbers)")
     agent_id = body.override_agent_id or settings.routes[body.from_number]

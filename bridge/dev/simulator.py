@@ -60,6 +60,8 @@ class SimulationResult:
     close_code: int | None = None
     fallback: list[str] = field(default_factory=list)  # TwiML verbs run after the stream
     record: dict | None = None
+    record_problem: str = ""  # why the record could not be read (a wrong API key...)
+    hit_max_call: bool = False  # the caller hung up at max_call_s, not when done talking
 
     def summary(self) -> dict:
         return {
@@ -281,12 +283,20 @@ async def simulate_call(
         if result.ended_by == "bridge":
             result.fallback = [f"{verb}: {text}".rstrip(": ") for verb, text in after]
         if api_key and result.call_id:
-            result.record = await fetch_record(http, base_url, api_key, result.call_id)
+            try:
+                result.record = await fetch_record(http, base_url, api_key, result.call_id)
+            except RecordUnavailable as e:
+                result.record_problem = str(e)
     return result
 
 
+class RecordUnavailable(Exception):
+    """The bridge will not give the call's record (its answer says why)."""
+
+
 async def fetch_record(http: httpx.AsyncClient, base_url: str, api_key: str, call_id: str, wait_s: float = 5.0) -> dict | None:
-    """The call record once it has ended (polls briefly: the bridge records the end last)."""
+    """The call record once it has ended (polls briefly: the bridge records the end last).
+    Raises ``RecordUnavailable`` if the bridge refuses (a wrong API key answers 401)."""
     deadline = time.monotonic() + wait_s
     record = None
     while time.monotonic() < deadline:
@@ -295,6 +305,12 @@ async def fetch_record(http: httpx.AsyncClient, base_url: str, api_key: str, cal
             record = r.json()
             if record["call_status"] in ("ended", "error"):
                 return record
+        elif 400 <= r.status_code < 500:
+            try:
+                message = r.json().get("message", r.text)
+            except ValueError:
+                message = r.text
+            raise RecordUnavailable(f"the bridge answered {r.status_code} for the call record: {message}")
         await asyncio.sleep(0.05)
     return record
 
@@ -386,6 +402,7 @@ async def _stream(result, stream_url, stream_params, validator, account_sid, cal
             done_talking = frame >= caller_frames and t_ms >= caller_frames * FRAME_MS + tail_ms and not player.playing
             if done_talking or t_ms >= max_call_s * 1000:
                 result.ended_by = "caller"
+                result.hit_max_call = not done_talking
                 break
             if speed > 0:  # pace on the caller's clock
                 delay = started + t_ms / 1000 / speed - time.monotonic()

@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
-from .conftest import API_KEY
+import pytest
+
+from .conftest import API_KEY, AUTH_TOKEN
 
 
 async def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -46,3 +48,50 @@ async def test_serve_with_a_real_token_and_no_public_url_stops_with_the_fix(tmp_
     assert done.returncode == 2
     assert "BRIDGE_PUBLIC_URL is not set" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) <= 3
+
+
+async def run_with_env(args: list[str], **env) -> subprocess.CompletedProcess:
+    full = {"PATH": "/usr/bin:/bin", "COLUMNS": "250", **env}
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bridge", *args], env=full, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    "database_url,says",
+    [
+        ("mysql://root@127.0.0.1/calls", "database_url: Value error, 'mysql' is not supported"),
+        ("postgresql://postgres@127.0.0.1:9/test", "cannot open the call database postgresql+asyncpg://postgres@127.0.0.1:9/test"),
+    ],
+)
+async def test_serve_with_an_unusable_database_says_so_in_a_line(tmp_path, database_url, says):
+    done = await run_with_env(["serve", "--port", "0"], BRIDGE_DATABASE_URL=database_url, BRIDGE_DATA_DIR=str(tmp_path))
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 3  # (a line about dev secrets may come first)
+
+
+async def test_serve_with_an_unusable_data_dir_says_so_in_a_line(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    done = await run_with_env(["serve", "--port", "0"], BRIDGE_DATA_DIR=str(not_a_dir))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"BRIDGE_DATA_DIR {not_a_dir} is not a writable directory: Not a directory"
+
+
+async def test_simulate_names_what_is_wrong(start_bridge, tmp_path):
+    quick = ["--speed", "16", "--tail-ms", "200", "--max-call-s", "30"]
+    nobody = await run_with_env(["simulate", "--url", "http://127.0.0.1:9", "--auth-token", "t", *quick], BRIDGE_DATA_DIR=str(tmp_path))
+    assert nobody.returncode == 1 and "cannot reach the bridge at http://127.0.0.1:9" in nobody.stderr
+    assert "Traceback" not in nobody.stderr
+    bridge = await start_bridge()
+    forged = await run_with_env(["simulate", "--url", bridge.base_url, "--auth-token", "not-the-token", *quick])
+    assert forged.returncode == 1 and "refused the webhook's signature: the auth token from --auth-token" in forged.stderr
+    wrong_key = await run_with_env(
+        ["simulate", "--url", bridge.base_url, "--api-key", "wrong", *quick], BRIDGE_TWILIO_AUTH_TOKEN=AUTH_TOKEN
+    )
+    assert wrong_key.returncode == 1 and "401 for the call record: invalid API key" in wrong_key.stderr
+    capped = await run_with_env(
+        ["simulate", "--url", bridge.base_url, "--api-key", API_KEY, "--speed", "16", "--max-call-s", "1"],
+        BRIDGE_TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+    )
+    assert capped.returncode == 0 and "the call reached --max-call-s (1 s)" in capped.stderr

@@ -113,3 +113,13 @@ async def test_a_full_dial_queue_answers_429(start_bridge):
     errors = [r for r in results if isinstance(r, APIStatusError)]
     assert len(errors) == 2 and {e.status_code for e in errors} == {429}
     assert len(bridge.fake.created) == 1
+
+
+async def test_dialing_without_a_twilio_account_is_a_configuration_error_not_a_500(start_bridge):
+    bridge = await start_bridge(agents=AGENTS, twilio_account_sid=None)
+    async with retell_client(bridge) as sdk:
+        with pytest.raises(APIStatusError) as refused:
+            await sdk.call.create_phone_call(from_number=OWNED, to_number="+14155550199")
+    assert refused.value.status_code == 422
+    assert "set BRIDGE_TWILIO_ACCOUNT_SID" in refused.value.body["message"]
+    assert bridge.fake.created == []
