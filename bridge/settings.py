@@ -68,6 +68,10 @@ class AgentConfig(BaseModel):
     max_call_duration_ms: int = Field(3_600_000, gt=0)
     registrar: Literal["internal"] | ExternalRegistrar = "internal"
     webhook_url: str | None = None  # call webhooks for this agent (default: the global one)
+    #: sent on the upgrade of every agent socket, e.g. {Authorization = "Bearer ..."}
+    headers: dict[str, str] = {}
+    #: web protocol: the first message to the agent is {"event_type": "call_details", "call": ...}
+    send_call_details: bool = False
     opt_out_sensitive_data_storage: bool = False  # no recording, transcript or log for its calls
     numbers: list[str] = []
     default: bool = False
@@ -81,6 +85,18 @@ class AgentConfig(BaseModel):
             raise ValueError("must be a ws:// or wss:// URL")
         if "{call_id}" not in v:
             raise ValueError("must contain {call_id}")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _header_fields(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"{name!r} is not an HTTP header name")
+            if re.search(r"[\r\n\x00]", value):
+                raise ValueError(f"the value of {name} has a line break or NUL")
+            if name.lower() in ("host", "upgrade", "connection", "content-length") or name.lower().startswith("sec-websocket-"):
+                raise ValueError(f"{name} is set by the websocket handshake itself")
         return v
 
     @field_validator("numbers")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -39,6 +40,7 @@ OUTBOUND_RING_S = 120  # Twilio rings for 60 s by default; calls.create takes `t
 OUTBOX_KEEP_DAYS = 7
 RETENTION_INTERVAL_S = 3600.0
 RESTART_DETAIL = "the bridge instance restarted while the call was live"
+CALL_ID_HEADER = "X-Bridge-Call-Id"
 
 #: ``stop(reason, detail)``: how the relay holding a live call is asked to end it
 StopCall = Callable[[DisconnectionReason, str], None]
@@ -124,6 +126,31 @@ class CallService:
             return None
         key = internal_key(self.settings.twilio_auth_token, record.call_id)
         return agent.websocket_url(record.call_id, self.settings.internal_base, key)
+
+    def agent_headers(self, record: CallRecord) -> list[tuple[str, str]]:
+        """The headers of the upgrade to the call's agent: the call id, and the agent's own
+        (``headers`` in the agents file, e.g. ``Authorization``)."""
+        agent = self.agent(record)
+        return [(CALL_ID_HEADER, record.call_id), *((agent.headers if agent else {}).items())]
+
+    def agent_context(self, record: CallRecord) -> dict[str, str]:
+        """The call's context as string parameters (a ``twilio``-protocol agent gets them in
+        ``start.customParameters``): ids, numbers, direction, and metadata and dynamic
+        variables as JSON."""
+        context = {
+            "call_id": record.call_id, "agent_id": record.agent_id, "from_number": record.from_number,
+            "to_number": record.to_number, "direction": record.direction.value if record.direction else None,
+        }  # fmt: skip
+        if record.metadata is not None:
+            context["metadata"] = json.dumps(record.metadata, separators=(",", ":"))
+        if record.retell_llm_dynamic_variables is not None:
+            context["retell_llm_dynamic_variables"] = json.dumps(record.retell_llm_dynamic_variables, separators=(",", ":"))
+        return {k: v for k, v in context.items() if v is not None}
+
+    def call_details(self, record: CallRecord) -> dict:
+        """The call object an agent may ask for (``send_call_details``): the call API's, less
+        the web call's access token."""
+        return {k: v for k, v in record.public().items() if k != "access_token"}
 
     def is_private(self, record: CallRecord) -> bool:
         """opt_out_sensitive_data_storage, on the call or its agent: no recording, log or

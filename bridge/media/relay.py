@@ -55,6 +55,7 @@ from ..calls import CallRefused, CallService
 from ..models import CallRecord, Protocol
 from ..models import DisconnectionReason as Reason
 from ..protocol import twilio as tf
+from ..protocol import web as wf
 from ..protocol.session import TO_TWILIO, CallSession
 from ..protocol.twilio import CALL_PARAMETER, TOKEN_PARAMETER
 from ..protocol.websocket import (
@@ -177,12 +178,14 @@ async def _relay(twilio: connection.ServerConnection, calls: CallService, files:
         if agent_config is None:
             session.end(Reason.error_llm_websocket_runtime, f"agent {record.agent_id} is not configured")
         else:
-            agent = await _open_agent(session, calls.agent_url(record), settings)
+            agent = await _open_agent(session, calls.agent_url(record), calls.agent_headers(record), settings)
         if agent is not None and session.ending is None:
             observer.event(loop.time(), "agent_connected", protocol=session.protocol.value)
             if session.protocol is Protocol.twilio:
                 agent.send_text(tf.connected_frame())
-                agent.send_text(tf.start_frame(start, drop_parameters=(TOKEN_PARAMETER,)))
+                agent.send_text(tf.start_frame(start, drop_parameters=(TOKEN_PARAMETER,), extra=calls.agent_context(record)))
+            elif agent_config.send_call_details:
+                agent.send_text(wf.call_details_event(calls.call_details(record)))
             limits = Limits(
                 silence_ms=record.end_call_after_silence_ms or agent_config.end_call_after_silence_ms,
                 max_duration_ms=agent_config.max_call_duration_ms,
@@ -217,10 +220,10 @@ def _observe(calls: CallService, files: FileWriter, record: CallRecord, started:
     return observer, unavailable
 
 
-async def _open_agent(session: CallSession, url: str, settings) -> connection.WsConnection | None:
+async def _open_agent(session: CallSession, url: str, headers, settings) -> connection.WsConnection | None:
     try:
         async with asyncio.timeout(settings.agent_connect_timeout_s):
-            return await connection.connect(url)
+            return await connection.connect(url, headers=headers)
     except (OSError, TimeoutError, connection.HandshakeError, ValueError) as e:
         session.end(Reason.error_llm_websocket_open, f"cannot open {url.partition('?')[0]}: {type(e).__name__}: {e}")
         return None

@@ -122,12 +122,14 @@ async def _relay(browser: WebSocket, calls: CallService, record: CallRecord, bro
         try:
             async with asyncio.timeout(settings.agent_connect_timeout_s):
                 agent = await websockets.connect(
-                    url, open_timeout=None, ping_interval=settings.keepalive_interval_s,
+                    url, additional_headers=calls.agent_headers(record), open_timeout=None, ping_interval=settings.keepalive_interval_s,
                     ping_timeout=settings.agent_ping_timeout_s, max_size=MAX_MESSAGE_BYTES, compression=None,
                 )  # fmt: skip
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ValueError) as e:
             end(Reason.error_llm_websocket_open, f"cannot open {url.partition('?')[0]}: {type(e).__name__}: {e}")
             return
+        if agent_config.send_call_details:
+            await agent.send(wf.call_details_event(calls.call_details(record)))
 
         async def send_browser(send) -> None:
             try:

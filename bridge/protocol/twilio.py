@@ -179,9 +179,11 @@ class FrameBuilder:
         return '{"event":"clear","streamSid":%s}' % self._sid
 
 
-def start_frame(start: Start, sequence: int = 1, drop_parameters: tuple[str, ...] = ()) -> str:
-    """A ``start`` frame as Twilio sends it (used to forward to ``twilio``-protocol agents)."""
+def start_frame(start: Start, sequence: int = 1, drop_parameters: tuple[str, ...] = (), extra: dict[str, str] | None = None) -> str:
+    """A ``start`` frame as Twilio sends it (used to forward to ``twilio``-protocol agents),
+    less ``drop_parameters`` and with ``extra`` custom parameters."""
     params = {k: v for k, v in start.custom_parameters.items() if k not in drop_parameters}
+    params.update(extra or {})
     return json.dumps(
         {
             "event": "start",

@@ -93,3 +93,9 @@ def parse(message: str | bytes) -> AgentMessage:
 
 def dtmf_event(digit: str) -> str:
     return orjson.dumps({"event_type": "dtmf", "digit": digit}).decode()
+
+
+def call_details_event(call: dict) -> str:
+    """The first message to a ``web``-protocol agent that asked for it (``send_call_details``):
+    the call object, as the call API answers it."""
+    return orjson.dumps({"event_type": "call_details", "call": call}).decode()

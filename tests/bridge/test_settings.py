@@ -155,3 +155,18 @@ def test_dev_secrets_sign_only_on_this_machine_so_the_request_host_is_enough(tmp
     settings = load_settings(data_dir=tmp_path)
     assert ensure_dev_secrets(settings) == ["twilio_auth_token", "api_keys"]
     assert settings.request_host_signatures
+
+
+@pytest.mark.parametrize(
+    "headers,problem",
+    [
+        ({"Bad Name": "x"}, "is not an HTTP header name"),
+        ({"Authorization": "Bearer x\r\nX-Injected: 1"}, "line break"),
+        ({"Sec-WebSocket-Key": "x"}, "set by the websocket handshake"),
+    ],
+)
+def test_agent_headers_are_checked(headers, problem):
+    from bridge.settings import AgentConfig
+
+    with pytest.raises(ValueError, match=problem):
+        AgentConfig(agent_id="a", url="wss://a.example/{call_id}", headers=headers)
