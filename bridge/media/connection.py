@@ -7,6 +7,13 @@ message. Before ``listen`` they queue for ``recv()``, which the set-up phase awa
 ``stalled_for(now)`` (the transport's buffer over its high-water mark), which the relay's
 watchdog turns into an ending.
 
+Flow control both ways: while the peer is not reading what we send (the transport's buffer over
+its high-water mark), we stop reading what it sends, and answer only its latest ping once it
+reads again (RFC 6455 5.5.3); what we queue for one peer is capped at ``MAX_WRITE_BUFFER`` (over
+it the connection is aborted); a closed connection whose peer does not take our last bytes
+within ``CLOSE_TIMEOUT_S`` is aborted. So no peer can make the bridge hold more than a bounded
+amount of memory for it, however it floods or stalls.
+
 ``connect(url)`` opens a client connection (ws:// or wss://). ``UpgradeProtocol`` is handed to
 uvicorn as its websocket protocol: upgrades to the paths it owns are answered here, every other
 websocket goes to uvicorn's own implementation.
@@ -28,6 +35,9 @@ from ..protocol.websocket import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 2.0
+#: the most we queue for one peer: minutes of a call's audio (a burst of synthesized speech
+#: is sent ahead of playback); a peer this far behind is not reading
+MAX_WRITE_BUFFER = 8 * 1024 * 1024
 
 
 class ConnectionClosed(Exception):
@@ -62,6 +72,8 @@ class WsConnection(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self._ended = asyncio.get_running_loop().create_future()  # close frame received, or TCP gone
         self._paused_at: float | None = None
+        self._pong_due: bytes | None = None  # the latest ping's payload, while we may not write
+        self.overflowed = False  # aborted: the peer left more than MAX_WRITE_BUFFER unread
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -86,7 +98,10 @@ class WsConnection(asyncio.Protocol):
                     self._queue.append(payload)
                     self._wake()
             elif op == OP_PING:
-                self._write(OP_PONG, payload)
+                if self._paused_at is None:
+                    self._write(OP_PONG, payload)
+                else:  # the peer is not reading: answer only its latest ping, once it reads again
+                    self._pong_due = payload
             elif op == OP_PONG:
                 sent = self._ping_sent.pop(payload, None)
                 if sent is not None:
@@ -97,7 +112,7 @@ class WsConnection(asyncio.Protocol):
                     self._write(OP_CLOSE, wsf.close_payload(self.close_code))
                     self.close_sent = True
                 if not self.client:
-                    self.transport.close()
+                    self._drop()
                 if not self._ended.done():
                     self._ended.set_result(None)
                 self._notify_close()
@@ -116,10 +131,19 @@ class WsConnection(asyncio.Protocol):
         self._notify_close()
 
     def pause_writing(self) -> None:
+        """The peer is not reading what we send: stop reading what it sends (its frames stay in
+        the kernel's buffers, then its own), until it catches up."""
         self._paused_at = time.monotonic()
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._paused_at = None
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+            if self._pong_due is not None:
+                payload, self._pong_due = self._pong_due, None
+                self._write(OP_PONG, payload)
 
     # --- use ----------------------------------------------------------------------------------
 
@@ -152,8 +176,9 @@ class WsConnection(asyncio.Protocol):
 
     def send_many(self, frames: list[bytes]) -> None:
         """Frames already built with ``frame_text``/``frame_binary``, in one write."""
-        if not self.close_sent and self.transport is not None:
+        if not self.close_sent and self.transport is not None and not self.closed:
             self.transport.write(b"".join(frames))
+            self._check_buffer()
 
     def frame_text(self, text: str) -> bytes:
         return wsf.encode(OP_TEXT, text.encode("utf-8"), self.client)
@@ -192,7 +217,7 @@ class WsConnection(asyncio.Protocol):
         except TimeoutError:
             pass
         finally:
-            self.transport.close()
+            self._drop()
 
     async def wait_closed(self) -> None:
         """Until the peer's close frame came or the connection is gone."""
@@ -208,11 +233,26 @@ class WsConnection(asyncio.Protocol):
         if self.close_sent or self.transport is None or self.closed:
             return
         self.transport.write(wsf.encode(opcode, payload, self.client))
+        self._check_buffer()
+
+    def _check_buffer(self) -> None:
+        if self.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            self.overflowed = True
+            log.warning("websocket peer %s is %d bytes behind: aborted", self.transport.get_extra_info("peername"), MAX_WRITE_BUFFER)
+            self.transport.abort()
+
+    def _drop(self) -> None:
+        """Close the TCP connection once our last bytes are out, or abort it if the peer does
+        not take them within CLOSE_TIMEOUT_S (a closed transport keeps its unsent data)."""
+        transport = self.transport
+        transport.close()
+        if transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, transport.abort)
 
     def _fail(self, code: int, reason: str) -> None:
         self._write(OP_CLOSE, wsf.close_payload(code, reason[:120]))
         self.close_sent = True
-        self.transport.close()
+        self._drop()
         self._notify_close()
 
     def _wake(self) -> None:

@@ -356,7 +356,9 @@ class MediaRelay:
 
     def _twilio_closed(self) -> None:
         t = self.twilio
-        if t.protocol_error:
+        if t.overflowed:
+            self.session.end(Reason.error_twilio, f"Twilio stopped reading: over {connection.MAX_WRITE_BUFFER} bytes unread")
+        elif t.protocol_error:
             self.session.end(
                 Reason.error_frontend_corrupted_payload, f"Twilio broke the websocket protocol: {t.protocol_error}", PROTOCOL_ERROR
             )
@@ -367,7 +369,9 @@ class MediaRelay:
 
     def _agent_closed(self) -> None:
         a = self.agent
-        if a.protocol_error:
+        if a.overflowed:
+            self.session.end(Reason.error_llm_websocket_lost_connection, f"agent stopped reading: over {connection.MAX_WRITE_BUFFER} bytes unread")
+        elif a.protocol_error:
             self.session.end(Reason.error_llm_websocket_corrupt_payload, f"agent broke the websocket protocol: {a.protocol_error}")
         elif a.close_code is None:
             self.session.end(Reason.error_llm_websocket_lost_connection, "agent socket lost (no close frame)")

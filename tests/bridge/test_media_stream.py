@@ -5,6 +5,7 @@ import asyncio
 import base64
 import json
 import socket
+import time
 
 import pytest
 import websockets
@@ -345,3 +346,63 @@ async def test_a_bug_while_a_call_is_set_up_ends_it_on_the_record(start_bridge, 
     assert record.disconnection_reason.value == "error_unknown"
     assert record.error_detail == "set-up failed: RuntimeError: no session"
     assert (await bridge.call()).record["disconnection_reason"] == "user_hangup"  # the next call is fine
+
+
+async def ping_flood(host: str, port: int, url: str, seconds: float, start: str | None = None) -> int:
+    """A signed media-stream upgrade (the signature is a fixed HMAC of a fixed URL: one captured
+    request is enough), then 125-byte pings as fast as the kernel takes them, never reading the
+    pongs. Returns how many bytes the bridge's side took in ``seconds``."""
+    from .test_ws import frame
+
+    path = "/" + url.split("/", 3)[3]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing: a small window
+    sock.connect((host, port))
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"X-Twilio-Signature: {upgrade_headers(url)['X-Twilio-Signature']}\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:  # the 101 (a client sends no frame before it)
+        head += await asyncio.to_thread(sock.recv, 1024)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    if start is not None:
+        sock.sendall(frame(0x1, start.encode()))
+    burst = frame(0x9, b"p" * 125) * 512  # 66 kB of pings
+
+    def flood() -> int:  # on a thread: the bridge's loop reads as fast as it can meanwhile
+        sock.settimeout(0.05)
+        sent, deadline = 0, time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    sent += sock.send(burst)
+                except TimeoutError:
+                    pass
+        except ConnectionError:
+            pass  # the bridge dropped the socket
+        finally:
+            sock.close()
+        return sent
+
+    return await asyncio.to_thread(flood)
+
+
+@pytest.mark.parametrize("when", ["before start", "during the call"])
+async def test_a_ping_flood_that_never_reads_is_held_to_a_bounded_amount(start_bridge, when):
+    """Before, one such socket took the server from 279 to 745 MiB in 10 s: every ping was
+    answered into a buffer the peer never drained, and reading went on. Now reading stops while
+    the peer does not read, only the latest ping is answered, and the socket is dropped in the
+    end; a healthy call beside it is untouched."""
+    bridge = await start_bridge(stream_start_timeout_s=3)
+    url, params = await register(bridge)
+    start = start_frame(params) if when == "during the call" else None
+    flood = asyncio.create_task(ping_flood(bridge.server.host, bridge.server.port, url, 4.0, start))
+    await healthy_call(bridge)
+    taken = await flood
+    # the kernel's buffers on both sides plus one high-water mark: a few MB, never hundreds
+    assert taken < 24 * 1024 * 1024, f"{taken / 2**20:.0f} MiB taken in 4 s"
+    if when == "during the call":
+        record = await wait_for_end(bridge, params["call_id"], timeout=20)
+        assert record.call_status.value == "error"
