@@ -79,7 +79,7 @@ def serve(
 ) -> None:
     """Serve the bridge (Twilio webhook, media streams, call API, embedded echo agent)."""
     from .app import create_app
-    from .server import websocket_options
+    from .server import server_options
 
     settings = _settings(host=host, port=port, agents_file=agents_file, public_url=public_url)
     if problem := signed_url_problem(settings) or _storage_problem(settings):
@@ -88,7 +88,7 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     typer.echo(f"agents: {', '.join(settings.agents)}; Twilio voice webhook: {settings.public_url or 'http://HOST'}/twilio/voice")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", **websocket_options(app))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", **server_options(app))
 
 
 @app.command()

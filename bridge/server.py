@@ -45,18 +45,77 @@ def redact_secrets_in_logs() -> None:
             logger.addFilter(RedactSecrets())
 
 
-def websocket_options(app) -> dict:
-    """uvicorn's websocket options for ``app``: its own protocol for the media stream, and the
-    media stream's message cap on every other websocket too (web calls; uvicorn's default is
-    16 MiB)."""
-    return {"ws": ws_protocol(app), "ws_max_size": MAX_MESSAGE_BYTES}
+def http_protocol(head_timeout_s: float = 10.0, max_waiting: int = 256):
+    """uvicorn's h11 protocol with a deadline for every request head: a connection that has not
+    sent a whole head ``head_timeout_s`` after it opened (or after its last answer, on a
+    kept-alive connection) is dropped, and at most ``max_waiting`` connections may be waiting
+    for their head at once (beyond, the one waiting longest is dropped). Bare connects, partial
+    upgrades and slowloris heads then cost a bounded number of sockets for a bounded time, and
+    webhooks and calls keep working; uvicorn alone keeps them open for ever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadlineProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_timer = None
+            self._await_head()
+
+        def _waiting(self) -> dict:
+            waiting = getattr(self.server_state, "bridge_waiting_heads", None)
+            if waiting is None:
+                waiting = self.server_state.bridge_waiting_heads = {}
+            return waiting
+
+        def _await_head(self) -> None:
+            self._head_timer = self.loop.call_later(head_timeout_s, self._head_too_slow)
+            waiting = self._waiting()
+            waiting[self] = None  # (insertion order: the oldest first)
+            if len(waiting) > max_waiting:
+                oldest = next(iter(waiting))
+                oldest._head_too_slow()
+
+        def _head_received(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            self._waiting().pop(self, None)
+
+        def _head_too_slow(self) -> None:
+            self._head_received()
+            self.transport.abort()
+
+        def handle_events(self) -> None:
+            before = self.scope
+            super().handle_events()
+            if self.scope is not before:  # a whole head came (a request, or an upgrade)
+                self._head_received()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self._head_timer is None:
+                self._await_head()  # the next request on a kept-alive connection
+
+        def connection_lost(self, exc) -> None:
+            self._head_received()
+            super().connection_lost(exc)
+
+    return HeadDeadlineProtocol
+
+
+def server_options(app) -> dict:
+    """uvicorn's options for ``app``: its own protocol for the media stream, the media stream's
+    message cap on every other websocket too (web calls; uvicorn's default is 16 MiB), and the
+    request-head deadline (``http_protocol``) from the app's settings."""
+    settings = getattr(getattr(app, "state", None), "settings", None)
+    guard = {} if settings is None else {"head_timeout_s": settings.request_head_timeout_s, "max_waiting": settings.max_waiting_connections}
+    return {"ws": ws_protocol(app), "ws_max_size": MAX_MESSAGE_BYTES, "http": http_protocol(**guard)}
 
 
 class BackgroundServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, lifespan: str = "on"):
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", lifespan=lifespan, timeout_graceful_shutdown=1,
-            **websocket_options(app),
+            **server_options(app),
         )  # fmt: skip
         self.server = uvicorn.Server(config)
         self.host = host

@@ -174,6 +174,10 @@ class Settings(BaseSettings):
     #: The largest request body the call API reads (413 beyond; Twilio's forms have their own,
     #: smaller cap). Metadata and dynamic variables are at most 50 kB each.
     max_request_bytes: int = Field(1 << 20, ge=64 * 1024)
+    #: A connection that has not sent a whole request head this long after it opened (or after
+    #: its last answer) is dropped; at most max_waiting_connections wait for their head at once.
+    request_head_timeout_s: float = Field(10.0, gt=0)
+    max_waiting_connections: int = Field(256, ge=1)
     #: Twilio's REST API limit for starting calls (1 a second by default on an account)
     twilio_calls_per_second: float = Field(1.0, gt=0)
     dial_queue_timeout_s: float = Field(10.0, ge=0)

@@ -1,5 +1,6 @@
 """POST /twilio/voice with signatures made by the twilio package's RequestValidator."""
 
+import asyncio
 import xml.etree.ElementTree as ET
 
 import httpx
@@ -225,3 +226,33 @@ async def test_a_registrar_repeating_a_call_id_gets_the_fallback(start_bridge):
         assert parse_twiml((await post(bridge.base_url)).text)[1]["call_id"] == "always-the-same"
         second = await post(bridge.base_url, params={**PARAMS, "CallSid": "CA" + "9" * 32})
         assert second.status_code == 200 and parse_twiml(second.text)[0] is None  # fallback, no 500
+
+
+async def test_connections_that_never_finish_their_head_are_dropped_and_webhooks_go_on(start_bridge):
+    """Bare connects, a partial upgrade and slowloris heads (a byte now and then): each is
+    dropped once request_head_timeout_s has passed without a whole head, at most
+    max_waiting_connections wait at once, and a signed webhook gets through meanwhile."""
+    bridge = await start_bridge(request_head_timeout_s=1.0, max_waiting_connections=20)
+    host, port = bridge.server.host, bridge.server.port
+    idle = [await asyncio.open_connection(host, port) for _ in range(40)]  # bare connects
+    partial = await asyncio.open_connection(host, port)
+    partial[1].write(b"GET /twilio/media HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")  # never ends
+    slow = await asyncio.open_connection(host, port)
+
+    async def drip():
+        for byte in b"POST /twilio/voice HTTP/1.1\r\nHost: x\r\n" * 10:
+            slow[1].write(bytes([byte]))
+            await asyncio.sleep(0.1)
+
+    dripping = asyncio.create_task(drip())
+    r = await post(bridge.base_url)  # a real webhook, with 40+ sockets waiting
+    assert r.status_code == 200 and parse_twiml(r.text)[0].endswith("/twilio/media")
+    async with asyncio.timeout(10):  # every one of them is dropped: EOF, or a reset
+        for reader, _ in [*idle, partial, slow]:
+            try:
+                assert await reader.read() == b""
+            except ConnectionResetError:
+                pass
+    dripping.cancel()
+    for _, writer in [*idle, partial, slow]:
+        writer.close()
