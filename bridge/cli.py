@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def _storage_problem(settings) -> str | None:
     """Why the data directory or the call database cannot be used, in one line, or None."""
     from sqlalchemy.engine import make_url
 
+    from .calls.service import claim_instance
     from .store import SqlCallStore
     from .store.schema import database_url
 
@@ -57,12 +59,18 @@ def _storage_problem(settings) -> str | None:
     except OSError as e:
         return f"BRIDGE_DATA_DIR {settings.data_dir} is not a writable directory: {e.strerror or e}"
 
-    async def open_and_close() -> None:
+    async def open_and_close() -> None:  # and see that the instance id is free (or frees up)
         store = await SqlCallStore.open(settings.database_url, settings.instance_id, settings.data_dir)
-        await store.close()
+        try:
+            await claim_instance(store, settings)
+            await store.release()  # (the app claims it again as it starts)
+        finally:
+            await store.close()
 
     try:
-        asyncio.run(asyncio.wait_for(open_and_close(), 20))
+        asyncio.run(asyncio.wait_for(open_and_close(), 20 + 4 * settings.heartbeat_interval_s))
+    except SettingsError as e:
+        return str(e)
     except Exception as e:  # noqa: BLE001 - any failure: say which database and why, in one line
         where = make_url(database_url(settings.database_url, settings.data_dir)).render_as_string(hide_password=True)
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -82,13 +90,26 @@ def serve(
     from .server import server_options
 
     settings = _settings(host=host, port=port, agents_file=agents_file, public_url=public_url)
-    if problem := signed_url_problem(settings) or _storage_problem(settings):
+    if problem := signed_url_problem(settings):
+        typer.secho(problem, fg="red", err=True)
+        raise typer.Exit(2)
+    try:  # the listener first: a bridge that cannot serve must not touch any call
+        listener = socket.create_server((settings.host, settings.port), family=socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    except OSError as e:
+        typer.secho(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e} (BRIDGE_HOST, BRIDGE_PORT)", fg="red", err=True)
+        raise typer.Exit(2) from None
+    if problem := _storage_problem(settings):
         typer.secho(problem, fg="red", err=True)
         raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     typer.echo(f"agents: {', '.join(settings.agents)}; Twilio voice webhook: {settings.public_url or 'http://HOST'}/twilio/voice")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", **server_options(app))
+    config = uvicorn.Config(app, log_level="info", **server_options(app))
+    try:
+        uvicorn.Server(config).run(sockets=[listener])
+    except SettingsError as e:  # raised at start-up (e.g. the instance id is another live process's)
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

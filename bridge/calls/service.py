@@ -40,6 +40,7 @@ OUTBOUND_RING_S = 120  # Twilio rings for 60 s by default; calls.create takes `t
 OUTBOX_KEEP_DAYS = 7
 RETENTION_INTERVAL_S = 3600.0
 RESTART_DETAIL = "the bridge instance restarted while the call was live"
+INSTANCE_LEASE_HEARTBEATS = 3  # a holder whose heartbeat is older than this many intervals is gone
 CALL_ID_HEADER = "X-Bridge-Call-Id"
 
 #: ``stop(reason, detail)``: how the relay holding a live call is asked to end it
@@ -57,6 +58,23 @@ class CallRefused(Exception):
 
 class DialRefused(Exception):
     """Twilio refused to place an outbound call (the record ends as ``dial_failed``)."""
+
+
+async def claim_instance(store: SqlCallStore, settings: Settings) -> None:
+    """Take ``settings.instance_id`` for this process under a lease of three heartbeats. A
+    holder that stopped without releasing it (a crash) is waited out; one whose heartbeat keeps
+    coming is another live process with the same id: raise ``SettingsError`` before any call
+    is touched."""
+    lease_s = INSTANCE_LEASE_HEARTBEATS * settings.heartbeat_interval_s
+    deadline = time.monotonic() + lease_s + settings.heartbeat_interval_s
+    while (age := await store.claim(int(lease_s * 1000))) is not None:
+        if time.monotonic() > deadline:
+            raise SettingsError(
+                f"instance id {settings.instance_id!r} is held by another live process (its heartbeat is "
+                f"{age:.1f} s old): give each process its own BRIDGE_INSTANCE_ID"
+            )
+        log.warning("instance id %s is held (heartbeat %.1f s old): waiting for its lease", settings.instance_id, age)
+        await asyncio.sleep(min(1.0, settings.heartbeat_interval_s / 2))
 
 
 class CallService:
@@ -83,15 +101,27 @@ class CallService:
         store = await SqlCallStore.open(settings.database_url, settings.instance_id, settings.data_dir)
         store.webhook_targets = webhook_targets(settings)
         self.store = store
-        await self.recover()
+        try:
+            await self.claim_instance()
+        except BaseException:
+            await store.close()
+            raise
+        await self.recover()  # (only once the id is ours: no other live process relays its calls)
         await store.release_leases()
         self.http = httpx.AsyncClient(timeout=10)
+
+    async def claim_instance(self) -> None:
+        await claim_instance(self.store, self.settings)
 
     async def close(self) -> None:
         if self.http is not None:
             await self.http.aclose()
         await self.twilio_rest.close()
         if self.store is not None:
+            try:
+                await self.store.release()
+            except Exception:  # the database may be gone: the lease then expires by itself
+                log.exception("could not release instance id %s", self.settings.instance_id)
             await self.store.close()
 
     def background_jobs(self) -> list[Coroutine[Any, Any, None]]:
@@ -350,7 +380,11 @@ class CallService:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             try:
-                await self.store.heartbeat()
+                if not await self.store.heartbeat():
+                    log.error(
+                        "instance id %s was taken over by another process (this one missed its lease): "
+                        "its calls may be recovered there", self.settings.instance_id,
+                    )  # fmt: skip
             except Exception:  # the database may be restarting: keep serving, retry next time
                 log.exception("heartbeat failed")
 

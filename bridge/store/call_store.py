@@ -9,10 +9,12 @@ row (or refused, for status changes whose precondition no longer holds)."""
 from __future__ import annotations
 
 import base64
+import secrets
 from typing import Any, Iterable
 
 import orjson
 from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..models import CallRecord, CallStatus, DisconnectionReason, now_ms
@@ -58,6 +60,7 @@ class SqlCallStore:
     def __init__(self, engine: AsyncEngine, instance_id: str):
         self.engine = engine
         self.instance_id = instance_id
+        self.claim_token = secrets.token_hex(16)  # this process, as the holder of instance_id
 
     @classmethod
     async def open(cls, url: str | None, instance_id: str, data_dir=None) -> SqlCallStore:
@@ -65,23 +68,57 @@ class SqlCallStore:
 
         engine = make_engine(database_url(url, Path(data_dir or "var")))
         await migrate(engine)
-        store = cls(engine, instance_id)
-        await store.heartbeat()
-        return store
+        return cls(engine, instance_id)
 
     async def close(self) -> None:
         await self.engine.dispose()
 
     # --- instances ---------------------------------------------------------------------------
 
-    async def heartbeat(self) -> None:
+    async def claim(self, lease_ms: int) -> float | None:
+        """Take this instance id for this process (``self.claim_token``), unless another process
+        holds it: its heartbeat is younger than ``lease_ms``. Returns None when taken, else the
+        holder's heartbeat age in seconds. Released (``release``) or expired claims are taken
+        over, compare-and-set, so two processes starting together cannot both win."""
         now = now_ms()
         async with self.engine.begin() as conn:
+            row = (await conn.execute(select(instances).where(instances.c.instance_id == self.instance_id))).first()
+            if row is not None:
+                if row.claim not in (None, self.claim_token) and now - row.heartbeat_at < lease_ms:
+                    return (now - row.heartbeat_at) / 1000
+                done = await conn.execute(
+                    update(instances)
+                    .where(instances.c.instance_id == self.instance_id, instances.c.heartbeat_at == row.heartbeat_at)
+                    .values(started_at=now, heartbeat_at=now, claim=self.claim_token)
+                )
+                return None if done.rowcount == 1 else 0.0
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    insert(instances).values(instance_id=self.instance_id, started_at=now, heartbeat_at=now, claim=self.claim_token)
+                )
+        except IntegrityError:  # another process inserted it first
+            return 0.0
+        return None
+
+    async def heartbeat(self) -> bool:
+        """Renew this process's claim; False if another process has taken the id over."""
+        async with self.engine.begin() as conn:
             done = await conn.execute(
-                update(instances).where(instances.c.instance_id == self.instance_id).values(heartbeat_at=now)
+                update(instances)
+                .where(instances.c.instance_id == self.instance_id, instances.c.claim == self.claim_token)
+                .values(heartbeat_at=now_ms())
             )
-            if not done.rowcount:
-                await conn.execute(insert(instances).values(instance_id=self.instance_id, started_at=now, heartbeat_at=now))
+            return done.rowcount == 1
+
+    async def release(self) -> None:
+        """Give the id up (a graceful stop): the next process may claim it at once."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(instances)
+                .where(instances.c.instance_id == self.instance_id, instances.c.claim == self.claim_token)
+                .values(claim=None)
+            )
 
     async def recover(self, reason: DisconnectionReason, detail: str) -> list[CallRecord]:
         """End the calls this instance was relaying when it stopped (it died with them). Calls

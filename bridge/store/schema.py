@@ -48,6 +48,7 @@ instances = Table(
     Column("instance_id", String(128), primary_key=True),
     Column("started_at", BigInteger, nullable=False),
     Column("heartbeat_at", BigInteger, nullable=False),
+    Column("claim", String(32)),  # the process holding this id (None: released)
 )
 
 outbox = Table(

@@ -51,6 +51,7 @@ async def test_a_call_cut_by_a_crash_is_ended_and_its_webhooks_arrive_once(datab
         "BRIDGE_DATA_DIR": str(tmp_path), "BRIDGE_DATABASE_URL": database_url, "BRIDGE_INSTANCE_ID": "restart-test",
         "BRIDGE_TWILIO_AUTH_TOKEN": AUTH_TOKEN, "BRIDGE_API_KEYS": API_KEY, "BRIDGE_TWILIO_API_BASE_URL": fake.base_url,
         "BRIDGE_WEBHOOK_POLL_S": "0.05", "BRIDGE_WEBHOOK_RETRY_BASE_S": "0.1", "BRIDGE_REQUEST_HOST_SIGNATURES": "1",
+        "BRIDGE_HEARTBEAT_INTERVAL_S": "0.5",  # the killed process's lease (3 heartbeats) runs out in 1.5 s
     }  # fmt: skip
     async with BackgroundServer(receiver.app) as hooks:
         env["BRIDGE_WEBHOOK_URL"] = f"{hooks.base_url}/hook"
@@ -120,3 +121,43 @@ async def test_calls_only_registered_survive_a_restart(start_bridge, tmp_path):
     swept = {call_id: (await wait_for_end(second, call_id, timeout=15)).disconnection_reason.value
              for call_id in (api_call.call_id, web_call.call_id)}  # fmt: skip
     assert swept == {api_call.call_id: "registered_call_timeout", web_call.call_id: "error_user_not_joined"}
+
+
+async def test_a_second_process_with_the_same_identity_stops_before_touching_a_call(tmp_path, database_url):
+    """Two `bridge serve` on one data directory (one host name, one instance id): the second
+    stops with a message naming BRIDGE_INSTANCE_ID, on another port as on the same one, and the
+    first one's live call goes on to its real end."""
+    fake = FakeTwilioApi(AUTH_TOKEN)
+    await fake.start()
+    port = free_port()
+    env = {
+        "BRIDGE_DATA_DIR": str(tmp_path), "BRIDGE_DATABASE_URL": database_url, "BRIDGE_TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "BRIDGE_API_KEYS": API_KEY, "BRIDGE_TWILIO_API_BASE_URL": fake.base_url, "BRIDGE_REQUEST_HOST_SIGNATURES": "1",
+        "BRIDGE_HEARTBEAT_INTERVAL_S": "0.5",
+    }  # fmt: skip
+    first = await start_process(env, port)
+    try:
+        call = asyncio.create_task(
+            simulate_call(f"http://127.0.0.1:{port}", AUTH_TOKEN, caller_audio(), api_key=API_KEY, speed=1.0, tail_ms=4000, fake_api=fake)
+        )
+        await until(lambda: call_started(f"http://127.0.0.1:{port}"), timeout=20)
+        for second_port in (port, free_port()):
+            second = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "bridge", "serve", "--port", str(second_port)],
+                env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+            expected = "cannot listen on" if second_port == port else "is held by another live process"
+            assert expected in second.stderr, second.stderr
+        result = await call
+        assert result.ended_by == "caller" and result.record["disconnection_reason"] == "user_hangup"
+    finally:
+        first.kill()
+        first.wait(10)
+        await fake.stop()
+
+
+async def call_started(base: str) -> bool:
+    async with api_client(base) as http:
+        calls = (await http.post("/v3/list-calls", json={})).json()["items"]
+    return any(c["call_status"] == "ongoing" for c in calls)

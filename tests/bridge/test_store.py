@@ -239,3 +239,28 @@ async def test_a_page_of_large_records_stops_at_its_byte_budget_and_pages_on(sto
     assert max(sizes) <= 5 and min(sizes) >= 1
     (one,), cursor = await store.list(limit=1000, max_bytes=10)
     assert one.call_id == "c29" and cursor is not None
+
+
+async def test_an_instance_id_is_held_by_one_process_at_a_time(database_url):
+    a = await SqlCallStore.open(database_url, "instance-a")
+    b = await SqlCallStore.open(database_url, "instance-a")  # another process, same id
+    assert await a.claim(lease_ms=60_000) is None
+    held = await b.claim(lease_ms=60_000)
+    assert held is not None and 0 <= held < 5  # a's heartbeat, seconds old
+    assert await a.heartbeat()
+    await a.release()  # a graceful stop: b may take it at once
+    assert await b.claim(lease_ms=60_000) is None
+    assert not await a.heartbeat()  # a knows it no longer holds the id
+    await a.close()
+    await b.close()
+
+
+async def test_a_crashed_holder_s_lease_runs_out(database_url):
+    a = await SqlCallStore.open(database_url, "instance-a")
+    assert await a.claim(lease_ms=200) is None
+    await a.close()  # killed: no release
+    b = await SqlCallStore.open(database_url, "instance-a")
+    assert await b.claim(lease_ms=200) is not None  # not yet
+    await asyncio.sleep(0.3)  # the lease (200 ms) runs out
+    assert await b.claim(lease_ms=200) is None
+    await b.close()
