@@ -14,7 +14,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from ..calls import STORE_UNAVAILABLE
+
 log = logging.getLogger(__name__)
+RETRY_AFTER_S = 5
 
 
 class ApiError(HTTPException):
@@ -29,6 +32,7 @@ class ErrorBody(BaseModel):
 ERRORS = {code: {"model": ErrorBody, "description": what} for code, what in (
     (400, "the body is not JSON"), (401, "missing or invalid API key"), (404, "unknown call or agent"),
     (422, "the body breaks a rule"), (429, "too many requests"), (500, "internal error"),
+    (503, "the call database is unavailable (Retry-After)"),
 )}  # fmt: skip
 
 
@@ -44,6 +48,14 @@ def install_error_handlers(app: FastAPI) -> None:
             return JSONResponse({"status": "error", "message": "the body is not valid JSON"}, status_code=400)
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errors)
         return JSONResponse({"status": "error", "message": problems}, status_code=422)
+
+    async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s: the call database is unavailable: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        body = {"status": "error", "message": "the call database is unavailable; try again shortly"}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    for unavailable in STORE_UNAVAILABLE:
+        app.add_exception_handler(unavailable, store_unavailable)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

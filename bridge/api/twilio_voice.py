@@ -13,6 +13,7 @@ from starlette.datastructures import ImmutableMultiDict
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 from twilio.twiml.voice_response import VoiceResponse
 
+from ..calls import STORE_UNAVAILABLE
 from ..calls.registrar import RegistrationError
 from ..models import CallStatus, Direction
 from ..protocol.twilio import CALL_PARAMETER, MEDIA_PATH, TOKEN_PARAMETER
@@ -73,9 +74,17 @@ async def _form_if_signed(request: Request):
 @router.post("/twilio/voice", include_in_schema=True, summary="Twilio voice webhook (routes by called number)")
 @router.post("/twilio/voice/{agent_id}", summary="Twilio voice webhook for one agent")
 async def voice_webhook(request: Request, agent_id: str | None = None) -> Response:
+    form = await signed_form(request)
+    try:
+        return await _answer(request, form, agent_id)
+    except STORE_UNAVAILABLE as e:  # the caller hears a sentence and a hang-up, not Twilio's error
+        log.error("voice webhook for %s: the call database is unavailable: %s", form.get("CallSid"), e)
+        return fallback_twiml(call_service(request).settings.fallback_message)
+
+
+async def _answer(request: Request, form, agent_id: str | None) -> Response:
     calls = call_service(request)
     settings = calls.settings
-    form = await signed_form(request)
     call_sid = form.get("CallSid")
     planned = request.query_params.get("call_id")  # an outbound call the API registered and dialed
     if planned:

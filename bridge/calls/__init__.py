@@ -6,8 +6,9 @@ May import: ``bridge.models``, ``bridge.settings``, ``bridge.store``, ``audio``.
 ``bridge.media`` (the relays call this service) or ``bridge.api`` (the routes call it too).
 """
 
+from ..store import STORE_UNAVAILABLE
 from .service import CallRefused, CallService, DialRefused, StopCall
 from .throttle import TooManyCalls
 from .tokens import StreamTokens, TokenError
 
-__all__ = ["CallRefused", "CallService", "DialRefused", "StopCall", "StreamTokens", "TokenError", "TooManyCalls"]
+__all__ = ["STORE_UNAVAILABLE", "CallRefused", "CallService", "DialRefused", "StopCall", "StreamTokens", "TokenError", "TooManyCalls"]

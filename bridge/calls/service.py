@@ -28,6 +28,7 @@ from audio import repair_wav
 from ..models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason, now_ms
 from ..settings import AgentConfig, Settings, SettingsError, signed_url_problem
 from ..store import SqlCallStore, webhook_targets
+from .endings import EndingSpool
 from .registrar import register_call
 from .throttle import DialThrottle
 from .tokens import StreamTokens, TokenError, internal_key
@@ -89,6 +90,7 @@ class CallService:
         self.twilio_rest = TwilioRest(settings.twilio_api_base_url, settings.twilio_auth_token, settings.twilio_account_sid)
         self.dial_throttle = DialThrottle(settings.twilio_calls_per_second)
         self.store: SqlCallStore | None = None  # set by open()
+        self.endings: EndingSpool | None = None
         self.http: httpx.AsyncClient | None = None
         self._live: dict[str, StopCall] = {}
 
@@ -106,6 +108,8 @@ class CallService:
         except BaseException:
             await store.close()
             raise
+        self.endings = EndingSpool(store, settings.data_dir / "spool" / "endings")
+        await self.endings.replay()  # endings a previous process could not store: the truth first
         await self.recover()  # (only once the id is ours: no other live process relays its calls)
         await store.release_leases()
         self.http = httpx.AsyncClient(timeout=10)
@@ -114,6 +118,8 @@ class CallService:
         await claim_instance(self.store, self.settings)
 
     async def close(self) -> None:
+        if self.endings is not None:
+            await self.endings.close()
         if self.http is not None:
             await self.http.aclose()
         await self.twilio_rest.close()
@@ -292,18 +298,15 @@ class CallService:
         return True
 
     async def end(self, call_id: str, reason: DisconnectionReason, detail: str = "", measured: dict[str, Any] | None = None) -> None:
-        """Record how a live call ended, with what its relay measured (latency, transcript...).
-        If it was ended elsewhere first (stop-call on another replica), keep the measurements."""
-        fields = dict(measured or {})
+        """Record how a live call ended, with what its relay measured (latency, transcript...),
+        as of now. If the database does not answer, the ending is kept (and spooled to disk)
+        and stored as soon as it does (``EndingSpool``). If the call was ended elsewhere first
+        (stop-call on another replica), its measurements are kept."""
+        fields = {**(measured or {}), "end_timestamp": now_ms()}
         if detail:
             fields["error_detail"] = detail
-        ended = await self.store.finish(call_id, reason, **fields)
         log.info("call %s ended: %s %s", call_id, reason.value, detail)
-        if ended is None:
-            fields.pop("error_detail", None)
-            fields = {k: v for k, v in fields.items() if v is not None}
-            if fields:
-                await self.store.update(call_id, **fields)
+        await self.endings.store_ending(call_id, reason, fields)
 
     async def hang_up(self, record: CallRecord) -> bool:
         """End the phone call through Twilio REST (no fallback TwiML is played)."""

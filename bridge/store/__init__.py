@@ -7,7 +7,13 @@ May import: ``bridge.models``, the settings object (for webhook targets), SQLAlc
 Never the call service, the relays or the routes.
 """
 
+from sqlalchemy.exc import DBAPIError
+
 from .call_store import SqlCallStore
 from .outbox import WebhookDispatcher, webhook_targets
 
-__all__ = ["SqlCallStore", "WebhookDispatcher", "webhook_targets"]
+#: What a call to the store raises while the database is unreachable (refused, restarting,
+#: timed out): callers answer "try again shortly", never "bug"
+STORE_UNAVAILABLE = (DBAPIError, OSError, TimeoutError)
+
+__all__ = ["STORE_UNAVAILABLE", "SqlCallStore", "WebhookDispatcher", "webhook_targets"]

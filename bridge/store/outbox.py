@@ -104,15 +104,28 @@ class WebhookDispatcher:
             if attempts < self.settings.webhook_max_attempts:
                 retry_at = now_ms() + int(self.settings.webhook_retry_base_s * 1000 * 2 ** (attempts - 1))
             log.warning("webhook %s for %s failed (attempt %d): %s", job["event"], job["call_id"], attempts, e)
-            await self._settle(self.store.job_failed(job["id"], attempts, retry_at, f"{type(e).__name__}: {e}"))
+            error = f"{type(e).__name__}: {e}"
+            await self._settle(lambda: self.store.job_failed(job["id"], attempts, retry_at, error))
         else:
-            await self._settle(self.store.job_done(job["id"]))
+            await self._settle(lambda: self.store.job_done(job["id"]))
 
     async def _settle(self, update) -> None:
-        try:
-            await update
-        except Exception:  # the lease runs out and the job is tried again: never lost
-            log.exception("could not record a webhook attempt")
+        """Record an attempt (``update()`` makes the store call), retrying while the database
+        is unreachable, for as long as the job's lease lasts: a delivered event is then not
+        delivered again because the database was away when it went out. (Past the lease the
+        job is tried again: at least once, never lost.)"""
+        deadline = asyncio.get_running_loop().time() + self.settings.webhook_timeout_s + 4
+        wait = 0.25
+        while True:
+            try:
+                await update()
+                return
+            except Exception:
+                if asyncio.get_running_loop().time() + wait > deadline:
+                    log.exception("could not record a webhook attempt: the job will be tried again")
+                    return
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 2.0)
 
     async def _post(self, url: str, body: str, job: dict) -> httpx.Response:
         headers = {

@@ -99,7 +99,10 @@ def make_engine(url: str) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # a database that does not answer costs a request seconds, not asyncpg's default minute
+    return create_async_engine(
+        url, pool_size=10, max_overflow=20, pool_pre_ping=True, connect_args={"timeout": 5, "command_timeout": 30}
+    )
 
 
 def _upgrade(sync_connection) -> None:
