@@ -299,13 +299,13 @@ class Naive(Bridge):
 class Floor(Naive):
     """The floor: the leanest relay Python can run here (bench/floor_relay.py)."""
 
-    def __init__(self, agent_port, workdir, rate: int = 8000):
+    def __init__(self, agent_port, workdir, rate: int = 8000, websockets: str = "ours"):
         Target.__init__(self, agent_port, workdir)
-        self.rate = rate
-        self.name = "floor" + (f" s16le {rate // 1000}k" if rate != 8000 else " mulaw 8k")
+        self.rate, self.module = rate, "bench.floor_relay" if websockets == "ours" else "bench.floor_picows"
+        self.name = "floor" + ("" if websockets == "ours" else f" {websockets}") + (f" s16le {rate // 1000}k" if rate != 8000 else " mulaw 8k")
 
     def command(self):
-        return [sys.executable, "-m", "bench.floor_relay", str(self.port), f"ws://127.0.0.1:{self.agent_port}/{{call_id}}", str(self.rate)], {}
+        return [sys.executable, "-m", self.module, str(self.port), f"ws://127.0.0.1:{self.agent_port}/{{call_id}}", str(self.rate)], {}
 
 
 def stats(values: list[float]) -> tuple[float, float, float]:
@@ -432,6 +432,8 @@ async def main_async(args) -> int:
         "naive": lambda: Naive(agent.port, workdir),
         "floor": lambda: Floor(agent.port, workdir),
         "floor-24k": lambda: Floor(agent.port, workdir, 24000),
+        "floor-picows": lambda: Floor(agent.port, workdir, websockets="picows"),
+        "floor-picows-24k": lambda: Floor(agent.port, workdir, 24000, websockets="picows"),
         "bridge-24k-other": lambda: Bridge(agent.port, workdir, "s16le", 24000, source=args.other),
     }
     deadline = time.monotonic() + args.max_minutes * 60
@@ -521,7 +523,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", nargs="+", default=["floor", "floor-24k", "naive", "bridge-24k", "bridge-mulaw"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive", "floor", "floor-24k", "bridge-24k-other"])
+    parser.add_argument("--targets", nargs="+", default=["floor", "floor-24k", "naive", "bridge-24k", "bridge-mulaw"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive", "floor", "floor-24k", "floor-picows", "floor-picows-24k", "bridge-24k-other"])
     parser.add_argument("--other", type=Path, help="bridge-24k-other runs the bridge from this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 25, 50, 75, 100, 125, 150, 200, 250, 300, 400, 500])
     parser.add_argument("--seconds", type=float, default=8.0, help="per step, warm-up included")
