@@ -24,7 +24,7 @@ from .media.relay import handle_media_stream
 from .media.web_relay import WEB_CALL_PATH, handle_web_call
 from .protocol.twilio import MEDIA_PATH
 from .server import redact_secrets_in_logs
-from .settings import Settings, load_settings
+from .settings import Settings, SettingsError, load_settings
 from .store import WebhookDispatcher
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if agent.sample_rate != 8000:
                 plan(8000, agent.sample_rate), plan(agent.sample_rate, 8000)
         redact_secrets_in_logs()  # (uvicorn has configured its loggers by now)
-        await call_service.open()
+        try:
+            await call_service.open()
+        except SettingsError as e:  # uvicorn exits on its own; bridge serve says why in a line
+            app.state.startup_error = str(e)
+            raise
         jobs = call_service.background_jobs() + [WebhookDispatcher(call_service.store, settings, call_service.http).run()]
         background = [asyncio.create_task(job) for job in jobs]
         # Everything built so far (the app, its libraries, the store) lives as long as the

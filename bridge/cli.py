@@ -107,8 +107,11 @@ def serve(
     config = uvicorn.Config(app, log_level="info", **server_options(app))
     try:
         uvicorn.Server(config).run(sockets=[listener])
-    except SettingsError as e:  # raised at start-up (e.g. the instance id is another live process's)
-        typer.secho(str(e), fg="red", err=True)
+    except SystemExit:  # uvicorn exits when start-up fails (e.g. the instance id is another live process's)
+        problem = getattr(app.state, "startup_error", None)
+        if problem is None:
+            raise
+        typer.secho(problem, fg="red", err=True)
         raise typer.Exit(2) from None
 
 

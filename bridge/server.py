@@ -28,12 +28,13 @@ class RedactSecrets(logging.Filter):
     path with its query) with ``[redacted]``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.args:
-            record.args = tuple(
-                SECRET_PARAMETER.sub(r"\1=[redacted]", a) if isinstance(a, str) else a for a in record.args
-            )
-        elif isinstance(record.msg, str):
-            record.msg = SECRET_PARAMETER.sub(r"\1=[redacted]", record.msg)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed call: leave it to logging's own report
+            return True
+        redacted = SECRET_PARAMETER.sub(r"\1=[redacted]", message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
         return True
 
 
@@ -91,9 +92,9 @@ def http_protocol(head_timeout_s: float = 10.0, max_waiting: int = 256):
                 self._head_received()
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
             if not self.transport.is_closing() and self._head_timer is None:
-                self._await_head()  # the next request on a kept-alive connection
+                self._await_head()  # the next request on a kept-alive connection (armed first:
+            super().on_response_complete()  # a pipelined head dispatched here cancels it)
 
         def connection_lost(self, exc) -> None:
             self._head_received()

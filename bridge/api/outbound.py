@@ -98,6 +98,8 @@ async def create_phone_call(request: Request, body: CreatePhoneCall) -> Response
     except TooManyCalls as e:
         raise ApiError(429, str(e)) from None
     except DialRefused as e:
+        if e.unreachable:
+            raise ApiError(502, f"the call was not placed: {e}") from None
         raise ApiError(400, f"Twilio refused the call: {e}") from None
     return JSONResponse(record.public(), status_code=201)
 

@@ -37,16 +37,25 @@ class EndingSpool:
         return list(self._pending)
 
     async def store_ending(self, call_id: str, reason: DisconnectionReason, fields: dict[str, Any]) -> None:
-        """Store the ending now if the database answers, else keep it (on disk too) and retry
-        in the background until it does."""
+        """Store the ending now if the database answers, else keep it and retry in the
+        background until it does. It is on disk before the first try, so a process stopped
+        in the middle (cancelled, killed) loses nothing either."""
+        self._save(call_id, reason, fields)
         try:
             await self._write(call_id, reason, fields)
         except Exception as e:  # noqa: BLE001 - whatever stops the write, the ending is kept
             log.error("call %s: its ending (%s) is kept until the database answers: %s", call_id, reason.value, e)
-            self._pending[call_id] = (reason, fields)
-            self._save(call_id, reason, fields)
-            if self._retrying is None or self._retrying.done():
-                self._retrying = asyncio.create_task(self._retry())
+            self._keep(call_id, reason, fields)
+        else:
+            self._forget(call_id)
+
+    def _keep(self, call_id: str, reason: DisconnectionReason, fields: dict[str, Any]) -> None:
+        self._pending[call_id] = (reason, fields)
+        if self._retrying is None or self._retrying.done():
+            self._retrying = asyncio.create_task(self._retry())
+
+    def _forget(self, call_id: str) -> None:
+        (self.folder / f"{call_id}.json").unlink(missing_ok=True)
 
     async def replay(self) -> int:
         """Store the endings a previous process spooled (at start-up). Returns how many."""
@@ -58,7 +67,12 @@ class EndingSpool:
             except (OSError, ValueError, KeyError) as e:
                 log.error("spooled ending %s cannot be read (%s): left in place", path.name, e)
                 continue
-            await self._write(saved["call_id"], reason, fields)  # (the database answers: we just opened it)
+            try:
+                await self._write(saved["call_id"], reason, fields)
+            except Exception as e:  # noqa: BLE001 - keep it, and retry with the others
+                log.error("spooled ending of %s not stored yet: %s", saved["call_id"], e)
+                self._keep(saved["call_id"], reason, fields)
+                continue
             path.unlink(missing_ok=True)
             log.warning("call %s: its ending (%s) was stored from the spool", saved["call_id"], reason.value)
             stored += 1
@@ -82,7 +96,7 @@ class EndingSpool:
                     wait = min(wait * 2, RETRY_MAX_S)
                     break
                 del self._pending[call_id]
-                (self.folder / f"{call_id}.json").unlink(missing_ok=True)
+                self._forget(call_id)
                 log.warning("call %s: its ending (%s) is stored", call_id, reason.value)
             else:
                 wait = RETRY_FIRST_S

@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 from twilio.base.exceptions import TwilioException
 
@@ -41,6 +42,7 @@ OUTBOUND_RING_S = 120  # Twilio rings for 60 s by default; calls.create takes `t
 OUTBOX_KEEP_DAYS = 7
 RETENTION_INTERVAL_S = 3600.0
 RESTART_DETAIL = "the bridge instance restarted while the call was live"
+DIAL_TIMEOUT_S = 15.0  # Twilio's calls.create answers in well under a second
 INSTANCE_LEASE_HEARTBEATS = 3  # a holder whose heartbeat is older than this many intervals is gone
 CALL_ID_HEADER = "X-Bridge-Call-Id"
 
@@ -58,7 +60,12 @@ class CallRefused(Exception):
 
 
 class DialRefused(Exception):
-    """Twilio refused to place an outbound call (the record ends as ``dial_failed``)."""
+    """Twilio refused to place an outbound call, or could not be reached (``unreachable``); the
+    record ends as ``dial_failed``."""
+
+    def __init__(self, detail: str, unreachable: bool = False):
+        super().__init__(detail)
+        self.unreachable = unreachable
 
 
 async def claim_instance(store: SqlCallStore, settings: Settings) -> None:
@@ -108,10 +115,17 @@ class CallService:
         except BaseException:
             await store.close()
             raise
-        self.endings = EndingSpool(store, settings.data_dir / "spool" / "endings")
-        await self.endings.replay()  # endings a previous process could not store: the truth first
-        await self.recover()  # (only once the id is ours: no other live process relays its calls)
-        await store.release_leases()
+        try:
+            self.endings = EndingSpool(store, settings.data_dir / "spool" / "endings")
+            await self.endings.replay()  # endings a previous process could not store: the truth first
+            await self.recover()  # (only once the id is ours: no other live process relays its calls)
+            await store.release_leases()
+        except BaseException:  # the next start must not wait out a lease this one still held
+            await self.endings.close()
+            with contextlib.suppress(Exception):
+                await store.release()
+            await store.close()
+            raise
         self.http = httpx.AsyncClient(timeout=10)
 
     async def claim_instance(self) -> None:
@@ -223,11 +237,16 @@ class CallService:
         await self.dial_throttle.wait(self.settings.dial_queue_timeout_s)
         await self.store.create(record)
         try:
-            call = await self.twilio_rest.client().calls.create_async(**params)
+            async with asyncio.timeout(DIAL_TIMEOUT_S):
+                call = await self.twilio_rest.client().calls.create_async(**params)
         except TwilioException as e:
             detail = getattr(e, "msg", None) or str(e)
             await self.store.finish(record.call_id, DisconnectionReason.dial_failed, error_detail=f"Twilio refused: {detail}")
             raise DialRefused(detail) from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            detail = f"Twilio could not be reached: {type(e).__name__}: {e}".rstrip(": ")
+            await self.store.finish(record.call_id, DisconnectionReason.dial_failed, error_detail=detail)
+            raise DialRefused(detail, unreachable=True) from None
         return await self.store.update(record.call_id, twilio_call_sid=call.sid, twilio_account_sid=call.account_sid)
 
     # --- starting, the live registry, ending -------------------------------------------------

@@ -22,7 +22,7 @@ def internal_key(secret: str | bytes, call_id: str) -> str:
 
 
 def internal_key_matches(secret: str | bytes, call_id: str, key: str | None) -> bool:
-    return bool(key) and hmac.compare_digest(key, internal_key(secret, call_id))
+    return bool(key) and key.isascii() and hmac.compare_digest(key, internal_key(secret, call_id))
 
 
 class StreamTokens:
@@ -51,7 +51,7 @@ class StreamTokens:
             expires = int(expires_s)
         except ValueError:
             raise TokenError("malformed stream token") from None
-        if not hmac.compare_digest(signature, self._sign(call_id, expires, nonce)):
+        if not signature.isascii() or not hmac.compare_digest(signature, self._sign(call_id, expires, nonce)):
             raise TokenError("stream token does not match this call")
         if (time.time() if now is None else now) * 1000 > expires:
             raise TokenError("stream token expired")

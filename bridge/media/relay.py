@@ -163,7 +163,10 @@ async def _relay(twilio: connection.ServerConnection, calls: CallService, files:
         return
     for problem in unavailable.values():
         log.error("call %s: %s", call_id, problem)
-        await calls.note(call_id, problem)
+        try:
+            await calls.note(call_id, problem)
+        except Exception:  # the database too: the ending's record still says the URL is gone
+            log.exception("call %s: could not note it", call_id)
     agent = None
     relay: MediaRelay | None = None
 

@@ -64,7 +64,11 @@ async def handle_web_call(websocket: WebSocket, calls: CallService) -> None:
             await calls.note(call_id, f"web call socket refused: {e}")
         await websocket.close(code=1008)
         return
-    await websocket.accept()
+    try:
+        await websocket.accept()
+    except Exception as e:  # the browser left while its token was being checked: the call is ongoing
+        await calls.end(call_id, Reason.user_hangup, f"the browser left before its socket opened ({type(e).__name__})")
+        return
     await _relay(websocket, calls, record, browser)
 
 

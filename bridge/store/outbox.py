@@ -73,9 +73,12 @@ class WebhookDispatcher:
 
     async def run(self) -> None:
         """Claim due jobs and deliver each in its own task (at most ``MAX_IN_FLIGHT``), so a slow
-        receiver never holds up the others. A job's lease outlasts its total deadline, so no
-        other replica delivers it while this one still might."""
-        lease_ms = int((self.settings.webhook_timeout_s + 5) * 1000)
+        receiver never holds up the others. A job's lease outlasts its attempt and the time to
+        record it (retried while the database is away), so no other replica delivers it while
+        this one still might."""
+        lease_s = 2 * self.settings.webhook_timeout_s + 10
+        lease_ms = int(lease_s * 1000)
+        loop = asyncio.get_running_loop()
         in_flight: set[asyncio.Task] = set()
         while True:
             jobs = []
@@ -84,14 +87,15 @@ class WebhookDispatcher:
                     jobs = await self.store.claim_due(lease_ms, limit=MAX_IN_FLIGHT - len(in_flight))
                 except Exception:  # the database may be restarting: try again shortly
                     log.exception("webhook outbox unavailable")
+            lease_end = loop.time() + lease_s - 1  # (claimed just now)
             for job in jobs:
-                task = asyncio.create_task(self._attempt(job))
+                task = asyncio.create_task(self._attempt(job, lease_end))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
             if not jobs:
                 await asyncio.sleep(self.settings.webhook_poll_s)
 
-    async def _attempt(self, job: dict) -> None:
+    async def _attempt(self, job: dict, lease_end: float) -> None:
         try:
             async with asyncio.timeout(self.settings.webhook_timeout_s):  # the whole attempt
                 if job["event"] == ANALYZE:
@@ -105,16 +109,15 @@ class WebhookDispatcher:
                 retry_at = now_ms() + int(self.settings.webhook_retry_base_s * 1000 * 2 ** (attempts - 1))
             log.warning("webhook %s for %s failed (attempt %d): %s", job["event"], job["call_id"], attempts, e)
             error = f"{type(e).__name__}: {e}"
-            await self._settle(lambda: self.store.job_failed(job["id"], attempts, retry_at, error))
+            await self._settle(lambda: self.store.job_failed(job["id"], attempts, retry_at, error), lease_end)
         else:
-            await self._settle(lambda: self.store.job_done(job["id"]))
+            await self._settle(lambda: self.store.job_done(job["id"]), lease_end)
 
-    async def _settle(self, update) -> None:
+    async def _settle(self, update, deadline: float) -> None:
         """Record an attempt (``update()`` makes the store call), retrying while the database
         is unreachable, for as long as the job's lease lasts: a delivered event is then not
         delivered again because the database was away when it went out. (Past the lease the
         job is tried again: at least once, never lost.)"""
-        deadline = asyncio.get_running_loop().time() + self.settings.webhook_timeout_s + 4
         wait = 0.25
         while True:
             try:

@@ -170,3 +170,10 @@ def test_agent_headers_are_checked(headers, problem):
 
     with pytest.raises(ValueError, match=problem):
         AgentConfig(agent_id="a", url="wss://a.example/{call_id}", headers=headers)
+
+
+@pytest.mark.parametrize("token", ["1.2.\u00e9\u00e9", "99999999999999.nonce.sig\u00e9"])
+def test_a_token_with_non_ascii_characters_is_a_token_error(token):
+    tokens = StreamTokens("secret", 30)
+    with pytest.raises(TokenError):
+        tokens.check("c1", token)

@@ -239,3 +239,30 @@ async def test_access_tokens_never_reach_the_logs(bridge, sdk):
     assert any("/web-call/" in line and "access_token=[redacted]" in line for line in lines), lines
     assert any("/agents/echo/" in line and "key=[redacted]" in line for line in lines), lines
     assert not any(call.access_token in line for line in lines)
+
+
+async def test_a_browser_that_leaves_while_its_token_is_checked_ends_its_call(bridge, sdk, monkeypatch):
+    """The token is spent (the call ongoing) before the socket is accepted: a browser gone by
+    then must not leave the call ongoing for ever."""
+    import base64
+    import os
+
+    call = await sdk.call.create_web_call(agent_id="echo")
+    original = bridge.calls.start_web_call
+
+    async def slow_start(call_id):
+        record = await original(call_id)
+        await asyncio.sleep(0.5)  # the database is slow today; the browser tab closes meanwhile
+        return record
+
+    monkeypatch.setattr(bridge.calls, "start_web_call", slow_start)
+    reader, writer = await asyncio.open_connection(bridge.server.host, bridge.server.port)
+    writer.write(
+        f"GET /web-call/{call.call_id}?access_token={call.access_token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    await until(lambda: call_status(bridge, call.call_id, "ongoing"))
+    writer.transport.abort()
+    record = await wait_for_end(bridge, call.call_id, timeout=10)
+    assert record.disconnection_reason.value == "user_hangup" and "left before its socket opened" in record.error_detail

@@ -256,3 +256,42 @@ async def test_connections_that_never_finish_their_head_are_dropped_and_webhooks
     dripping.cancel()
     for _, writer in [*idle, partial, slow]:
         writer.close()
+
+
+async def test_the_head_deadline_spares_a_pipelined_request_under_way():
+    """A second request pipelined behind the first is dispatched as the first one's answer
+    completes: its head has come, so the deadline must not cut it while it runs."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from bridge.server import http_protocol
+
+    async def fast(request):
+        return PlainTextResponse("fast")
+
+    async def slow(request):
+        await asyncio.sleep(1.5)
+        return PlainTextResponse("slow")
+
+    app = Starlette(routes=[Route("/fast", fast), Route("/slow", slow)])
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", http=http_protocol(head_timeout_s=0.5))
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\nGET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(10):
+            answers = b""
+            while answers.count(b"HTTP/1.1 200") < 2 or not answers.endswith(b"slow"):
+                chunk = await reader.read(4096)
+                assert chunk, f"closed early: {answers!r}"
+                answers += chunk
+        writer.close()
+    finally:
+        server.should_exit = True
+        await task
