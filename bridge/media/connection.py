@@ -178,7 +178,8 @@ class WsConnection(asyncio.Protocol):
         """Frames already built with ``frame_text``/``frame_binary``, in one write."""
         if not self.close_sent and self.transport is not None and not self.closed:
             self.transport.write(b"".join(frames))
-            self._check_buffer()
+            if self._paused_at is not None:  # (under the high-water mark the cap is far off)
+                self._check_buffer()
 
     def frame_text(self, text: str) -> bytes:
         return wsf.encode(OP_TEXT, text.encode("utf-8"), self.client)
@@ -233,7 +234,8 @@ class WsConnection(asyncio.Protocol):
         if self.close_sent or self.transport is None or self.closed:
             return
         self.transport.write(wsf.encode(opcode, payload, self.client))
-        self._check_buffer()
+        if self._paused_at is not None:
+            self._check_buffer()
 
     def _check_buffer(self) -> None:
         if self.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:

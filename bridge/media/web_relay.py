@@ -33,6 +33,7 @@ from .observer import transcript_fields
 log = logging.getLogger(__name__)
 
 WEB_CALL_PATH = "/web-call/{call_id}"
+VAD_BATCH_MS = 200  # silence is a limit of 10 s or more: a fifth of a second of resolution is plenty
 #: Close codes of a browser socket that ended because of what the browser sent (the server
 #: closes with these when the browser breaks RFC 6455; a browser may send them too)
 BROWSER_FAULTS = {
@@ -81,9 +82,17 @@ class Activity:
         self.vad = VoiceActivityDetector(browser_format.sample_rate)
         self.last_voice = started  # the caller's last voiced moment (or the start)
         self.agent_until = started  # when the agent audio sent so far ends playing
+        # the browser's audio is analysed in batches of VAD_BATCH_MS, as the phone observer does
+        whole = int(browser_format.bytes_per_ms() * VAD_BATCH_MS)
+        self._batch_bytes = whole - whole % (1 if browser_format.encoding == "mulaw" else 2)
+        self._unheard = bytearray()
 
     def heard(self, data: bytes, now: float) -> None:
-        self.vad.process(ulaw_to_pcm(data) if self.format.encoding == "mulaw" else data)
+        self._unheard += data
+        if len(self._unheard) >= self._batch_bytes:
+            batch = bytes(self._unheard)
+            self._unheard.clear()
+            self.vad.process(ulaw_to_pcm(batch) if self.format.encoding == "mulaw" else batch)
         if self.vad.speaking:
             self.last_voice = now
 
