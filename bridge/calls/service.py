@@ -111,7 +111,7 @@ class CallService:
         store.webhook_targets = webhook_targets(settings)
         self.store = store
         try:
-            await self.claim_instance()
+            await claim_instance(store, settings)
         except BaseException:
             await store.close()
             raise
@@ -127,9 +127,6 @@ class CallService:
             await store.close()
             raise
         self.http = httpx.AsyncClient(timeout=10)
-
-    async def claim_instance(self) -> None:
-        await claim_instance(self.store, self.settings)
 
     async def close(self) -> None:
         if self.endings is not None:
@@ -304,10 +301,6 @@ class CallService:
 
     def detach(self, call_id: str) -> None:
         self._live.pop(call_id, None)
-
-    def live_here(self) -> list[str]:
-        """The calls relayed by this process right now."""
-        return list(self._live)
 
     def _stop_here(self, call_id: str, reason: DisconnectionReason, detail: str) -> bool:
         stop = self._live.get(call_id)
