@@ -20,8 +20,7 @@ from .api.errors import install_error_handlers
 from .calls import CallService
 from .media import connection
 from .media.file_writer import FileWriter
-from .media.relay import handle_media_stream
-from .media.web_relay import WEB_CALL_PATH, handle_web_call
+from .media.relay import AUDIO_WEBSOCKET_PREFIX, WEB_CALL_PREFIX, handle_audio_websocket, handle_media_stream, handle_web_call
 from .protocol.twilio import MEDIA_PATH
 from .server import redact_secrets_in_logs
 from .settings import Settings, SettingsError, load_settings
@@ -82,24 +81,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         app.include_router(echo_agent.router)
 
-    async def web_call(websocket: WebSocket) -> None:
-        await handle_web_call(websocket, call_service)
+    def live_call(handler):
+        async def serve(websocket: connection.ServerConnection) -> None:
+            await handler(websocket, call_service, files)
 
-    app.router.routes.append(WebSocketRoute(WEB_CALL_PATH, web_call))
+        return serve
 
-    async def twilio_media(websocket: connection.ServerConnection) -> None:
-        await handle_media_stream(websocket, call_service, files)
-
-    # The media stream runs on the bridge's own lean websocket protocol, handed to uvicorn as
-    # its websocket implementation (``bridge serve`` and ``BackgroundServer`` do this):
+    # The live calls' sockets run on the bridge's own lean websocket protocol, handed to uvicorn
+    # as its websocket implementation (``bridge serve`` and ``BackgroundServer`` do this):
     # ``uvicorn.Config(app, ws=app.state.ws_protocol)``. Other websockets go to the ASGI app.
-    app.state.ws_protocol = connection.UpgradeProtocol.with_routes({MEDIA_PATH: twilio_media})
+    app.state.ws_protocol = connection.UpgradeProtocol.with_routes({
+        MEDIA_PATH: live_call(handle_media_stream),
+        AUDIO_WEBSOCKET_PREFIX: live_call(handle_audio_websocket),
+        WEB_CALL_PREFIX: live_call(handle_web_call),
+    })  # fmt: skip
 
-    async def media_on_plain_asgi(scope, receive, send) -> None:
-        log.error("%s reached the ASGI app: serve with `bridge serve` (or uvicorn ws=app.state.ws_protocol)", MEDIA_PATH)
-        await send({"type": "websocket.close", "code": 1011})
+    async def live_call_on_plain_asgi(websocket: WebSocket) -> None:
+        log.error("%s reached the ASGI app: serve with `bridge serve` (or uvicorn ws=app.state.ws_protocol)", websocket.url.path)
+        await websocket.close(1011)
 
-    app.router.routes.append(WebSocketRoute(MEDIA_PATH, media_on_plain_asgi))
+    for path in (MEDIA_PATH, AUDIO_WEBSOCKET_PREFIX + "{path:path}", WEB_CALL_PREFIX + "{path:path}"):
+        app.router.routes.append(WebSocketRoute(path, live_call_on_plain_asgi))
 
     @app.get("/healthz", include_in_schema=False)
     async def health() -> dict:

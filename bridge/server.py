@@ -21,6 +21,8 @@ def ws_protocol(app):
 
 #: query parameters that carry secrets: web-call access tokens, the echo agent's key
 SECRET_PARAMETER = re.compile(r"\b(access_token|token|key)=[^&\s\"']+")
+#: a web-call access token in a path: /web-call/{access_token}/{call_id}
+SECRET_SEGMENT = re.compile(r"(/web-call/)[^/\s?\"']+(?=/)")
 
 
 class RedactSecrets(logging.Filter):
@@ -32,7 +34,7 @@ class RedactSecrets(logging.Filter):
             message = record.getMessage()
         except (TypeError, ValueError):  # a malformed call: leave it to logging's own report
             return True
-        redacted = SECRET_PARAMETER.sub(r"\1=[redacted]", message)
+        redacted = SECRET_SEGMENT.sub(r"\1[redacted]", SECRET_PARAMETER.sub(r"\1=[redacted]", message))
         if redacted != message:
             record.msg, record.args = redacted, ()
         return True

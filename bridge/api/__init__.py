@@ -2,7 +2,7 @@
 
 - ``calls``: the Retell-compatible call API (register, get, list, update, delete, stop, files);
 - ``outbound``: dialing through Twilio (create-phone-call) and Twilio's status and AMD callbacks;
-- ``web_calls``: create-web-call (the socket itself is ``bridge.media.web_relay``);
+- ``web_calls``: create-web-call (the socket itself is relayed by ``bridge.media.relay``);
 - ``twilio_voice``: Twilio's voice webhook and the signature check of every Twilio callback;
 - ``deps``, ``errors``, ``schemas``: authentication, error bodies, request and response bodies.
 

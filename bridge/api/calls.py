@@ -15,7 +15,7 @@ from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from ..calls.registrar import call_fields, new_call_id
-from ..models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason
+from ..models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason, Protocol
 from .deps import AUTH, call_service, find_agent, find_call
 from .errors import ERRORS, ApiError
 from .schemas import (
@@ -49,7 +49,11 @@ def _enum_values(criterion: EnumFilter | None, name: str, allowed: set[str], nev
 @router.post("/register-call", dependencies=AUTH, status_code=201, summary="Register a call (v1)", response_model=CallObject, responses=ERRORS)
 async def register_call_v1(request: Request, body: RegisterCallV1) -> JSONResponse:
     find_agent(request, body.agent_id)
-    record = CallRecord(call_id=new_call_id(), **body.model_dump(exclude_none=False))
+    # a call registered for a web client is a web call (its end, if nobody joins, too)
+    web = body.audio_websocket_protocol is Protocol.web
+    record = CallRecord(
+        call_id=new_call_id(), call_type=CallType.web_call if web else CallType.phone_call, **body.model_dump(exclude_none=False)
+    )
     await call_service(request).register(record)
     return _created(record)
 

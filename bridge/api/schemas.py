@@ -95,22 +95,19 @@ class RegisterCallV1(CallBody):
 
     @model_validator(mode="after")
     def _twilio_mulaw(self) -> RegisterCallV1:
-        if (
-            self.audio_websocket_protocol is Protocol.twilio
-            and self.audio_encoding is Encoding.mulaw
-            and self.sample_rate != 8000
-        ):
-            raise ValueError("mulaw on the twilio protocol must be at sample_rate 8000")
+        twilio = self.audio_websocket_protocol is Protocol.twilio
+        if twilio and (self.audio_encoding is not Encoding.mulaw or self.sample_rate != 8000):
+            raise ValueError("the twilio protocol (Twilio's media stream) carries mulaw at sample_rate 8000")
         return self
 
 
 class RegisterPhoneCall(CallBody):
-    """The retell-sdk's phone_call object needs both numbers and a direction: the numbers are
-    required here, and the direction is inbound unless said otherwise."""
+    """The seed's body: only ``agent_id`` is required; numbers nobody gave are ``null`` in the
+    record, and the direction is inbound unless said otherwise."""
 
     agent_id: str = Field(min_length=1)
-    from_number: str
-    to_number: str
+    from_number: str | None = None
+    to_number: str | None = None
     direction: Direction = Direction.inbound
 
     _numbers = field_validator("from_number", "to_number")(e164)

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from ..models import CallRecord, CallType, Direction
+from ..models import CallRecord, CallType, Direction, Encoding, Protocol
 from ..settings import AgentConfig, ExternalRegistrar
 from ..store import SqlCallStore
 
@@ -22,11 +22,14 @@ def new_call_id() -> str:
 
 
 def call_fields(agent: AgentConfig, **extra: Any) -> dict[str, Any]:
+    """A phone call's fields. The record's ``audio_websocket_protocol``, ``audio_encoding`` and
+    ``sample_rate`` are the caller's leg, the websocket its call id opens (as in the seeds): for
+    a phone call, Twilio's media stream. The agent's leg is the agent's own (the agents file)."""
     return {
         "agent_id": agent.agent_id,
-        "audio_websocket_protocol": agent.protocol,
-        "audio_encoding": agent.encoding,
-        "sample_rate": agent.sample_rate,
+        "audio_websocket_protocol": Protocol.twilio,
+        "audio_encoding": Encoding.mulaw,
+        "sample_rate": 8000,
         "end_call_after_silence_ms": agent.end_call_after_silence_ms,
         **extra,
     }

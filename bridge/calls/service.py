@@ -59,6 +59,14 @@ class CallRefused(Exception):
         self.call_id = call_id
 
 
+def not_startable(record: CallRecord) -> str:
+    """Why a call that is not ``registered`` any more cannot be connected."""
+    if record.call_status is CallStatus.ongoing:
+        return "the call is already connected (its audio websocket is single use)"
+    reason = record.disconnection_reason.value if record.disconnection_reason else record.call_status.value
+    return f"the call has ended ({reason})"
+
+
 class DialRefused(Exception):
     """Twilio refused to place an outbound call, or could not be reached (``unreachable``); the
     record ends as ``dial_failed``."""
@@ -248,9 +256,12 @@ class CallService:
 
     # --- starting, the live registry, ending -------------------------------------------------
 
+    async def find(self, call_id: str) -> CallRecord | None:
+        return await self.store.get(call_id)
+
     async def start_stream(self, call_id: str | None, token: str | None, call_sid: str | None, account_sid: str | None, public_base: str) -> CallRecord:
-        """A Twilio media stream's ``start`` names a call and its token: check both and mark the
-        call ongoing (with Twilio's ids and where its files will be). Raises ``CallRefused``."""
+        """A Twilio media stream's ``start`` (on the bridge's own ``/twilio/media``) names a call
+        and its single-use stream token: check both and start the call. Raises ``CallRefused``."""
         if not call_id:
             raise CallRefused("start without a call_id parameter")
         try:
@@ -258,23 +269,34 @@ class CallService:
         except TokenError as e:  # (a valid token names a call this bridge registered)
             known = await self.store.get(call_id) is not None
             raise CallRefused(str(e) if known else "unknown call", call_id if known else None) from None
+        return await self.start_call(call_id, public_base, twilio_call_sid=call_sid, twilio_account_sid=account_sid)
+
+    async def start_call(
+        self, call_id: str, public_base: str, *, twilio_call_sid: str | None = None, twilio_account_sid: str | None = None,
+        **fields: Any,
+    ) -> CallRecord:
+        """Mark a registered call ongoing, once (the caller's socket is here): with Twilio's ids
+        if the caller is Twilio, where its files will be, and ``fields`` (the web client's
+        format). Raises ``CallRefused`` saying why the call cannot start (unknown, already
+        connected, ended)."""
 
         def fields_for(record: CallRecord) -> dict:
-            fields = {
-                "twilio_call_sid": record.twilio_call_sid or call_sid,
-                "twilio_account_sid": record.twilio_account_sid or account_sid,
+            more = {
+                "twilio_call_sid": record.twilio_call_sid or twilio_call_sid,
+                "twilio_account_sid": record.twilio_account_sid or twilio_account_sid,
+                **fields,
             }
             if not self.is_private(record):
-                fields["recording_url"] = f"{public_base}/v2/recordings/{call_id}.wav"
-                fields["public_log_url"] = f"{public_base}/v2/public-logs/{call_id}.jsonl"
-            return fields
+                more["recording_url"] = f"{public_base}/v2/recordings/{call_id}.wav"
+                more["public_log_url"] = f"{public_base}/v2/public-logs/{call_id}.jsonl"
+            return more
 
         started = await self.store.start(call_id, fields_for)  # one read and one write
         if started is None:
             record = await self.store.get(call_id)
             if record is None:
                 raise CallRefused("unknown call")
-            raise CallRefused(f"stream token already used (call is {record.call_status.value})", call_id)
+            raise CallRefused(not_startable(record), call_id)
         return started
 
     async def check_web_call(self, call_id: str, token: str | None) -> CallRecord:
@@ -287,13 +309,6 @@ class CallService:
         except TokenError as e:
             raise CallRefused(str(e), call_id) from None
         return record
-
-    async def start_web_call(self, call_id: str) -> CallRecord:
-        """Mark a checked web call ongoing, once. Raises ``CallRefused``."""
-        started = await self.store.start(call_id)
-        if started is None:
-            raise CallRefused("access token already used", call_id)
-        return started
 
     def attach(self, call_id: str, stop: StopCall) -> None:
         """A relay in this process holds the call from now on; ``stop`` asks it to end it."""
@@ -326,9 +341,26 @@ class CallService:
             return False
         return await self.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
 
-    async def note(self, call_id: str, text: str) -> None:
-        """Add a line to the call's record (why a stream was refused, ...)."""
+    async def note(self, call_id: str, text: str, public_base: str | None = None) -> None:
+        """Add a line to the call's record (why a socket was refused, a file that could not be
+        written...), and, unless the call is private, to its public log (``note`` events, with
+        ``unix_ms``: they may come before the call starts), whose URL the record then gives."""
         await self.store.add_note(call_id, text)
+        record = await self.store.get(call_id)
+        if record is None or self.is_private(record):
+            return
+        path = self.log_path(call_id)
+        line = json.dumps({"event": "note", "unix_ms": now_ms(), "text": text}, separators=(",", ":"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as log_file:
+                log_file.write(line + "\n")
+        except OSError as e:
+            log.warning("call %s: cannot write its public log: %s", call_id, e)
+            return
+        base = public_base or self.settings.public_url
+        if record.public_log_url is None and base:
+            await self.store.update(call_id, public_log_url=f"{base}/v2/public-logs/{call_id}.jsonl")
 
     # --- control from outside the relay -------------------------------------------------------
 

@@ -391,15 +391,24 @@ class ServerConnection(WsConnection):
 
 class UpgradeProtocol(asyncio.Protocol):
     """uvicorn's websocket protocol (``uvicorn.Config(ws=...)``), made with ``routes``: an
-    upgrade to a path in ``routes`` becomes a ``ServerConnection`` served by
-    ``routes[path](connection)``; any other goes to uvicorn's websockets implementation and the
-    ASGI app. uvicorn hands over the request head it has parsed as the first data."""
+    upgrade to a path in ``routes`` (or under one ending in ``/``) becomes a
+    ``ServerConnection`` served by ``routes[path](connection)``; any other goes to uvicorn's
+    websockets implementation and the ASGI app. uvicorn hands over the request head it has
+    parsed as the first data."""
 
     routes: dict = {}
 
     @classmethod
     def with_routes(cls, routes: dict) -> type[UpgradeProtocol]:
         return type("UpgradeProtocol", (cls,), {"routes": routes})
+
+    def route(self, path: str):
+        handler = self.routes.get(path)
+        if handler is None:
+            for prefix, under in self.routes.items():
+                if prefix.endswith("/") and path.startswith(prefix) and len(path) > len(prefix):
+                    return under
+        return handler
 
     def __init__(self, config, server_state, app_state):
         self.config, self.server_state, self.app_state = config, server_state, app_state
@@ -422,7 +431,7 @@ class UpgradeProtocol(asyncio.Protocol):
             self.transport.write(wsf.ServerHandshake.refuse(400, "bad request"))
             self.transport.close()
             return
-        handler = self.routes.get(target.partition("?")[0])
+        handler = self.route(target.partition("?")[0])
         if handler is None:
             from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
@@ -465,7 +474,7 @@ class UpgradeProtocol(asyncio.Protocol):
         except ConnectionClosed:
             pass
         except Exception:  # a bug ends this connection, never the server
-            log.exception("websocket handler for %s failed", conn.path)
+            log.exception("websocket handler for %s failed", "/".join(conn.path.split("/")[:2]))  # (a path may hold a token)
         finally:
             if not conn.accepted:
                 conn.refuse(500)  # (a no-op if the handler refused it already)

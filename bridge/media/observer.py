@@ -1,8 +1,10 @@
 """What the bridge sees of a call, measured on the wire: turns and their latency, silence, the
 agent link's round trip, a log of events, and the stereo recording.
 
-``CallObserver`` is fed by ``CallSession`` with every Twilio media payload from the caller and
-every agent payload sent to Twilio (mu-law 8 kHz), with the bridge's clock (seconds):
+``CallObserver`` is fed by ``CallSession`` with the caller's leg as it crosses the bridge: every
+audio payload from the caller and every agent payload sent to the caller, in the caller leg's
+format (``caller_format``: mu-law 8 kHz from Twilio, the web client's own format), with the
+bridge's clock (seconds):
 
 - turn latency (``e2e_latency``): voice activity on the caller's audio finds where each turn ends
   (the end of the last voiced frame); the latency is the time from there to the first agent audio
@@ -23,18 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
-from audio import LEFT, RIGHT, SPEECH_END, SPEECH_START, StereoWavWriter, VoiceActivityDetector, ulaw_to_pcm
+from audio import (
+    LEFT, RIGHT, SPEECH_END, SPEECH_START, TWILIO_FORMAT, AudioFormat, StereoWavWriter, VoiceActivityDetector, ulaw_to_pcm,
+)  # fmt: skip
 
 from ..models import Latency
 
-RATE = 8000
 #: Caller audio that arrives later than its place on the clock by more than this is a real gap
 #: (a dropout), recorded as silence; less is jitter, and the audio stays contiguous.
 JITTER_S = 0.1
 #: Caller audio is analysed (VAD) and recorded, and agent audio recorded, in batches of this
-#: many samples (200 ms): per 20 ms frame it costs a tenth, and event times stay exact (they are
+#: many milliseconds: per 20 ms frame it costs a tenth, and event times stay exact (they are
 #: stream times).
-BATCH_SAMPLES = 1600
+BATCH_MS = 200
 
 
 def percentiles(samples: list[float]) -> Latency | None:
@@ -54,18 +57,19 @@ class Recording:
     stream started on the bridge's clock; each side stays contiguous unless it fell behind the
     clock by more than JITTER_S (then the gap is silence)."""
 
-    def __init__(self, path: Path, opener=open):
+    def __init__(self, path: Path, opener=open, rate: int = 8000):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.writer = StereoWavWriter(path, RATE, sync_ms=1000, opener=opener)
+        self.rate = rate
+        self.writer = StereoWavWriter(path, rate, sync_ms=1000, opener=opener)
 
     def place(self, channel: int, pcm: bytes, clock_pos: int) -> None:
         end = self.writer.channel_end(channel)
-        self.writer.write(channel, pcm, at=clock_pos if clock_pos - end > JITTER_S * RATE else None)
+        self.writer.write(channel, pcm, at=clock_pos if clock_pos - end > JITTER_S * self.rate else None)
 
     def advance(self, clock_pos: int) -> None:
         # what the caller side has not sent by now (minus jitter) is a gap
-        self.writer.advance(max(0, clock_pos - int(JITTER_S * RATE)))
+        self.writer.advance(max(0, clock_pos - int(JITTER_S * self.rate)))
 
     def cut_agent(self, clock_pos: int) -> None:
         self.writer.truncate(RIGHT, clock_pos)
@@ -81,11 +85,16 @@ class CallObserver:
     log_path: Path | None = None
     private: bool = False  # opt_out_sensitive_data_storage: nothing about the content is kept
     vad_end_silence_ms: int = 600
+    caller_format: AudioFormat = TWILIO_FORMAT  # the caller leg's (recording, VAD)
     turn_latencies_ms: list[float] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.vad = VoiceActivityDetector(RATE, end_silence_ms=self.vad_end_silence_ms)
+        self.rate = rate = self.caller_format.sample_rate
+        self.width = self.caller_format.bytes_per_sample  # bytes a sample
+        self._pcm = ulaw_to_pcm if self.caller_format.encoding == "mulaw" else bytes
+        self._batch_bytes = rate * BATCH_MS // 1000 * self.width
+        self.vad = VoiceActivityDetector(rate, end_silence_ms=self.vad_end_silence_ms)
         self.caller_speaking = False
         self.caller_last_voice = self.started  # clock time the caller last spoke (or the start)
         self.agent_audio_until = self.started  # clock time the agent's queued audio ends playing
@@ -94,7 +103,7 @@ class CallObserver:
         self._agent_last_sent = -1.0
         # The first batch is of random length, so that calls started together (or all calls of
         # a load test) do not all analyse their audio in the same 20 ms every 200 ms.
-        self._caller_batch_samples = random.randint(RATE // 50, BATCH_SAMPLES)
+        self._caller_batch_bytes = random.randint(rate // 50, self._batch_bytes // self.width) * self.width
         self._caller_ulaw = bytearray()  # caller audio not yet analysed and recorded
         self._caller_at = 0  # clock position (samples) of its first byte
         self._agent_ulaw = bytearray()  # agent audio not yet recorded (contiguous)
@@ -117,20 +126,20 @@ class CallObserver:
             return
         pending = self._caller_ulaw
         if not pending:
-            self._caller_at = max(0, int((now - self.started) * RATE) - len(payload))
+            self._caller_at = max(0, int((now - self.started) * self.rate) - len(payload) // self.width)
         pending += payload
-        if len(pending) >= self._caller_batch_samples:
-            self._caller_batch_samples = BATCH_SAMPLES
+        if len(pending) >= self._caller_batch_bytes:
+            self._caller_batch_bytes = self._batch_bytes
             self._caller_batch(now)
 
     def _caller_batch(self, now: float) -> None:
-        pcm = ulaw_to_pcm(bytes(self._caller_ulaw))
+        pcm = self._pcm(self._caller_ulaw)
         self._caller_ulaw.clear()
         if self.recording is not None:
             self.recording.place(LEFT, pcm, self._caller_at)
             if self._agent_ulaw:  # the clock must not pass agent audio still held in a batch
                 self._agent_batch()
-            self.recording.advance(int((now - self.started) * RATE))
+            self.recording.advance(int((now - self.started) * self.rate))
         for e in self.vad.process(pcm):
             # on the clock, the event happened as much audio ago as the VAD has seen since it
             # (Twilio streams in real time; this also holds for a simulator running faster)
@@ -150,7 +159,7 @@ class CallObserver:
             self.caller_last_voice = now
 
     def agent_audio(self, payload: bytes, now: float) -> None:
-        duration = len(payload) / RATE
+        duration = len(payload) / self.width / self.rate
         if now - self._agent_last_sent > 0.1:  # a new burst of agent audio
             self._agent_sent_at.append(now)
             self._match_turn()
@@ -161,17 +170,17 @@ class CallObserver:
             # contiguous audio is batched; a jump past the jitter allowance starts a new batch
             # (the recording then has a gap), exactly as placing each frame would
             pending = self._agent_ulaw
-            at = int((start - self.started) * RATE)
-            if pending and at - (self._agent_at + len(pending)) > JITTER_S * RATE:
+            at = int((start - self.started) * self.rate)
+            if pending and at - (self._agent_at + len(pending) // self.width) > JITTER_S * self.rate:
                 self._agent_batch()
             if not pending:
                 self._agent_at = at
             pending += payload
-            if len(pending) >= BATCH_SAMPLES:
+            if len(pending) >= self._batch_bytes:
                 self._agent_batch()
 
     def _agent_batch(self) -> None:
-        self.recording.place(RIGHT, ulaw_to_pcm(bytes(self._agent_ulaw)), self._agent_at)
+        self.recording.place(RIGHT, self._pcm(self._agent_ulaw), self._agent_at)
         self._agent_ulaw.clear()
 
     def agent_cleared(self, now: float) -> None:
@@ -179,7 +188,7 @@ class CallObserver:
         if self.recording is not None:
             if self._agent_ulaw:
                 self._agent_batch()
-            self.recording.cut_agent(int((now - self.started) * RATE))
+            self.recording.cut_agent(int((now - self.started) * self.rate))
         self.event(now, "clear")
 
     def _match_turn(self) -> None:
@@ -220,7 +229,7 @@ class CallObserver:
 
     def close(self) -> None:
         if self._caller_ulaw:
-            self._caller_batch(self.started + len(self._caller_ulaw) / RATE)
+            self._caller_batch(self.started + len(self._caller_ulaw) / self.width / self.rate)
         if self.recording is not None:
             if self._agent_ulaw:
                 self._agent_batch()

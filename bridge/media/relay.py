@@ -1,19 +1,32 @@
-"""The media websocket: Twilio on one side, the agent's audio websocket on the other.
+"""The relay of a live call: the caller's socket on one side, the agent's audio websocket on the
+other, one code path for every kind of call (docs/protocol.md):
 
-A thin asyncio layer: it checks the stream (signature, registered call, single-use token), opens
-the agent socket, then moves frames between the two sockets through ``CallSession`` until either
-side ends, and records how the call ended. After set-up the relay runs on callbacks: a frame from
-either socket is converted and written on in the same ``data_received`` call, with no task,
-queue or future per frame. Sends never block; a peer that stops reading for ``send_timeout_s``
-ends its own call and never stalls another.
+- ``/twilio/media``: Twilio's media stream of a call the bridge's own voice webhook answered
+  (a signed stream, then a ``start`` naming the call and its single-use stream token);
+- ``/audio-websocket/{call_id}``: the seeds' audio websocket of a call registered through the
+  API (``register-call``, ``register-phone-call``). The call id is the credential, single use,
+  while the call is ``registered``. On a call registered with protocol ``twilio`` only Twilio's
+  signed media stream is let in; on ``web``, any client speaking the ``web`` protocol in the
+  registered format (the browser's ``retell-client-js-sdk`` 1.x);
+- ``/web-call/{access_token}/{call_id}`` or ``/web-call/{call_id}?access_token=...``: a web call
+  from create-web-call, opened with its single-use access token (the first form is a
+  ``customEndpoint`` the browser's web client completes with the call id).
+
+A thin asyncio layer: it checks the socket and starts the call, opens the agent socket, then
+moves frames between the two sockets through ``CallSession`` until either side ends, and records
+how the call ended. After set-up the relay runs on callbacks: a frame from either socket is
+converted and written on in the same ``data_received`` call, with no task, queue or future per
+frame. Sends never block; a peer that stops reading for ``send_timeout_s`` ends its own call and
+never stalls another.
 
 How a call ends (``disconnection_reason``), and how each side's socket is closed:
 
 =====================================  ==================================================
-Twilio sends ``stop``                  ``user_hangup``; agent socket closed with 1000
+Twilio sends ``stop``; the web         ``user_hangup``; agent socket closed with 1000
+client closes (or its socket is lost)
 agent closes with 1000 / 1001          ``agent_hangup``; the agent's last words play out,
                                        the call is hung up through Twilio REST, then the
-                                       Twilio socket is closed with 1000
+                                       caller's socket is closed with 1000
 the caller is silent for               ``inactivity``; hung up through Twilio REST
 ``end_call_after_silence_ms``
 the call reaches                       ``max_duration_reached``; hung up through Twilio REST
@@ -25,19 +38,22 @@ agent closes with another code         ``error_llm_websocket_runtime``; fallback
 (e.g. 1011), or is not configured
 agent sends garbage (or breaks the     ``error_llm_websocket_corrupt_payload``; fallback
 websocket protocol)
-Twilio sends garbage                   ``error_frontend_corrupted_payload``; closed with
-                                       1007 (bad JSON or base64), 1003 (binary frames),
-                                       1008 (a frame only servers send), 1002 (broken
-                                       websocket framing)
-Twilio socket lost without ``stop``,   ``error_twilio``
-or stops reading
-nothing from Twilio for                ``error_no_audio_received``; closed with 1008
+the caller sends garbage               ``error_frontend_corrupted_payload``; closed with
+                                       1007 (bad JSON or base64), 1003 (binary frames
+                                       from Twilio, unknown text from a web client), 1008
+                                       (a frame only servers send), 1002 (broken
+                                       websocket framing); a web client that closes
+                                       with one of those codes, or 1009
+Twilio socket lost without ``stop``,   ``error_twilio`` (a web client that stops reading:
+or stops reading                       ``user_hangup``)
+nothing from the caller for            ``error_no_audio_received``; closed with 1008
 ``no_audio_timeout_s`` (10 s)
 the bridge shuts down                  ``error_unknown`` ("the bridge shut down"); 1001
 =====================================  ==================================================
 
 "Fallback" = the bridge closes the Twilio socket (with 1011 unless said otherwise) and Twilio
-plays the TwiML after </Connect>: the fallback message is heard only when something failed.
+plays the TwiML after </Connect>: the fallback message is heard only when something failed. A
+web client's socket is closed with the same codes.
 """
 
 from __future__ import annotations
@@ -45,21 +61,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import uuid
 from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote
 
 from twilio.request_validator import RequestValidator
 
-from audio import AudioFormat
+from audio import TWILIO_FORMAT, AudioFormat
 
 from ..calls import CallRefused, CallService
-from ..models import CallRecord, Protocol
+from ..models import CallRecord, Encoding, Protocol
 from ..models import DisconnectionReason as Reason
 from ..protocol import twilio as tf
 from ..protocol import web as wf
-from ..protocol.session import TO_TWILIO, CallSession
+from ..protocol.session import TO_CALLER, CallSession
 from ..protocol.twilio import CALL_PARAMETER, TOKEN_PARAMETER
 from ..protocol.websocket import (
-    GOING_AWAY, INTERNAL_ERROR, NORMAL, OK_CLOSE_CODES, POLICY_VIOLATION, PROTOCOL_ERROR, UNSUPPORTED_DATA,
+    GOING_AWAY, INTERNAL_ERROR, INVALID_PAYLOAD, MAX_MESSAGE_BYTES, MESSAGE_TOO_BIG, NORMAL, OK_CLOSE_CODES,
+    POLICY_VIOLATION, PROTOCOL_ERROR, UNSUPPORTED_DATA,
 )  # fmt: skip
 from . import connection
 from .file_writer import FileWriter
@@ -67,22 +86,57 @@ from .observer import CallObserver, Recording, measured_fields
 
 log = logging.getLogger(__name__)
 
+AUDIO_WEBSOCKET_PREFIX = "/audio-websocket/"
+WEB_CALL_PREFIX = "/web-call/"
 SHUTDOWN_DETAIL = "the bridge shut down"
 RECORDING_FLUSH_TIMEOUT_S = 10.0
+#: Close codes of a web client's socket that ended because of what the client sent (the bridge
+#: closes with these when the client breaks RFC 6455; a client may send them too)
+CLIENT_FAULTS = {
+    PROTOCOL_ERROR: "broke the websocket protocol",
+    UNSUPPORTED_DATA: "sent data the web protocol does not carry",
+    INVALID_PAYLOAD: "sent text that is not valid UTF-8",
+    MESSAGE_TOO_BIG: f"sent a message over {MAX_MESSAGE_BYTES} bytes",
+}
 
 
-def media_url(calls: CallService, websocket: connection.ServerConnection) -> str:
-    """The URL Twilio signed for the media websocket (wss, no query)."""
+@dataclass(frozen=True)
+class CallerLeg:
+    """The caller's side of a call's relay."""
+
+    protocol: Protocol  # twilio: Twilio's media stream; web: a web client
+    format: AudioFormat
+    #: Twilio's ``start`` (for a web caller, one made up for a ``twilio``-protocol agent)
+    start: tf.Start
+    updates: bool = False  # a web client that asked for the agent's ``update`` events
+
+
+def web_caller(audio_format: AudioFormat, updates: bool) -> CallerLeg:
+    start = tf.Start(f"MZ{uuid.uuid4().hex}", None, None, tracks=("inbound",))
+    return CallerLeg(Protocol.web, audio_format, start, updates)
+
+
+def socket_url(calls: CallService, websocket: connection.ServerConnection) -> str:
+    """The URL Twilio signed for a media websocket (wss, no query)."""
     base = calls.public_base(websocket.headers, websocket.base_url)
     return base.replace("http", "ws", 1) + websocket.path
 
 
-async def handle_media_stream(websocket: connection.ServerConnection, calls: CallService, files: FileWriter) -> None:
-    """One Twilio media stream, from the upgrade to the call's record."""
+media_url = socket_url
+
+
+def _twilio_signature_problem(calls: CallService, websocket: connection.ServerConnection) -> str | None:
     signature = websocket.headers.get("x-twilio-signature")
     validator = RequestValidator(calls.settings.twilio_auth_token or "")
-    if not signature or not validator.validate(media_url(calls, websocket), {}, signature):
-        log.warning("media websocket refused: %s X-Twilio-Signature", "bad" if signature else "no")
+    if signature and validator.validate(socket_url(calls, websocket), {}, signature):
+        return None
+    return "bad X-Twilio-Signature" if signature else "no X-Twilio-Signature"
+
+
+async def handle_media_stream(websocket: connection.ServerConnection, calls: CallService, files: FileWriter) -> None:
+    """One Twilio media stream on ``/twilio/media``, from the upgrade to the call's record."""
+    if problem := _twilio_signature_problem(calls, websocket):
+        log.warning("media websocket refused: %s", problem)
         websocket.refuse(403)
         return
     try:
@@ -92,73 +146,182 @@ async def handle_media_stream(websocket: connection.ServerConnection, calls: Cal
         return
     public_base = calls.public_base(websocket.headers, websocket.base_url)
     try:
-        start, record = await _accept_stream(websocket, calls, public_base)
+        start = await _read_start(websocket, calls.settings.stream_start_timeout_s)
+        params = start.custom_parameters
+        record = await calls.start_stream(
+            params.get(CALL_PARAMETER), params.get(TOKEN_PARAMETER), start.call_sid, start.account_sid, public_base
+        )
     except CallRefused as e:
-        log.warning("media stream rejected: %s", e)
-        if e.call_id:
-            await calls.note(e.call_id, f"stream rejected: {e}")
-        await websocket.close(1008, str(e)[:120])
+        await _refused(websocket, calls, e, "media stream")
         return
-    await _relay(websocket, calls, files, start, record)
+    await _relay(websocket, calls, files, CallerLeg(Protocol.twilio, TWILIO_FORMAT, start), record)
 
 
-async def _accept_stream(websocket: connection.ServerConnection, calls: CallService, public_base: str):
-    """Read ``connected`` and ``start``; the call service checks the call and its token."""
-    timeout_s = calls.settings.stream_start_timeout_s
+async def handle_audio_websocket(websocket: connection.ServerConnection, calls: CallService, files: FileWriter) -> None:
+    """``/audio-websocket/{call_id}``: the audio websocket of a call registered through the API,
+    from Twilio (protocol ``twilio``) or a web client (``web``)."""
+    call_id = unquote(websocket.path[len(AUDIO_WEBSOCKET_PREFIX) :])
+    record = await calls.find(call_id) if call_id and "/" not in call_id else None
+    if record is None:
+        await _refused(websocket, calls, CallRefused("unknown call"), "audio websocket")
+        return
+    signed = "x-twilio-signature" in websocket.headers
+    public_base = calls.public_base(websocket.headers, websocket.base_url)
+    if record.audio_websocket_protocol is Protocol.twilio:
+        if problem := _twilio_signature_problem(calls, websocket):
+            if not signed:
+                problem = "a client that is not Twilio's media stream (no X-Twilio-Signature) on a call registered with protocol twilio"
+            await _refused(websocket, calls, CallRefused(problem, call_id), "audio websocket", status=403)
+            return
+        try:
+            websocket.accept()
+        except connection.ConnectionClosed as e:
+            log.warning("audio websocket refused: %s", e)
+            return
+        try:
+            start = await _read_start(websocket, calls.settings.stream_start_timeout_s)
+            record = await calls.start_call(call_id, public_base, twilio_call_sid=start.call_sid, twilio_account_sid=start.account_sid)
+        except CallRefused as e:
+            e.call_id = call_id
+            await _refused(websocket, calls, e, "audio websocket")
+            return
+        caller = CallerLeg(Protocol.twilio, TWILIO_FORMAT, start)
+    else:
+        if signed:
+            problem = "Twilio's media stream on a call registered with protocol web"
+            await _refused(websocket, calls, CallRefused(problem, call_id), "audio websocket", status=403)
+            return
+        query = parse_qs(websocket.query)
+        caller = web_caller(AudioFormat(record.audio_encoding.value, record.sample_rate), query.get("enable_update") == ["true"])
+        try:
+            record = await calls.start_call(call_id, public_base)
+        except CallRefused as e:
+            await _refused(websocket, calls, e, "audio websocket")
+            return
+        if not await _accept_started(websocket, calls, call_id):
+            return
+    await _relay(websocket, calls, files, caller, record)
+
+
+async def handle_web_call(websocket: connection.ServerConnection, calls: CallService, files: FileWriter) -> None:
+    """A create-web-call's socket: ``/web-call/{access_token}/{call_id}`` or
+    ``/web-call/{call_id}?access_token=...``, with ``encoding`` and ``sample_rate`` in the query
+    to choose another format than the call's."""
+    token, _, call_id = unquote(websocket.path[len(WEB_CALL_PREFIX) :]).rpartition("/")
+    query = parse_qs(websocket.query)
+    token = token or (query.get("access_token") or [""])[0]
     try:
-        event = await _read_start(websocket, timeout_s)
-    except TimeoutError:
-        raise CallRefused(f"no start within {timeout_s:g} s") from None
-    params = event.custom_parameters
-    record = await calls.start_stream(
-        params.get(CALL_PARAMETER), params.get(TOKEN_PARAMETER), event.call_sid, event.account_sid, public_base
-    )
-    return event, record
+        record = await calls.check_web_call(call_id, token)
+        client = _client_format(query, record)  # before the token is spent
+        fields = {"audio_encoding": Encoding(client.encoding), "sample_rate": client.sample_rate}
+        record = await calls.start_call(call_id, calls.public_base(websocket.headers, websocket.base_url), **fields)
+    except CallRefused as e:
+        await _refused(websocket, calls, e, "web call socket")
+        return
+    if not await _accept_started(websocket, calls, call_id):
+        return
+    await _relay(websocket, calls, files, web_caller(client, True), record)
+
+
+def _client_format(query: dict[str, list[str]], record: CallRecord) -> AudioFormat:
+    """The format a web-call client asked for in the query string (default: the call's)."""
+    rate = (query.get("sample_rate") or [""])[0]
+    encoding = (query.get("encoding") or [""])[0] or record.audio_encoding.value
+    try:
+        return AudioFormat(encoding, int(rate) if rate else record.sample_rate)
+    except ValueError as e:
+        raise CallRefused(f"bad format in the query: {e}", record.call_id) from None
+
+
+async def _accept_started(websocket: connection.ServerConnection, calls: CallService, call_id: str) -> bool:
+    """Accept a web client's upgrade for a call already started; a client gone meanwhile ends it."""
+    try:
+        websocket.accept()
+    except connection.ConnectionClosed as e:
+        await calls.end(call_id, Reason.user_hangup, f"the client left before its socket opened ({e})")
+        return False
+    if websocket.closed:
+        await calls.end(call_id, Reason.user_hangup, "the client left before its socket opened")
+        return False
+    return True
+
+
+async def _refused(websocket: connection.ServerConnection, calls: CallService, e: CallRefused, what: str, status: int = 0) -> None:
+    """Say no to a socket: on the call's record if the call exists, in the log, and to the peer
+    (an HTTP ``status`` before the upgrade, else a 1008 close with the reason)."""
+    log.warning("%s refused%s: %s", what, f" for call {e.call_id}" if e.call_id else "", e)
+    if e.call_id:
+        try:
+            await calls.note(e.call_id, f"{what} refused: {e}", calls.public_base(websocket.headers, websocket.base_url))
+        except Exception:  # the database may be gone; the log has it
+            log.exception("call %s: could not note the refusal", e.call_id)
+    if status:
+        websocket.refuse(status)
+        return
+    if not websocket.accepted:
+        try:
+            websocket.accept()
+        except connection.ConnectionClosed:
+            return
+    await websocket.close(POLICY_VIOLATION, str(e)[:120])
 
 
 async def _read_start(websocket: connection.ServerConnection, timeout_s: float) -> tf.Start:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            try:
-                text = await websocket.recv()
-            except connection.ConnectionClosed:
-                raise CallRefused("closed before start") from None
-            if type(text) is not str:
-                raise CallRefused("binary frame before start")
-            try:
-                event = tf.parse(text)
-            except tf.FrameError as e:
-                raise CallRefused(f"bad frame before start: {e}") from None
-            if type(event) is tf.Connected:
-                continue
-            if type(event) is not tf.Start:
-                raise CallRefused(f"expected start, got {type(event).__name__.lower()}")
-            return event
+    """Twilio's ``connected`` and ``start``. Raises ``CallRefused``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                try:
+                    text = await websocket.recv()
+                except connection.ConnectionClosed:
+                    raise CallRefused("closed before start") from None
+                if type(text) is not str:
+                    raise CallRefused("binary frame before start")
+                try:
+                    event = tf.parse(text)
+                except tf.FrameError as e:
+                    raise CallRefused(f"bad frame before start: {e}") from None
+                if type(event) is tf.Connected:
+                    continue
+                if type(event) is not tf.Start:
+                    raise CallRefused(f"expected start, got {type(event).__name__.lower()}")
+                return event
+    except TimeoutError:
+        raise CallRefused(f"no start within {timeout_s:g} s") from None
 
 
-async def _relay(twilio: connection.ServerConnection, calls: CallService, files: FileWriter, start: tf.Start, record: CallRecord) -> None:
+async def _relay(caller_ws: connection.ServerConnection, calls: CallService, files: FileWriter, caller: CallerLeg, record: CallRecord) -> None:
     settings = calls.settings
     call_id = record.call_id
     agent_config = calls.agent(record)
     private = calls.is_private(record)
     loop = asyncio.get_running_loop()
     observer = None
+    start = caller.start
     try:
-        observer, unavailable = _observe(calls, files, record, loop.time(), private)
-        observer.event(observer.started, "stream_start", call_sid=start.call_sid, stream_sid=start.stream_sid)
+        observer, unavailable = _observe(calls, files, record, loop.time(), private, caller.format)
+        if caller.protocol is Protocol.twilio:
+            observer.event(observer.started, "stream_start", call_sid=start.call_sid, stream_sid=start.stream_sid)
+        else:
+            observer.event(observer.started, "web_client_start", encoding=caller.format.encoding, sample_rate=caller.format.sample_rate)
+        agent_protocol = agent_config.protocol if agent_config else Protocol.web
+        agent_format = AudioFormat(agent_config.encoding.value, agent_config.sample_rate) if agent_config else caller.format
         session = CallSession(
-            record.audio_websocket_protocol,
-            AudioFormat(record.audio_encoding.value, record.sample_rate),
+            agent_protocol,
+            agent_format,
             start.stream_sid,
             frame_ms=settings.media_frame_ms,
             mark_interval_ms=settings.mark_interval_ms,
             observer=observer,
+            caller=caller.protocol,
+            caller_format=caller.format,
+            caller_updates=caller.updates,
         )
     except Exception as e:  # a bug setting the call up ends it on the record, never leaves it ongoing
         log.exception("call %s could not be set up", call_id)
         if observer is not None:
             observer.close()
-        await twilio.close(1011, Reason.error_unknown.value)
+        await caller_ws.close(1011, Reason.error_unknown.value)
         await calls.end(call_id, Reason.error_unknown, f"set-up failed: {type(e).__name__}: {e}")
         return
     for problem in unavailable.values():
@@ -176,7 +339,7 @@ async def _relay(twilio: connection.ServerConnection, calls: CallService, files:
             relay.finish()
 
     calls.attach(call_id, stop)
-    twilio.on_shutdown = lambda: stop(Reason.error_unknown, SHUTDOWN_DETAIL)
+    caller_ws.on_shutdown = lambda: stop(Reason.error_unknown, SHUTDOWN_DETAIL)
     try:
         if agent_config is None:
             session.end(Reason.error_llm_websocket_runtime, f"agent {record.agent_id} is not configured")
@@ -193,17 +356,17 @@ async def _relay(twilio: connection.ServerConnection, calls: CallService, files:
                 silence_ms=record.end_call_after_silence_ms or agent_config.end_call_after_silence_ms,
                 max_duration_ms=agent_config.max_call_duration_ms,
             )
-            relay = MediaRelay(twilio, agent, session, settings, limits, loop)
+            relay = MediaRelay(caller_ws, agent, session, settings, limits, loop)
             await relay.run()
     except Exception as e:  # a bug must end this call cleanly, never the process
         log.exception("call %s failed", call_id)
         session.end(Reason.error_unknown, f"{type(e).__name__}: {e}")
     finally:
         calls.detach(call_id)
-        await _finish(twilio, agent, session, calls, files, record, unavailable)
+        await _finish(caller_ws, agent, session, calls, files, record, unavailable)
 
 
-def _observe(calls: CallService, files: FileWriter, record: CallRecord, started: float, private: bool):
+def _observe(calls: CallService, files: FileWriter, record: CallRecord, started: float, private: bool, caller_format: AudioFormat):
     """The call's observer, with its recording and public log unless the call is private. A
     file that cannot be opened (a full disk, a read-only volume) costs that file only, never the
     call: ``(observer, {record field: why it is unavailable})``."""
@@ -211,15 +374,15 @@ def _observe(calls: CallService, files: FileWriter, record: CallRecord, started:
     recording = None
     if not private:
         try:
-            recording = Recording(calls.recording_path(record.call_id), files.open)
+            recording = Recording(calls.recording_path(record.call_id), files.open, caller_format.sample_rate)
         except OSError as e:
             unavailable["recording_url"] = f"no recording: {e}"
     log_path = None if private else calls.log_path(record.call_id)
     try:
-        observer = CallObserver(started=started, recording=recording, log_path=log_path, private=private)
+        observer = CallObserver(started=started, recording=recording, log_path=log_path, private=private, caller_format=caller_format)
     except OSError as e:  # (the log is opened last: the recording, if any, is still ours)
         unavailable["public_log_url"] = f"no public log: {e}"
-        observer = CallObserver(started=started, recording=recording, private=private)
+        observer = CallObserver(started=started, recording=recording, private=private, caller_format=caller_format)
     return observer, unavailable
 
 
@@ -244,12 +407,13 @@ class MediaRelay:
     watchdogs, limits and pings; another sends a partial frame or a burst's mark when the agent
     goes quiet (``CallSession.idle_timeout``)."""
 
-    def __init__(self, twilio: connection.WsConnection, agent: connection.WsConnection, session: CallSession, settings, limits: Limits, loop):
-        self.twilio, self.agent, self.session = twilio, agent, session
+    def __init__(self, caller: connection.WsConnection, agent: connection.WsConnection, session: CallSession, settings, limits: Limits, loop):
+        self.caller, self.agent, self.session = caller, agent, session
         self.settings, self.limits, self.loop = settings, limits, loop
-        self.twilio_protocol = session.protocol is Protocol.twilio
+        self.agent_twilio = session.protocol is Protocol.twilio
+        self.caller_name = "the web client" if session.web_caller else "Twilio"
         self.done = loop.create_future()
-        self.last_from_twilio = loop.time()
+        self.last_from_caller = loop.time()
         self._idle_deadline: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_at = 0.0
@@ -260,7 +424,7 @@ class MediaRelay:
 
     async def run(self) -> None:
         self._next_ping = self.loop.time() + self.settings.keepalive_interval_s
-        self.twilio.listen(self._from_twilio, self._twilio_closed)
+        self.caller.listen(self._from_caller, self._caller_closed)
         self.agent.listen(self._from_agent, self._agent_closed)
         # the first tick at a random point of the period: calls started together tick apart
         self._tick_timer = self.loop.call_later(random.uniform(0, self._tick_s), self._tick)
@@ -278,29 +442,23 @@ class MediaRelay:
     # --- frames -------------------------------------------------------------------------------
 
     def _send(self, actions) -> None:
-        twilio, agent = [], []
+        caller, agent = [], []
         for target, message in actions:
-            if target == TO_TWILIO:
-                twilio.append(self.twilio.frame_text(message))
-            elif type(message) is str:
-                agent.append(self.agent.frame_text(message))
-            else:
-                agent.append(self.agent.frame_binary(message))
-        if twilio:
-            self.twilio.send_many(twilio)
+            to = self.caller if target == TO_CALLER else self.agent
+            frames = caller if target == TO_CALLER else agent
+            frames.append(to.frame_text(message) if type(message) is str else to.frame_binary(message))
+        if caller:
+            self.caller.send_many(caller)
         if agent:
             self.agent.send_many(agent)
 
-    def _from_twilio(self, message) -> None:
+    def _from_caller(self, message) -> None:
         session = self.session
-        self.last_from_twilio = now = self.loop.time()
+        self.last_from_caller = now = self.loop.time()
         try:
-            if type(message) is not str:
-                session.end(Reason.error_frontend_corrupted_payload, "binary frame from Twilio", UNSUPPORTED_DATA)
-            else:
-                actions = session.from_twilio(message, now)
-                if actions:
-                    self._send(actions)
+            actions = session.from_caller(message, now)
+            if actions:
+                self._send(actions)
         except Exception as e:  # a bug ends this call (and says so), never the connection silently
             self._failed(e)
         if session.ending is not None:
@@ -357,9 +515,11 @@ class MediaRelay:
         if wait is not None:
             self._arm_idle(now + wait)
 
-    def _twilio_closed(self) -> None:
-        t = self.twilio
-        if t.overflowed:
+    def _caller_closed(self) -> None:
+        t = self.caller
+        if self.session.web_caller:
+            self._web_client_closed(t)
+        elif t.overflowed:
             self.session.end(Reason.error_twilio, f"Twilio stopped reading: over {connection.MAX_WRITE_BUFFER} bytes unread")
         elif t.protocol_error:
             self.session.end(
@@ -368,6 +528,21 @@ class MediaRelay:
         else:
             code = t.close_code if t.close_code is not None else 1006
             self.session.end(Reason.error_twilio, f"Twilio socket closed without stop (code {code})")
+        self.finish()
+
+    def _web_client_closed(self, c: connection.WsConnection) -> None:
+        if c.overflowed:
+            self.session.end(Reason.user_hangup, f"the web client stopped reading: over {connection.MAX_WRITE_BUFFER} bytes unread")
+        elif c.protocol_error:
+            self.session.end(
+                Reason.error_frontend_corrupted_payload, f"the web client broke the websocket protocol: {c.protocol_error}", PROTOCOL_ERROR
+            )
+        elif c.close_code in CLIENT_FAULTS:
+            self.session.end(Reason.error_frontend_corrupted_payload, f"the web client {CLIENT_FAULTS[c.close_code]} (close {c.close_code})")
+        elif c.close_code is None:
+            self.session.end(Reason.user_hangup, "the web client's socket was lost (no close frame)")
+        else:
+            self.session.end(Reason.user_hangup, f"the web client closed the socket ({c.close_code})")
         self.finish()
 
     def _agent_closed(self) -> None:
@@ -402,8 +577,9 @@ class MediaRelay:
         session, settings, limits = self.session, self.settings, self.limits
         observer = session.observer
         send_timeout = settings.send_timeout_s
-        if self.twilio.stalled_for() > send_timeout:
-            session.end(Reason.error_twilio, f"Twilio stopped reading for over {send_timeout:g} s")
+        if self.caller.stalled_for() > send_timeout:
+            reason = Reason.user_hangup if session.web_caller else Reason.error_twilio
+            session.end(reason, f"{self.caller_name} stopped reading for over {send_timeout:g} s")
             return
         if self.agent.stalled_for() > send_timeout:
             session.end(Reason.error_llm_websocket_lost_connection, f"agent stopped reading for over {send_timeout:g} s")
@@ -411,8 +587,8 @@ class MediaRelay:
         if self.agent.ping_outstanding_s > settings.agent_ping_timeout_s:
             session.end(Reason.error_llm_websocket_lost_connection, f"agent answered no ping for {settings.agent_ping_timeout_s:g} s")
             return
-        if now - self.last_from_twilio > settings.no_audio_timeout_s:
-            session.end(Reason.error_no_audio_received, f"nothing from Twilio for {now - self.last_from_twilio:.1f} s")
+        if now - self.last_from_caller > settings.no_audio_timeout_s:
+            session.end(Reason.error_no_audio_received, f"nothing from {self.caller_name} for {now - self.last_from_caller:.1f} s")
             return
         silent_ms = observer.silent_for(now) * 1000
         if limits.silence_ms and silent_ms >= limits.silence_ms:
@@ -422,7 +598,7 @@ class MediaRelay:
             session.end(Reason.max_duration_reached, f"the call reached {limits.max_duration_ms / 1000:g} s")
             return
         latency = self.agent.latency
-        if self.twilio_protocol and latency and latency != self._last_latency:
+        if self.agent_twilio and latency and latency != self._last_latency:
             self._last_latency = latency  # the websocket ping's round trip
             session.stats.rtt_ms.append(latency * 1000)
         if now >= self._next_ping:
@@ -432,14 +608,17 @@ class MediaRelay:
 
 
 async def _finish(
-    twilio: connection.ServerConnection, agent, session: CallSession, calls: CallService, files: FileWriter, record: CallRecord,
+    caller: connection.ServerConnection, agent, session: CallSession, calls: CallService, files: FileWriter, record: CallRecord,
     unavailable: dict[str, str],
 ) -> None:
     ending = session.ending
     reason = ending.reason if ending else Reason.error_unknown
     stats = session.stats
+    loop = asyncio.get_running_loop()
+    if session.web_caller:
+        session.update_played(loop.time())
     session.observer.event(
-        asyncio.get_running_loop().time(), "end", reason=reason.value, detail=ending.detail if ending else "",
+        loop.time(), "end", reason=reason.value, detail=ending.detail if ending else "",
         frames_from_caller=stats.inbound_frames, frames_to_caller=stats.outbound_frames,
         agent_audio_ms=round(stats.sent_ms), heard_ms=round(stats.played_ms), clears=stats.clears,
     )  # fmt: skip
@@ -447,15 +626,21 @@ async def _finish(
     # (its close answer never comes; we drop it after 2 s) must not delay the caller's fallback.
     agent_closed = None
     if agent is not None:  # 1000 for a normal end, 1011 when something failed
+        if reason is Reason.user_hangup:
+            for _, message in session.agent_stop():  # a web caller left: Twilio's stop, for a twilio agent
+                agent.send_text(message)
         agent_closed = asyncio.ensure_future(agent.close(code=1011 if reason.is_error else 1000, reason=reason.value))
     try:
-        if reason in HUNG_UP_BY_BRIDGE and record.twilio_call_sid:
+        if session.web_caller:
+            if reason is Reason.agent_hangup:  # the web client plays what it got, then is closed
+                await _web_play_out(caller, session)
+        elif reason in HUNG_UP_BY_BRIDGE and record.twilio_call_sid:
             # let the caller hear the agent's last words (audio is sent ahead of playback), then
             # hang up: closing the stream alone would make Twilio play the fallback after </Connect>
             if reason is Reason.agent_hangup:
-                await _play_out(twilio, session)
+                await _play_out(caller, session)
             await calls.hang_up(record)
-        await twilio.close(twilio_close_code(ending), reason.value)
+        await caller.close(twilio_close_code(ending), reason.value)
     finally:
         if agent_closed is not None:
             await agent_closed
@@ -478,9 +663,9 @@ HUNG_UP_BY_BRIDGE = (
 
 
 def twilio_close_code(ending) -> int:
-    """The close code for Twilio's socket that says what happened: 1000 for a normal end, the
-    code naming what was wrong with Twilio's frames (1007, 1003, 1008, 1002), 1001 when the
-    bridge shuts down, 1008 for a stream that went silent, 1011 when the bridge or the agent
+    """The close code for the caller's socket that says what happened: 1000 for a normal end,
+    the code naming what was wrong with the caller's frames (1007, 1003, 1008, 1002), 1001 when
+    the bridge shuts down, 1008 for a stream that went silent, 1011 when the bridge or the agent
     failed."""
     if ending is None:
         return INTERNAL_ERROR
@@ -495,6 +680,26 @@ def twilio_close_code(ending) -> int:
     return INTERNAL_ERROR
 PLAY_OUT_MARK = "bridge-play-out"
 MAX_PLAY_OUT_S = 60.0
+
+
+async def _web_play_out(client: connection.ServerConnection, session: CallSession) -> None:
+    """Wait until the web client has played the agent's last words (by the clock: it plays what
+    it gets, in order), or it leaves."""
+    wait_s = min(MAX_PLAY_OUT_S, session.unplayed_s(asyncio.get_running_loop().time()))
+    if wait_s <= 0 or client.closed or client.close_code is not None:
+        return
+    left = asyncio.get_running_loop().create_future()
+
+    def on_close() -> None:
+        if not left.done():
+            left.set_result(None)
+
+    client.listen(lambda message: None, on_close)
+    try:
+        async with asyncio.timeout(wait_s):
+            await left
+    except TimeoutError:
+        return
 
 
 async def _play_out(twilio: connection.ServerConnection, session: CallSession) -> None:

@@ -1,9 +1,18 @@
-"""The relay logic of one call, sans-I/O: feed it what arrives from Twilio and from the agent,
-get back what to send where. No sockets, no clock of its own (times are passed in).
+"""The relay logic of one call, sans-I/O: feed it what arrives from the caller's leg and from
+the agent, get back what to send where. No sockets, no clock of its own (times are passed in).
 
-``from_twilio`` / ``from_agent`` / ``flush_agent_audio`` / ``ping`` return a list of
-``(TO_TWILIO | TO_AGENT, message)`` to send in order. When the call must end, ``ending`` is set
-(first reason wins) and the caller closes the sockets.
+Two legs, each speaking one of the two protocols (docs/protocol.md):
+
+- the caller's leg (``caller``): Twilio's media stream (``twilio``, mu-law 8 kHz), or a web
+  client (``web``, e.g. the browser's ``retell-client-js-sdk``) in ``caller_format``;
+- the agent's leg (``protocol``): ``twilio`` or ``web``, in ``agent_format``.
+
+``from_caller`` (``from_twilio`` for a Twilio caller) / ``from_agent`` / ``agent_idle`` /
+``flush_agent_audio`` / ``ping`` return a list of ``(TO_CALLER | TO_AGENT, message)`` to send in
+order. When the call must end, ``ending`` is set (first reason wins) and the relay closes the
+sockets.
+
+A Twilio caller:
 
 Agent audio on the ``web`` protocol is converted to mu-law 8 kHz and cut into Twilio ``media``
 frames of ``frame_ms``. A partial frame waits for more audio while Twilio still has enough queued
@@ -13,6 +22,14 @@ quiet for ``BURST_GAP_S``), so ``played_ms`` says how much agent audio the calle
 heard. A ``clear`` from the agent drops what is not yet sent, resets the resampler and makes the
 marks still pending "cleared": Twilio echoes them, but they do not count as played, and what the
 clear dropped never counts as heard.
+
+A web caller gets the agent's audio converted to its format as soon as it arrives (it plays what
+it receives, in order), ``clear`` as the text ``clear``, and the agent's ``update`` (if it asked,
+``caller_updates``) and ``metadata`` events; its ``ping`` is answered with ``pong``. It echoes no
+marks, so what it has heard is estimated from the clock: audio plays in real time from when it
+was sent. A ``twilio``-protocol agent of a web caller gets the caller's audio as Twilio's
+``media`` frames (mu-law 8 kHz, 20 ms), and its marks back when the audio before them has played
+(at once on its ``clear``), as Twilio would.
 """
 
 from __future__ import annotations
@@ -20,15 +37,16 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from audio import AudioFormat, agent_to_twilio, twilio_to_agent
+from audio import TWILIO_FORMAT, AudioFormat, Converter, agent_to_twilio, twilio_to_agent
 
 from . import twilio as tf
 from . import web as wf
 from ..models import DisconnectionReason, Protocol
-from .websocket import INVALID_PAYLOAD, POLICY_VIOLATION
+from .websocket import INVALID_PAYLOAD, POLICY_VIOLATION, UNSUPPORTED_DATA
 
-TO_TWILIO = 0
+TO_CALLER = 0
 TO_AGENT = 1
+TO_TWILIO = TO_CALLER  # the caller's leg, when it is Twilio's media stream
 BURST_GAP_S = 0.1  # the agent quiet this long ends a burst (a mark then says when it was heard)
 
 Action = tuple[int, str | bytes]
@@ -38,17 +56,18 @@ Action = tuple[int, str | bytes]
 class Ending:
     reason: DisconnectionReason
     detail: str = ""
-    #: the close code that says what went wrong with Twilio's side, if it was Twilio's frames
+    #: the close code that says what went wrong with the caller's side, if it was its frames
     #: (RFC 6455: 1007 invalid payload, 1003 unsupported data, 1008 policy, 1002 protocol)
     close_code: int | None = None
 
 
 @dataclass
 class SessionStats:
-    inbound_frames: int = 0  # media frames from Twilio
-    outbound_frames: int = 0  # media frames sent to Twilio
-    sent_ms: float = 0.0  # agent audio sent to Twilio
-    played_ms: float = 0.0  # agent audio the caller heard (Twilio echoed the marks after it)
+    inbound_frames: int = 0  # audio frames from the caller
+    outbound_frames: int = 0  # audio frames sent to the caller
+    sent_ms: float = 0.0  # agent audio sent to the caller
+    played_ms: float = 0.0  # agent audio the caller heard (Twilio echoed the marks after it;
+    # for a web caller, what its clock says has played)
     clears: int = 0
     dtmf: list[str] = field(default_factory=list)
     rtt_ms: list[float] = field(default_factory=list)
@@ -64,15 +83,35 @@ class CallSession:
         frame_ms: int = 20,
         mark_interval_ms: int = 100,
         observer=None,
+        caller: Protocol = Protocol.twilio,
+        caller_format: AudioFormat = TWILIO_FORMAT,
+        caller_updates: bool = False,
     ):
         self.protocol = protocol
         self.agent_format = agent_format
+        self.caller = caller
+        self.caller_format = caller_format
+        self.web_caller = web_caller = caller is Protocol.web
+        self.caller_updates = caller_updates  # a web caller asked for the agent's updates
         self.twilio = tf.FrameBuilder(stream_sid)
         self.frame_ms = frame_ms
         self.frame_bytes = 8 * frame_ms  # mu-law 8 kHz: 8 bytes a millisecond
         self.mark_interval_ms = mark_interval_ms
-        self.inbound = twilio_to_agent(agent_format)
-        self.outbound = agent_to_twilio(agent_format)
+        # the agent's leg in the format it speaks: Twilio's for a twilio-protocol agent
+        agent_leg = TWILIO_FORMAT if protocol is Protocol.twilio else agent_format
+        if web_caller:
+            self.inbound = Converter(caller_format, agent_leg)
+            self.outbound = Converter(agent_leg, caller_format)
+            self.from_caller = self._from_web_caller
+            self.caller_frames = tf.StreamFrames(stream_sid)  # as Twilio sends: for a twilio agent
+        else:
+            self.inbound = twilio_to_agent(agent_format)
+            self.outbound = agent_to_twilio(agent_format)
+            self.from_caller = self.from_twilio
+        self._caller_carry = b""  # a lone byte of a split s16le sample from a web caller
+        self._caller_ulaw = bytearray()  # a web caller's audio for a twilio agent, not yet framed
+        self._agent_marks: deque[tuple[str, float]] = deque()  # a twilio agent's marks, and when
+        # the audio before them has played (a web caller echoes none)
         self.stats = SessionStats()
         self.observer = observer  # CallObserver: latency, silence, log, recording
         self.transcript: list[dict[str, str]] = []
@@ -97,6 +136,9 @@ class CallSession:
     # --- Twilio -> agent ---------------------------------------------------------------------
 
     def from_twilio(self, text: str, now: float = 0.0) -> list[Action]:
+        if type(text) is not str:
+            self.end(DisconnectionReason.error_frontend_corrupted_payload, "binary frame from Twilio", UNSUPPORTED_DATA)
+            return []
         try:
             event = tf.parse(text)
         except tf.FrameError as e:
@@ -129,6 +171,52 @@ class CallSession:
         if type(event) is tf.Clear:
             self.end(DisconnectionReason.error_frontend_corrupted_payload, "Twilio sent a clear frame", POLICY_VIOLATION)
         return []  # a repeated connected/start, or an event added after this was written
+
+    def _from_web_caller(self, message: str | bytes, now: float = 0.0) -> list[Action]:
+        if type(message) is str:
+            text = message.strip()
+            if text == "ping":
+                return [(TO_CALLER, "pong")]
+            if text != "pong":
+                self.end(
+                    DisconnectionReason.error_frontend_corrupted_payload, f"unexpected text from the web client: {text[:60]!r}",
+                    UNSUPPORTED_DATA,
+                )  # fmt: skip
+            return []
+        data = message
+        if self.caller_format.encoding == "s16le":
+            if self._caller_carry:
+                data = self._caller_carry + data
+                self._caller_carry = b""
+            if len(data) & 1:
+                data, self._caller_carry = data[:-1], data[-1:]
+        if not data:
+            return []
+        self.stats.inbound_frames += 1
+        if self.observer is not None:
+            self.observer.caller_audio(data, now)
+        if self._queue_end:
+            self.update_played(now)
+        audio = self.inbound.process(data)
+        if self.protocol is Protocol.web:
+            return [(TO_AGENT, audio)] if audio else []
+        pending = self._caller_ulaw  # a twilio agent: Twilio's 20 ms media frames
+        pending += audio
+        size = self.frame_bytes
+        actions: list[Action] = []
+        while len(pending) >= size:
+            actions.append((TO_AGENT, self.caller_frames.media(bytes(pending[:size]))))
+            del pending[:size]
+        return actions
+
+    def update_played(self, now: float) -> None:
+        """A web caller: the agent audio it has heard by ``now`` (it plays what it gets, in order)."""
+        unplayed_ms = max(0.0, self._queue_end - now) * 1000
+        self.stats.played_ms = max(self.stats.played_ms, self._heard_base + self.stats.sent_ms - self._sent_base - unplayed_ms)
+
+    def unplayed_s(self, now: float) -> float:
+        """How long the agent audio already sent takes to finish playing (a web caller)."""
+        return max(0.0, self._queue_end - now)
 
     def _mark_echoed(self, name: str) -> None:
         if name in self._cleared:  # flushed by a clear: not heard
@@ -165,6 +253,10 @@ class CallSession:
             if self.observer is not None and len(m.transcript) != len(self.transcript):
                 self.observer.event(now, "transcript", utterances=len(m.transcript))
             self.transcript = m.transcript
+            if self.web_caller and self.caller_updates:
+                return [(TO_CALLER, message)]
+        elif type(m) is wf.Metadata and self.web_caller:
+            return [(TO_CALLER, message)]
         return []
 
     def _from_twilio_agent(self, message: str | bytes, now: float) -> list[Action]:
@@ -176,6 +268,8 @@ class CallSession:
         except tf.FrameError as e:
             self.end(DisconnectionReason.error_llm_websocket_corrupt_payload, f"from agent: {e}")
             return []
+        if self.web_caller:
+            return self._from_twilio_agent_to_web(event, now)
         if type(event) is tf.Media:
             self.stats.outbound_frames += 1
             self.stats.sent_ms += len(event.payload) / 8
@@ -191,6 +285,33 @@ class CallSession:
             return []
         return [(TO_TWILIO, message)]
 
+    def _from_twilio_agent_to_web(self, event: tf.TwilioEvent, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if type(event) is tf.Media:
+            if event.payload:
+                self._send_to_web(actions, self.outbound.process(event.payload), now)
+        elif type(event) is tf.Mark:
+            if self._queue_end <= now:  # nothing left to play: heard at once
+                return [(TO_AGENT, self.caller_frames.mark(event.name))]
+            self._agent_marks.append((event.name, self._queue_end))
+        elif type(event) is tf.Clear:
+            return self._clear(now)
+        else:
+            name = event.event if type(event) is tf.Unknown else type(event).__name__.lower()
+            self.end(DisconnectionReason.error_llm_websocket_corrupt_payload, f"agent sent a '{name}' frame")
+        return actions
+
+    def _send_to_web(self, actions: list[Action], audio: bytes, now: float) -> None:
+        if not audio:
+            return
+        actions.append((TO_CALLER, audio))
+        duration_ms = self.caller_format.duration_ms(len(audio))
+        self.stats.outbound_frames += 1
+        self.stats.sent_ms += duration_ms
+        self._queue_end = max(self._queue_end, now) + duration_ms / 1000
+        if self.observer is not None:
+            self.observer.agent_audio(audio, now)
+
     def _agent_audio(self, data: bytes, now: float) -> list[Action]:
         if self.agent_format.encoding == "s16le":
             if self._carry:
@@ -200,8 +321,11 @@ class CallSession:
                 data, self._carry = data[:-1], data[-1:]
         if not data:
             return []
-        self._pending += self.outbound.process(data)
         actions: list[Action] = []
+        if self.web_caller:
+            self._send_to_web(actions, self.outbound.process(data), now)
+            return actions
+        self._pending += self.outbound.process(data)
         size = self.frame_bytes
         while len(self._pending) >= size:
             self._send_media(actions, bytes(self._pending[:size]), now)
@@ -214,6 +338,8 @@ class CallSession:
         """How long the relay may wait for more agent audio before calling ``agent_idle``
         (None: nothing is waiting). A partial frame waits while Twilio has more than a frame
         queued; marked audio waits for nothing."""
+        if self.web_caller:  # audio goes out as it comes; a twilio agent's marks wait for play
+            return max(0.0, self._agent_marks[0][1] - now) if self._agent_marks else None
         frame_s = self.frame_ms / 1000
         if self._pending:
             return max(frame_s, self._queue_end - now - frame_s)
@@ -225,6 +351,11 @@ class CallSession:
         """``idle_timeout`` passed with no agent audio: send the partial frame so Twilio's queue
         does not run dry, or, after a whole burst, the mark that tells when it was heard."""
         actions: list[Action] = []
+        if self.web_caller:
+            marks = self._agent_marks
+            while marks and marks[0][1] <= now:
+                actions.append((TO_AGENT, self.caller_frames.mark(marks.popleft()[0])))
+            return actions
         if self._pending:
             self._send_media(actions, bytes(self._pending), now)
             self._pending.clear()
@@ -237,6 +368,8 @@ class CallSession:
     def flush_agent_audio(self, now: float = 0.0) -> list[Action]:
         """The agent is gone: send everything left, with a mark after it."""
         actions: list[Action] = []
+        if self.web_caller:
+            return actions  # (sent as it came)
         if self._pending:
             self._send_media(actions, bytes(self._pending), now)
             self._pending.clear()
@@ -264,6 +397,16 @@ class CallSession:
         self.stats.clears += 1
         if self.observer is not None:
             self.observer.agent_cleared(now)
+        if self.web_caller:
+            self.update_played(now)  # what played until now was heard; the rest is thrown away
+            self._carry = b""
+            self.outbound.reset()
+            self._heard_base, self._sent_base = self.stats.played_ms, self.stats.sent_ms
+            self._queue_end = 0.0
+            actions: list[Action] = [(TO_CALLER, "clear")]
+            while self._agent_marks:  # Twilio echoes the marks of cleared audio at once
+                actions.append((TO_AGENT, self.caller_frames.mark(self._agent_marks.popleft()[0])))
+            return actions
         self._pending.clear()
         self._carry = b""
         self.outbound.reset()
@@ -283,6 +426,12 @@ class CallSession:
         if self._ping_sent is None:
             self._ping_sent = now
         return [(TO_AGENT, "ping")]
+
+    def agent_stop(self) -> list[Action]:
+        """The web caller left: a ``twilio``-protocol agent gets Twilio's ``stop``."""
+        if self.web_caller and self.protocol is Protocol.twilio:
+            return [(TO_AGENT, self.caller_frames.stop())]
+        return []
 
     @property
     def pending_marks(self) -> int:

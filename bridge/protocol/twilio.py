@@ -179,6 +179,42 @@ class FrameBuilder:
         return '{"event":"clear","streamSid":%s}' % self._sid
 
 
+class StreamFrames:
+    """Builds Twilio -> server frames of one stream, as Twilio sends them: for a
+    ``twilio``-protocol agent whose caller is not Twilio (a web client). Media is the caller's
+    (``inbound``) track, numbered and timed by its audio (mu-law 8 kHz)."""
+
+    __slots__ = ("stream_sid", "_sid", "_sequence", "_chunk", "_timestamp_ms")
+
+    def __init__(self, stream_sid: str):
+        self.stream_sid = stream_sid
+        self._sid = json.dumps(stream_sid)
+        self._sequence = 2  # connected and start came first
+        self._chunk = 0
+        self._timestamp_ms = 0
+
+    def _next(self) -> int:
+        self._sequence += 1
+        return self._sequence
+
+    def media(self, payload: bytes) -> str:
+        self._chunk += 1
+        timestamp, self._timestamp_ms = self._timestamp_ms, self._timestamp_ms + len(payload) // 8
+        b64 = binascii.b2a_base64(payload, newline=False).decode("ascii")
+        return (
+            '{"event":"media","sequenceNumber":"%d","media":{"track":"inbound","chunk":"%d","timestamp":"%d","payload":"%s"},'
+            '"streamSid":%s}' % (self._next(), self._chunk, timestamp, b64, self._sid)
+        )
+
+    def mark(self, name: str) -> str:
+        return '{"event":"mark","sequenceNumber":"%d","streamSid":%s,"mark":{"name":%s}}' % (self._next(), self._sid, json.dumps(name))
+
+    def stop(self, call_sid: str | None = None) -> str:
+        return json.dumps(
+            {"event": "stop", "sequenceNumber": str(self._next()), "streamSid": self.stream_sid, "stop": {"callSid": call_sid}}
+        )
+
+
 def start_frame(start: Start, sequence: int = 1, drop_parameters: tuple[str, ...] = (), extra: dict[str, str] | None = None) -> str:
     """A ``start`` frame as Twilio sends it (used to forward to ``twilio``-protocol agents),
     less ``drop_parameters`` and with ``extra`` custom parameters."""

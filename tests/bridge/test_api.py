@@ -123,7 +123,7 @@ GOOD_V1 = {"agent_id": "echo", "audio_websocket_protocol": "web", "audio_encodin
         ("/register-call", {**GOOD_V1, "metadata": {"list": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}, 422, "deeper"),
         ("/register-call", {**GOOD_V1, "retell_llm_dynamic_variables": {"n": 5}}, 422, "retell_llm_dynamic_variables.n"),
         ("/register-call", {**GOOD_V1, "from_number": "+14155550100\n"}, 422, "E.164"),
-        ("/v2/register-phone-call", {"agent_id": "echo", "from_number": "+14155550100"}, 422, "to_number"),
+        ("/v2/register-phone-call", {"agent_id": "echo", "from_number": "not a number"}, 422, "from_number"),
         ("/v3/list-calls", {"filter_criteria": {"start_timestamp": {"op": "bt", "value": ["x", 1]}}}, 422, "start_timestamp"),
         ("/v3/list-calls", {"filter_criteria": {"start_timestamp": {"op": "ge", "value": 10**30}}}, 422, "start_timestamp"),
         ("/v3/list-calls", {"filter_criteria": {"call_status": {"op": "in", "value": [{}]}}}, 422, "call_status"),

@@ -86,7 +86,7 @@ async def test_a_used_token_cannot_open_a_second_stream(start_bridge):
     assert await closed_with(second) == 1008
     record = await bridge.store.get(params["call_id"])
     assert record.call_status.value == "ongoing"  # the real call goes on
-    assert any("already used" in note for note in record.notes)
+    assert any("already connected" in note for note in record.notes)
     await first.send(json.dumps({"event": "stop", "stop": {}}))
     assert (await wait_for_end(bridge, params["call_id"])).disconnection_reason.value == "user_hangup"
 
