@@ -273,7 +273,9 @@ async def simulate_call(
         except ET.ParseError as e:
             result.protocol_errors.append(f"the webhook's answer is not TwiML: {e}")
             return result
-        result.call_id = stream_params.get("call_id")
+        # the bridge's own TwiML names the call in a parameter; a user's own webhook in the URL
+        # of the seeds' audio websocket (wss://HOST/audio-websocket/{call_id})
+        result.call_id = stream_params.get("call_id") or _audio_websocket_call_id(stream_url)
         if stream_url is None:
             result.fallback = [f"{verb}: {text}".rstrip(": ") for verb, text in after]
             result.ended_by = "bridge"
@@ -288,6 +290,11 @@ async def simulate_call(
             except RecordUnavailable as e:
                 result.record_problem = str(e)
     return result
+
+
+def _audio_websocket_call_id(url: str | None) -> str | None:
+    head, marker, call_id = (url or "").partition("/audio-websocket/")
+    return call_id.partition("?")[0] or None if marker else None
 
 
 class RecordUnavailable(Exception):

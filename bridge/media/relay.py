@@ -69,8 +69,8 @@ from twilio.request_validator import RequestValidator
 
 from audio import TWILIO_FORMAT, AudioFormat
 
-from ..calls import CallRefused, CallService
-from ..models import CallRecord, Encoding, Protocol
+from ..calls import CallRefused, CallService, not_startable
+from ..models import CallRecord, CallStatus, Encoding, Protocol
 from ..models import DisconnectionReason as Reason
 from ..protocol import twilio as tf
 from ..protocol import web as wf
@@ -172,6 +172,9 @@ async def handle_audio_websocket(websocket: connection.ServerConnection, calls: 
             if not signed:
                 problem = "a client that is not Twilio's media stream (no X-Twilio-Signature) on a call registered with protocol twilio"
             await _refused(websocket, calls, CallRefused(problem, call_id), "audio websocket", status=403)
+            return
+        if record.call_status is not CallStatus.registered:  # said at once, not after a start
+            await _refused(websocket, calls, CallRefused(not_startable(record), call_id), "audio websocket")
             return
         try:
             websocket.accept()
