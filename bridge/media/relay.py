@@ -89,6 +89,7 @@ log = logging.getLogger(__name__)
 AUDIO_WEBSOCKET_PREFIX = "/audio-websocket/"
 WEB_CALL_PREFIX = "/web-call/"
 SHUTDOWN_DETAIL = "the bridge shut down"
+MAX_CALL_ID = 256  # longer is no call id: refused without asking the store
 RECORDING_FLUSH_TIMEOUT_S = 10.0
 #: Close codes of a web client's socket that ended because of what the client sent (the bridge
 #: closes with these when the client breaks RFC 6455; a client may send them too)
@@ -161,7 +162,7 @@ async def handle_audio_websocket(websocket: connection.ServerConnection, calls: 
     """``/audio-websocket/{call_id}``: the audio websocket of a call registered through the API,
     from Twilio (protocol ``twilio``) or a web client (``web``)."""
     call_id = unquote(websocket.path[len(AUDIO_WEBSOCKET_PREFIX) :])
-    record = await calls.find(call_id) if call_id and "/" not in call_id else None
+    record = await calls.find(call_id) if 0 < len(call_id) <= MAX_CALL_ID and "/" not in call_id else None
     if record is None:
         await _refused(websocket, calls, CallRefused("unknown call"), "audio websocket")
         return
@@ -349,7 +350,11 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
         else:
             agent = await _open_agent(session, calls.agent_url(record), calls.agent_headers(record), settings)
         if agent is not None and session.ending is None:
-            observer.event(loop.time(), "agent_connected", protocol=session.protocol.value)
+            agent_leg = session.agent_format if session.protocol is Protocol.web else TWILIO_FORMAT
+            observer.event(
+                loop.time(), "agent_connected", protocol=session.protocol.value, encoding=agent_leg.encoding,
+                sample_rate=agent_leg.sample_rate,
+            )  # fmt: skip
             if session.protocol is Protocol.twilio:
                 agent.send_text(tf.connected_frame())
                 agent.send_text(tf.start_frame(start, drop_parameters=(TOKEN_PARAMETER,), extra=calls.agent_context(record)))
@@ -447,9 +452,12 @@ class MediaRelay:
     def _send(self, actions) -> None:
         caller, agent = [], []
         for target, message in actions:
-            to = self.caller if target == TO_CALLER else self.agent
-            frames = caller if target == TO_CALLER else agent
-            frames.append(to.frame_text(message) if type(message) is str else to.frame_binary(message))
+            if target == TO_CALLER:
+                caller.append(self.caller.frame_text(message) if type(message) is str else self.caller.frame_binary(message))
+            elif type(message) is str:
+                agent.append(self.agent.frame_text(message))
+            else:
+                agent.append(self.agent.frame_binary(message))
         if caller:
             self.caller.send_many(caller)
         if agent:

@@ -39,8 +39,8 @@ async def register(bridge, **body) -> dict:
 
 def first_phrase(pcm: bytes, rate: int) -> bytes:
     """The first phrase of the caller sample, in s16le at ``rate``."""
-    per_ms = rate // 1000 * 2
-    return pcm[int(TRUTH[0][0] * per_ms) : int(TRUTH[0][1] * per_ms)]
+    start, end = (int(ms * rate / 1000) * 2 for ms in TRUTH[0])
+    return pcm[start:end]
 
 
 async def closed_by_bridge(url: str, **connect) -> tuple[int | None, str]:
@@ -267,3 +267,16 @@ async def test_a_web_client_on_a_bridge_shutting_down_is_told_so(start_bridge):
     finally:
         await store.close()
     assert record.disconnection_reason.value == "error_unknown" and "shut down" in record.error_detail
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 44100, 48000])
+async def test_web_clients_at_any_rate_hear_the_agent_and_are_recorded_at_theirs(bridge, rate):
+    call = await register(bridge, sample_rate=rate)
+    said = Resampler(8000, rate).process(caller_audio()) if rate != 8000 else caller_audio()
+    heard, _ = await talk(audio_websocket(bridge, call["call_id"]), said, rate)
+    corr, _ = best_correlation(heard, first_phrase(said, rate))
+    assert corr >= 0.9, corr
+    record = await wait_for_end(bridge, call["call_id"])
+    assert record.disconnection_reason.value == "user_hangup" and record.e2e_latency is not None
+    with wave.open(str(bridge.calls.recording_path(call["call_id"]))) as w:
+        assert w.getframerate() == rate

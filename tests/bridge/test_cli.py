@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from .conftest import API_KEY, AUTH_TOKEN
@@ -95,3 +96,42 @@ async def test_simulate_names_what_is_wrong(start_bridge, tmp_path):
         BRIDGE_TWILIO_AUTH_TOKEN=AUTH_TOKEN,
     )
     assert capped.returncode == 0 and "the call reached --max-call-s (1 s)" in capped.stderr
+
+
+async def test_the_readme_sdk_example_runs_as_written_against_bridge_serve(tmp_path):
+    """The README's retell-sdk example, run as written (only its port moved to a free one)
+    against ``bridge serve`` in its default mode: embedded defaults, dev secrets, no accounts."""
+    import re
+    from pathlib import Path
+
+    from .conftest import free_port, until
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## The call API") :]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "serve", "--port", str(port)], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+
+        async def serving() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await until(serving, timeout=30)
+        script = example.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+        ran = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    assert re.fullmatch(r'<Connect><Stream url="wss://YOUR-HOST/audio-websocket/[0-9a-f]{32}"/></Connect>', lines[0]), lines
+    assert lines[1:] == ["registered", "2"], lines

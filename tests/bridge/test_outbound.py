@@ -43,7 +43,10 @@ async def test_override_agent_id(bridge, sdk):
     call = await sdk.call.create_phone_call(from_number=OWNED, to_number="+14155550199", override_agent_id="slow")
     assert call.agent_id == "slow"
     await next(iter(bridge.fake.outbound.values()))
-    assert (await wait_for_end(bridge, call.call_id, timeout=20)).sample_rate == 16000
+    record = await wait_for_end(bridge, call.call_id, timeout=20)
+    assert (record.audio_websocket_protocol.value, record.sample_rate) == ("twilio", 8000)  # the caller's leg
+    log = bridge.calls.log_path(call.call_id).read_text()
+    assert '"event":"agent_connected","protocol":"web","encoding":"s16le","sample_rate":16000' in log  # the slow agent's
 
 
 @pytest.mark.parametrize("outcome,reason", [("busy", "dial_busy"), ("failed", "dial_failed"), ("no-answer", "dial_no_answer")])

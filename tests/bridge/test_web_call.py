@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 import websockets
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 from audio import Resampler
 from bridge.settings import AgentConfig

@@ -128,7 +128,8 @@ async def test_calls_are_routed_by_number_or_path(start_bridge, to, path, agent)
     call_id = parse_twiml(r.text)[1]["call_id"]
     record = await bridge.store.get(call_id)
     assert record.agent_id == agent
-    assert record.sample_rate == AGENTS[agent].sample_rate
+    # the record's format is the caller's leg (Twilio's stream); the agent's is its own
+    assert (record.audio_websocket_protocol.value, record.audio_encoding.value, record.sample_rate) == ("twilio", "mulaw", 8000)
 
 
 async def test_no_agent_for_a_number_plays_the_fallback(start_bridge):
@@ -162,8 +163,9 @@ async def test_an_external_registrar_gives_the_call_id(start_bridge):
         assert parse_twiml(r.text)[1]["call_id"] == "ext_call_42"
         auth, body = seen[0]
         assert auth == "Bearer reg-key"
-        assert body["agent_id"] == "ext" and body["audio_websocket_protocol"] == "web"
-        assert body["audio_encoding"] == "s16le" and body["sample_rate"] == 16000
+        # the v1 contract's format is the audio websocket's: a phone call's is Twilio's stream
+        assert body["agent_id"] == "ext" and body["audio_websocket_protocol"] == "twilio"
+        assert body["audio_encoding"] == "mulaw" and body["sample_rate"] == 8000
         assert body["from_number"] == PARAMS["From"] and body["direction"] == "inbound"
         assert (await bridge.store.get("ext_call_42")).call_status.value == "registered"
 
