@@ -101,7 +101,7 @@ class CallService:
             raise SettingsError(problem)
         self.settings = settings
         self.stream_tokens = StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl_s)
-        self.web_tokens = StreamTokens(settings.twilio_auth_token, settings.web_call_token_ttl_s, purpose="web")
+        self.web_tokens = StreamTokens(settings.twilio_auth_token, settings.web_call_token_ttl_s, purpose="web", label="access token")
         self.twilio_rest = TwilioRest(settings.twilio_api_base_url, settings.twilio_auth_token, settings.twilio_account_sid)
         self.dial_throttle = DialThrottle(settings.twilio_calls_per_second)
         self.store: SqlCallStore | None = None  # set by open()

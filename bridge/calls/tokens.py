@@ -28,10 +28,11 @@ def internal_key_matches(secret: str | bytes, call_id: str, key: str | None) -> 
 class StreamTokens:
     """``purpose`` separates token kinds: a media-stream token never opens a web call."""
 
-    def __init__(self, secret: str | bytes, ttl_s: float, purpose: str = "stream"):
+    def __init__(self, secret: str | bytes, ttl_s: float, purpose: str = "stream", label: str = "stream token"):
         self._key = secret.encode() if isinstance(secret, str) else secret
         self.ttl_s = ttl_s
         self.purpose = purpose
+        self.label = label  # what the errors call it
 
     def _sign(self, call_id: str, expires: int, nonce: str) -> str:
         msg = f"{self.purpose}:{call_id}:{expires}:{nonce}".encode()
@@ -45,13 +46,13 @@ class StreamTokens:
     def check(self, call_id: str, token: str | None, now: float | None = None) -> None:
         """Raises TokenError saying what is wrong."""
         if not token:
-            raise TokenError("no stream token")
+            raise TokenError(f"no {self.label}")
         try:
             expires_s, nonce, signature = token.split(".")
             expires = int(expires_s)
         except ValueError:
-            raise TokenError("malformed stream token") from None
+            raise TokenError(f"malformed {self.label}") from None
         if not signature.isascii() or not hmac.compare_digest(signature, self._sign(call_id, expires, nonce)):
-            raise TokenError("stream token does not match this call")
+            raise TokenError(f"{self.label} does not match this call")
         if (time.time() if now is None else now) * 1000 > expires:
-            raise TokenError("stream token expired")
+            raise TokenError(f"{self.label} expired")

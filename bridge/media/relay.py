@@ -123,8 +123,6 @@ def socket_url(calls: CallService, websocket: connection.ServerConnection) -> st
     return base.replace("http", "ws", 1) + websocket.path
 
 
-media_url = socket_url
-
 
 def _twilio_signature_problem(calls: CallService, websocket: connection.ServerConnection) -> str | None:
     signature = websocket.headers.get("x-twilio-signature")
@@ -158,9 +156,21 @@ async def handle_media_stream(websocket: connection.ServerConnection, calls: Cal
     await _relay(websocket, calls, files, CallerLeg(Protocol.twilio, TWILIO_FORMAT, start), record)
 
 
+def _bad_handshake(websocket: connection.ServerConnection) -> bool:
+    """An upgrade that is no websocket handshake is answered with its HTTP error before it can
+    start (and spend) a call."""
+    if websocket.handshake.error:
+        log.warning("%s: not a websocket handshake: %s", websocket.path.split("/")[1], websocket.handshake.error[1])
+        websocket.refuse(*websocket.handshake.error)
+        return True
+    return False
+
+
 async def handle_audio_websocket(websocket: connection.ServerConnection, calls: CallService, files: FileWriter) -> None:
     """``/audio-websocket/{call_id}``: the audio websocket of a call registered through the API,
     from Twilio (protocol ``twilio``) or a web client (``web``)."""
+    if _bad_handshake(websocket):
+        return
     call_id = unquote(websocket.path[len(AUDIO_WEBSOCKET_PREFIX) :])
     record = await calls.find(call_id) if 0 < len(call_id) <= MAX_CALL_ID and "/" not in call_id else None
     if record is None:
@@ -211,6 +221,8 @@ async def handle_web_call(websocket: connection.ServerConnection, calls: CallSer
     """A create-web-call's socket: ``/web-call/{access_token}/{call_id}`` or
     ``/web-call/{call_id}?access_token=...``, with ``encoding`` and ``sample_rate`` in the query
     to choose another format than the call's."""
+    if _bad_handshake(websocket):
+        return
     token, _, call_id = unquote(websocket.path[len(WEB_CALL_PREFIX) :]).rpartition("/")
     query = parse_qs(websocket.query)
     token = token or (query.get("access_token") or [""])[0]
