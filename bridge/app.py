@@ -14,7 +14,7 @@ from starlette.websockets import WebSocket
 
 from audio.filters import plan
 
-from .api import calls, outbound, twilio_voice, web_calls
+from .api import calls, health, outbound, twilio_voice, web_calls
 from .api.deps import MAX_FORM_BYTES, RequestGate
 from .api.errors import install_error_handlers
 from .calls import CallService
@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     call_service = CallService(settings)
     files = FileWriter()  # recordings' writes, off the event loop
+    loop_watch = health.LoopWatch()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -45,7 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except SettingsError as e:  # uvicorn exits on its own; bridge serve says why in a line
             app.state.startup_error = str(e)
             raise
-        jobs = call_service.background_jobs() + [WebhookDispatcher(call_service.store, settings, call_service.http).run()]
+        dispatcher = WebhookDispatcher(call_service.store, settings, call_service.http)
+        jobs = call_service.background_jobs() + [dispatcher.run(), loop_watch.run()]
         background = [asyncio.create_task(job) for job in jobs]
         # Everything built so far (the app, its libraries, the store) lives as long as the
         # process: keep it out of the cyclic collector's full passes, which otherwise walk a
@@ -55,6 +57,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # what the calls that just ended owe their webhooks goes out before the process does
+            left = await dispatcher.flush(settings.webhook_timeout_s + 5)
+            if left:
+                log.warning("%s webhook job(s) left in the outbox for the next start (or another replica)", left)
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -68,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.calls = call_service
+    app.state.loop_watch = loop_watch
     install_error_handlers(app)
     # the key and the declared size are checked before any body is read; bodies sent in chunks
     # are cut off at the same cap while they are read (413 either way)
@@ -103,8 +110,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for path in (MEDIA_PATH, AUDIO_WEBSOCKET_PREFIX + "{path:path}", WEB_CALL_PREFIX + "{path:path}"):
         app.router.routes.append(WebSocketRoute(path, live_call_on_plain_asgi))
 
-    @app.get("/healthz", include_in_schema=False)
-    async def health() -> dict:
-        return {"status": "ok"}
-
+    app.include_router(health.router)
     return app

@@ -87,7 +87,7 @@ def serve(
 ) -> None:
     """Serve the bridge (Twilio webhook, media streams, call API, embedded echo agent)."""
     from .app import create_app
-    from .server import server_options
+    from .server import DrainingServer, server_options
 
     settings = _settings(host=host, port=port, agents_file=agents_file, public_url=public_url)
     if problem := signed_url_problem(settings):
@@ -106,7 +106,7 @@ def serve(
     app = create_app(settings)
     config = uvicorn.Config(app, log_level="info", **server_options(app))
     try:
-        uvicorn.Server(config).run(sockets=[listener])
+        DrainingServer(config, app.state.calls).run(sockets=[listener])
     except SystemExit:  # uvicorn exits when start-up fails (e.g. the instance id is another live process's)
         problem = getattr(app.state, "startup_error", None)
         if problem is None:

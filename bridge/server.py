@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
 
 import uvicorn
 
+from .calls import DRAIN_DETAIL
+from .models import DisconnectionReason
 from .protocol.websocket import MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
 
 
 def ws_protocol(app):
@@ -112,6 +117,67 @@ def server_options(app) -> dict:
     settings = getattr(getattr(app, "state", None), "settings", None)
     guard = {} if settings is None else {"head_timeout_s": settings.request_head_timeout_s, "max_waiting": settings.max_waiting_connections}
     return {"ws": ws_protocol(app), "ws_max_size": MAX_MESSAGE_BYTES, "http": http_protocol(**guard)}
+
+
+DRAIN_POLL_S = 0.2
+#: after the drain deadline ended the last calls: how long their relays get to record the end
+DEADLINE_GRACE_S = 15.0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with the bridge's graceful drain (docs/operations.md).
+
+    The first SIGTERM drains: the replica is not ready (``/readyz`` 503), voice webhooks are
+    handed to a ready replica (``twilio_voice.hand_over``), and live calls go on untouched (so do
+    streams of calls this replica answered just before, and every other request) until none is
+    left, or ``drain_timeout_s`` passes: calls still live then end as ``max_duration_reached``
+    and a Twilio caller hears ``drain_message``. Then the server stops as usual (the webhook
+    outbox flushed, recordings finalised) and the process exits 0.
+
+    SIGINT, or a second SIGTERM, stops at once: live calls end as "the bridge shut down"
+    (``error_unknown``), each recorded. A third signal stops without waiting for anything. The
+    signal is never raised again at exit (uvicorn does that, and the process would die by it)."""
+
+    def __init__(self, config: uvicorn.Config, calls):
+        super().__init__(config)
+        self.calls = calls
+        self.drain_task: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGTERM and self.drain_task is None and not self.should_exit:
+            asyncio.get_event_loop().call_soon_threadsafe(self._start_drain)
+        elif self.should_exit:
+            self.force_exit = True
+        else:
+            log.warning("signal %s: stopping now; live calls end as the bridge shutting down", signal.Signals(sig).name)
+            self.should_exit = True
+
+    def _start_drain(self) -> None:
+        if self.drain_task is None:
+            self.drain_task = asyncio.get_running_loop().create_task(self.drain())
+
+    async def drain(self) -> None:
+        calls = self.calls
+        settings = calls.settings
+        calls.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.drain_timeout_s
+        log.warning(
+            "SIGTERM: draining (not ready; new calls go to other replicas); %d live call(s) go on for at most %g s",
+            calls.live_calls, settings.drain_timeout_s,
+        )  # fmt: skip
+        try:
+            while (calls.live_calls or calls.streams_due()) and loop.time() < deadline and not self.should_exit:
+                await asyncio.sleep(DRAIN_POLL_S)
+            if calls.live_calls and not self.should_exit:
+                ended = calls.end_live_calls(DisconnectionReason.max_duration_reached, f"{DRAIN_DETAIL} ({settings.drain_timeout_s:g} s)")
+                log.warning("drain deadline: %d live call(s) ended", ended)
+                grace_end = loop.time() + DEADLINE_GRACE_S
+                while calls.live_calls and loop.time() < grace_end:
+                    await asyncio.sleep(DRAIN_POLL_S)
+            log.warning("drained: stopping")
+        finally:
+            self.should_exit = True
 
 
 class BackgroundServer:

@@ -195,6 +195,16 @@ class Settings(BaseSettings):
     recording_retention_days: float | None = Field(None, gt=0)
     #: How often the relay checks silence / duration limits and the Twilio watchdog
     limits_tick_s: float = Field(0.2, gt=0)
+    #: On SIGTERM: how long live calls may go on (new calls go to other replicas meanwhile);
+    #: calls still live then end as max_duration_reached and a Twilio caller hears drain_message
+    drain_timeout_s: float = Field(3600.0, ge=0)
+    drain_message: str = "Sorry, we have to end this call now. Please call again."
+    #: /readyz answers 503 from this many live calls on (None: no limit)
+    max_live_calls: int | None = Field(None, ge=1)
+    #: "json": one JSON object per log line (with call_id where one applies); "text" for people
+    log_format: Literal["text", "json"] = "text"
+    #: Serve /metrics on its own port too (None: only on the main port, behind nothing)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
     echo_sample_rate: int = Field(24000, ge=8000, le=48000)
     echo_end_silence_ms: int = Field(600, ge=100)
 

@@ -35,7 +35,7 @@ def require_api_key(request: Request) -> None:
 
 
 #: HTTP paths that need no API key: Twilio's callbacks carry a signature instead
-PUBLIC_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
+PUBLIC_PATHS = ("/healthz", "/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
 TWILIO_PREFIX = "/twilio/"
 #: Twilio's webhook forms are a few hundred bytes
 MAX_FORM_BYTES = 64 * 1024

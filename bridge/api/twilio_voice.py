@@ -71,10 +71,31 @@ async def _form_if_signed(request: Request):
     return form if validator.validate(url, form, signature, algorithm) else None
 
 
+#: The query parameter of a voice webhook a draining replica handed on: a replica that gets
+#: it while draining too answers 503, so Twilio uses the number's fallback URL (never a loop)
+HANDED_OVER = "bridge_handed_over"
+
+
+def hand_over(request: Request) -> Response:
+    """A draining replica takes no new call: ``<Redirect>`` Twilio to the public URL, where the
+    load balancer picks a ready replica; a request already handed over once gets 503."""
+    calls = call_service(request)
+    if request.query_params.get(HANDED_OVER):
+        log.warning("voice webhook handed over to a draining replica again: 503 (Twilio uses the number's fallback URL)")
+        return Response("draining: no replica can take the call", status_code=503, media_type="text/plain")
+    path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+    query = f"{request.url.query}&" if request.url.query else ""
+    response = VoiceResponse()
+    response.redirect(f"{calls.public_base(request.headers, str(request.base_url))}{path}?{query}{HANDED_OVER}=1", method="POST")
+    return _twiml(response)
+
+
 @router.post("/twilio/voice", include_in_schema=True, summary="Twilio voice webhook (routes by called number)")
 @router.post("/twilio/voice/{agent_id}", summary="Twilio voice webhook for one agent")
 async def voice_webhook(request: Request, agent_id: str | None = None) -> Response:
     form = await signed_form(request)
+    if call_service(request).draining:
+        return hand_over(request)
     try:
         return await _answer(request, form, agent_id)
     except STORE_UNAVAILABLE as e:  # the caller hears a sentence and a hang-up, not Twilio's error

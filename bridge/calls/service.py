@@ -45,6 +45,8 @@ RESTART_DETAIL = "the bridge instance restarted while the call was live"
 DIAL_TIMEOUT_S = 15.0  # Twilio's calls.create answers in well under a second
 INSTANCE_LEASE_HEARTBEATS = 3  # a holder whose heartbeat is older than this many intervals is gone
 CALL_ID_HEADER = "X-Bridge-Call-Id"
+#: The detail of a call ended because its replica's drain deadline passed (``drain_timeout_s``)
+DRAIN_DETAIL = "the replica's drain deadline passed"
 
 #: ``stop(reason, detail)``: how the relay holding a live call is asked to end it
 StopCall = Callable[[DisconnectionReason, str], None]
@@ -108,6 +110,10 @@ class CallService:
         self.endings: EndingSpool | None = None
         self.http: httpx.AsyncClient | None = None
         self._live: dict[str, StopCall] = {}
+        #: stream tokens this process gave Twilio, not yet used: call id -> when the token expires
+        self._streams_due: dict[str, float] = {}
+        #: SIGTERM came: not ready, new calls go to other replicas, live ones go on (``drain``)
+        self.draining = False
 
     # --- the service's own start and stop ---------------------------------------------------
 
@@ -226,6 +232,7 @@ class CallService:
 
     def stream_token(self, call_id: str) -> str:
         """A fresh single-use token for the call's media stream (goes into the TwiML)."""
+        self._streams_due[call_id] = time.monotonic() + self.settings.stream_token_ttl_s
         return self.stream_tokens.issue(call_id)
 
     async def register_web_call(self, record: CallRecord) -> tuple[CallRecord, str, int]:
@@ -264,6 +271,7 @@ class CallService:
         and its single-use stream token: check both and start the call. Raises ``CallRefused``."""
         if not call_id:
             raise CallRefused("start without a call_id parameter")
+        self._streams_due.pop(call_id, None)
         try:
             self.stream_tokens.check(call_id, token)
         except TokenError as e:  # (a valid token names a call this bridge registered)
@@ -317,6 +325,25 @@ class CallService:
     def detach(self, call_id: str) -> None:
         self._live.pop(call_id, None)
 
+    @property
+    def live_calls(self) -> int:
+        """Calls relayed by this process now."""
+        return len(self._live)
+
+    def streams_due(self) -> int:
+        """Calls this process answered with TwiML whose stream has not arrived yet (and may)."""
+        now = time.monotonic()
+        for call_id in [c for c, expires in self._streams_due.items() if expires < now]:
+            del self._streams_due[call_id]
+        return len(self._streams_due)
+
+    def end_live_calls(self, reason: DisconnectionReason, detail: str) -> int:
+        """Ask every relay here to end its call (the drain's deadline); returns how many."""
+        stops = list(self._live.values())
+        for stop in stops:
+            stop(reason, detail)
+        return len(stops)
+
     def _stop_here(self, call_id: str, reason: DisconnectionReason, detail: str) -> bool:
         stop = self._live.get(call_id)
         if stop is None:
@@ -335,11 +362,12 @@ class CallService:
         log.info("call %s ended: %s %s", call_id, reason.value, detail)
         await self.endings.store_ending(call_id, reason, fields)
 
-    async def hang_up(self, record: CallRecord) -> bool:
-        """End the phone call through Twilio REST (no fallback TwiML is played)."""
+    async def hang_up(self, record: CallRecord, say: str | None = None) -> bool:
+        """End the phone call through Twilio REST (no fallback TwiML is played), after Twilio
+        says ``say`` to the caller if given."""
         if not record.twilio_call_sid:
             return False
-        return await self.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid)
+        return await self.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid, say=say)
 
     async def note(self, call_id: str, text: str, public_base: str | None = None) -> None:
         """Add a line to the call's record (why a socket was refused, a file that could not be

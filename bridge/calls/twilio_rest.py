@@ -10,6 +10,7 @@ import logging
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+from twilio.twiml.voice_response import VoiceResponse
 from twilio.base.exceptions import TwilioException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
@@ -46,11 +47,19 @@ class TwilioRest:
             self._http = RedirectingHttpClient(self.api_base_url)
         return Client(sid, self.auth_token, http_client=self._http)
 
-    async def hangup(self, call_sid: str, account_sid: str | None = None) -> bool:
-        """End a live call (``status=completed``). Returns False (and logs) if Twilio refused."""
+    async def hangup(self, call_sid: str, account_sid: str | None = None, say: str | None = None) -> bool:
+        """End a live call (``status=completed``), or with ``say``, replace its TwiML with that
+        sentence and a hang-up. Returns False (and logs) if Twilio refused."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self.client(account_sid).calls(call_sid).update_async(status="completed")
+                call = self.client(account_sid).calls(call_sid)
+                if say:
+                    response = VoiceResponse()
+                    response.say(say)
+                    response.hangup()
+                    await call.update_async(twiml=str(response))
+                else:
+                    await call.update_async(status="completed")
             return True
         except (TwilioException, aiohttp.ClientError, OSError, TimeoutError) as e:
             log.warning("Twilio hang-up of %s failed: %s", call_sid, e)

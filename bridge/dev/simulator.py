@@ -105,7 +105,7 @@ class FakeTwilioApi:
         form = dict(await request.form())
         call_sid = request.path_params["call"]
         self.requests.append((call_sid, form))
-        if form.get("Status") == "completed":
+        if form.get("Status") == "completed" or "<Hangup" in form.get("Twiml", ""):  # (new TwiML ends the stream)
             self.watch(call_sid).set()
         return JSONResponse({"sid": call_sid, "account_sid": account, "status": form.get("Status", "in-progress")})
 

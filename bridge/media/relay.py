@@ -69,7 +69,7 @@ from twilio.request_validator import RequestValidator
 
 from audio import TWILIO_FORMAT, AudioFormat
 
-from ..calls import CallRefused, CallService, not_startable
+from ..calls import DRAIN_DETAIL, CallRefused, CallService, not_startable
 from ..models import CallRecord, CallStatus, Encoding, Protocol
 from ..models import DisconnectionReason as Reason
 from ..protocol import twilio as tf
@@ -654,15 +654,18 @@ async def _finish(
                 agent.send_text(message)
         agent_closed = asyncio.ensure_future(agent.close(code=1011 if reason.is_error else 1000, reason=reason.value))
     try:
+        drained = ending is not None and ending.detail.startswith(DRAIN_DETAIL)
         if session.web_caller:
             if reason is Reason.agent_hangup:  # the web client plays what it got, then is closed
                 await _web_play_out(caller, session)
+            if drained:  # the drain's deadline: the client is told why, in the close frame
+                await caller.close(GOING_AWAY, calls.settings.drain_message[:120])
         elif reason in HUNG_UP_BY_BRIDGE and record.twilio_call_sid:
             # let the caller hear the agent's last words (audio is sent ahead of playback), then
             # hang up: closing the stream alone would make Twilio play the fallback after </Connect>
             if reason is Reason.agent_hangup:
                 await _play_out(caller, session)
-            await calls.hang_up(record)
+            await calls.hang_up(record, say=calls.settings.drain_message if drained else None)
         await caller.close(twilio_close_code(ending), reason.value)
     finally:
         if agent_closed is not None:

@@ -13,7 +13,7 @@ import secrets
 from typing import Any, Iterable
 
 import orjson
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -145,6 +145,25 @@ class SqlCallStore:
             await conn.execute(
                 insert(calls).values(call_id=record.call_id, instance_id=self.instance_id, version=1, **_columns(record))
             )
+
+    async def ping(self) -> None:
+        """One round trip to the database (readiness): raises if it does not answer."""
+        async with self.engine.connect() as conn:
+            await conn.execute(select(1))
+
+    async def outbox_backlog(self) -> tuple[int, int | None]:
+        """Webhook jobs not yet delivered nor given up: (how many, age of the oldest in ms)."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(select(func.count(), func.min(outbox.c.created_at)).where(outbox.c.next_attempt_at.is_not(None)))
+            ).first()
+        count, oldest = row if row else (0, None)
+        return int(count or 0), (now_ms() - int(oldest)) if oldest is not None else None
+
+    async def outbox_due(self) -> int:
+        """Webhook jobs due now (not leased to anyone)."""
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(select(func.count()).where(outbox.c.next_attempt_at <= now_ms()))).scalar() or 0)
 
     async def get(self, call_id: str) -> CallRecord | None:
         row = await self._row(call_id)

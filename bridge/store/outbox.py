@@ -70,6 +70,7 @@ class WebhookDispatcher:
         self.store, self.settings, self.http = store, settings, http
         self.key = settings.webhook_signing_key or (settings.api_keys[0] if settings.api_keys else "")
         self.jobs_for = webhook_targets(settings)
+        self.in_flight: set[asyncio.Task] = set()
 
     async def run(self) -> None:
         """Claim due jobs and deliver each in its own task (at most ``MAX_IN_FLIGHT``), so a slow
@@ -79,7 +80,7 @@ class WebhookDispatcher:
         lease_s = 2 * self.settings.webhook_timeout_s + 10
         lease_ms = int(lease_s * 1000)
         loop = asyncio.get_running_loop()
-        in_flight: set[asyncio.Task] = set()
+        in_flight = self.in_flight
         while True:
             jobs = []
             if len(in_flight) < MAX_IN_FLIGHT:
@@ -94,6 +95,24 @@ class WebhookDispatcher:
                 task.add_done_callback(in_flight.discard)
             if not jobs:
                 await asyncio.sleep(self.settings.webhook_poll_s)
+
+    async def flush(self, timeout_s: float) -> int:
+        """Before the process exits (``run`` still running): wait until no job is due and none
+        is being delivered, for at most ``timeout_s``. Returns the jobs still due (a retry whose
+        time has not come stays in the outbox, for another replica or the next start)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        due = 0
+        while loop.time() < deadline:
+            try:
+                due = await self.store.outbox_due()
+            except Exception:  # the database is away: what is in the outbox stays there
+                log.exception("webhook outbox unavailable while flushing")
+                return -1
+            if not due and not self.in_flight:
+                return 0
+            await asyncio.sleep(0.1)
+        return due + len(self.in_flight)
 
     async def _attempt(self, job: dict, lease_end: float) -> None:
         try:
