@@ -233,10 +233,13 @@ class Target:
 
 
 class Bridge(Target):
-    def __init__(self, agent_port, workdir, encoding: str, rate: int, private: bool = False, source: Path | None = None):
+    def __init__(
+        self, agent_port, workdir, encoding: str, rate: int, private: bool = False, source: Path | None = None, metrics: bool = True
+    ):
         super().__init__(agent_port, workdir)
         self.name = f"bridge {encoding} {rate // 1000}k" + (" private" if private else "") + (f" @{source.name}" if source else "")
-        self.encoding, self.rate, self.private, self.source = encoding, rate, private, source
+        self.name += "" if metrics else " no-metrics"
+        self.encoding, self.rate, self.private, self.source, self.metrics = encoding, rate, private, source, metrics
 
     def command(self):
         agents = self.workdir / f"agents-{self.encoding}-{self.rate}.toml"
@@ -250,6 +253,8 @@ class Bridge(Target):
             "BRIDGE_API_KEYS": API_KEY, "BRIDGE_DATA_DIR": str(self.workdir / f"data-{self.encoding}-{self.rate}"),
             "BRIDGE_INSTANCE_ID": f"load-{self.encoding}-{self.rate}", "BRIDGE_REQUEST_HOST_SIGNATURES": "1",
         }  # fmt: skip
+        if not self.metrics:
+            env["BRIDGE_METRICS"] = "0"
         if self.source is not None:  # another checkout of the bridge (e.g. before a change)
             env["PYTHONPATH"] = str(self.source)
         return [sys.executable, "-m", "bridge", "serve", "--port", str(self.port)], env
@@ -435,6 +440,7 @@ async def main_async(args) -> int:
         "floor-picows": lambda: Floor(agent.port, workdir, websockets="picows"),
         "floor-picows-24k": lambda: Floor(agent.port, workdir, 24000, websockets="picows"),
         "bridge-24k-other": lambda: Bridge(agent.port, workdir, "s16le", 24000, source=args.other),
+        "bridge-24k-no-metrics": lambda: Bridge(agent.port, workdir, "s16le", 24000, metrics=False),
     }
     deadline = time.monotonic() + args.max_minutes * 60
     print(HEADER, flush=True)
@@ -523,7 +529,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", nargs="+", default=["floor", "floor-24k", "naive", "bridge-24k", "bridge-mulaw"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive", "floor", "floor-24k", "floor-picows", "floor-picows-24k", "bridge-24k-other"])
+    parser.add_argument("--targets", nargs="+", default=["floor", "floor-24k", "naive", "bridge-24k", "bridge-mulaw"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive", "floor", "floor-24k", "floor-picows", "floor-picows-24k", "bridge-24k-other", "bridge-24k-no-metrics"])
     parser.add_argument("--other", type=Path, help="bridge-24k-other runs the bridge from this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 25, 50, 75, 100, 125, 150, 200, 250, 300, 400, 500])
     parser.add_argument("--seconds", type=float, default=8.0, help="per step, warm-up included")

@@ -14,7 +14,7 @@ from starlette.websockets import WebSocket
 
 from audio.filters import plan
 
-from .api import calls, health, outbound, twilio_voice, web_calls
+from .api import calls, health, metrics, outbound, twilio_voice, web_calls
 from .api.deps import MAX_FORM_BYTES, RequestGate
 from .api.errors import install_error_handlers
 from .calls import CallService
@@ -46,9 +46,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except SettingsError as e:  # uvicorn exits on its own; bridge serve says why in a line
             app.state.startup_error = str(e)
             raise
-        dispatcher = WebhookDispatcher(call_service.store, settings, call_service.http)
-        jobs = call_service.background_jobs() + [dispatcher.run(), loop_watch.run()]
+        failures = call_service.metrics.webhook_failures
+        dispatcher = WebhookDispatcher(call_service.store, settings, call_service.http, on_failure=lambda event: failures.labels(event).inc())
+        jobs = call_service.background_jobs() + [dispatcher.run(), loop_watch.run(), metrics.refresh_outbox_gauges(call_service)]
         background = [asyncio.create_task(job) for job in jobs]
+        metrics_server = None
+        if settings.metrics_port is not None:  # the metrics alone, without the API key, on their own port
+            from prometheus_client import start_http_server
+
+            metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=call_service.metrics.registry)
         # Everything built so far (the app, its libraries, the store) lives as long as the
         # process: keep it out of the cyclic collector's full passes, which otherwise walk a
         # heap of ~1M objects and stall every call's audio for tens of ms.
@@ -61,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             left = await dispatcher.flush(settings.webhook_timeout_s + 5)
             if left:
                 log.warning("%s webhook job(s) left in the outbox for the next start (or another replica)", left)
+            if metrics_server is not None:
+                metrics_server.shutdown()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -111,4 +119,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.router.routes.append(WebSocketRoute(path, live_call_on_plain_asgi))
 
     app.include_router(health.router)
+    app.include_router(metrics.router)
     return app

@@ -203,7 +203,9 @@ class Settings(BaseSettings):
     max_live_calls: int | None = Field(None, ge=1)
     #: "json": one JSON object per log line (with call_id where one applies); "text" for people
     log_format: Literal["text", "json"] = "text"
-    #: Serve /metrics on its own port too (None: only on the main port, behind nothing)
+    #: Per-call metrics (frames, sampled delay, RTT, turn latency); off saves what bench.load shows
+    metrics: bool = True
+    #: Serve /metrics without the API key on this port too (for a scraper inside the cluster)
     metrics_port: int | None = Field(None, ge=0, le=65535)
     echo_sample_rate: int = Field(24000, ge=8000, le=48000)
     echo_end_silence_ms: int = Field(600, ge=100)

@@ -26,6 +26,7 @@ from twilio.base.exceptions import TwilioException
 
 from audio import repair_wav
 
+from ..metrics import Metrics
 from ..models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason, now_ms
 from ..settings import AgentConfig, Settings, SettingsError, signed_url_problem
 from ..store import SqlCallStore, webhook_targets
@@ -114,6 +115,8 @@ class CallService:
         self._streams_due: dict[str, float] = {}
         #: SIGTERM came: not ready, new calls go to other replicas, live ones go on (``drain``)
         self.draining = False
+        self._live_labels: dict[str, tuple[str, str, str]] = {}  # call id -> (agent, direction, call type)
+        self.metrics = Metrics(live_calls=lambda: list(self._live_labels.values()), draining=lambda: self.draining)
 
     # --- the service's own start and stop ---------------------------------------------------
 
@@ -123,6 +126,7 @@ class CallService:
         settings = self.settings
         store = await SqlCallStore.open(settings.database_url, settings.instance_id, settings.data_dir)
         store.webhook_targets = webhook_targets(settings)
+        store.time_statements(lambda kind, seconds: self.metrics.store_latency.labels(kind).observe(seconds))
         self.store = store
         try:
             await claim_instance(store, settings)
@@ -253,11 +257,11 @@ class CallService:
                 call = await self.twilio_rest.client().calls.create_async(**params)
         except TwilioException as e:
             detail = getattr(e, "msg", None) or str(e)
-            await self.store.finish(record.call_id, DisconnectionReason.dial_failed, error_detail=f"Twilio refused: {detail}")
+            await self._finish(record.call_id, DisconnectionReason.dial_failed, error_detail=f"Twilio refused: {detail}")
             raise DialRefused(detail) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             detail = f"Twilio could not be reached: {type(e).__name__}: {e}".rstrip(": ")
-            await self.store.finish(record.call_id, DisconnectionReason.dial_failed, error_detail=detail)
+            await self._finish(record.call_id, DisconnectionReason.dial_failed, error_detail=detail)
             raise DialRefused(detail, unreachable=True) from None
         return await self.store.update(record.call_id, twilio_call_sid=call.sid, twilio_account_sid=call.account_sid)
 
@@ -318,12 +322,15 @@ class CallService:
             raise CallRefused(str(e), call_id) from None
         return record
 
-    def attach(self, call_id: str, stop: StopCall) -> None:
+    def attach(self, record: CallRecord, stop: StopCall) -> None:
         """A relay in this process holds the call from now on; ``stop`` asks it to end it."""
-        self._live[call_id] = stop
+        self._live[record.call_id] = stop
+        direction = record.direction.value if record.direction else "none"
+        self._live_labels[record.call_id] = (record.agent_id, direction, record.call_type.value)
 
     def detach(self, call_id: str) -> None:
         self._live.pop(call_id, None)
+        self._live_labels.pop(call_id, None)
 
     @property
     def live_calls(self) -> int:
@@ -360,7 +367,15 @@ class CallService:
         if detail:
             fields["error_detail"] = detail
         log.info("call %s ended: %s %s", call_id, reason.value, detail)
+        self.metrics.calls_ended.labels(reason.value).inc()
         await self.endings.store_ending(call_id, reason, fields)
+
+    async def _finish(self, call_id: str, reason: DisconnectionReason, **options: Any) -> CallRecord | None:
+        """End a call that no relay holds (never connected, dial failed...), counted."""
+        ended = await self.store.finish(call_id, reason, **options)
+        if ended is not None:
+            self.metrics.calls_ended.labels(reason.value).inc()
+        return ended
 
     async def hang_up(self, record: CallRecord, say: str | None = None) -> bool:
         """End the phone call through Twilio REST (no fallback TwiML is played), after Twilio
@@ -399,19 +414,19 @@ class CallService:
         hang-up ends the stream there, which records the end with what it measured)."""
         await self.hang_up(record)
         if not self._stop_here(record.call_id, reason, detail):
-            await self.store.finish(record.call_id, reason, error_detail=detail, only_if=CallStatus.registered)
+            await self._finish(record.call_id, reason, error_detail=detail, only_if=CallStatus.registered)
 
     async def machine_answered(self, record: CallRecord, reason: DisconnectionReason, detail: str) -> None:
         """Answering-machine detection said a machine answered: the relay here hangs up and
         records it; if the call is not relayed here, hang up and record it now."""
         if not self._stop_here(record.call_id, reason, detail):
             await self.hang_up(record)
-            await self.store.finish(record.call_id, reason, error_detail=detail)
+            await self._finish(record.call_id, reason, error_detail=detail)
 
     async def dial_ended(self, call_id: str, reason: DisconnectionReason, detail: str) -> None:
         """Twilio's status callback: the dialed call ended before any stream (busy, no answer,
         hung up while connecting). A call whose stream started ends by its stream."""
-        await self.store.finish(call_id, reason, only_if=CallStatus.registered, error_detail=detail)
+        await self._finish(call_id, reason, only_if=CallStatus.registered, error_detail=detail)
 
     # --- recovery and the background jobs ------------------------------------------------------
 
@@ -481,7 +496,7 @@ class CallService:
         if dialed and record.registered_at > now_ms() - timeout_ms - OUTBOUND_RING_S * 1000:
             return  # still ringing, perhaps
         web = record.call_type is CallType.web_call
-        ended = await self.store.finish(  # unless its stream started meanwhile
+        ended = await self._finish(  # unless its stream started meanwhile
             record.call_id,
             DisconnectionReason.error_user_not_joined if web else DisconnectionReason.registered_call_timeout,
             only_if=CallStatus.registered,

@@ -61,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote
@@ -80,6 +81,7 @@ from ..protocol.websocket import (
     GOING_AWAY, INTERNAL_ERROR, INVALID_PAYLOAD, MAX_MESSAGE_BYTES, MESSAGE_TOO_BIG, NORMAL, OK_CLOSE_CODES,
     POLICY_VIOLATION, PROTOCOL_ERROR, UNSUPPORTED_DATA,
 )  # fmt: skip
+from ..metrics import DELAY_SAMPLE_EVERY, FLUSH_INTERVAL_S, CallMetrics
 from . import connection
 from .file_writer import FileWriter
 from .observer import CallObserver, Recording, measured_fields
@@ -348,20 +350,25 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
             log.exception("call %s: could not note it", call_id)
     agent = None
     relay: MediaRelay | None = None
+    call_metrics = calls.metrics.call() if settings.metrics else None
+    set_up_from = loop.time()
 
     def stop(reason: Reason, detail: str) -> None:  # stop-call through the API, a machine answered...
         session.end(reason, detail)
         if relay is not None:
             relay.finish()
 
-    calls.attach(call_id, stop)
+    calls.attach(record, stop)
     caller_ws.on_shutdown = lambda: stop(Reason.error_unknown, SHUTDOWN_DETAIL)
     try:
         if agent_config is None:
             session.end(Reason.error_llm_websocket_runtime, f"agent {record.agent_id} is not configured")
         else:
             agent = await _open_agent(session, calls.agent_url(record), calls.agent_headers(record), settings)
+            if agent is None:
+                calls.metrics.agent_connect_failures.labels(record.agent_id).inc()
         if agent is not None and session.ending is None:
+            calls.metrics.call_setup.observe(loop.time() - set_up_from)
             agent_leg = session.agent_format if session.protocol is Protocol.web else TWILIO_FORMAT
             observer.event(
                 loop.time(), "agent_connected", protocol=session.protocol.value, encoding=agent_leg.encoding,
@@ -376,7 +383,7 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
                 silence_ms=record.end_call_after_silence_ms or agent_config.end_call_after_silence_ms,
                 max_duration_ms=agent_config.max_call_duration_ms,
             )
-            relay = MediaRelay(caller_ws, agent, session, settings, limits, loop)
+            relay = MediaRelay(caller_ws, agent, session, settings, limits, loop, call_metrics)
             await relay.run()
     except Exception as e:  # a bug must end this call cleanly, never the process
         log.exception("call %s failed", call_id)
@@ -384,6 +391,8 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
     finally:
         calls.detach(call_id)
         await _finish(caller_ws, agent, session, calls, files, record, unavailable)
+        if call_metrics is not None:
+            _flush(call_metrics, session)
 
 
 def _observe(calls: CallService, files: FileWriter, record: CallRecord, started: float, private: bool, caller_format: AudioFormat):
@@ -427,8 +436,14 @@ class MediaRelay:
     watchdogs, limits and pings; another sends a partial frame or a burst's mark when the agent
     goes quiet (``CallSession.idle_timeout``)."""
 
-    def __init__(self, caller: connection.WsConnection, agent: connection.WsConnection, session: CallSession, settings, limits: Limits, loop):
+    def __init__(
+        self, caller: connection.WsConnection, agent: connection.WsConnection, session: CallSession, settings, limits: Limits, loop,
+        call_metrics: CallMetrics | None = None,
+    ):  # fmt: skip
         self.caller, self.agent, self.session = caller, agent, session
+        self.metrics = call_metrics  # None: metrics are off
+        self._sampled_in = self._sampled_out = 0
+        self._next_flush = loop.time() + FLUSH_INTERVAL_S
         self.settings, self.limits, self.loop = settings, limits, loop
         self.agent_twilio = session.protocol is Protocol.twilio
         self.caller_name = "the web client" if session.web_caller else "Twilio"
@@ -478,10 +493,17 @@ class MediaRelay:
     def _from_caller(self, message) -> None:
         session = self.session
         self.last_from_caller = now = self.loop.time()
+        timed = None
+        if self.metrics is not None:
+            self._sampled_in += 1
+            if self._sampled_in == DELAY_SAMPLE_EVERY:
+                self._sampled_in, timed = 0, time.perf_counter()
         try:
             actions = session.from_caller(message, now)
             if actions:
                 self._send(actions)
+            if timed is not None:
+                self.metrics.delay(True, time.perf_counter() - timed)
         except Exception as e:  # a bug ends this call (and says so), never the connection silently
             self._failed(e)
         if session.ending is not None:
@@ -490,10 +512,17 @@ class MediaRelay:
     def _from_agent(self, message) -> None:
         session = self.session
         now = self.loop.time()
+        timed = None
+        if self.metrics is not None:
+            self._sampled_out += 1
+            if self._sampled_out == DELAY_SAMPLE_EVERY:
+                self._sampled_out, timed = 0, time.perf_counter()
         try:
             actions = session.from_agent(message, now)
             if actions:
                 self._send(actions)
+            if timed is not None:
+                self.metrics.delay(False, time.perf_counter() - timed)
             if session.ending is None:
                 wait = session.idle_timeout(now)
                 if wait is None:
@@ -624,6 +653,9 @@ class MediaRelay:
         if self.agent_twilio and latency and latency != self._last_latency:
             self._last_latency = latency  # the websocket ping's round trip
             session.stats.rtt_ms.append(latency * 1000)
+        if self.metrics is not None and now >= self._next_flush:
+            self._next_flush = now + FLUSH_INTERVAL_S
+            _flush(self.metrics, session)
         if now >= self._next_ping:
             self._next_ping = now + settings.keepalive_interval_s
             self.agent.ping()
@@ -678,6 +710,13 @@ async def _finish(
         measured = measured_fields(session.observer, session)
         measured.update(dict.fromkeys(unavailable))  # no URL for a file that was never written
         await calls.end(record.call_id, reason, ending.detail if ending else "", measured)
+
+
+def _flush(call_metrics: CallMetrics, session: CallSession) -> None:
+    """The call's counts into the metrics (about once a second, and at its end)."""
+    stats = session.stats
+    turns = session.observer.turn_latencies_ms if session.observer is not None else []
+    call_metrics.flush(stats.inbound_frames, stats.outbound_frames, stats.dropped_frames, stats.rtt_ms, turns)
 
 
 #: Endings that are no failure, where the bridge hangs the phone call up through Twilio REST:

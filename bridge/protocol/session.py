@@ -69,6 +69,7 @@ class SessionStats:
     played_ms: float = 0.0  # agent audio the caller heard (Twilio echoed the marks after it;
     # for a web caller, what its clock says has played)
     clears: int = 0
+    dropped_frames: int = 0  # agent audio a clear threw away before it was sent (Twilio frames)
     dtmf: list[str] = field(default_factory=list)
     rtt_ms: list[float] = field(default_factory=list)
 
@@ -407,6 +408,7 @@ class CallSession:
             while self._agent_marks:  # Twilio echoes the marks of cleared audio at once
                 actions.append((TO_AGENT, self.caller_frames.mark(self._agent_marks.popleft()[0])))
             return actions
+        self.stats.dropped_frames += -(-len(self._pending) // self.frame_bytes)
         self._pending.clear()
         self._carry = b""
         self.outbound.reset()

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
 from typing import Any, Iterable
 
 import orjson
 from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import event as sql_event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -145,6 +147,22 @@ class SqlCallStore:
             await conn.execute(
                 insert(calls).values(call_id=record.call_id, instance_id=self.instance_id, version=1, **_columns(record))
             )
+
+    def time_statements(self, observe) -> None:
+        """Call ``observe(kind, seconds)`` for every statement the database runs (``kind``:
+        select, insert, update, delete...): the store's latency, for metrics."""
+        timings = {}
+
+        def before(conn, cursor, statement, parameters, context, executemany):
+            timings[id(cursor)] = time.perf_counter()
+
+        def after(conn, cursor, statement, parameters, context, executemany):
+            started = timings.pop(id(cursor), None)
+            if started is not None:
+                observe(statement.lstrip().split(" ", 1)[0].lower()[:16], time.perf_counter() - started)
+
+        sql_event.listen(self.engine.sync_engine, "before_cursor_execute", before)
+        sql_event.listen(self.engine.sync_engine, "after_cursor_execute", after)
 
     async def ping(self) -> None:
         """One round trip to the database (readiness): raises if it does not answer."""

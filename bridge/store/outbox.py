@@ -66,8 +66,9 @@ def webhook_targets(settings):
 
 
 class WebhookDispatcher:
-    def __init__(self, store, settings, http: httpx.AsyncClient):
+    def __init__(self, store, settings, http: httpx.AsyncClient, on_failure=None):
         self.store, self.settings, self.http = store, settings, http
+        self.on_failure = on_failure  # on_failure(event): a failed attempt (metrics)
         self.key = settings.webhook_signing_key or (settings.api_keys[0] if settings.api_keys else "")
         self.jobs_for = webhook_targets(settings)
         self.in_flight: set[asyncio.Task] = set()
@@ -127,6 +128,8 @@ class WebhookDispatcher:
             if attempts < self.settings.webhook_max_attempts:
                 retry_at = now_ms() + int(self.settings.webhook_retry_base_s * 1000 * 2 ** (attempts - 1))
             log.warning("webhook %s for %s failed (attempt %d): %s", job["event"], job["call_id"], attempts, e)
+            if self.on_failure is not None:
+                self.on_failure(job["event"])
             error = f"{type(e).__name__}: {e}"
             await self._settle(lambda: self.store.job_failed(job["id"], attempts, retry_at, error), lease_end)
         else:

@@ -1,0 +1,131 @@
+"""Prometheus metrics (``prometheus-client``), one registry per app (docs/operations.md lists
+and explains each).
+
+Nothing here runs per audio frame: a relay keeps its call's counts in its ``CallSession`` (as it
+always did) and hands the new part to ``CallMetrics.flush`` about once a second and when the
+call ends; the added delay through the bridge is timed on one frame in ``DELAY_SAMPLE_EVERY``.
+Live calls, the outbox backlog and draining are read when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+#: one frame in this many, per direction and call, is timed through the bridge
+DELAY_SAMPLE_EVERY = 50
+FLUSH_INTERVAL_S = 1.0
+
+_MS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_DELAY = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
+_TURN = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+_SETUP = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+__all__ = ["CONTENT_TYPE_LATEST", "CallMetrics", "Metrics"]
+
+
+class Metrics:
+    """The bridge's metrics. ``live_calls`` and ``backlog`` are read at scrape time
+    (``collect_live``, ``outbox``)."""
+
+    def __init__(self, live_calls: Callable[[], list[tuple[str, str, str]]] | None = None, draining: Callable[[], bool] | None = None):
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.calls_ended = Counter("bridge_calls_ended", "Calls ended, by disconnection_reason", ["reason"], registry=registry)
+        self.call_setup = Histogram(
+            "bridge_call_setup_seconds", "From the caller's socket to the agent's socket open", buckets=_SETUP, registry=registry
+        )
+        self.added_delay = Histogram(
+            "bridge_added_delay_seconds", "Time a frame spends in the bridge (sampled), by direction", ["direction"],
+            buckets=_DELAY, registry=registry,
+        )  # fmt: skip
+        self.frames = Counter("bridge_frames", "Audio frames relayed, by direction (in: from the caller)", ["direction"], registry=registry)
+        self.frames_dropped = Counter(
+            "bridge_frames_dropped", "Agent audio frames thrown away by a clear before they were sent", registry=registry
+        )
+        self.agent_connect_failures = Counter(
+            "bridge_agent_connect_failures", "Agent websockets that could not be opened, by agent", ["agent"], registry=registry
+        )
+        self.agent_rtt = Histogram("bridge_agent_rtt_seconds", "Round trip to the agent (its pings)", buckets=_MS, registry=registry)
+        self.turn_latency = Histogram(
+            "bridge_turn_latency_seconds", "From the end of the caller's turn to the agent's first audio", buckets=_TURN, registry=registry
+        )
+        self.webhook_failures = Counter("bridge_webhook_delivery_failures", "Webhook attempts that failed", ["event"], registry=registry)
+        self.store_latency = Histogram(
+            "bridge_store_operation_seconds", "Call store operations, by operation", ["operation"], buckets=_MS, registry=registry
+        )
+        self.outbox_depth = Gauge("bridge_webhook_outbox_depth", "Webhook jobs not yet delivered nor given up", registry=registry)
+        self.outbox_oldest = Gauge("bridge_webhook_outbox_oldest_age_seconds", "Age of the oldest of them", registry=registry)
+        self._live_calls = live_calls
+        self._draining = draining
+        registry.register(_Live(self))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def call(self) -> CallMetrics:
+        return CallMetrics(self)
+
+
+class _Live:
+    """Live calls by agent, direction and call type, and draining, read at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        live = GaugeMetricFamily("bridge_live_calls", "Calls relayed by this replica now", labels=["agent", "direction", "call_type"])
+        counts: dict[tuple[str, str, str], int] = {}
+        for labels in self.metrics._live_calls() if self.metrics._live_calls else []:
+            counts[labels] = counts.get(labels, 0) + 1
+        for labels, n in counts.items():
+            live.add_metric(list(labels), n)
+        yield live
+        draining = GaugeMetricFamily("bridge_draining", "1 while this replica drains (SIGTERM)")
+        draining.add_metric([], 1 if self.metrics._draining and self.metrics._draining() else 0)
+        yield draining
+
+
+class CallMetrics:
+    """One call's share: what its relay counted since the last flush."""
+
+    __slots__ = ("metrics", "_frames_in", "_frames_out", "_dropped", "_rtt", "_turns", "_delays_in", "_delays_out")
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self._frames_in = self._frames_out = self._dropped = self._rtt = self._turns = 0
+        self._delays_in: list[float] = []
+        self._delays_out: list[float] = []
+
+    def delay(self, inbound: bool, seconds: float) -> None:
+        (self._delays_in if inbound else self._delays_out).append(seconds)
+
+    def flush(self, frames_in: int, frames_out: int, dropped: int, rtt_ms: list[float], turns_ms: list[float]) -> None:
+        """The call's running totals (frames each way, frames a clear dropped, the RTT and
+        turn-latency samples so far): what is new since the last flush goes into the metrics."""
+        m = self.metrics
+        if frames_in > self._frames_in:
+            m.frames.labels("in").inc(frames_in - self._frames_in)
+            self._frames_in = frames_in
+        if frames_out > self._frames_out:
+            m.frames.labels("out").inc(frames_out - self._frames_out)
+            self._frames_out = frames_out
+        for ms in rtt_ms[self._rtt :]:
+            m.agent_rtt.observe(ms / 1000)
+        self._rtt = len(rtt_ms)
+        for ms in turns_ms[self._turns :]:
+            m.turn_latency.observe(ms / 1000)
+        self._turns = len(turns_ms)
+        for direction, delays in (("in", self._delays_in), ("out", self._delays_out)):
+            histogram = m.added_delay.labels(direction)
+            for seconds in delays:
+                histogram.observe(seconds)
+            delays.clear()
+        if dropped > self._dropped:
+            m.frames_dropped.inc(dropped - self._dropped)
+            self._dropped = dropped
