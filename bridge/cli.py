@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import socket
 import sys
@@ -86,6 +85,7 @@ def serve(
     public_url: str = typer.Option(None, help="where Twilio reaches the bridge, e.g. https://abc.ngrok.app"),
 ) -> None:
     """Serve the bridge (Twilio webhook, media streams, call API, embedded echo agent)."""
+    from . import logs
     from .app import create_app
     from .server import DrainingServer, server_options
 
@@ -101,10 +101,10 @@ def serve(
     if problem := _storage_problem(settings):
         typer.secho(problem, fg="red", err=True)
         raise typer.Exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = logs.configure(settings.log_format)
     typer.echo(f"agents: {', '.join(settings.agents)}; Twilio voice webhook: {settings.public_url or 'http://HOST'}/twilio/voice")
     app = create_app(settings)
-    config = uvicorn.Config(app, log_level="info", **server_options(app))
+    config = uvicorn.Config(app, log_level="info", log_config=log_config, **server_options(app))
     try:
         DrainingServer(config, app.state.calls).run(sockets=[listener])
     except SystemExit:  # uvicorn exits when start-up fails (e.g. the instance id is another live process's)

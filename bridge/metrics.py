@@ -58,6 +58,9 @@ class Metrics:
         )
         self.outbox_depth = Gauge("bridge_webhook_outbox_depth", "Webhook jobs not yet delivered nor given up", registry=registry)
         self.outbox_oldest = Gauge("bridge_webhook_outbox_oldest_age_seconds", "Age of the oldest of them", registry=registry)
+        # the labelled children flushes use most, looked up once
+        self.frames_in, self.frames_out = self.frames.labels("in"), self.frames.labels("out")
+        self.delay_in, self.delay_out = self.added_delay.labels("in"), self.added_delay.labels("out")
         self._live_calls = live_calls
         self._draining = draining
         registry.register(_Live(self))
@@ -110,10 +113,10 @@ class CallMetrics:
         turn-latency samples so far): what is new since the last flush goes into the metrics."""
         m = self.metrics
         if frames_in > self._frames_in:
-            m.frames.labels("in").inc(frames_in - self._frames_in)
+            m.frames_in.inc(frames_in - self._frames_in)
             self._frames_in = frames_in
         if frames_out > self._frames_out:
-            m.frames.labels("out").inc(frames_out - self._frames_out)
+            m.frames_out.inc(frames_out - self._frames_out)
             self._frames_out = frames_out
         for ms in rtt_ms[self._rtt :]:
             m.agent_rtt.observe(ms / 1000)
@@ -121,8 +124,7 @@ class CallMetrics:
         for ms in turns_ms[self._turns :]:
             m.turn_latency.observe(ms / 1000)
         self._turns = len(turns_ms)
-        for direction, delays in (("in", self._delays_in), ("out", self._delays_out)):
-            histogram = m.added_delay.labels(direction)
+        for histogram, delays in ((m.delay_in, self._delays_in), (m.delay_out, self._delays_out)):
             for seconds in delays:
                 histogram.observe(seconds)
             delays.clear()

@@ -9,6 +9,7 @@ import re
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
+from .. import logs
 from ..calls import CallService
 from ..models import CallRecord
 from ..settings import AgentConfig
@@ -84,6 +85,7 @@ async def find_call(request: Request, call_id: str) -> CallRecord:
     record = await call_service(request).store.get(call_id) if CALL_ID.fullmatch(call_id) else None
     if record is None:
         raise ApiError(404, f"call {call_id} not found")
+    logs.CALL_ID.set(call_id)  # the request's log lines name the call
     return record
 
 

