@@ -13,6 +13,7 @@ from starlette.datastructures import ImmutableMultiDict
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 from twilio.twiml.voice_response import VoiceResponse
 
+from .. import logs
 from ..calls import STORE_UNAVAILABLE
 from ..calls.registrar import RegistrationError
 from ..models import CallStatus, Direction
@@ -143,6 +144,7 @@ async def _answer(request: Request, form, agent_id: str | None) -> Response:
 
 def _connect(request: Request, call_id: str) -> Response:
     """``<Connect><Stream>`` for a registered call, with a fresh single-use stream token."""
+    logs.CALL_ID.set(call_id)  # the request's log lines name the call
     calls = call_service(request)
     settings = calls.settings
     stream_url = calls.public_base(request.headers, str(request.base_url)).replace("http", "ws", 1)

@@ -408,13 +408,15 @@ class CallService:
     # --- control from outside the relay -------------------------------------------------------
 
     async def stop(self, record: CallRecord, reason: DisconnectionReason, detail: str) -> None:
-        """End a live call on both legs (stop-call): the phone call is hung up through Twilio,
-        the relay here (if it is here) closes the agent socket and records the end. A call only
-        registered, or relayed by another replica, is ended here only if still registered (the
-        hang-up ends the stream there, which records the end with what it measured)."""
+        """End a live call on both legs (stop-call). A call relayed here ends at once with
+        ``reason`` (its relay closes the agent socket and hangs the phone call up through
+        Twilio, so Twilio's own ``stop`` cannot be taken for the caller's hang-up). Otherwise the
+        phone call is hung up through Twilio, and a call only registered ends here (one
+        relayed by another replica ends by its stream there)."""
+        if self._stop_here(record.call_id, reason, detail):
+            return
         await self.hang_up(record)
-        if not self._stop_here(record.call_id, reason, detail):
-            await self._finish(record.call_id, reason, error_detail=detail, only_if=CallStatus.registered)
+        await self._finish(record.call_id, reason, error_detail=detail, only_if=CallStatus.registered)
 
     async def machine_answered(self, record: CallRecord, reason: DisconnectionReason, detail: str) -> None:
         """Answering-machine detection said a machine answered: the relay here hangs up and
