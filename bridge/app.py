@@ -27,6 +27,7 @@ from .settings import Settings, SettingsError, load_settings
 from .store import WebhookDispatcher
 
 log = logging.getLogger(__name__)
+BACKGROUND_STOP_S = 5.0  # how long the background jobs get to stop when the app does
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -51,16 +52,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs = call_service.background_jobs() + [dispatcher.run(), loop_watch.run(), metrics.refresh_outbox_gauges(call_service)]
         background = [asyncio.create_task(job) for job in jobs]
         metrics_server = None
-        if settings.metrics_port is not None:  # the metrics alone, without the API key, on their own port
-            from prometheus_client import start_http_server
-
-            metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=call_service.metrics.registry)
         # Everything built so far (the app, its libraries, the store) lives as long as the
         # process: keep it out of the cyclic collector's full passes, which otherwise walk a
         # heap of ~1M objects and stall every call's audio for tens of ms.
         gc.collect()
         gc.freeze()
         try:
+            if settings.metrics_port is not None:  # the metrics alone, without the API key, on their own port
+                from prometheus_client import start_http_server
+
+                metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=call_service.metrics.registry)
             yield
         finally:
             # what the calls that just ended owe their webhooks goes out before the process does
@@ -69,9 +70,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.warning("%s webhook job(s) left in the outbox for the next start (or another replica)", left)
             if metrics_server is not None:
                 metrics_server.shutdown()
+            call_service.stopping = True  # (loops that swallowed a cancellation end by this)
             for task in background:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            _, stuck = await asyncio.wait(background, timeout=BACKGROUND_STOP_S)
+            for task in stuck:  # a library swallowed the cancellation mid-await: never hang the exit
+                log.error("background job %s did not stop within %g s: left behind", task.get_coro(), BACKGROUND_STOP_S)
             await call_service.close()
             await asyncio.to_thread(files.stop)
 
@@ -98,7 +102,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def live_call(handler):
         async def serve(websocket: connection.ServerConnection) -> None:
-            await handler(websocket, call_service, files)
+            call_service.sockets += 1  # (set-up included: the drain waits for these too)
+            try:
+                await handler(websocket, call_service, files)
+            finally:
+                call_service.sockets -= 1
 
         return serve
 

@@ -46,6 +46,7 @@ RESTART_DETAIL = "the bridge instance restarted while the call was live"
 DIAL_TIMEOUT_S = 15.0  # Twilio's calls.create answers in well under a second
 INSTANCE_LEASE_HEARTBEATS = 3  # a holder whose heartbeat is older than this many intervals is gone
 CALL_ID_HEADER = "X-Bridge-Call-Id"
+MAX_NOTES = 20  # notes kept on one call (refused sockets cost a write each: bounded)
 #: The detail of a call ended because its replica's drain deadline passed (``drain_timeout_s``)
 DRAIN_DETAIL = "the replica's drain deadline passed"
 
@@ -115,6 +116,11 @@ class CallService:
         self._streams_due: dict[str, float] = {}
         #: SIGTERM came: not ready, new calls go to other replicas, live ones go on (``drain``)
         self.draining = False
+        #: live-call sockets being served (being set up, relayed or closed): the drain waits
+        self.sockets = 0
+        #: the app is stopping: the background jobs' loops end (even if a cancellation was lost
+        #: inside a database driver, which was seen to leave the sweep looping)
+        self.stopping = False
         self._live_labels: dict[str, tuple[str, str, str]] = {}  # call id -> (agent, direction, call type)
         self.metrics = Metrics(live_calls=lambda: list(self._live_labels.values()), draining=lambda: self.draining)
 
@@ -236,8 +242,20 @@ class CallService:
 
     def stream_token(self, call_id: str) -> str:
         """A fresh single-use token for the call's media stream (goes into the TwiML)."""
+        self._prune_streams_due()
+        self._streams_due.pop(call_id, None)  # (a retried webhook: to the end of the order)
         self._streams_due[call_id] = time.monotonic() + self.settings.stream_token_ttl_s
         return self.stream_tokens.issue(call_id)
+
+    def _prune_streams_due(self) -> None:
+        """Forget the streams whose tokens expired (the oldest first: one TTL for all), such as
+        those that went to another replica."""
+        now, due = time.monotonic(), self._streams_due
+        while due:
+            call_id = next(iter(due))
+            if due[call_id] >= now:
+                break
+            del due[call_id]
 
     async def register_web_call(self, record: CallRecord) -> tuple[CallRecord, str, int]:
         """Store a web call with its access token: ``(record, token, expires_at_ms)``."""
@@ -338,10 +356,8 @@ class CallService:
         return len(self._live)
 
     def streams_due(self) -> int:
-        """Calls this process answered with TwiML whose stream has not arrived yet (and may)."""
-        now = time.monotonic()
-        for call_id in [c for c, expires in self._streams_due.items() if expires < now]:
-            del self._streams_due[call_id]
+        """Calls this process answered with TwiML whose stream has not arrived here yet (and may)."""
+        self._prune_streams_due()
         return len(self._streams_due)
 
     def end_live_calls(self, reason: DisconnectionReason, detail: str) -> int:
@@ -384,13 +400,18 @@ class CallService:
             return False
         return await self.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid, say=say)
 
-    async def note(self, call_id: str, text: str, public_base: str | None = None) -> None:
+    async def note(self, call_id: str, text: str) -> None:
         """Add a line to the call's record (why a socket was refused, a file that could not be
         written...), and, unless the call is private, to its public log (``note`` events, with
-        ``unix_ms``: they may come before the call starts), whose URL the record then gives."""
-        await self.store.add_note(call_id, text)
+        ``unix_ms``: they may come before the call starts), whose URL the record then gives
+        (with ``public_url`` set; else once the call starts). At most MAX_NOTES a call: more
+        are only logged."""
         record = await self.store.get(call_id)
-        if record is None or self.is_private(record):
+        if record is None or len(record.notes) >= MAX_NOTES:
+            log.warning("call %s: %s (not noted: %s)", call_id, text, "unknown call" if record is None else "too many notes")
+            return
+        await self.store.add_note(call_id, text)
+        if self.is_private(record):
             return
         path = self.log_path(call_id)
         line = json.dumps({"event": "note", "unix_ms": now_ms(), "text": text}, separators=(",", ":"))
@@ -401,7 +422,7 @@ class CallService:
         except OSError as e:
             log.warning("call %s: cannot write its public log: %s", call_id, e)
             return
-        base = public_base or self.settings.public_url
+        base = self.settings.public_url  # (never a refused request's own Host)
         if record.public_log_url is None and base:
             await self.store.update(call_id, public_log_url=f"{base}/v2/public-logs/{call_id}.jsonl")
 
@@ -448,7 +469,7 @@ class CallService:
         """Hourly: delete recordings (and public logs) older than recording_retention_days, and
         webhook jobs created more than OUTBOX_KEEP_DAYS ago that are settled (delivered or given
         up: with the default retries a job settles within a minute of its creation)."""
-        while True:
+        while not self.stopping:
             await self.retention_pass()
             await asyncio.sleep(RETENTION_INTERVAL_S)
 
@@ -469,7 +490,7 @@ class CallService:
             log.exception("outbox purge failed")
 
     async def heartbeat(self) -> None:
-        while True:
+        while not self.stopping:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             try:
                 if not await self.store.heartbeat():
@@ -485,7 +506,7 @@ class CallService:
         joined as error_user_not_joined). An outbound call may ring for a while first: it gets
         OUTBOUND_RING_S more, and is hung up through Twilio when it is swept."""
         timeout_ms = int(self.settings.registered_call_timeout_s * 1000)
-        while True:
+        while not self.stopping:
             await asyncio.sleep(min(MAX_SWEEP_INTERVAL_S, self.settings.registered_call_timeout_s / 2))
             try:
                 for record in await self.store.registered_before(now_ms() - timeout_ms):

@@ -69,6 +69,7 @@ from urllib.parse import parse_qs, unquote
 from twilio.request_validator import RequestValidator
 
 from audio import TWILIO_FORMAT, AudioFormat
+from audio.filters import plan
 
 from ..calls import DRAIN_DETAIL, CallRefused, CallService, not_startable
 from ..models import CallRecord, CallStatus, Encoding, Protocol
@@ -204,6 +205,10 @@ async def handle_audio_websocket(websocket: connection.ServerConnection, calls: 
             return
         caller = CallerLeg(Protocol.twilio, TWILIO_FORMAT, start)
     else:
+        if record.access_token is not None:  # create-web-call's: only its access token opens it
+            problem = "a call from create-web-call opens at /web-call/ with its access token"
+            await _refused(websocket, calls, CallRefused(problem, call_id), "audio websocket", status=403)
+            return
         if signed:
             problem = "Twilio's media stream on a call registered with protocol web"
             await _refused(websocket, calls, CallRefused(problem, call_id), "audio websocket", status=403)
@@ -242,10 +247,16 @@ async def handle_web_call(websocket: connection.ServerConnection, calls: CallSer
     await _relay(websocket, calls, files, web_caller(client, True), record)
 
 
+#: The rates a web-call client may ask for in its query (an odd rate costs a long filter design)
+CLIENT_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
 def _client_format(query: dict[str, list[str]], record: CallRecord) -> AudioFormat:
     """The format a web-call client asked for in the query string (default: the call's)."""
     rate = (query.get("sample_rate") or [""])[0]
     encoding = (query.get("encoding") or [""])[0] or record.audio_encoding.value
+    if rate and (not rate.isdigit() or int(rate) not in CLIENT_RATES):
+        raise CallRefused(f"bad format in the query: sample_rate {rate[:12]!r} is not one of {CLIENT_RATES}", record.call_id)
     try:
         return AudioFormat(encoding, int(rate) if rate else record.sample_rate)
     except ValueError as e:
@@ -271,7 +282,7 @@ async def _refused(websocket: connection.ServerConnection, calls: CallService, e
     log.warning("%s refused%s: %s", what, f" for call {e.call_id}" if e.call_id else "", e)
     if e.call_id:
         try:
-            await calls.note(e.call_id, f"{what} refused: {e}", calls.public_base(websocket.headers, websocket.base_url))
+            await calls.note(e.call_id, f"{what} refused: {e}")
         except Exception:  # the database may be gone; the log has it
             log.exception("call %s: could not note the refusal", e.call_id)
     if status:
@@ -326,6 +337,10 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
             observer.event(observer.started, "web_client_start", encoding=caller.format.encoding, sample_rate=caller.format.sample_rate)
         agent_protocol = agent_config.protocol if agent_config else Protocol.web
         agent_format = AudioFormat(agent_config.encoding.value, agent_config.sample_rate) if agent_config else caller.format
+        agent_rate = 8000 if agent_protocol is Protocol.twilio else agent_format.sample_rate
+        if caller.format.sample_rate != agent_rate:  # a filter pair not designed yet takes up to
+            # a second of CPU (odd rates): designed off the loop, then cached (every other call waits)
+            await asyncio.to_thread(_design_filters, caller.format.sample_rate, agent_rate)
         session = CallSession(
             agent_protocol,
             agent_format,
@@ -395,6 +410,10 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
         await _finish(caller_ws, agent, session, calls, files, record, unavailable)
         if call_metrics is not None:
             _flush(call_metrics, session)
+
+
+def _design_filters(a: int, b: int) -> None:
+    plan(a, b), plan(b, a)
 
 
 def _observe(calls: CallService, files: FileWriter, record: CallRecord, started: float, private: bool, caller_format: AudioFormat):

@@ -196,8 +196,6 @@ class CallSession:
         self.stats.inbound_frames += 1
         if self.observer is not None:
             self.observer.caller_audio(data, now)
-        if self._queue_end:
-            self.update_played(now)
         audio = self.inbound.process(data)
         if self.protocol is Protocol.web:
             return [(TO_AGENT, audio)] if audio else []

@@ -164,7 +164,8 @@ def parse_close(payload: bytes) -> tuple[int, str]:
 def close_payload(code: int, reason: str = "") -> bytes:
     if code == NO_STATUS:
         return b""
-    return struct.pack("!H", code) + reason.encode("utf-8")[:123]
+    # at most 123 bytes, cut on a character boundary (a split character is invalid UTF-8: 1007)
+    return struct.pack("!H", code) + reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
 
 
 _SHORT = [bytes((0x80 | op, n)) for op in range(16) for n in range(126)]  # header bytes, unmasked

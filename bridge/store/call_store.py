@@ -161,8 +161,12 @@ class SqlCallStore:
             if started is not None:
                 observe(statement.lstrip().split(" ", 1)[0].lower()[:16], time.perf_counter() - started)
 
+        def failed(context):
+            timings.pop(id(context.cursor), None)
+
         sql_event.listen(self.engine.sync_engine, "before_cursor_execute", before)
         sql_event.listen(self.engine.sync_engine, "after_cursor_execute", after)
+        sql_event.listen(self.engine.sync_engine, "handle_error", failed)
 
     async def ping(self) -> None:
         """One round trip to the database (readiness): raises if it does not answer."""

@@ -205,6 +205,26 @@ async def test_an_expired_registration_is_refused_with_how_it_ended(start_bridge
         assert any(f"has ended ({ended})" in note for note in record.notes), record.notes
 
 
+async def test_a_create_web_call_call_opens_only_with_its_access_token(bridge):
+    """Its call id alone (in the browser's URL, in list-calls) must not open it."""
+    async with api_client(bridge.base_url) as http:
+        call = (await http.post("/v2/create-web-call", json={"agent_id": "echo"})).json()
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(audio_websocket(bridge, call["call_id"]))
+    assert refused.value.response.status_code == 403
+    record = await bridge.store.get(call["call_id"])
+    assert record.call_status.value == "registered"
+    assert any("opens at /web-call/ with its access token" in note for note in record.notes), record.notes
+
+
+async def test_refusals_noted_on_a_call_are_bounded(bridge):
+    call = await register(bridge, audio_websocket_protocol="twilio", audio_encoding="mulaw", sample_rate=8000)
+    for _ in range(30):
+        with pytest.raises(InvalidStatus):
+            await websockets.connect(audio_websocket(bridge, call["call_id"]))
+    assert len((await bridge.store.get(call["call_id"])).notes) == 20
+
+
 @pytest.mark.parametrize("who", ["web client on twilio", "Twilio on web", "forged signature"])
 async def test_the_wrong_kind_of_client_is_refused_and_the_call_waits(bridge, who):
     protocol = "web" if who == "Twilio on web" else "twilio"

@@ -78,7 +78,7 @@ async def test_v2_create_web_call_answers_the_web_call_object(bridge):
     assert body["call_status"] == "registered" and body["direction"] is None
 
 
-@pytest.mark.parametrize("problem", ["used", "forged", "expired", "other call", "bad format"])
+@pytest.mark.parametrize("problem", ["used", "forged", "expired", "other call", "bad format", "odd rate"])
 async def test_access_tokens_are_single_use_and_expire(start_bridge, problem):
     bridge = await start_bridge(web_call_token_ttl_s=0.3)
     async with retell_client(bridge) as sdk:
@@ -94,10 +94,12 @@ async def test_access_tokens_are_single_use_and_expire(start_bridge, problem):
         await asyncio.sleep(0.5)  # the token's lifetime (0.3 s) passes
     elif problem == "other call":
         url = ws_url(bridge, call.call_id, other.access_token)
+    elif problem == "odd rate":  # a rate whose filters would take the loop a second to design
+        url += "&sample_rate=47999"
     else:
         url += "&sample_rate=96000"
     why = {"used": "already connected", "forged": "does not match", "expired": "expired", "other call": "does not match",
-           "bad format": "sample_rate"}[problem]  # fmt: skip
+           "bad format": "sample_rate", "odd rate": "sample_rate"}[problem]  # fmt: skip
     async with websockets.connect(url) as refused:  # the client is told why, in the close frame
         with pytest.raises(ConnectionClosed):
             await refused.recv()

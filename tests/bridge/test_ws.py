@@ -252,3 +252,10 @@ async def test_a_bad_upgrade_request_is_answered_with_an_http_error(lean_server)
     assert head.startswith(b"HTTP/1.1 426") and b"Sec-WebSocket-Version: 13" in head
     writer.close()
 
+
+
+def test_a_long_close_reason_is_cut_on_a_character_boundary():
+    from bridge.protocol.websocket import close_payload
+
+    payload = close_payload(1001, "é" * 100)  # 200 bytes of UTF-8: cut to at most 123, whole characters
+    assert len(payload) <= 125 and payload[2:].decode("utf-8") == "é" * 61
