@@ -43,6 +43,8 @@ OUTBOUND_RING_S = 120  # Twilio rings for 60 s by default; calls.create takes `t
 OUTBOX_KEEP_DAYS = 7
 RETENTION_INTERVAL_S = 3600.0
 RESTART_DETAIL = "the bridge instance restarted while the call was live"
+#: the detail of a call ended by another replica because the one relaying it is gone
+REAPED_DETAIL = "the replica relaying the call stopped answering (its lease expired)"
 DIAL_TIMEOUT_S = 15.0  # Twilio's calls.create answers in well under a second
 INSTANCE_LEASE_HEARTBEATS = 3  # a holder whose heartbeat is older than this many intervals is gone
 CALL_ID_HEADER = "X-Bridge-Call-Id"
@@ -511,8 +513,22 @@ class CallService:
             try:
                 for record in await self.store.registered_before(now_ms() - timeout_ms):
                     await self._sweep(record, timeout_ms)
+                await self.reap_orphans()
             except Exception:  # the database may be restarting: keep sweeping next time
                 log.exception("sweep of registered calls failed")
+
+    async def reap_orphans(self) -> int:
+        """End the live calls of replicas that are gone (their lease expired, or they stopped
+        with calls live): each once, whichever replica gets there first, with its webhooks.
+        Returns how many this replica ended."""
+        lease_ms = int(INSTANCE_LEASE_HEARTBEATS * self.settings.heartbeat_interval_s * 1000)
+        ended = 0
+        for call_id, owner in await self.store.orphans(lease_ms):
+            detail = f"{REAPED_DETAIL}: {owner}"
+            if await self._finish(call_id, DisconnectionReason.error_unknown, only_if=CallStatus.ongoing, owner=owner, error_detail=detail):
+                log.warning("call %s ended: %s", call_id, detail)
+                ended += 1
+        return ended
 
     async def _sweep(self, record: CallRecord, timeout_ms: int) -> None:
         dialed = record.direction is Direction.outbound and record.twilio_call_sid

@@ -140,6 +140,23 @@ class SqlCallStore:
                 ended.append(record)
         return ended
 
+    async def orphans(self, lease_ms: int) -> list[tuple[str, str]]:
+        """Live calls of other instances that are gone: their heartbeat is older than ``lease_ms``
+        (a crash, a lost machine) or they released their id (stopped) with calls still live.
+        ``[(call_id, owner)]``."""
+        stale = now_ms() - lease_ms
+        query = (
+            select(calls.c.call_id, calls.c.instance_id)
+            .join(instances, instances.c.instance_id == calls.c.instance_id)
+            .where(
+                calls.c.call_status == CallStatus.ongoing.value,
+                calls.c.instance_id != self.instance_id,
+                or_(instances.c.heartbeat_at < stale, instances.c.claim.is_(None)),
+            )
+        )
+        async with self.engine.connect() as conn:
+            return [(row.call_id, row.instance_id) for row in await conn.execute(query)]
+
     # --- calls -------------------------------------------------------------------------------
 
     async def create(self, record: CallRecord) -> None:

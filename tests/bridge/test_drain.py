@@ -27,10 +27,10 @@ PARAMS = {"CallSid": "CA" + "d" * 32, "AccountSid": "AC" + "0" * 32, "From": "+1
 class Replica:
     """``bridge serve`` in its own process, with a fake Twilio REST API."""
 
-    def __init__(self, tmp_path, fake_url: str, **env):
+    def __init__(self, tmp_path, fake_url: str, name: str = "bridge", **env):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.data_dir = tmp_path / "data"
+        self.data_dir = tmp_path / f"data-{name}"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
             "BRIDGE_PORT": str(self.port), "BRIDGE_DATA_DIR": str(self.data_dir), "BRIDGE_TWILIO_AUTH_TOKEN": AUTH_TOKEN,
@@ -38,7 +38,7 @@ class Replica:
             "BRIDGE_TWILIO_ACCOUNT_SID": "AC" + "0" * 32, **{f"BRIDGE_{k.upper()}": str(v) for k, v in env.items()},
         }  # fmt: skip
         self.process: subprocess.Popen | None = None
-        self.log_path = tmp_path / "bridge.log"
+        self.log_path = tmp_path / f"{name}.log"
 
     async def start(self) -> None:
         self.process = subprocess.Popen(
