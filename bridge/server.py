@@ -167,7 +167,8 @@ class DrainingServer(uvicorn.Server):
             calls.live_calls, settings.drain_timeout_s,
         )  # fmt: skip
         try:
-            while (calls.live_calls or calls.sockets or calls.streams_due()) and loop.time() < deadline and not self.should_exit:
+            # (every live call is served on a socket: sockets counts those still being set up too)
+            while (calls.sockets or calls.streams_due()) and loop.time() < deadline and not self.should_exit:
                 await asyncio.sleep(DRAIN_POLL_S)
             if calls.live_calls and not self.should_exit:
                 ended = calls.end_live_calls(DisconnectionReason.max_duration_reached, f"{DRAIN_DETAIL} ({settings.drain_timeout_s:g} s)")

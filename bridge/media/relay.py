@@ -142,10 +142,7 @@ async def handle_media_stream(websocket: connection.ServerConnection, calls: Cal
         log.warning("media websocket refused: %s", problem)
         websocket.refuse(403)
         return
-    try:
-        websocket.accept()
-    except connection.ConnectionClosed as e:
-        log.warning("media websocket refused: %s", e)
+    if not _accept(websocket, "media websocket"):
         return
     public_base = calls.public_base(websocket.headers, websocket.base_url)
     try:
@@ -158,6 +155,16 @@ async def handle_media_stream(websocket: connection.ServerConnection, calls: Cal
         await _refused(websocket, calls, e, "media stream")
         return
     await _relay(websocket, calls, files, CallerLeg(Protocol.twilio, TWILIO_FORMAT, start), record)
+
+
+def _accept(websocket: connection.ServerConnection, what: str) -> bool:
+    """Complete the upgrade; False (logged) if it was no valid websocket handshake."""
+    try:
+        websocket.accept()
+    except connection.ConnectionClosed as e:
+        log.warning("%s refused: %s", what, e)
+        return False
+    return True
 
 
 def _bad_handshake(websocket: connection.ServerConnection) -> bool:
@@ -191,10 +198,7 @@ async def handle_audio_websocket(websocket: connection.ServerConnection, calls: 
         if record.call_status is not CallStatus.registered:  # said at once, not after a start
             await _refused(websocket, calls, CallRefused(not_startable(record), call_id), "audio websocket")
             return
-        try:
-            websocket.accept()
-        except connection.ConnectionClosed as e:
-            log.warning("audio websocket refused: %s", e)
+        if not _accept(websocket, "audio websocket"):
             return
         try:
             start = await _read_start(websocket, calls.settings.stream_start_timeout_s)

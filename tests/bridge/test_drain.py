@@ -170,32 +170,21 @@ async def test_a_call_live_at_the_drain_deadline_ends_with_a_message(replica, fa
     assert record.error_detail == "the replica's drain deadline passed (1 s)"
 
 
-async def test_sigint_stops_at_once_and_records_the_call(replica, fake_twilio):
+@pytest.mark.parametrize("signals", [["SIGINT"], ["SIGTERM", "SIGTERM"]], ids=["SIGINT", "a second SIGTERM"])
+async def test_sigint_or_a_second_sigterm_stops_at_once_and_records_the_call(replica, fake_twilio, signals):
     fake, _ = fake_twilio
     bridge = replica()
     await bridge.start()
     call = asyncio.create_task(simulate_call(bridge.base_url, AUTH_TOKEN, caller_audio() * 6, speed=1.0, fake_api=fake))
     call_id = await live_call_id(bridge.base_url)
+    if signals == ["SIGTERM", "SIGTERM"]:  # the first one drains: wait until it has begun
+        bridge.signal(signal.SIGTERM)
+        while await readiness(bridge.base_url) != 503:
+            await asyncio.sleep(0.02)
     t0 = time.monotonic()
-    bridge.signal(signal.SIGINT)
+    bridge.signal(getattr(signal, signals[-1]))
     assert await bridge.exit_code() == 0
     assert time.monotonic() - t0 < 10
-    await call
-    record = await bridge.record(call_id)
-    assert record.disconnection_reason.value == "error_unknown" and record.error_detail == "the bridge shut down"
-
-
-async def test_a_second_sigterm_stops_the_drain(replica, fake_twilio):
-    fake, _ = fake_twilio
-    bridge = replica()
-    await bridge.start()
-    call = asyncio.create_task(simulate_call(bridge.base_url, AUTH_TOKEN, caller_audio() * 6, speed=1.0, fake_api=fake))
-    call_id = await live_call_id(bridge.base_url)
-    bridge.signal(signal.SIGTERM)
-    while await readiness(bridge.base_url) != 503:
-        await asyncio.sleep(0.02)
-    bridge.signal(signal.SIGTERM)
-    assert await bridge.exit_code(timeout=10) == 0
     await call
     record = await bridge.record(call_id)
     assert record.disconnection_reason.value == "error_unknown" and record.error_detail == "the bridge shut down"
