@@ -522,6 +522,8 @@ class CallService:
         with calls live): each once, whichever replica gets there first, with its webhooks.
         Returns how many this replica ended."""
         lease_ms = int(INSTANCE_LEASE_HEARTBEATS * self.settings.heartbeat_interval_s * 1000)
+        if released := await self.store.release_stale_leases(lease_ms):  # (at least once, soon)
+            log.warning("%d webhook job(s) a gone replica was delivering are due again", released)
         ended = 0
         for call_id, owner in await self.store.orphans(lease_ms):
             detail = f"{REAPED_DETAIL}: {owner}"

@@ -359,6 +359,21 @@ class SqlCallStore:
     async def add_note(self, call_id: str, text: str) -> None:
         await self._change(call_id, lambda r: r.model_copy(update={"notes": [*r.notes, text]}))
 
+    async def release_stale_leases(self, lease_ms: int) -> int:
+        """The webhook jobs that gone instances (lease expired, or released) were delivering
+        are due again now, not when their job lease runs out: returns how many."""
+        stale = now_ms() - lease_ms
+        gone = select(instances.c.instance_id).where(
+            instances.c.instance_id != self.instance_id, or_(instances.c.heartbeat_at < stale, instances.c.claim.is_(None))
+        )
+        async with self.engine.begin() as conn:
+            done = await conn.execute(
+                update(outbox)
+                .where(outbox.c.leased_by.in_(gone), outbox.c.next_attempt_at.is_not(None))
+                .values(next_attempt_at=now_ms(), leased_by=None)
+            )
+            return done.rowcount or 0
+
     async def release_leases(self) -> None:
         """After a restart: the jobs this instance was delivering when it died are due again."""
         async with self.engine.begin() as conn:
