@@ -29,6 +29,9 @@ def _settings(**overrides):
         raise typer.Exit(2) from None
     try:
         filled = ensure_dev_secrets(settings)
+    except SettingsError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
     except OSError as e:
         typer.secho(f"BRIDGE_DATA_DIR {settings.data_dir} is not a writable directory: {e.strerror or e}", fg="red", err=True)
         raise typer.Exit(2) from None

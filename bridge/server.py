@@ -168,7 +168,7 @@ class DrainingServer(uvicorn.Server):
         )  # fmt: skip
         try:
             # (every live call is served on a socket: sockets counts those still being set up too)
-            while (calls.sockets or calls.streams_due()) and loop.time() < deadline and not self.should_exit:
+            while (calls.sockets or await calls.streams_still_due()) and loop.time() < deadline and not self.should_exit:
                 await asyncio.sleep(DRAIN_POLL_S)
             if calls.live_calls and not self.should_exit:
                 ended = calls.end_live_calls(DisconnectionReason.max_duration_reached, f"{DRAIN_DETAIL} ({settings.drain_timeout_s:g} s)")

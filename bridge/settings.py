@@ -19,6 +19,8 @@ invalid fails at start-up with ``SettingsError`` naming the field.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import secrets
@@ -151,6 +153,18 @@ class Settings(BaseSettings):
     #: SQLite file (default: DATA_DIR/bridge.db) or postgresql://user@host/db
     database_url: str | None = None
     data_dir: Path = Path("var")
+    #: Where recordings and public logs are written (default: data_dir): a volume every replica
+    #: mounts makes them readable through any replica
+    files_dir: Path | None = None
+    #: Object storage for recordings and public logs, s3://BUCKET/PREFIX (AWS S3, MinIO, R2, GCS
+    #: interoperability...): uploaded when a call ends, served by every replica. Credentials come
+    #: from the usual AWS_* variables (or the platform's identity).
+    files_url: str | None = None
+    #: The S3 API's address for a store other than AWS (e.g. http://minio:9000)
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    #: How often files whose upload failed (the store was down) are uploaded again
+    files_retry_s: float = Field(30.0, gt=0)
     #: Stable name of this replica (its calls are its own to recover after a crash): the host name
     #: by default, which is the pod name on Kubernetes.
     instance_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
@@ -207,6 +221,9 @@ class Settings(BaseSettings):
     metrics: bool = True
     #: Serve /metrics without the API key on this port too (for a scraper inside the cluster)
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    #: Start a PostgreSQL-backed replica even though live replicas hold other shared secrets
+    #: (only while rotating them: tokens one replica issues then fail on the others)
+    allow_secret_mismatch: bool = False
     echo_sample_rate: int = Field(24000, ge=8000, le=48000)
     echo_end_silence_ms: int = Field(600, ge=100)
 
@@ -227,6 +244,13 @@ class Settings(BaseSettings):
         if v and not v.startswith(DATABASE_SCHEMES):
             scheme = v.split("://", 1)[0] if "://" in v else v[:20]
             raise ValueError(f"{scheme!r} is not supported: use sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")
+        return v
+
+    @field_validator("files_url")
+    @classmethod
+    def _files_url(cls, v: str | None) -> str | None:
+        if v and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?", v):
+            raise ValueError("must be s3://BUCKET or s3://BUCKET/PREFIX (a valid bucket name)")
         return v
 
     @field_validator("public_url", "internal_url")
@@ -324,6 +348,43 @@ def signed_url_problem(settings: Settings) -> str | None:
     )
 
 
+def is_shared_database(settings: Settings) -> bool:
+    """PostgreSQL: other replicas may share the database (and the calls)."""
+    return bool(settings.database_url) and settings.database_url.startswith(("postgres://", "postgresql"))
+
+
+def shared_secrets_problem(settings: Settings) -> str | None:
+    """Why this replica cannot share a database with others, or None. A call's webhook, stream,
+    status callbacks and API requests may each reach a different replica, so every replica
+    needs the same secrets, set by the operator (never made up on one machine)."""
+    if not is_shared_database(settings):
+        return None
+    missing = [
+        name
+        for name, value in (
+            ("BRIDGE_TWILIO_AUTH_TOKEN", settings.twilio_auth_token),
+            ("BRIDGE_API_KEYS", settings.api_keys),
+        )
+        if not value
+    ]
+    if missing:
+        return (
+            f"{' and '.join(missing)} must be set on a replica that uses PostgreSQL (BRIDGE_DATABASE_URL): "
+            "every replica behind the load balancer checks the tokens and signatures the others issue, "
+            "so set the same values on all of them"
+        )
+    return None
+
+
+def secrets_fingerprint(settings: Settings) -> str:
+    """What replicas compare to find one configured with other secrets: an HMAC (keyed with the
+    auth token) of the API keys, the webhook signing key and the public URL. It reveals none."""
+    shared = json.dumps([sorted(settings.api_keys), settings.webhook_signing_key, settings.public_url])
+    return hmac.new((settings.twilio_auth_token or "").encode(), shared.encode(), hashlib.sha256).hexdigest()[
+        :32
+    ]
+
+
 def ensure_dev_secrets(settings: Settings) -> list[str]:
     """A fresh machine has no Twilio auth token and no API key: make random ones, kept in
     ``data_dir/dev-secrets.json`` so ``bridge simulate`` on the same machine can use them.
@@ -331,6 +392,8 @@ def ensure_dev_secrets(settings: Settings) -> list[str]:
     filled = []
     if settings.twilio_auth_token and settings.api_keys:
         return filled
+    if problem := shared_secrets_problem(settings):
+        raise SettingsError(problem)
     path = settings.data_dir / "dev-secrets.json"
     try:
         stored = json.loads(path.read_text())

@@ -12,7 +12,7 @@ import logging
 from typing import Literal
 
 from fastapi import APIRouter, Body, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from ..calls.registrar import call_fields, new_call_id
 from ..models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason, Protocol
@@ -159,7 +159,7 @@ async def delete_call(call_id: str, request: Request) -> Response:
     record = await find_call(request, call_id)
     if record.call_status in (CallStatus.registered, CallStatus.ongoing):
         raise ApiError(422, f"call {call_id} is {record.call_status.value}: stop it before deleting it")
-    await call_service(request).store.delete(call_id)
+    await call_service(request).delete(call_id)
     return Response(status_code=204)
 
 
@@ -174,20 +174,35 @@ async def stop_call(call_id: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
-async def _call_file(request: Request, call_id: str, path, what: str, media_type: str) -> Response:
-    await find_call(request, call_id)
-    if not path.exists():
+async def _call_file(request: Request, call_id: str, kind: str, what: str) -> Response:
+    """A call's file from this disk (being written, or kept here), else from object storage,
+    where the replica that relayed the call uploaded it (``Range`` requests either way)."""
+    record = await find_call(request, call_id)
+    files = call_service(request).files
+    path = files.path(kind, call_id)
+    if path.exists():
+        return FileResponse(path, media_type=files.media_type(kind))
+    try:
+        stored = await files.fetch(kind, call_id, request.headers.get("range"))
+    except ValueError as e:
+        raise ApiError(416, str(e)) from None
+    except Exception as e:  # the object store is down or refuses us
+        log.error("call %s: its %s cannot be read from object storage: %s", call_id, what, e)
+        raise ApiError(503, f"the {what} store does not answer; try again shortly") from None
+    if stored is None:
+        if record.call_status is CallStatus.ongoing and files.remote:
+            raise ApiError(404, f"call {call_id} is live on another replica: its {what} is readable once it ends")
         raise ApiError(404, f"call {call_id} has no {what}")
-    return FileResponse(path, media_type=media_type)
+    return StreamingResponse(stored.chunks, status_code=stored.status, headers=stored.headers)
 
 
 @router.get("/v2/recordings/{call_id}.wav", dependencies=AUTH, summary="A call's stereo recording (caller left, agent right)")
 async def recording(call_id: str, request: Request) -> Response:
-    return await _call_file(request, call_id, call_service(request).recording_path(call_id), "recording", "audio/wav")
+    return await _call_file(request, call_id, "recording", "recording")
 
 
 @router.get("/v2/public-logs/{call_id}.jsonl", dependencies=AUTH, summary="A call's public log (JSON lines)")
 async def public_log(call_id: str, request: Request) -> Response:
-    return await _call_file(request, call_id, call_service(request).log_path(call_id), "public log", "application/x-ndjson")
+    return await _call_file(request, call_id, "log", "public log")
 
 

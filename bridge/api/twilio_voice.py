@@ -79,11 +79,8 @@ HANDED_OVER = "bridge_handed_over"
 
 def hand_over(request: Request) -> Response:
     """A draining replica takes no new call: ``<Redirect>`` Twilio to the public URL, where the
-    load balancer picks a ready replica; a request already handed over once gets 503."""
+    load balancer picks a ready replica."""
     calls = call_service(request)
-    if request.query_params.get(HANDED_OVER):
-        log.warning("voice webhook handed over to a draining replica again: 503 (Twilio uses the number's fallback URL)")
-        return Response("draining: no replica can take the call", status_code=503, media_type="text/plain")
     path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
     query = f"{request.url.query}&" if request.url.query else ""
     response = VoiceResponse()
@@ -96,7 +93,12 @@ def hand_over(request: Request) -> Response:
 async def voice_webhook(request: Request, agent_id: str | None = None) -> Response:
     form = await signed_form(request)
     if call_service(request).draining:
-        return hand_over(request)
+        if not request.query_params.get(HANDED_OVER):
+            return hand_over(request)
+        # Handed over once already and back at a draining replica (the load balancer had not
+        # seen it go unready yet, or every replica drains): answer rather than lose the call.
+        # The stream goes to the public URL too, so it too lands on a ready replica if any.
+        log.warning("voice webhook handed over to a draining replica again: answered here")
     try:
         return await _answer(request, form, agent_id)
     except STORE_UNAVAILABLE as e:  # the caller hears a sentence and a hang-up, not Twilio's error

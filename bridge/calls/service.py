@@ -28,11 +28,19 @@ from audio import repair_wav
 
 from ..metrics import Metrics
 from ..models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason, now_ms
-from ..settings import AgentConfig, Settings, SettingsError, signed_url_problem
-from ..store import SqlCallStore, webhook_targets
+from ..settings import (
+    AgentConfig,
+    Settings,
+    SettingsError,
+    secrets_fingerprint,
+    shared_secrets_problem,
+    signed_url_problem,
+)
+from ..store import CallFiles, ControlChannel, FilesError, SqlCallStore, webhook_targets
+from ..store.files import UPLOAD_TIMEOUT_S
 from .endings import EndingSpool
 from .registrar import register_call
-from .throttle import DialThrottle
+from .throttle import DialThrottle, SharedDialThrottle
 from .tokens import StreamTokens, TokenError, internal_key
 from .twilio_rest import TwilioRest
 
@@ -51,6 +59,15 @@ CALL_ID_HEADER = "X-Bridge-Call-Id"
 MAX_NOTES = 20  # notes kept on one call (refused sockets cost a write each: bounded)
 #: The detail of a call ended because its replica's drain deadline passed (``drain_timeout_s``)
 DRAIN_DETAIL = "the replica's drain deadline passed"
+#: why a replica stops relaying a call another replica ended while this one's lease had expired
+LOST_DETAIL = "another replica ended the call while this replica's lease had expired"
+#: stop-call on a call relayed elsewhere: how long to wait for its replica to end it before the
+#: command is sent again, and, after a second wait, before the phone call is hung up through Twilio
+CONTROL_WAIT_S = 1.0
+CONTROL_POLL_S = 0.02
+#: a stop for a call not relayed here yet (being set up) is kept this long for its relay
+PENDING_STOP_S = 30.0
+MAX_PENDING_STOPS = 10_000
 
 #: ``stop(reason, detail)``: how the relay holding a live call is asked to end it
 StopCall = Callable[[DisconnectionReason, str], None]
@@ -89,7 +106,8 @@ async def claim_instance(store: SqlCallStore, settings: Settings) -> None:
     is touched."""
     lease_s = INSTANCE_LEASE_HEARTBEATS * settings.heartbeat_interval_s
     deadline = time.monotonic() + lease_s + settings.heartbeat_interval_s
-    while (age := await store.claim(int(lease_s * 1000))) is not None:
+    fingerprint = secrets_fingerprint(settings)
+    while (age := await store.claim(int(lease_s * 1000), fingerprint)) is not None:
         if time.monotonic() > deadline:
             raise SettingsError(
                 f"instance id {settings.instance_id!r} is held by another live process (its heartbeat is "
@@ -97,23 +115,49 @@ async def claim_instance(store: SqlCallStore, settings: Settings) -> None:
             )
         log.warning("instance id %s is held (heartbeat %.1f s old): waiting for its lease", settings.instance_id, age)
         await asyncio.sleep(min(1.0, settings.heartbeat_interval_s / 2))
+    if not store.shared:
+        return
+    others = {
+        name: theirs
+        for name, theirs in (await store.live_fingerprints(int(lease_s * 1000))).items()
+        if theirs != fingerprint
+    }
+    if others:
+        problem = (
+            f"replica(s) {', '.join(sorted(others))} hold other shared secrets (BRIDGE_TWILIO_AUTH_TOKEN, "
+            "BRIDGE_API_KEYS, BRIDGE_WEBHOOK_SIGNING_KEY or BRIDGE_PUBLIC_URL differ): tokens and signatures "
+            "one issues would fail on the other. Set the same values on every replica "
+            "(BRIDGE_ALLOW_SECRET_MISMATCH=1 starts anyway, for a rotation)"
+        )
+        if not settings.allow_secret_mismatch:
+            await store.release()
+            raise SettingsError(problem)
+        log.error("%s", problem)
 
 
 class CallService:
     def __init__(self, settings: Settings):
         if not settings.twilio_auth_token:
             raise SettingsError("twilio_auth_token is required (set BRIDGE_TWILIO_AUTH_TOKEN)")
-        if problem := signed_url_problem(settings):
+        if problem := signed_url_problem(settings) or shared_secrets_problem(settings):
             raise SettingsError(problem)
         self.settings = settings
         self.stream_tokens = StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl_s)
         self.web_tokens = StreamTokens(settings.twilio_auth_token, settings.web_call_token_ttl_s, purpose="web", label="access token")
         self.twilio_rest = TwilioRest(settings.twilio_api_base_url, settings.twilio_auth_token, settings.twilio_account_sid)
-        self.dial_throttle = DialThrottle(settings.twilio_calls_per_second)
+        try:
+            self.files = CallFiles(settings.files_dir or settings.data_dir, settings.files_url, settings.s3_endpoint_url, settings.s3_region)
+        except FilesError as e:
+            raise SettingsError(str(e)) from None
+        self.dial_throttle: DialThrottle | SharedDialThrottle = DialThrottle(settings.twilio_calls_per_second)
         self.store: SqlCallStore | None = None  # set by open()
+        self.control: ControlChannel | None = None  # set by open(): commands to the replica relaying a call
         self.endings: EndingSpool | None = None
         self.http: httpx.AsyncClient | None = None
         self._live: dict[str, StopCall] = {}
+        #: stops for calls not relayed here yet (their relay is being set up): call id ->
+        #: (reason, detail, until when the stop holds)
+        self._pending_stops: dict[str, tuple[DisconnectionReason, str, float]] = {}
         #: stream tokens this process gave Twilio, not yet used: call id -> when the token expires
         self._streams_due: dict[str, float] = {}
         #: SIGTERM came: not ready, new calls go to other replicas, live ones go on (``drain``)
@@ -132,6 +176,10 @@ class CallService:
         """Open the store (migrating it), end the calls this instance left live when it last
         stopped, and make the HTTP client for registrars."""
         settings = self.settings
+        try:
+            await self.files.open()
+        except FilesError as e:
+            raise SettingsError(str(e)) from None
         store = await SqlCallStore.open(settings.database_url, settings.instance_id, settings.data_dir)
         store.webhook_targets = webhook_targets(settings)
         store.time_statements(lambda kind, seconds: self.metrics.store_latency.labels(kind).observe(seconds))
@@ -146,6 +194,10 @@ class CallService:
             await self.endings.replay()  # endings a previous process could not store: the truth first
             await self.recover()  # (only once the id is ours: no other live process relays its calls)
             await store.release_leases()
+            if store.shared:  # every replica takes its dial slots from one schedule
+                name = f"twilio-calls:{settings.twilio_account_sid or 'default'}"
+                self.dial_throttle = SharedDialThrottle(store, settings.twilio_calls_per_second, name)
+            self.control = ControlChannel(store.engine, self._on_command)
         except BaseException:  # the next start must not wait out a lease this one still held
             await self.endings.close()
             with contextlib.suppress(Exception):
@@ -160,6 +212,7 @@ class CallService:
         if self.http is not None:
             await self.http.aclose()
         await self.twilio_rest.close()
+        await self.files.close()
         if self.store is not None:
             try:
                 await self.store.release()
@@ -169,7 +222,10 @@ class CallService:
 
     def background_jobs(self) -> list[Coroutine[Any, Any, None]]:
         """What runs for as long as the service does (the app starts and cancels them)."""
-        return [self.sweep_registered(), self.heartbeat(), self.enforce_retention()]
+        jobs = [self.sweep_registered(), self.heartbeat(), self.enforce_retention(), self.control.run(lambda: self.stopping)]
+        if self.files.remote:
+            jobs.append(self.upload_left_files())
+        return jobs
 
     # --- where things are --------------------------------------------------------------------
 
@@ -184,10 +240,10 @@ class CallService:
         return request_base.rstrip("/")
 
     def recording_path(self, call_id: str) -> Path:
-        return self.settings.data_dir / "recordings" / f"{call_id}.wav"
+        return self.files.path("recording", call_id)
 
     def log_path(self, call_id: str) -> Path:
-        return self.settings.data_dir / "logs" / f"{call_id}.jsonl"
+        return self.files.path("log", call_id)
 
     def agent(self, record: CallRecord) -> AgentConfig | None:
         return self.settings.agents.get(record.agent_id)
@@ -347,6 +403,9 @@ class CallService:
         self._live[record.call_id] = stop
         direction = record.direction.value if record.direction else "none"
         self._live_labels[record.call_id] = (record.agent_id, direction, record.call_type.value)
+        pending = self._pending_stops.pop(record.call_id, None)
+        if pending is not None and pending[2] > time.monotonic():  # stop-call came during the set-up
+            stop(pending[0], pending[1])
 
     def detach(self, call_id: str) -> None:
         self._live.pop(call_id, None)
@@ -360,6 +419,22 @@ class CallService:
     def streams_due(self) -> int:
         """Calls this process answered with TwiML whose stream has not arrived here yet (and may)."""
         self._prune_streams_due()
+        return len(self._streams_due)
+
+    async def streams_still_due(self) -> int:
+        """``streams_due``, less the calls whose stream started on another replica (their record
+        is no longer ``registered``): behind a load balancer a draining replica does not wait
+        out the tokens it gave for streams that went elsewhere."""
+        if not self.streams_due():
+            return 0
+        try:
+            states = await self.store.states(list(self._streams_due))
+        except Exception:  # the database is away: wait on what this replica knows
+            return len(self._streams_due)
+        for call_id in list(self._streams_due):
+            state = states.get(call_id)
+            if state is None or state[0] is not CallStatus.registered:
+                self._streams_due.pop(call_id, None)
         return len(self._streams_due)
 
     def end_live_calls(self, reason: DisconnectionReason, detail: str) -> int:
@@ -376,6 +451,26 @@ class CallService:
         stop(reason, detail)
         return True
 
+    def _stop_when_attached(self, call_id: str, reason: DisconnectionReason, detail: str) -> None:
+        """Stop the call at once if relayed here, else as soon as a relay here attaches it
+        (within PENDING_STOP_S): a stop that comes while its relay is being set up holds."""
+        if self._stop_here(call_id, reason, detail):
+            return
+        now, pending = time.monotonic(), self._pending_stops
+        while pending and (len(pending) >= MAX_PENDING_STOPS or next(iter(pending.values()))[2] < now):
+            del pending[next(iter(pending))]  # (the oldest first: one lifetime for all)
+        pending[call_id] = (reason, detail, now + PENDING_STOP_S)
+
+    def _on_command(self, command: dict) -> None:
+        """A command from the control channel (any replica's, this one's included)."""
+        if command.get("op") == "stop" and isinstance(command.get("call_id"), str):
+            try:
+                reason = DisconnectionReason(command.get("reason"))
+            except ValueError:
+                log.error("control channel: stop with an unknown reason %r", command.get("reason"))
+                return
+            self._stop_when_attached(command["call_id"], reason, str(command.get("detail", ""))[:500])
+
     async def end(self, call_id: str, reason: DisconnectionReason, detail: str = "", measured: dict[str, Any] | None = None) -> None:
         """Record how a live call ended, with what its relay measured (latency, transcript...),
         as of now. If the database does not answer, the ending is kept (and spooled to disk)
@@ -385,8 +480,45 @@ class CallService:
         if detail:
             fields["error_detail"] = detail
         log.info("call %s ended: %s %s", call_id, reason.value, detail)
+        await self._publish_files(call_id)  # (readable through every replica before the record says it ended)
         self.metrics.calls_ended.labels(reason.value).inc()
         await self.endings.store_ending(call_id, reason, fields)
+
+    async def _publish_files(self, call_id: str) -> bool:
+        """Upload a call's files to object storage (if set); False (logged) if it failed."""
+        if not self.files.remote:
+            return True
+        try:
+            problem = await asyncio.wait_for(self.files.publish(call_id), UPLOAD_TIMEOUT_S)
+        except TimeoutError:
+            problem = f"its files could not be uploaded within {UPLOAD_TIMEOUT_S:g} s"
+        if problem:
+            log.warning("call %s: %s (retried every %g s)", call_id, problem, self.settings.files_retry_s)
+        return problem is None
+
+    async def upload_left_files(self) -> None:
+        """Files of calls that ended here but could not be uploaded (the object store was
+        down, or this replica restarted): uploaded again every ``files_retry_s``."""
+        while not self.stopping:
+            try:
+                left = [call_id for call_id in self.files.local_call_ids() if call_id not in self._live]
+                for call_id, (status, owner) in (await self.store.states(left)).items():
+                    if status in (CallStatus.ended, CallStatus.error) and owner == self.settings.instance_id:
+                        if await self._publish_files(call_id):
+                            log.info("call %s: its files are uploaded", call_id)
+            except Exception:
+                log.exception("uploading left files failed")
+            await asyncio.sleep(self.settings.files_retry_s)
+
+    async def delete(self, call_id: str) -> bool:
+        """Delete an ended call: its record, then its files (here and in object storage)."""
+        deleted = await self.store.delete(call_id)
+        if deleted:
+            try:
+                await self.files.delete(call_id)
+            except Exception as e:  # the record is gone: its files go with the retention
+                log.warning("call %s: its files could not be deleted: %s", call_id, e)
+        return deleted
 
     async def _finish(self, call_id: str, reason: DisconnectionReason, **options: Any) -> CallRecord | None:
         """End a call that no relay holds (never connected, dial failed...), counted."""
@@ -413,8 +545,8 @@ class CallService:
             log.warning("call %s: %s (not noted: %s)", call_id, text, "unknown call" if record is None else "too many notes")
             return
         await self.store.add_note(call_id, text)
-        if self.is_private(record):
-            return
+        if self.is_private(record) or (self.files.remote and call_id not in self._live):
+            return  # (in object storage, the public log is the relaying replica's: the record has the note)
         path = self.log_path(call_id)
         line = json.dumps({"event": "note", "unix_ms": now_ms(), "text": text}, separators=(",", ":"))
         try:
@@ -431,22 +563,53 @@ class CallService:
     # --- control from outside the relay -------------------------------------------------------
 
     async def stop(self, record: CallRecord, reason: DisconnectionReason, detail: str) -> None:
-        """End a live call on both legs (stop-call). A call relayed here ends at once with
-        ``reason`` (its relay closes the agent socket and hangs the phone call up through
-        Twilio, so Twilio's own ``stop`` cannot be taken for the caller's hang-up). Otherwise the
-        phone call is hung up through Twilio, and a call only registered ends here (one
-        relayed by another replica ends by its stream there)."""
-        if self._stop_here(record.call_id, reason, detail):
+        """End a live call on both legs (stop-call), with the same record wherever it is relayed.
+
+        A call relayed here ends at once with ``reason``: its relay closes the agent socket and
+        hangs the phone call up through Twilio (so Twilio's own ``stop`` is not taken for the
+        caller's hang-up). A call relayed by another replica gets the command through the
+        control channel and ends there the same way; this returns once its record says it
+        ended. If it has not within CONTROL_WAIT_S the command is sent again, and after that a
+        phone call is hung up through Twilio (its replica is gone or cut off: the reaping
+        records it). A call only registered is hung up and ends here; a stop also holds for a
+        relay being set up (the stream arrived just now). Returns once the record says the call
+        ended (or after 2 * CONTROL_WAIT_S: a web client may still be playing the agent's last
+        words)."""
+        call_id = record.call_id
+        if self._stop_here(call_id, reason, detail):  # (the record says so once its relay is done)
+            await self._ended_within(call_id, 2 * CONTROL_WAIT_S)
             return
+        command = {"op": "stop", "call_id": call_id, "reason": reason.value, "detail": detail}
+        if record.call_status is CallStatus.registered:
+            await self.control.send(command)  # (its stream may be arriving on some replica now)
+            await self.hang_up(record)
+            if await self._finish(call_id, reason, error_detail=detail, only_if=CallStatus.registered):
+                return
+        for _attempt in range(2):
+            await self.control.send(command)
+            if await self._ended_within(call_id, CONTROL_WAIT_S):
+                return
+        log.warning(
+            "call %s: its replica did not end it within %g s: hanging up through Twilio",
+            call_id,
+            2 * CONTROL_WAIT_S,
+        )
         await self.hang_up(record)
-        await self._finish(record.call_id, reason, error_detail=detail, only_if=CallStatus.registered)
+
+    async def _ended_within(self, call_id: str, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            record = await self.store.get(call_id)
+            if record is None or record.call_status in (CallStatus.ended, CallStatus.error):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(CONTROL_POLL_S)
 
     async def machine_answered(self, record: CallRecord, reason: DisconnectionReason, detail: str) -> None:
-        """Answering-machine detection said a machine answered: the relay here hangs up and
-        records it; if the call is not relayed here, hang up and record it now."""
-        if not self._stop_here(record.call_id, reason, detail):
-            await self.hang_up(record)
-            await self._finish(record.call_id, reason, error_detail=detail)
+        """Answering-machine detection said a machine answered: the relay holding the call
+        (here or on another replica) hangs up and records it, as ``stop`` does."""
+        await self.stop(record, reason, detail)
 
     async def dial_ended(self, call_id: str, reason: DisconnectionReason, detail: str) -> None:
         """Twilio's status callback: the dialed call ended before any stream (busy, no answer,
@@ -479,13 +642,11 @@ class CallService:
         days = self.settings.recording_retention_days
         now = time.time() if now is None else now
         if days:
-            cutoff = now - days * 86400
-            for folder, pattern in (("recordings", "*.wav"), ("logs", "*.jsonl")):
-                for path in (self.settings.data_dir / folder).glob(pattern):
-                    with contextlib.suppress(FileNotFoundError):
-                        if path.stat().st_mtime < cutoff:
-                            path.unlink()
-                            log.info("%s deleted (older than %g days)", path.name, days)
+            try:
+                if deleted := await self.files.delete_older_than(now - days * 86400):
+                    log.info("%d recording(s) and log(s) deleted (older than %g days)", deleted, days)
+            except Exception:
+                log.exception("deleting old recordings failed")
         try:
             await self.store.purge_outbox(int(now * 1000) - OUTBOX_KEEP_DAYS * 86_400_000)
         except Exception:
@@ -514,6 +675,7 @@ class CallService:
                 for record in await self.store.registered_before(now_ms() - timeout_ms):
                     await self._sweep(record, timeout_ms)
                 await self.reap_orphans()
+                await self.drop_lost_calls()
             except Exception:  # the database may be restarting: keep sweeping next time
                 log.exception("sweep of registered calls failed")
 
@@ -527,10 +689,22 @@ class CallService:
         ended = 0
         for call_id, owner in await self.store.orphans(lease_ms):
             detail = f"{REAPED_DETAIL}: {owner}"
-            if await self._finish(call_id, DisconnectionReason.error_unknown, only_if=CallStatus.ongoing, owner=owner, error_detail=detail):
+            record = await self._finish(call_id, DisconnectionReason.error_unknown, only_if=CallStatus.ongoing, owner=owner, error_detail=detail)
+            if record is not None:
                 log.warning("call %s ended: %s", call_id, detail)
                 ended += 1
+                await self.hang_up(record)  # (a replica cut off, not dead, may still hold the phone call)
         return ended
+
+    async def drop_lost_calls(self) -> int:
+        """Stop relaying the calls that are no longer this replica's: another one ended them
+        (reaped) while this replica's lease had expired (cut off from the database, paused).
+        Their records stand as written there. Returns how many."""
+        lost = await self.store.not_mine(list(self._live))
+        for call_id in lost:
+            log.error("call %s: %s: its relay here stops", call_id, LOST_DETAIL)
+            self._stop_here(call_id, DisconnectionReason.error_unknown, LOST_DETAIL)
+        return len(lost)
 
     async def _sweep(self, record: CallRecord, timeout_ms: int) -> None:
         dialed = record.direction is Direction.outbound and record.twilio_call_sid

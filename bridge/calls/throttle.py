@@ -28,3 +28,20 @@ class DialThrottle:
                 raise TooManyCalls(f"too many calls: Twilio accepts {self.rate:g} a second; try again shortly")
             self.next_slot = slot + self.interval
         await asyncio.sleep(slot - now)
+
+
+class SharedDialThrottle:
+    """The same rate across every replica sharing the database: each start takes the next slot
+    of one shared schedule (``SqlCallStore.take_slot``, on the database's clock), so N replicas
+    together start at most ``rate`` calls a second, in the order they asked."""
+
+    def __init__(self, store, rate: float, name: str):
+        self.store = store
+        self.rate = rate
+        self.name = name
+
+    async def wait(self, max_wait: float) -> None:
+        delay = await self.store.take_slot(self.name, 1.0 / self.rate, max_wait)
+        if delay is None:
+            raise TooManyCalls(f"too many calls: Twilio accepts {self.rate:g} a second; try again shortly")
+        await asyncio.sleep(delay)

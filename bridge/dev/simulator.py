@@ -88,6 +88,7 @@ class FakeTwilioApi:
         self.hangups: dict[str, asyncio.Event] = {}
         self.requests: list[tuple[str, dict]] = []
         self.created: list[dict] = []  # params of every Calls.json request
+        self.created_at: list[float] = []  # when each came (time.monotonic())
         self.outbound: dict[str, asyncio.Task] = {}  # CallSid -> the callee's simulation
         self.dial_outcome = lambda params: "human"
         self.callee_pcm = b""
@@ -120,6 +121,7 @@ class FakeTwilioApi:
         form = await request.form()
         params = {k: (form.getlist(k) if k == "StatusCallbackEvent" else form[k]) for k in form}
         self.created.append(params)
+        self.created_at.append(time.monotonic())
         outcome = self.dial_outcome(params)
         if outcome == "refuse":
             message = f"The 'To' number {params.get('To')} is not a valid phone number."

@@ -14,7 +14,7 @@ import time
 from typing import Any, Iterable
 
 import orjson
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, text, update
 from sqlalchemy import event as sql_event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -77,11 +77,17 @@ class SqlCallStore:
 
     # --- instances ---------------------------------------------------------------------------
 
-    async def claim(self, lease_ms: int) -> float | None:
+    @property
+    def shared(self) -> bool:
+        """Several processes may share this database (PostgreSQL): replicas coordinate through it."""
+        return self.engine.dialect.name == "postgresql"
+
+    async def claim(self, lease_ms: int, fingerprint: str | None = None) -> float | None:
         """Take this instance id for this process (``self.claim_token``), unless another process
         holds it: its heartbeat is younger than ``lease_ms``. Returns None when taken, else the
         holder's heartbeat age in seconds. Released (``release``) or expired claims are taken
-        over, compare-and-set, so two processes starting together cannot both win."""
+        over, compare-and-set, so two processes starting together cannot both win. The
+        ``fingerprint`` of this process's shared secrets is kept with the claim."""
         now = now_ms()
         async with self.engine.begin() as conn:
             row = (await conn.execute(select(instances).where(instances.c.instance_id == self.instance_id))).first()
@@ -91,17 +97,34 @@ class SqlCallStore:
                 done = await conn.execute(
                     update(instances)
                     .where(instances.c.instance_id == self.instance_id, instances.c.heartbeat_at == row.heartbeat_at)
-                    .values(started_at=now, heartbeat_at=now, claim=self.claim_token)
+                    .values(started_at=now, heartbeat_at=now, claim=self.claim_token, fingerprint=fingerprint)
                 )
                 return None if done.rowcount == 1 else 0.0
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(
-                    insert(instances).values(instance_id=self.instance_id, started_at=now, heartbeat_at=now, claim=self.claim_token)
+                    insert(instances).values(
+                        instance_id=self.instance_id,
+                        started_at=now,
+                        heartbeat_at=now,
+                        claim=self.claim_token,
+                        fingerprint=fingerprint,
+                    )
                 )
         except IntegrityError:  # another process inserted it first
             return 0.0
         return None
+
+    async def live_fingerprints(self, lease_ms: int) -> dict[str, str | None]:
+        """The other live instances (heartbeat younger than ``lease_ms``, claim held) and the
+        fingerprints of their shared secrets."""
+        query = select(instances.c.instance_id, instances.c.fingerprint).where(
+            instances.c.instance_id != self.instance_id,
+            instances.c.claim.is_not(None),
+            instances.c.heartbeat_at >= now_ms() - lease_ms,
+        )
+        async with self.engine.connect() as conn:
+            return {row.instance_id: row.fingerprint for row in await conn.execute(query)}
 
     async def heartbeat(self) -> bool:
         """Renew this process's claim; False if another process has taken the id over."""
@@ -156,6 +179,55 @@ class SqlCallStore:
         )
         async with self.engine.connect() as conn:
             return [(row.call_id, row.instance_id) for row in await conn.execute(query)]
+
+    async def not_mine(self, call_ids: list[str]) -> list[str]:
+        """Which of these calls (relayed here) are no longer this instance's live calls: ended
+        elsewhere (reaped while this instance's lease had expired), or gone."""
+        if not call_ids:
+            return []
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(calls.c.call_id).where(
+                    calls.c.call_id.in_(call_ids), calls.c.call_status == CallStatus.ongoing.value,
+                    calls.c.instance_id == self.instance_id,
+                )
+            )  # fmt: skip
+            mine = {row.call_id for row in rows}
+        return [call_id for call_id in call_ids if call_id not in mine]
+
+    async def states(self, call_ids: list[str]) -> dict[str, tuple[CallStatus, str]]:
+        """``{call_id: (status, owning instance)}`` of the calls that exist."""
+        if not call_ids:
+            return {}
+        query = select(calls.c.call_id, calls.c.call_status, calls.c.instance_id).where(calls.c.call_id.in_(call_ids))
+        async with self.engine.connect() as conn:
+            return {row.call_id: (CallStatus(row.call_status), row.instance_id) for row in await conn.execute(query)}
+
+    # --- coordination between replicas (PostgreSQL) ---------------------------------------
+
+    async def take_slot(self, name: str, interval_s: float, max_wait_s: float) -> float | None:
+        """A shared rate (``name``: one slot every ``interval_s`` across every process): take the
+        next free slot and return how long to wait for it, or None if it is more than
+        ``max_wait_s`` away (nothing taken). Slots are kept on the database's clock, so the
+        replicas' own clocks do not matter; the row lock queues concurrent takers in order."""
+        interval_us, max_wait_us = int(interval_s * 1e6), int(max_wait_s * 1e6)
+        statement = text(
+            "WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS us) "
+            "UPDATE dial_slots SET next_slot_us = GREATEST(dial_slots.next_slot_us, now.us) + :interval "
+            "FROM now WHERE dial_slots.name = :name AND GREATEST(dial_slots.next_slot_us, now.us) - now.us <= :max_wait "
+            "RETURNING dial_slots.next_slot_us - :interval - now.us AS wait_us"
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                text("INSERT INTO dial_slots (name, next_slot_us) VALUES (:name, 0) ON CONFLICT DO NOTHING"),
+                {"name": name},
+            )
+            row = (
+                await conn.execute(
+                    statement, {"name": name, "interval": interval_us, "max_wait": max_wait_us}
+                )
+            ).first()
+        return None if row is None else max(0, row.wait_us) / 1e6
 
     # --- calls -------------------------------------------------------------------------------
 

@@ -49,6 +49,16 @@ instances = Table(
     Column("started_at", BigInteger, nullable=False),
     Column("heartbeat_at", BigInteger, nullable=False),
     Column("claim", String(32)),  # the process holding this id (None: released)
+    Column("fingerprint", String(32)),  # of the secrets every replica must share (``secrets_fingerprint``)
+)
+
+#: The next free slot of a shared rate (the account's dial rate), in microseconds of the
+#: database's clock: one row per rate, every replica takes its slots from it
+dial_slots = Table(
+    "dial_slots",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("next_slot_us", BigInteger, nullable=False),
 )
 
 outbox = Table(
