@@ -66,9 +66,17 @@ async def run_with_env(args: list[str], **env) -> subprocess.CompletedProcess:
     ],
 )
 async def test_serve_with_an_unusable_database_says_so_in_a_line(tmp_path, database_url, says):
-    done = await run_with_env(["serve", "--port", "0"], BRIDGE_DATABASE_URL=database_url, BRIDGE_DATA_DIR=str(tmp_path))
+    secrets = {"BRIDGE_TWILIO_AUTH_TOKEN": "token", "BRIDGE_API_KEYS": "key", "BRIDGE_REQUEST_HOST_SIGNATURES": "1"}
+    done = await run_with_env(["serve", "--port", "0"], BRIDGE_DATABASE_URL=database_url, BRIDGE_DATA_DIR=str(tmp_path), **secrets)
     assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) <= 3  # (a line about dev secrets may come first)
+    assert len(done.stderr.strip().splitlines()) <= 3
+
+
+async def test_serve_on_postgresql_without_shared_secrets_says_so_in_a_line(tmp_path):
+    done = await run_with_env(["serve", "--port", "0"], BRIDGE_DATABASE_URL="postgresql://postgres@127.0.0.1:9/test", BRIDGE_DATA_DIR=str(tmp_path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("BRIDGE_TWILIO_AUTH_TOKEN and BRIDGE_API_KEYS must be set on a replica that uses PostgreSQL")
+    assert not (tmp_path / "dev-secrets.json").exists()  # none made up
 
 
 async def test_serve_with_an_unusable_data_dir_says_so_in_a_line(tmp_path):
