@@ -95,8 +95,12 @@ async def voice_webhook(request: Request, agent_id: str | None = None) -> Respon
     if call_service(request).draining:
         if not request.query_params.get(HANDED_OVER):
             return hand_over(request)
-        # Handed over once already and back at a draining replica (the load balancer had not
-        # seen it go unready yet, or every replica drains): answer rather than lose the call.
+        if not call_service(request).store.shared:  # one process: the redirect came back to it
+            log.warning("voice webhook handed over to a draining replica again: 503 (Twilio uses the number's fallback URL)")
+            return Response("draining: no replica can take the call", status_code=503, media_type="text/plain")
+        # Handed over once already and back at a draining replica that shares its database (the
+        # load balancer had not seen it go unready yet, or every replica drains): answer rather
+        # than lose the call.
         # The stream goes to the public URL too, so it too lands on a ready replica if any.
         log.warning("voice webhook handed over to a draining replica again: answered here")
     try:

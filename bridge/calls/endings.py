@@ -102,8 +102,8 @@ class EndingSpool:
                 wait = RETRY_FIRST_S
 
     async def _write(self, call_id: str, reason: DisconnectionReason, fields: dict[str, Any]) -> None:
-        # (only while the call is still this replica's: one whose lease expired finds it ended)
-        ended = await self.store.finish(call_id, reason, owner=self.store.instance_id, **fields)
+        # (a call reaped while this replica's lease had expired is ended already: not overwritten)
+        ended = await self.store.finish(call_id, reason, **fields)
         if ended is None:  # ended elsewhere first (reaped while cut off): keep what we measured
             kept = {k: v for k, v in fields.items() if v is not None and k not in ("error_detail", "end_timestamp")}
             if kept:

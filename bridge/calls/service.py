@@ -120,7 +120,7 @@ async def claim_instance(store: SqlCallStore, settings: Settings) -> None:
     others = {
         name: theirs
         for name, theirs in (await store.live_fingerprints(int(lease_s * 1000))).items()
-        if theirs != fingerprint
+        if theirs not in (None, fingerprint)  # (none: a version before fingerprints)
     }
     if others:
         problem = (
@@ -158,6 +158,8 @@ class CallService:
         #: stops for calls not relayed here yet (their relay is being set up): call id ->
         #: (reason, detail, until when the stop holds)
         self._pending_stops: dict[str, tuple[DisconnectionReason, str, float]] = {}
+        #: since when this replica's heartbeats have all been stored (None: the last one failed)
+        self._healthy_since: float | None = None
         #: stream tokens this process gave Twilio, not yet used: call id -> when the token expires
         self._streams_due: dict[str, float] = {}
         #: SIGTERM came: not ready, new calls go to other replicas, live ones go on (``drain``)
@@ -653,6 +655,7 @@ class CallService:
             log.exception("outbox purge failed")
 
     async def heartbeat(self) -> None:
+        self._healthy_since = time.monotonic()
         while not self.stopping:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             try:
@@ -662,7 +665,11 @@ class CallService:
                         "its calls may be recovered there", self.settings.instance_id,
                     )  # fmt: skip
             except Exception:  # the database may be restarting: keep serving, retry next time
+                self._healthy_since = None  # (and reap nobody until our own lease has held again)
                 log.exception("heartbeat failed")
+            else:
+                if self._healthy_since is None:
+                    self._healthy_since = time.monotonic()
 
     async def sweep_registered(self) -> None:
         """Calls registered but never connected end as registered_call_timeout (web calls nobody
@@ -684,6 +691,8 @@ class CallService:
         with calls live): each once, whichever replica gets there first, with its webhooks.
         Returns how many this replica ended."""
         lease_ms = int(INSTANCE_LEASE_HEARTBEATS * self.settings.heartbeat_interval_s * 1000)
+        if self._healthy_since is None or time.monotonic() - self._healthy_since < lease_ms / 1000:
+            return 0  # after a database outage every lease looks expired: wait until ours has held for one
         if released := await self.store.release_stale_leases(lease_ms):  # (at least once, soon)
             log.warning("%d webhook job(s) a gone replica was delivering are due again", released)
         ended = 0

@@ -215,7 +215,7 @@ class SqlCallStore:
             "WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS us) "
             "UPDATE dial_slots SET next_slot_us = GREATEST(dial_slots.next_slot_us, now.us) + :interval "
             "FROM now WHERE dial_slots.name = :name AND GREATEST(dial_slots.next_slot_us, now.us) - now.us <= :max_wait "
-            "RETURNING dial_slots.next_slot_us - :interval - now.us AS wait_us"
+            "RETURNING dial_slots.next_slot_us - :interval - (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS wait_us"
         )
         async with self.engine.begin() as conn:
             await conn.execute(

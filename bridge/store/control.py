@@ -74,11 +74,12 @@ class ControlChannel:
             return
         import asyncpg
 
-        dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # the engine's own connect arguments (ssl and other asyncpg options in the URL's query)
+        _, options = self.engine.dialect.create_connect_args(self.engine.url)
         while not stopping():
             conn = None
             try:
-                conn = await asyncpg.connect(dsn, timeout=5)
+                conn = await asyncpg.connect(**{**options, "timeout": 5})
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._received)

@@ -31,7 +31,7 @@ KINDS = {
     "recording": ("recordings", ".wav", "audio/wav"),
     "log": ("logs", ".jsonl", "application/x-ndjson"),
 }
-UPLOAD_TIMEOUT_S = 30.0  # one call's files, before its ending is stored without them uploaded
+UPLOAD_TIMEOUT_S = 5.0  # one call's files, before its ending is stored without them uploaded (retried later)
 CHUNK = 64 * 1024
 
 

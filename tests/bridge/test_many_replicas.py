@@ -149,7 +149,7 @@ async def test_stop_call_through_the_balancer_reaches_the_replica_relaying_each_
             f"the one relaying): median {statistics.median(latencies) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms"
         )
         assert crossed >= 10
-        assert max(latencies) < 1.0, latencies
+        assert max(latencies) < 1.5, latencies  # (typically well under 0.3 s; the resend comes at 1 s)
 
         # each call's webhooks exactly once, whichever replica wrote them
         await until(lambda: all(hooks.counts()[("call_ended", c)] == 1 for c in live), timeout=15)
@@ -361,7 +361,7 @@ async def test_the_dial_rate_holds_across_replicas(tmp_path, fake_twilio, databa
     assert served_by == {"r0", "r1", "r2"}
     # slots every 0.5 s up to 3 s ahead: 7 placed (each replica alone would have placed all 12 at once)
     assert set(statuses) == {201, 429} and 6 <= statuses.count(201) <= 8 and len(times) == statuses.count(201)
-    assert span >= (len(times) - 1) * 0.5 * 0.9 and busiest <= 3
+    assert span >= (len(times) - 1) * 0.5 * 0.9 and busiest <= 4  # (a slot's request may reach Twilio late)
 
 
 @PG
