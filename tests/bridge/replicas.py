@@ -25,7 +25,7 @@ from bridge.store import SqlCallStore
 from bridge.store.schema import calls
 
 from .conftest import free_port, until
-from .test_drain import Replica
+from .test_drain import Replica, live
 
 BUCKET = "bridge-calls"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -83,15 +83,7 @@ backend replicas
         check = subprocess.run(["haproxy", "-c", "-f", str(self.config)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
         self.process = subprocess.Popen(["haproxy", "-db", "-f", str(self.config)], stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
-
-        async def up() -> bool:
-            try:
-                async with httpx.AsyncClient() as http:
-                    return (await http.get(f"{self.url}/livez")).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        await until(up, timeout=15)
+        await until(lambda: live(self.url), timeout=15)
         await asyncio.sleep(0.5)  # the first health checks mark the ports nobody listens on down
 
     def stop(self) -> None:

@@ -24,6 +24,15 @@ from .conftest import API_KEY, AUTH_TOKEN, TRUTH, api_client, best_correlation, 
 PARAMS = {"CallSid": "CA" + "d" * 32, "AccountSid": "AC" + "0" * 32, "From": "+15550199999", "To": "+15550100000"}
 
 
+async def live(base_url: str) -> bool:
+    """``/livez`` answers 200 (a process started serving, itself or behind a balancer)."""
+    try:
+        async with httpx.AsyncClient() as http:
+            return (await http.get(f"{base_url}/livez")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 class Replica:
     """``bridge serve`` in its own process, with a fake Twilio REST API."""
 
@@ -44,15 +53,7 @@ class Replica:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bridge", "serve"], env=self.env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT
         )
-
-        async def up() -> bool:
-            try:
-                async with httpx.AsyncClient() as http:
-                    return (await http.get(f"{self.base_url}/livez")).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        await until(up, timeout=30)
+        await until(lambda: live(self.base_url), timeout=30)
 
     def signal(self, sig: int) -> None:
         self.process.send_signal(sig)
