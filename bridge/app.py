@@ -14,13 +14,15 @@ from starlette.websockets import WebSocket
 
 from audio.filters import plan
 
-from .api import calls, health, metrics, outbound, twilio_voice, web_calls
+from .api import calls, dashboard, health, live, metrics, outbound, twilio_voice, web_calls
 from .api.deps import MAX_FORM_BYTES, RequestGate
 from .api.errors import install_error_handlers
 from .calls import CallService
 from .media import connection
 from .media.file_writer import FileWriter
+from .media.listen import handle_listen_live
 from .media.relay import AUDIO_WEBSOCKET_PREFIX, WEB_CALL_PREFIX, handle_audio_websocket, handle_media_stream, handle_web_call
+from .protocol.listen import LISTEN_PREFIX
 from .protocol.twilio import MEDIA_PATH
 from .server import redact_secrets_in_logs
 from .settings import Settings, SettingsError, load_settings
@@ -83,6 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="twilio-audio-bridge",
         summary="Twilio Media Streams <-> voice agent audio websockets, with a Retell-compatible call API",
         lifespan=lifespan,
+        docs_url=None,  # served by the dashboard's router, from local assets (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.calls = call_service
@@ -92,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # are cut off at the same cap while they are read (413 either way)
     app.add_middleware(RequestGate, settings=settings)
     app.include_router(twilio_voice.router, max_body_size=MAX_FORM_BYTES)
-    for module in (calls, outbound, web_calls):
+    for module in (calls, outbound, web_calls, live):
         app.include_router(module.router, max_body_size=settings.max_request_bytes)
 
     if any(agent.url is None for agent in settings.agents.values()):  # an agent is the embedded echo
@@ -110,6 +114,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         return serve
 
+    async def listener(websocket: connection.ServerConnection) -> None:
+        await handle_listen_live(websocket, call_service)
+
     # The live calls' sockets run on the bridge's own lean websocket protocol, handed to uvicorn
     # as its websocket implementation (``bridge serve`` and ``BackgroundServer`` do this):
     # ``uvicorn.Config(app, ws=app.state.ws_protocol)``. Other websockets go to the ASGI app.
@@ -117,15 +124,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         MEDIA_PATH: live_call(handle_media_stream),
         AUDIO_WEBSOCKET_PREFIX: live_call(handle_audio_websocket),
         WEB_CALL_PREFIX: live_call(handle_web_call),
+        LISTEN_PREFIX: listener,  # (not a live call: the drain does not wait for listeners)
     })  # fmt: skip
 
     async def live_call_on_plain_asgi(websocket: WebSocket) -> None:
         log.error("%s reached the ASGI app: serve with `bridge serve` (or uvicorn ws=app.state.ws_protocol)", websocket.url.path)
         await websocket.close(1011)
 
-    for path in (MEDIA_PATH, AUDIO_WEBSOCKET_PREFIX + "{path:path}", WEB_CALL_PREFIX + "{path:path}"):
+    for path in (MEDIA_PATH, AUDIO_WEBSOCKET_PREFIX + "{path:path}", WEB_CALL_PREFIX + "{path:path}", LISTEN_PREFIX + "{path:path}"):
         app.router.routes.append(WebSocketRoute(path, live_call_on_plain_asgi))
 
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(dashboard.router)
+    dashboard.mount_assets(app)
     return app

@@ -150,6 +150,7 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = True
         else:
             log.warning("signal %s: stopping now; live calls end as the bridge shutting down", signal.Signals(sig).name)
+            self.calls.shutting_down = True  # (long-lived streams end, or uvicorn would wait for them)
             self.should_exit = True
 
     def _start_drain(self) -> None:

@@ -145,6 +145,10 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535)
     #: How the bridge reaches its own embedded agents (default http://127.0.0.1:PORT).
     internal_url: str | None = None
+    #: How the other replicas reach this one (a listener's socket that lands on another replica
+    #: is passed to the one relaying the call): default http://HOST:PORT, with this machine's
+    #: address when HOST is 0.0.0.0 (the pod's IP on Kubernetes)
+    replica_url: str | None = None
 
     twilio_account_sid: str | None = None
     twilio_auth_token: str | None = None
@@ -174,6 +178,12 @@ class Settings(BaseSettings):
     stream_token_ttl_s: float = Field(30.0, gt=0)
     stream_start_timeout_s: float = Field(10.0, gt=0)  # from the media upgrade to Twilio's start
     web_call_token_ttl_s: float = Field(30.0, gt=0)  # a web call's access token
+    listen_token_ttl_s: float = Field(60.0, gt=0)  # a listen-live token, to open its socket (once)
+    #: A live listener this far behind (seconds of the call's audio unsent) is dropped: it never
+    #: holds the call's audio or timing
+    listen_max_lag_s: float = Field(2.0, gt=0, le=30)
+    #: How often the dashboard's call-events feed reads the live calls from the database
+    feed_interval_s: float = Field(1.0, gt=0, le=60)
     registered_call_timeout_s: float = Field(60.0, gt=0)
     agent_connect_timeout_s: float = Field(5.0, gt=0)
     send_timeout_s: float = Field(5.0, gt=0)
@@ -253,7 +263,7 @@ class Settings(BaseSettings):
             raise ValueError("must be s3://BUCKET or s3://BUCKET/PREFIX (a valid bucket name)")
         return v
 
-    @field_validator("public_url", "internal_url")
+    @field_validator("public_url", "internal_url", "replica_url")
     @classmethod
     def _base_url(cls, v: str | None) -> str | None:
         if v is None:
@@ -265,6 +275,19 @@ class Settings(BaseSettings):
     @property
     def internal_base(self) -> str:
         return self.internal_url or f"http://127.0.0.1:{self.port}"
+
+    @property
+    def replica_base(self) -> str:
+        """``replica_url``, or http://HOST:PORT (this machine's address for a wildcard HOST)."""
+        if self.replica_url:
+            return self.replica_url
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            try:
+                host = socket.gethostbyname(socket.gethostname())
+            except OSError:
+                host = "127.0.0.1"
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     def agent_for_number(self, number: str | None) -> AgentConfig | None:
         agent_id = self.routes.get(number or "", self.default_agent)

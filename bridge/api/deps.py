@@ -36,7 +36,10 @@ def require_api_key(request: Request) -> None:
 
 
 #: HTTP paths that need no API key: Twilio's callbacks carry a signature instead
-PUBLIC_PATHS = ("/healthz", "/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
+PUBLIC_PATHS = ("/healthz", "/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/dashboard")
+#: Path prefixes that need no API key: the dashboard's and the docs' static files (they hold no
+#: data: the dashboard asks the call API for everything with the key the person signed in with)
+PUBLIC_PREFIXES = ("/dashboard/", "/docs/assets/")
 TWILIO_PREFIX = "/twilio/"
 #: Twilio's webhook forms are a few hundred bytes
 MAX_FORM_BYTES = 64 * 1024
@@ -60,7 +63,7 @@ class RequestGate:
         twilio = path.startswith(TWILIO_PREFIX)
         headers = dict(scope["headers"])
         problem = None
-        if not twilio and path not in PUBLIC_PATHS:
+        if not twilio and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
             problem = api_key_problem(self.settings.api_keys, headers.get(b"authorization", b"").decode("latin-1"))
             status = 401
         declared = headers.get(b"content-length")

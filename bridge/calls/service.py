@@ -39,6 +39,7 @@ from ..settings import (
 from ..store import CallFiles, ControlChannel, FilesError, SqlCallStore, webhook_targets
 from ..store.files import UPLOAD_TIMEOUT_S
 from .endings import EndingSpool
+from .feed import CallFeed
 from .registrar import register_call
 from .throttle import DialThrottle, SharedDialThrottle
 from .tokens import StreamTokens, TokenError, internal_key
@@ -75,11 +76,13 @@ StopCall = Callable[[DisconnectionReason, str], None]
 
 class CallRefused(Exception):
     """A stream or web-call socket that may not start the call. ``call_id`` is set when the call
-    exists (the refusal is then noted on its record)."""
+    exists (the refusal is then noted on its record); ``status`` is the HTTP status that says it
+    (403 unless set)."""
 
-    def __init__(self, reason: str, call_id: str | None = None):
+    def __init__(self, reason: str, call_id: str | None = None, status: int = 403):
         super().__init__(reason)
         self.call_id = call_id
+        self.status = status
 
 
 def not_startable(record: CallRecord) -> str:
@@ -107,7 +110,7 @@ async def claim_instance(store: SqlCallStore, settings: Settings) -> None:
     lease_s = INSTANCE_LEASE_HEARTBEATS * settings.heartbeat_interval_s
     deadline = time.monotonic() + lease_s + settings.heartbeat_interval_s
     fingerprint = secrets_fingerprint(settings)
-    while (age := await store.claim(int(lease_s * 1000), fingerprint)) is not None:
+    while (age := await store.claim(int(lease_s * 1000), fingerprint, settings.replica_base)) is not None:
         if time.monotonic() > deadline:
             raise SettingsError(
                 f"instance id {settings.instance_id!r} is held by another live process (its heartbeat is "
@@ -144,6 +147,14 @@ class CallService:
         self.settings = settings
         self.stream_tokens = StreamTokens(settings.twilio_auth_token, settings.stream_token_ttl_s)
         self.web_tokens = StreamTokens(settings.twilio_auth_token, settings.web_call_token_ttl_s, purpose="web", label="access token")
+        self.listen_tokens = StreamTokens(settings.twilio_auth_token, settings.listen_token_ttl_s, purpose="listen", label="listen token")
+        #: listen tokens spent on this replica (single use): participant id -> when it expires
+        self._listens_spent: dict[str, float] = {}
+        #: the media layer's listen taps of the calls relayed here (call id -> tap)
+        self.listen_taps: dict[str, Any] = {}
+        self.feed = CallFeed(
+            lambda since_ms: self.store.live_and_ended_since(since_ms), lambda call_id: self.store.get(call_id), settings.feed_interval_s
+        )  # (the dashboard's live view: read while someone watches)
         self.twilio_rest = TwilioRest(settings.twilio_api_base_url, settings.twilio_auth_token, settings.twilio_account_sid)
         try:
             self.files = CallFiles(settings.files_dir or settings.data_dir, settings.files_url, settings.s3_endpoint_url, settings.s3_region)
@@ -166,6 +177,8 @@ class CallService:
         self.draining = False
         #: live-call sockets being served (being set up, relayed or closed): the drain waits
         self.sockets = 0
+        #: the server was told to stop now: long-lived streams (the call-events feed) end
+        self.shutting_down = False
         #: the app is stopping: the background jobs' loops end (even if a cancellation was lost
         #: inside a database driver, which was seen to leave the sweep looping)
         self.stopping = False
@@ -209,6 +222,7 @@ class CallService:
         self.http = httpx.AsyncClient(timeout=10)
 
     async def close(self) -> None:
+        await self.feed.close()
         if self.endings is not None:
             await self.endings.close()
         if self.http is not None:
@@ -399,6 +413,45 @@ class CallService:
         except TokenError as e:
             raise CallRefused(str(e), call_id) from None
         return record
+
+    # --- live listening ----------------------------------------------------------------------
+
+    def listen_token(self, record: CallRecord) -> tuple[str, int, str]:
+        """A subscribe-only token for an ongoing call's audio: ``(token, expires_at_ms,
+        participant_id)``. It opens one listen-only socket, within ``listen_token_ttl_s``.
+        Raises ``CallRefused`` (``status`` 409: not ongoing; 403: the call is private)."""
+        if record.call_status is not CallStatus.ongoing:
+            raise CallRefused(f"call {record.call_id} is {record.call_status.value}: only an ongoing call can be listened to", status=409)
+        if self.is_private(record):
+            raise CallRefused(
+                f"call {record.call_id} opted out of sensitive data storage: it cannot be listened to", status=403
+            )  # fmt: skip
+        token = self.listen_tokens.issue(record.call_id)
+        expires_at, participant, _ = token.split(".")
+        return token, int(expires_at), f"listener_{participant}"
+
+    def check_listen_token(self, call_id: str, token: str | None, spend: bool) -> str:
+        """The participant id of a valid listen token for ``call_id``; with ``spend``, marks it
+        used (only the replica relaying the call spends it). Raises ``CallRefused``."""
+        try:
+            self.listen_tokens.check(call_id, token)
+        except TokenError as e:
+            raise CallRefused(str(e), call_id, status=403) from None
+        expires_at, participant, _ = token.split(".")
+        participant = f"listener_{participant}"
+        if spend:
+            now, spent = time.time() * 1000, self._listens_spent
+            for old in [p for p, until in spent.items() if until < now]:
+                del spent[old]
+            if participant in spent:
+                raise CallRefused("listen token already used", call_id, status=403)
+            spent[participant] = int(expires_at)
+        return participant
+
+    async def relay_address(self, call_id: str) -> tuple[str, str | None] | None:
+        """The replica relaying an ongoing call and its address, or None."""
+        lease_ms = int(INSTANCE_LEASE_HEARTBEATS * self.settings.heartbeat_interval_s * 1000)
+        return await self.store.relay_address(call_id, lease_ms)
 
     def attach(self, record: CallRecord, stop: StopCall) -> None:
         """A relay in this process holds the call from now on; ``stop`` asks it to end it."""

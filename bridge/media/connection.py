@@ -199,6 +199,11 @@ class WsConnection(asyncio.Protocol):
         """How long the oldest unanswered ping has waited (0 if none)."""
         return time.monotonic() - min(self._ping_sent.values()) if self._ping_sent else 0.0
 
+    @property
+    def buffered(self) -> int:
+        """Bytes written and not yet taken by the peer's kernel (0 once closed)."""
+        return self.transport.get_write_buffer_size() if self.transport is not None and not self.closed else 0
+
     def stalled_for(self) -> float:
         """Seconds the peer has not been reading (our send buffer over its high-water mark)."""
         return 0.0 if self._paused_at is None else time.monotonic() - self._paused_at

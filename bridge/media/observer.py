@@ -22,6 +22,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,6 +89,8 @@ class CallObserver:
     caller_format: AudioFormat = TWILIO_FORMAT  # the caller leg's (recording, VAD)
     turn_latencies_ms: list[float] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
+    #: the call's live listeners (``listen.ListenTap``), handed the audio as it crosses
+    tap: Any = None
 
     def __post_init__(self) -> None:
         self.rate = rate = self.caller_format.sample_rate
@@ -124,6 +127,9 @@ class CallObserver:
     def caller_audio(self, payload: bytes, now: float) -> None:
         if not payload:
             return
+        tap = self.tap
+        if tap is not None and tap.listeners:
+            tap.audio(0, self._pcm(payload), max(0, int((now - self.started) * self.rate) - len(payload) // self.width))
         pending = self._caller_ulaw
         if not pending:
             self._caller_at = max(0, int((now - self.started) * self.rate) - len(payload) // self.width)
@@ -166,6 +172,9 @@ class CallObserver:
         self._agent_last_sent = now
         start = max(now, self.agent_audio_until)
         self.agent_audio_until = start + duration
+        tap = self.tap
+        if tap is not None and tap.listeners:
+            tap.audio(1, self._pcm(payload), int((start - self.started) * self.rate))
         if self.recording is not None:
             # contiguous audio is batched; a jump past the jitter allowance starts a new batch
             # (the recording then has a gap), exactly as placing each frame would
@@ -185,6 +194,8 @@ class CallObserver:
 
     def agent_cleared(self, now: float) -> None:
         self.agent_audio_until = now
+        if self.tap is not None and self.tap.listeners:
+            self.tap.clear(int((now - self.started) * self.rate))
         if self.recording is not None:
             if self._agent_ulaw:
                 self._agent_batch()

@@ -86,6 +86,7 @@ from ..logs import CALL_ID
 from ..metrics import DELAY_SAMPLE_EVERY, FLUSH_INTERVAL_S, CallMetrics
 from . import connection
 from .file_writer import FileWriter
+from .listen import ListenTap
 from .observer import CallObserver, Recording, measured_fields
 
 log = logging.getLogger(__name__)
@@ -363,6 +364,11 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
         await caller_ws.close(1011, Reason.error_unknown.value)
         await calls.end(call_id, Reason.error_unknown, f"set-up failed: {type(e).__name__}: {e}")
         return
+    if not private:  # live listening (a private call has no listeners: refused with 403)
+        observer.tap = calls.listen_taps[call_id] = ListenTap(
+            call_id, caller.format.sample_rate, settings.listen_max_lag_s,
+            lambda kind, **details: observer.event(loop.time(), kind, **details),
+        )  # fmt: skip
     for problem in unavailable.values():
         log.error("call %s: %s", call_id, problem)
         try:
@@ -726,6 +732,9 @@ async def _finish(
             await calls.hang_up(record, say=calls.settings.drain_message if drained else None)
         await caller.close(twilio_close_code(ending), reason.value)
     finally:
+        tap = calls.listen_taps.pop(record.call_id, None)
+        if tap is not None:
+            tap.end(reason.value)
         if agent_closed is not None:
             await agent_closed
         session.observer.close()

@@ -82,12 +82,13 @@ class SqlCallStore:
         """Several processes may share this database (PostgreSQL): replicas coordinate through it."""
         return self.engine.dialect.name == "postgresql"
 
-    async def claim(self, lease_ms: int, fingerprint: str | None = None) -> float | None:
+    async def claim(self, lease_ms: int, fingerprint: str | None = None, address: str | None = None) -> float | None:
         """Take this instance id for this process (``self.claim_token``), unless another process
         holds it: its heartbeat is younger than ``lease_ms``. Returns None when taken, else the
         holder's heartbeat age in seconds. Released (``release``) or expired claims are taken
         over, compare-and-set, so two processes starting together cannot both win. The
-        ``fingerprint`` of this process's shared secrets is kept with the claim."""
+        ``fingerprint`` of this process's shared secrets and its ``address`` (how the other
+        replicas reach it) are kept with the claim."""
         now = now_ms()
         async with self.engine.begin() as conn:
             row = (await conn.execute(select(instances).where(instances.c.instance_id == self.instance_id))).first()
@@ -97,7 +98,7 @@ class SqlCallStore:
                 done = await conn.execute(
                     update(instances)
                     .where(instances.c.instance_id == self.instance_id, instances.c.heartbeat_at == row.heartbeat_at)
-                    .values(started_at=now, heartbeat_at=now, claim=self.claim_token, fingerprint=fingerprint)
+                    .values(started_at=now, heartbeat_at=now, claim=self.claim_token, fingerprint=fingerprint, address=address)
                 )
                 return None if done.rowcount == 1 else 0.0
         try:
@@ -109,6 +110,7 @@ class SqlCallStore:
                         heartbeat_at=now,
                         claim=self.claim_token,
                         fingerprint=fingerprint,
+                        address=address,
                     )
                 )
         except IntegrityError:  # another process inserted it first
@@ -125,6 +127,40 @@ class SqlCallStore:
         )
         async with self.engine.connect() as conn:
             return {row.instance_id: row.fingerprint for row in await conn.execute(query)}
+
+    async def relay_address(self, call_id: str, lease_ms: int) -> tuple[str, str | None] | None:
+        """The replica relaying an ongoing call, and its address (None for one that registered
+        none): ``(instance_id, address)``, or None when the call is not ongoing or its replica's
+        lease has lapsed."""
+        query = (
+            select(instances.c.instance_id, instances.c.address)
+            .select_from(calls.join(instances, calls.c.instance_id == instances.c.instance_id))
+            .where(
+                calls.c.call_id == call_id,
+                calls.c.call_status == CallStatus.ongoing.value,
+                instances.c.claim.is_not(None),
+                instances.c.heartbeat_at >= now_ms() - lease_ms,
+            )
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return None if row is None else (row.instance_id, row.address)
+
+    async def live_and_ended_since(self, since_ms: int, max_live: int = 1000) -> tuple[list[CallRecord], list[CallRecord]]:
+        """For the call-events feed: the live calls (registered or ongoing, newest first, at
+        most ``max_live``) and the calls that ended at or after ``since_ms``."""
+        live_statuses = (CallStatus.registered.value, CallStatus.ongoing.value)
+        live = (
+            select(calls.c.record)
+            .where(calls.c.call_status.in_(live_statuses))
+            .order_by(calls.c.sort_key.desc(), calls.c.call_id.desc())
+            .limit(max_live)
+        )
+        ended = select(calls.c.record).where(calls.c.end_timestamp >= since_ms, calls.c.call_status.not_in(live_statuses))
+        async with self.engine.connect() as conn:
+            live_rows = (await conn.execute(live)).all()
+            ended_rows = (await conn.execute(ended.limit(max_live))).all()
+        return [CallRecord.model_validate(r.record) for r in live_rows], [CallRecord.model_validate(r.record) for r in ended_rows]
 
     async def heartbeat(self) -> bool:
         """Renew this process's claim; False if another process has taken the id over."""

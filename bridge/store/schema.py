@@ -41,6 +41,7 @@ calls = Table(
 Index("ix_calls_sort", calls.c.sort_key, calls.c.call_id)
 Index("ix_calls_status_instance", calls.c.call_status, calls.c.instance_id)
 Index("ix_calls_twilio_sid", calls.c.twilio_call_sid)
+Index("ix_calls_end", calls.c.end_timestamp)
 
 instances = Table(
     "instances",
@@ -50,6 +51,7 @@ instances = Table(
     Column("heartbeat_at", BigInteger, nullable=False),
     Column("claim", String(32)),  # the process holding this id (None: released)
     Column("fingerprint", String(32)),  # of the secrets every replica must share (``secrets_fingerprint``)
+    Column("address", String(256)),  # how the other replicas reach this one (``Settings.replica_url``)
 )
 
 #: The next free slot of a shared rate (the account's dial rate), in microseconds of the

@@ -1,0 +1,78 @@
+"""The dashboard's pages and the API documentation, with every asset served by the bridge (no
+CDN: both work offline).
+
+- ``GET /dashboard/``: the dashboard (``bridge/dashboard/static``). Its files are public and
+  hold no data; the page asks the call API for everything with the key the person signed in with.
+- ``GET /docs``: Swagger UI, ``GET /redoc``: ReDoc, their scripts and styles from the
+  ``fastapi-offline`` package under ``/docs/assets/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fastapi_offline
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+from ..dashboard import STATIC_DIR
+
+router = APIRouter(include_in_schema=False)
+
+DASHBOARD = "/dashboard"
+DOCS_ASSETS = "/docs/assets"
+DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
+#: The dashboard's own files are never cached stale across an upgrade; they are small
+NO_CACHE = {"Cache-Control": "no-cache"}
+#: The page may load only what the bridge itself serves (no CDN, no inline script from a
+#: response that echoes input): scripts, styles, media and sockets from this origin
+DASHBOARD_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; "
+    "connect-src 'self' ws: wss:; worker-src 'self' blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
+@router.get(DASHBOARD)
+async def dashboard_root() -> RedirectResponse:
+    return RedirectResponse(f"{DASHBOARD}/", status_code=308)
+
+
+@router.get(f"{DASHBOARD}/")
+async def dashboard() -> FileResponse:
+    headers = {**NO_CACHE, "Content-Security-Policy": DASHBOARD_CSP, "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=headers)
+
+
+@router.get("/docs")
+async def swagger_ui(request: Request) -> HTMLResponse:
+    app = request.app
+    return get_swagger_ui_html(
+        openapi_url=app.openapi_url,
+        title=f"{app.title} - API",
+        oauth2_redirect_url=app.swagger_ui_oauth2_redirect_url,
+        swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+    )
+
+
+@router.get("/docs/oauth2-redirect")
+async def swagger_ui_redirect() -> HTMLResponse:
+    return get_swagger_ui_oauth2_redirect_html()
+
+
+@router.get("/redoc")
+async def redoc(request: Request) -> HTMLResponse:
+    app = request.app
+    return get_redoc_html(
+        openapi_url=app.openapi_url, title=f"{app.title} - API", redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+        redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False,
+    )  # fmt: skip
+
+
+def mount_assets(app: FastAPI) -> None:
+    """The static files: the dashboard's, and the documentation pages' (from fastapi-offline)."""
+    app.mount(f"{DASHBOARD}/static", StaticFiles(directory=STATIC_DIR), name="dashboard-static")
+    app.mount(DOCS_ASSETS, StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets")
