@@ -36,7 +36,7 @@ def require_api_key(request: Request) -> None:
 
 
 #: HTTP paths that need no API key: Twilio's callbacks carry a signature instead
-PUBLIC_PATHS = ("/healthz", "/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/dashboard")
+PUBLIC_PATHS = ("/healthz", "/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/dashboard", "/favicon.ico")
 #: Path prefixes that need no API key: the dashboard's and the docs' static files (they hold no
 #: data: the dashboard asks the call API for everything with the key the person signed in with)
 PUBLIC_PREFIXES = ("/dashboard/", "/docs/assets/")
