@@ -53,6 +53,7 @@ class SimulationResult:
     heard: bytes = b""  # s16le 8 kHz: what the caller heard, on the caller's clock
     sent_ms: int = 0  # caller audio sent (including the silent tail)
     media_received: int = 0
+    media_at: list[float] = field(default_factory=list)  # when each media frame arrived (time.monotonic)
     marks_echoed: list[str] = field(default_factory=list)
     clears: int = 0
     protocol_errors: list[str] = field(default_factory=list)  # frames Twilio would reject
@@ -366,6 +367,7 @@ async def _stream(result, stream_url, stream_params, validator, account_sid, cal
                     if event == "media":
                         player.add_audio(base64.b64decode(frame["media"]["payload"], validate=True))
                         result.media_received += 1
+                        result.media_at.append(time.monotonic())
                     elif event == "mark":
                         player.add_mark(str(frame["mark"]["name"]))
                 except (KeyError, TypeError, ValueError):

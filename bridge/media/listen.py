@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from socket import SO_SNDBUF, SOL_SOCKET
 from urllib.parse import parse_qs, quote, unquote
 
 from ..calls import CallRefused, CallService
@@ -33,6 +34,9 @@ HOP_HEADER = "x-bridge-listen-hop"
 #: Caller audio this close to where its channel's last frame ended is contiguous (arrival jitter)
 JITTER_S = 0.1
 MAX_LISTENERS = 16  # per call
+#: The kernel's send buffer of a listener's socket (it grows to megabytes by default): a listener
+#: that stops reading is then seen behind, and dropped, within seconds, holding little memory
+KERNEL_SEND_BUFFER = 32 * 1024
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -164,6 +168,12 @@ def _accept(websocket: connection.ServerConnection) -> bool:
         websocket.accept()
     except connection.ConnectionClosed:
         return False
+    sock = websocket.transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(SOL_SOCKET, SO_SNDBUF, KERNEL_SEND_BUFFER)
+        except OSError:  # (not a TCP socket: a test's pipe)
+            pass
     return not websocket.closed
 
 

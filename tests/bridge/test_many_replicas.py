@@ -426,3 +426,39 @@ async def test_files_wait_on_this_disk_while_object_storage_is_down(start_bridge
         assert not any(result.call_id in item["Key"] for item in listed.get("Contents", []))  # deleted there too
     finally:
         s3.stop()
+
+
+@PG
+async def test_a_listener_and_the_call_events_feed_work_through_any_replica(tmp_path, fake_twilio, database_url):  # noqa: F811
+    """A listen socket that lands on a replica which does not relay the call is passed to the one
+    that does; every replica's call-events feed shows calls relayed by the others."""
+    from .test_call_events import read_events
+    from .test_listen import _channel, _listen
+
+    fake, fake_url = fake_twilio
+    async with cluster(tmp_path, fake_url, database_url, ["a", "b"]) as (balancer, replicas, _hooks, _s3):
+        feeds = {name: [] for name in replicas}
+        readers = [asyncio.create_task(read_events(r.base_url, feeds[name])) for name, r in replicas.items()]
+        try:
+            await until(lambda: all(feeds.values()), timeout=10)
+            said = caller_audio()
+            call = asyncio.create_task(simulate_call(balancer.url, AUTH_TOKEN, bytes(16000) + said + bytes(8000), speed=1.0, fake_api=fake))
+            call_id = (await until(lambda: live_ids(balancer.url), timeout=10))[0]
+            owner = (await owners(database_url, tmp_path))[call_id].removeprefix("replica-")
+            other = next(name for name in replicas if name != owner)
+            async with api_client(balancer.url) as http:
+                grant = (await http.post(f"/v2/listen-live-call/{call_id}")).json()
+            # straight to the replica that does not relay the call (a balancer may send it anywhere)
+            url = f"{replicas[other].base_url.replace('http', 'ws')}/listen-live/{call_id}"
+            heard = await _listen(url, grant["access_token"])
+            result = await call
+            assert result.ended_by == "caller" and heard["code"] == 1000, heard["texts"]
+            assert heard["start"]["call_id"] == call_id and heard["texts"][-1] == {"event": "end", "reason": "user_hangup"}
+            peak, _ = best_correlation(_channel(heard["frames"], 0), said)
+            assert peak > 0.95, peak
+            for name in replicas:  # each replica's feed saw the call end, whichever relayed it
+                await until(lambda name=name: any(e[1].get("call_id") == call_id and e[1]["call_status"] == "ended" for e in feeds[name]), timeout=10)
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)

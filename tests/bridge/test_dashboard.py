@@ -1,0 +1,261 @@
+"""The dashboard (``/dashboard/``) in headless Chromium (Debian's, driven by Playwright), served
+by a running bridge, with simulated Twilio calls to the echo agent:
+
+- sign in; a call appears live and ends without a reload; its page shows the turn-latency chart
+  and both waveforms, and the recording plays (its duration checked against the record);
+- listen to an ongoing call from the dashboard: the page receives the caller's audio;
+- talk to the agent from the browser's (fake) microphone through the dashboard's own web client;
+- a wrong or missing key shows the sign-in page and nothing else: no call data in the page;
+- ``/docs`` and ``/redoc`` render with every request answered by the bridge (no CDN).
+
+Screenshots of each page are kept in ``BRIDGE_TEST_ARTIFACTS`` (default ``var/test-artifacts``)
+under ``dashboard/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+
+from .conftest import API_KEY, best_correlation, caller_audio, until, wait_for_end
+from .test_listen import first_voiced
+from .test_browser import CHROMIUM_FLAGS, _chromium, _unavailable, microphone  # noqa: F401 - microphone is a fixture
+
+ARTIFACTS = Path(os.environ.get("BRIDGE_TEST_ARTIFACTS") or Path(__file__).resolve().parents[2] / "var" / "test-artifacts") / "dashboard"
+LEAD = bytes(8000 * 2)  # a second of silence before the caller speaks (the listener is in by then)
+
+
+@pytest.fixture
+async def browser(microphone):  # noqa: F811
+    chromium = _chromium()
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        _unavailable("Playwright's Python package is not installed (pip install -e '.[test]')")
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")  # Debian's Chromium only, never a download
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=chromium, args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={microphone}"]
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+class Tab:
+    """A page of the dashboard, with what it requested and what its console said."""
+
+    def __init__(self, page, base_url: str):
+        self.page, self.base_url = page, base_url
+        self.requests: list[str] = []
+        self.errors: list[str] = []
+        self.outside: list[str] = []  # requests to anything but the bridge (refused)
+        page.on("request", lambda r: self.requests.append(r.url))
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    async def shot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        await self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    async def sign_in(self, key: str = API_KEY) -> None:
+        await self.page.fill("#api-key", key)
+        await self.page.click("#signin-form button[type=submit]")
+
+
+@pytest.fixture
+async def open_dashboard(browser, bridge):
+    contexts = []
+
+    async def open_(path: str = "/dashboard/") -> Tab:
+        context = await browser.new_context(viewport={"width": 1280, "height": 800}, permissions=["microphone"])
+        contexts.append(context)
+        page = await context.new_page()
+        tab = Tab(page, bridge.base_url)
+        own = urlsplit(bridge.base_url).netloc
+
+        async def only_the_bridge(route):  # no CDN, nothing from outside: refused and noted
+            if urlsplit(route.request.url).netloc != own and not route.request.url.startswith(("data:", "blob:")):
+                tab.outside.append(route.request.url)
+                await route.abort()
+            else:
+                await route.continue_()
+
+        await context.route("**/*", only_the_bridge)
+        await page.goto(bridge.base_url + path)
+        return tab
+
+    yield open_
+    for context in contexts:
+        await context.close()
+
+
+async def _ongoing_call(bridge, pcm: bytes) -> tuple[asyncio.Task, str]:
+    call = asyncio.create_task(bridge.call(pcm, speed=1.0))
+
+    async def ongoing():
+        live = (await bridge.store.list(statuses=["ongoing"]))[0]
+        return live[0].call_id if live else None
+
+    return call, await until(ongoing, timeout=10)
+
+
+async def test_sign_in_watch_a_call_live_and_read_its_page(open_dashboard, bridge):
+    tab = await open_dashboard()
+    page = tab.page
+    await tab.shot("01-sign-in")
+    await tab.sign_in()
+    await page.wait_for_selector("#feed-status:has-text('live')")
+    await page.evaluate("window.notReloaded = true")
+    await tab.shot("02-calls")
+
+    call, call_id = await _ongoing_call(bridge, LEAD + caller_audio(first_phrase_only=False))
+    row = f"#live-calls [data-call-id='{call_id}']"
+    await page.wait_for_selector(row, timeout=10_000)  # appeared live, from the call-events feed
+    await page.wait_for_selector(f"{row} button.listen")
+    await tab.shot("03-live-call")
+    await call
+    record = await wait_for_end(bridge, call_id)
+    await page.wait_for_selector(row, state="detached", timeout=10_000)  # ended: gone from the live list
+    await page.wait_for_selector(f"#calls-table tr[data-call-id='{call_id}'] .status:has-text('ended')", timeout=10_000)
+    assert await page.evaluate("window.notReloaded === true")  # no reload did it
+
+    await page.click(f"#calls-table tr[data-call-id='{call_id}'] a")
+    await page.wait_for_selector("#call-page")
+    chart = await page.wait_for_selector("#latency-chart svg[data-turns]", timeout=10_000)
+    turns = int(await chart.get_attribute("data-turns"))
+    assert turns >= 1 and turns == record.e2e_latency.num, (turns, record.e2e_latency)
+    assert await page.locator("#latency-chart svg circle, #latency-chart svg path, #latency-chart svg polyline").count() > 0
+    for side in ("caller", "agent"):
+        canvas = await page.wait_for_selector(f"canvas#wave-{side}[data-drawn='1']", timeout=10_000)
+        inked = await canvas.evaluate(
+            """(c) => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                        const seen = new Set(); for (let i = 0; i < d.length; i += 4) seen.add(d[i] << 16 | d[i+1] << 8 | d[i+2]);
+                        return seen.size; }"""
+        )
+        assert inked > 2, f"the {side} waveform is blank"
+    assert await page.locator("#timeline").inner_text() != ""
+    transcript = await page.locator("#transcript").inner_text()
+    assert "echo" in transcript.lower() or transcript.strip(), transcript
+    rtt = await page.locator("#rtt").inner_text()
+    assert rtt.strip()
+
+    # the recording plays, and lasts as long as the call on the record
+    audio = page.locator("audio#recording")
+    await until(lambda: audio.evaluate("(a) => a.readyState >= 1 && isFinite(a.duration)"), timeout=10)
+    duration = await audio.evaluate("(a) => a.duration")
+    on_record = (record.end_timestamp - record.start_timestamp) / 1000
+    print(f"\nrecording {duration:.2f} s in the page, call {on_record:.2f} s on the record")
+    assert abs(duration - on_record) < 1.0, (duration, on_record)
+    await audio.evaluate("(a) => { a.muted = true; return a.play(); }")
+    await until(lambda: audio.evaluate("(a) => a.currentTime > 0.3"), timeout=10)
+    await tab.shot("04-call-page")
+    assert tab.errors == [] and tab.outside == [], (tab.errors, tab.outside)
+
+
+async def test_listen_to_an_ongoing_call_from_the_dashboard(open_dashboard, bridge):
+    tab = await open_dashboard()
+    page = tab.page
+    await tab.sign_in()
+    await page.wait_for_selector("#feed-status:has-text('live')")
+    said = caller_audio()
+    call, call_id = await _ongoing_call(bridge, LEAD + said + bytes(8000))
+    await page.click(f"#live-calls [data-call-id='{call_id}'] button.listen", timeout=10_000)
+    await page.wait_for_selector("#listener")
+    await until(lambda: page.evaluate("window.bridgeListen && window.bridgeListen.received.caller.length > 50"), timeout=10)
+    await tab.shot("05-listening")
+    result = await call
+    await until(lambda: page.evaluate("window.bridgeListen.ended !== null && window.bridgeListen.ended !== undefined"), timeout=10)
+    got = await page.evaluate(
+        """() => { const s = window.bridgeListen; const pack = (list) => list.map(c => [c.position, Array.from(c.samples)]);
+                   return {rate: s.sampleRate, caller: pack(s.received.caller), agent: pack(s.received.agent),
+                           ended: s.ended, closeCode: s.closeCode}; }"""
+    )
+    record = await wait_for_end(bridge, call_id)
+    assert got["rate"] == 8000 and got["closeCode"] == 1000 and got["ended"]["reason"] == record.disconnection_reason.value
+
+    def channel(chunks) -> bytes:
+        end = max(p + len(s) for p, s in chunks)
+        out = np.zeros(end, "<i2")
+        for p, s in chunks:
+            out[p : p + len(s)] = s
+        return out.tobytes()
+
+    caller_peak, _ = best_correlation(channel(got["caller"]), said)
+    agent_peak, _ = best_correlation(channel(got["agent"]), first_voiced(result.heard))
+    print(f"\nthe page heard the caller at correlation {caller_peak:.3f} and the agent at {agent_peak:.3f}")
+    assert caller_peak > 0.95 and agent_peak > 0.9, (caller_peak, agent_peak)
+    await tab.shot("06-listen-ended")
+    assert tab.errors == [] and tab.outside == [], (tab.errors, tab.outside)
+    assert not any(API_KEY in url for url in tab.requests)
+
+
+async def test_talk_to_the_agent_from_the_browser(open_dashboard, bridge):
+    tab = await open_dashboard()
+    page = tab.page
+    await tab.sign_in()
+    await page.click("a[href='#/talk']")
+    await page.wait_for_selector("#talk-page")
+    await page.wait_for_selector("#talk-agent option[value='echo']", state="attached")
+    await page.click("#talk-start")
+    await until(lambda: page.evaluate("window.bridgeTalk && window.bridgeTalk.state === 'in-call' || window.bridgeTalk.sentBytes > 0"), timeout=10)
+    # the fake microphone says the caller's phrase; the echo agent says it back
+    await until(lambda: page.evaluate("window.bridgeTalk.receivedBytes > 48000"), timeout=20)
+    await tab.shot("07-talk")
+    call_id = await page.evaluate("window.bridgeTalk.callId")
+    await page.click("#talk-stop")
+    record = await wait_for_end(bridge, call_id, timeout=10)
+    stats = await page.evaluate("window.bridgeTalk")
+    print(f"\ntalk page: sent {stats['sentBytes']} B, received {stats['receivedBytes']} B; record {record.disconnection_reason.value}")
+    assert record.call_type.value == "web_call" and record.disconnection_reason.value == "user_hangup"
+    assert record.sample_rate == 24000 and record.e2e_latency is not None  # the agent answered a turn it heard
+    await tab.shot("08-talk-ended")
+    assert tab.errors == [] and tab.outside == [], (tab.errors, tab.outside)
+
+
+async def test_a_wrong_or_missing_key_shows_the_sign_in_page_and_no_data(open_dashboard, bridge):
+    done = await bridge.call(caller_audio())
+    assert done.call_id
+    tab = await open_dashboard()
+    page = tab.page
+    html = await page.content()
+    assert done.call_id not in html and "calls-table" not in html
+    await tab.sign_in("not-a-key")
+    await page.wait_for_selector("#signin-error:not(:empty)")
+    await tab.shot("09-wrong-key")
+    html = await page.content()
+    assert done.call_id not in html and "calls-table" not in html and "not-a-key" not in html
+    assert await page.locator("#signin").is_visible() and await page.locator("#calls-table").count() == 0
+    assert await page.evaluate("sessionStorage.length") == 0
+    # nothing the page can read holds data: the sign-in check is the only request it made with a key
+    keyed = [u for u in tab.requests if "/v2/" in u or "/v3/" in u]
+    assert all(u.endswith("/v3/list-calls") for u in keyed), keyed
+    assert not any("not-a-key" in u for u in tab.requests)
+
+    # signed in, then out: the data goes with the key
+    await tab.sign_in()
+    await page.wait_for_selector(f"#calls-table tr[data-call-id='{done.call_id}']")
+    assert await page.evaluate(f"sessionStorage.getItem('bridge.apiKey') === {API_KEY!r}")
+    await page.click("#signout")
+    await page.wait_for_selector("#signin-form")
+    assert done.call_id not in await page.content()
+    assert tab.errors == [] and tab.outside == [], (tab.errors, tab.outside)
+
+
+async def test_the_api_docs_render_with_nothing_from_outside(open_dashboard):
+    tab = await open_dashboard("/docs")
+    page = tab.page
+    await page.wait_for_selector(".opblock", timeout=15_000)  # Swagger UI rendered the OpenAPI document
+    assert await page.locator(".opblock").count() > 20
+    await tab.shot("10-docs")
+    await page.goto(tab.base_url + "/redoc")
+    await page.wait_for_selector("[role=menuitem], .menu-content", timeout=15_000)
+    await tab.shot("11-redoc")
+    assert tab.outside == [], tab.outside

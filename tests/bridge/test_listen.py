@@ -1,0 +1,249 @@
+"""Live listening (docs/protocol.md, "Listening to a live call"): ``POST
+/v2/listen-live-call/{call_id}`` through the official ``retell-sdk`` (strict models), and the
+listen-only socket it opens, on real sockets with simulated Twilio calls to the echo agent.
+
+- a listener hears both sides: its caller channel, placed by position, matches what the caller
+  said; its agent channel, what the caller heard; it is told how the call ended;
+- a token opens one socket, for its own call, before it expires; a private call and a call that
+  is not ongoing refuse one;
+- a listener that stops reading is dropped (the public log says so) and the call's frames reach
+  the caller as they do with no listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from bridge.protocol import listen as lf
+from bridge.settings import AgentConfig
+
+from .conftest import api_client, best_correlation, envelope_ms, caller_audio, retell_client, tampered, until, wait_for_end
+
+RATE = 8000
+LEAD = bytes(RATE * 2)  # a second of silence before the caller speaks: the listener is in by then
+
+
+async def _ongoing_call(bridge, pcm: bytes, known: tuple[str, ...] = (), **options) -> tuple[asyncio.Task, str]:
+    """A simulated call placed in the background, once it is ongoing: (its task, its call id);
+    ``known``: calls already ongoing."""
+    options.setdefault("speed", 1.0)
+    call = asyncio.create_task(bridge.call(pcm, **options))
+
+    async def ongoing():
+        live = [r.call_id for r in (await bridge.store.list(statuses=["ongoing"]))[0] if r.call_id not in known]
+        return live[0] if live else None
+
+    return call, await until(ongoing, timeout=10)
+
+
+async def _listen(url: str, token: str) -> dict:
+    """Read a listen socket to its end: {start, frames: [(channel, position, pcm)], texts, code}."""
+    heard = {"start": None, "frames": [], "texts": [], "code": None}
+    async with websockets.connect(f"{url}?access_token={token}") as ws:
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                if isinstance(message, str):
+                    event = json.loads(message)
+                    if event["event"] == "start":
+                        heard["start"] = event
+                    else:
+                        heard["texts"].append(event)
+                else:
+                    heard["frames"].append(lf.parse_audio(message))
+        heard["code"] = ws.close_code
+    return heard
+
+
+def first_voiced(pcm: bytes, ms: int = 1000) -> bytes:
+    """The first ``ms`` of voice in 8 kHz audio (what the caller heard: to find in a listener's)."""
+    start, end = envelope_ms(pcm)[0]
+    return pcm[start * 16 : min(end, start + ms) * 16]
+
+
+def _channel(frames, channel: int) -> bytes:
+    """One channel of what a listener got, laid out by position (silence where nothing came)."""
+    parts = [(p, pcm) for c, p, pcm in frames if c == channel]
+    if not parts:
+        return b""
+    end = max(p + len(pcm) // 2 for p, pcm in parts)
+    out = np.zeros(end, "<i2")
+    for p, pcm in parts:
+        out[p : p + len(pcm) // 2] = np.frombuffer(pcm, "<i2")
+    return out.tobytes()
+
+
+async def _public_log(bridge, call_id: str) -> list[dict]:
+    async with api_client(bridge.base_url) as http:
+        r = await http.get(f"/v2/public-logs/{call_id}.jsonl")
+    assert r.status_code == 200, r.text
+    return [json.loads(line) for line in r.text.splitlines()]
+
+
+async def test_a_listener_hears_both_sides_of_an_ongoing_call(bridge):
+    said = caller_audio()
+    call, call_id = await _ongoing_call(bridge, LEAD + said)
+    async with retell_client(bridge) as sdk:
+        grant = await sdk.call.listen_live(call_id)  # the official client's own models parse the answer
+    assert grant.room_name == call_id and grant.participant_id.startswith("listener_")
+    assert grant.expires_at > time.time() * 1000 and grant.transport == "gateway"
+    assert grant.url == f"{bridge.base_url.replace('http', 'ws')}/listen-live/{call_id}"
+    heard = await _listen(grant.url, grant.access_token)
+    result = await call
+    record = await wait_for_end(bridge, call_id)
+
+    assert heard["start"] == {"event": "start", "call_id": call_id, "encoding": "s16le", "sample_rate": RATE, "channels": ["caller", "agent"]}
+    assert heard["texts"][-1] == {"event": "end", "reason": record.disconnection_reason.value}
+    assert heard["code"] == 1000
+    caller = _channel(heard["frames"], lf.CALLER)
+    peak, _ = best_correlation(caller, said)
+    assert peak > 0.95, peak  # the caller's audio, as said (mu-law, decoded)
+    agent = _channel(heard["frames"], lf.AGENT)
+    peak, _ = best_correlation(agent, first_voiced(result.heard))
+    assert peak > 0.9, peak  # what the caller heard from the echo agent
+    events = [e["event"] for e in await _public_log(bridge, call_id)]
+    assert events.count("listener_joined") == 1 and events.count("listener_left") == 0  # (it left when the call ended)
+
+
+async def test_two_listeners_through_the_plain_api_and_the_call_goes_on_when_one_leaves(bridge):
+    call, call_id = await _ongoing_call(bridge, caller_audio() * 2)
+    async with api_client(bridge.base_url) as http:
+        grants = [(await http.post(f"/v2/listen-live-call/{call_id}")).json() for _ in range(2)]
+    assert grants[0]["participant_id"] != grants[1]["participant_id"]
+    staying = asyncio.create_task(_listen(grants[0]["url"], grants[0]["access_token"]))
+    async with websockets.connect(f"{grants[1]['url']}?access_token={grants[1]['access_token']}") as leaving:
+        assert json.loads(await leaving.recv())["event"] == "start"
+        await leaving.recv()  # some audio, then it leaves
+    heard = await staying
+    result = await call
+    assert result.ended_by == "caller" and heard["code"] == 1000
+    record = await wait_for_end(bridge, call_id)
+    assert record.disconnection_reason.value == "user_hangup"
+    events = [e["event"] for e in await _public_log(bridge, call_id)]
+    assert events.count("listener_joined") == 2 and events.count("listener_left") == 1
+
+
+async def test_a_token_opens_one_socket_for_its_own_call_before_it_expires(start_bridge):
+    bridge = await start_bridge(listen_token_ttl_s=1.0)
+    call, call_id = await _ongoing_call(bridge, caller_audio() * 2)
+    other, other_id = await _ongoing_call(bridge, caller_audio() * 2, known=(call_id,))
+    async with api_client(bridge.base_url) as http:
+        grant = (await http.post(f"/v2/listen-live-call/{call_id}")).json()
+        late = (await http.post(f"/v2/listen-live-call/{call_id}")).json()
+    url, token = grant["url"], grant["access_token"]
+
+    async def refused(target: str) -> int:
+        with pytest.raises(InvalidStatus) as e:
+            async with websockets.connect(target):
+                pass
+        return e.value.response.status_code
+
+    assert await refused(f"{url}?access_token={tampered(token)}") == 403
+    assert await refused(url) == 403  # no token
+    assert await refused(url.replace(call_id, other_id) + f"?access_token={token}") == 403  # another call's
+    async with websockets.connect(f"{url}?access_token={token}") as ws:
+        assert json.loads(await ws.recv())["event"] == "start"
+        assert await refused(f"{url}?access_token={token}") == 403  # used
+    await asyncio.sleep(1.1)
+    assert await refused(f"{url}?access_token={late['access_token']}") == 403  # expired
+    async with api_client(bridge.base_url) as http:
+        for live in (call_id, other_id):
+            assert (await http.post(f"/v2/stop-call/{live}")).status_code == 204
+    await asyncio.gather(call, other)
+
+
+async def test_a_private_call_or_one_not_ongoing_refuses_a_listener(start_bridge):
+    from retell import ConflictError, NotFoundError, PermissionDeniedError
+
+    agents = {"private": AgentConfig(agent_id="private", opt_out_sensitive_data_storage=True, default=True)}
+    bridge = await start_bridge(agents=agents)
+    call, call_id = await _ongoing_call(bridge, caller_audio() * 2)
+    async with retell_client(bridge) as sdk:
+        with pytest.raises(PermissionDeniedError, match="opted out of sensitive data storage"):
+            await sdk.call.listen_live(call_id)
+        with pytest.raises(NotFoundError):
+            await sdk.call.listen_live("no-such-call")
+    async with api_client(bridge.base_url) as http:
+        await http.post(f"/v2/stop-call/{call_id}")
+        await call
+        await wait_for_end(bridge, call_id)
+    async with retell_client(bridge) as sdk:
+        with pytest.raises(ConflictError, match="ended"):
+            await sdk.call.listen_live(call_id)
+    async with api_client(bridge.base_url) as http:
+        registered = await http.post("/v2/register-phone-call", json={"agent_id": "private"})
+        assert registered.status_code == 201, registered.text
+        r = await http.post(f"/v2/listen-live-call/{registered.json()['call_id']}")
+        assert r.status_code == 409 and "registered" in r.json()["message"]
+    async with api_client(bridge.base_url, api_key="wrong") as http:
+        assert (await http.post(f"/v2/listen-live-call/{call_id}")).status_code == 401
+
+
+async def _stalled_listener(url: str, token: str) -> socket.socket:
+    """A listener that opens its socket and then never reads (a tiny receive buffer)."""
+    loop = asyncio.get_running_loop()
+    host, port = url.removeprefix("ws://").split("/", 1)[0].split(":")
+    path = "/" + url.removeprefix("ws://").split("/", 1)[1] + f"?access_token={token}"
+    s = socket.socket()
+    s.setblocking(False)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await loop.sock_connect(s, (host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await loop.sock_sendall(s, (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode())  # fmt: skip
+    answer = await loop.sock_recv(s, 1024)
+    accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+    assert answer.startswith(b"HTTP/1.1 101") and accept.encode() in answer, answer
+    return s  # never read again
+
+
+def _shift_ms(a, b) -> float:
+    """How far apart two calls' frames reached the caller, each on its own call's clock (ms, at
+    worst): the same audio to the same agent gives the same timing, unless something held it."""
+    a, b = np.asarray(a.media_at), np.asarray(b.media_at)
+    n = min(len(a), len(b))
+    return float(np.abs((a[:n] - a[0]) - (b[:n] - b[0])).max() * 1000)
+
+
+async def test_a_listener_that_stops_reading_is_dropped_and_the_call_keeps_its_timing(start_bridge):
+    bridge = await start_bridge(listen_max_lag_s=0.5)
+    said = caller_audio(first_phrase_only=False)
+    baseline = await bridge.call(said, speed=1.0)
+    call, call_id = await _ongoing_call(bridge, said)
+    async with api_client(bridge.base_url) as http:
+        stalled_grant = (await http.post(f"/v2/listen-live-call/{call_id}")).json()
+        reading_grant = (await http.post(f"/v2/listen-live-call/{call_id}")).json()
+    stalled = await _stalled_listener(stalled_grant["url"], stalled_grant["access_token"])
+    reading = asyncio.create_task(_listen(reading_grant["url"], reading_grant["access_token"]))
+    try:
+        result = await call
+    finally:
+        stalled.close()
+    heard = await reading
+    record = await wait_for_end(bridge, call_id)
+    log = await _public_log(bridge, call_id)
+    dropped = [e for e in log if e["event"] == "listener_dropped"]
+    assert [e["participant"] for e in dropped] == [stalled_grant["participant_id"]], log
+    assert record.disconnection_reason.value == "user_hangup" and heard["code"] == 1000  # the other listener stayed
+
+    # the call's frames reached the caller as they did with no listener: the same audio, the
+    # same number of frames, no stall (timing figures: bench/listen.py)
+    shift = _shift_ms(baseline, result)
+    print(f"frames: {baseline.media_received} without a listener, {result.media_received} with a stalled one; shift {shift:.1f} ms")
+    assert abs(result.media_received - baseline.media_received) <= 0.02 * baseline.media_received
+    assert shift < 300, shift  # (a listener holding the call would hold it for seconds; figures: bench/listen.py)
+    peak, _ = best_correlation(result.heard, baseline.heard[: len(baseline.heard) // 4 * 2])
+    assert peak > 0.9, peak
