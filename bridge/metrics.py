@@ -56,6 +56,11 @@ class Metrics:
         self.store_latency = Histogram(
             "bridge_store_operation_seconds", "Call store operations, by operation", ["operation"], buckets=_MS, registry=registry
         )
+        self.listeners = Gauge("bridge_listeners", "Live listeners on the calls this replica relays", registry=registry)
+        self.listener_events = Counter(
+            "bridge_listener_events", "Listeners that joined, left, or were dropped for falling behind, by event", ["event"],
+            registry=registry,
+        )  # fmt: skip
         self.outbox_depth = Gauge("bridge_webhook_outbox_depth", "Webhook jobs not yet delivered nor given up", registry=registry)
         self.outbox_oldest = Gauge("bridge_webhook_outbox_oldest_age_seconds", "Age of the oldest of them", registry=registry)
         # the labelled children flushes use most, looked up once

@@ -113,6 +113,7 @@ class ListenTap:
         for listener in listeners:
             listener.socket.send_text(lf.end_event(reason))
             asyncio.ensure_future(listener.socket.close(NORMAL, "the call ended"))
+            self.on_event("listener_left", participant=listener.participant, at_end=True)
 
 
 async def handle_listen_live(websocket: connection.ServerConnection, calls: CallService, files=None) -> None:

@@ -365,10 +365,13 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
         await calls.end(call_id, Reason.error_unknown, f"set-up failed: {type(e).__name__}: {e}")
         return
     if not private:  # live listening (a private call has no listeners: refused with 403)
-        observer.tap = calls.listen_taps[call_id] = ListenTap(
-            call_id, caller.format.sample_rate, settings.listen_max_lag_s,
-            lambda kind, **details: observer.event(loop.time(), kind, **details),
-        )  # fmt: skip
+
+        def on_listener(kind: str, **details) -> None:  # on the public log and in the metrics
+            observer.event(loop.time(), kind, **details)
+            calls.metrics.listener_events.labels(kind.removeprefix("listener_")).inc()
+            calls.metrics.listeners.inc(1 if kind == "listener_joined" else -1)
+
+        observer.tap = calls.listen_taps[call_id] = ListenTap(call_id, caller.format.sample_rate, settings.listen_max_lag_s, on_listener)
     for problem in unavailable.values():
         log.error("call %s: %s", call_id, problem)
         try:

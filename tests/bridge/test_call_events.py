@@ -59,6 +59,16 @@ async def test_the_feed_shows_each_call_start_and_end(bridge):
             await reader
 
 
+async def test_the_feed_ends_when_the_replica_drains(bridge):
+    """(so the browser reconnects, through the load balancer, to a replica that is not leaving)"""
+    events: list = []
+    reader = asyncio.create_task(read_events(bridge.base_url, events))
+    await until(lambda: events, timeout=5)
+    bridge.calls.draining = True
+    await asyncio.wait_for(reader, timeout=5)  # the stream ended by itself
+    assert events == [("snapshot", {"calls": []})]
+
+
 async def test_the_feed_needs_the_key(bridge):
     async with api_client(bridge.base_url, api_key="wrong") as http:
         r = await http.get("/v2/call-events")

@@ -91,6 +91,11 @@ async def _public_log(bridge, call_id: str) -> list[dict]:
     return [json.loads(line) for line in r.text.splitlines()]
 
 
+async def _metrics(bridge) -> str:
+    async with api_client(bridge.base_url) as http:
+        return (await http.get("/metrics")).text
+
+
 async def test_a_listener_hears_both_sides_of_an_ongoing_call(bridge):
     said = caller_audio()
     call, call_id = await _ongoing_call(bridge, LEAD + said)
@@ -112,8 +117,11 @@ async def test_a_listener_hears_both_sides_of_an_ongoing_call(bridge):
     agent = _channel(heard["frames"], lf.AGENT)
     peak, _ = best_correlation(agent, first_voiced(result.heard))
     assert peak > 0.9, peak  # what the caller heard from the echo agent
-    events = [e["event"] for e in await _public_log(bridge, call_id)]
-    assert events.count("listener_joined") == 1 and events.count("listener_left") == 0  # (it left when the call ended)
+    events = await _public_log(bridge, call_id)
+    left = [e for e in events if e["event"] == "listener_left"]
+    assert [e["event"] for e in events].count("listener_joined") == 1 and len(left) == 1 and left[0]["at_end"]
+    metrics = await _metrics(bridge)
+    assert "bridge_listeners 0.0" in metrics and 'bridge_listener_events_total{event="joined"} 1.0' in metrics
 
 
 async def test_two_listeners_through_the_plain_api_and_the_call_goes_on_when_one_leaves(bridge):
@@ -130,8 +138,9 @@ async def test_two_listeners_through_the_plain_api_and_the_call_goes_on_when_one
     assert result.ended_by == "caller" and heard["code"] == 1000
     record = await wait_for_end(bridge, call_id)
     assert record.disconnection_reason.value == "user_hangup"
-    events = [e["event"] for e in await _public_log(bridge, call_id)]
-    assert events.count("listener_joined") == 2 and events.count("listener_left") == 1
+    events = await _public_log(bridge, call_id)
+    left = [e for e in events if e["event"] == "listener_left"]
+    assert [e["event"] for e in events].count("listener_joined") == 2 and [e.get("at_end", False) for e in left] == [False, True]
 
 
 async def test_a_token_opens_one_socket_for_its_own_call_before_it_expires(start_bridge):
@@ -237,6 +246,7 @@ async def test_a_listener_that_stops_reading_is_dropped_and_the_call_keeps_its_t
     log = await _public_log(bridge, call_id)
     dropped = [e for e in log if e["event"] == "listener_dropped"]
     assert [e["participant"] for e in dropped] == [stalled_grant["participant_id"]], log
+    assert 'bridge_listener_events_total{event="dropped"} 1.0' in await _metrics(bridge)
     assert record.disconnection_reason.value == "user_hangup" and heard["code"] == 1000  # the other listener stayed
 
     # the call's frames reached the caller as they did with no listener: the same audio, the
