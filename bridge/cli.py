@@ -90,7 +90,7 @@ def serve(
     """Serve the bridge (Twilio webhook, media streams, call API, embedded echo agent)."""
     from . import logs
     from .app import create_app
-    from .server import DrainingServer, server_options
+    from .server import SHUTDOWN_GRACE_S, DrainingServer, server_options
 
     settings = _settings(host=host, port=port, agents_file=agents_file, public_url=public_url)
     if problem := signed_url_problem(settings):
@@ -107,7 +107,7 @@ def serve(
     log_config = logs.configure(settings.log_format)
     typer.echo(f"agents: {', '.join(settings.agents)}; Twilio voice webhook: {settings.public_url or 'http://HOST'}/twilio/voice")
     app = create_app(settings)
-    config = uvicorn.Config(app, log_level="info", log_config=log_config, **server_options(app))
+    config = uvicorn.Config(app, log_level="info", log_config=log_config, timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **server_options(app))
     try:
         DrainingServer(config, app.state.calls).run(sockets=[listener])
     except SystemExit:  # uvicorn exits when start-up fails (e.g. the instance id is another live process's)

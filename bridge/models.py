@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import time
 from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+
+#: What a call id may be (the API's and the listen sockets' paths refuse anything else)
+VALID_CALL_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class CallStatus(str, Enum):

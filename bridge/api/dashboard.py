@@ -91,7 +91,16 @@ async def redoc(request: Request) -> HTMLResponse:
     ))  # fmt: skip
 
 
+class DashboardFiles(StaticFiles):
+    """The dashboard's modules, revalidated on every load (an upgrade never mixes old and new)."""
+
+    def file_response(self, *args, **kwargs):
+        response = super().file_response(*args, **kwargs)
+        response.headers.update({**NO_CACHE, "X-Content-Type-Options": "nosniff"})
+        return response
+
+
 def mount_assets(app: FastAPI) -> None:
     """The static files: the dashboard's, and the documentation pages' (from fastapi-offline)."""
-    app.mount(f"{DASHBOARD}/static", StaticFiles(directory=STATIC_DIR), name="dashboard-static")
+    app.mount(f"{DASHBOARD}/static", DashboardFiles(directory=STATIC_DIR), name="dashboard-static")
     app.mount(DOCS_ASSETS, StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets")

@@ -4,18 +4,17 @@ or agent a path names (404 otherwise)."""
 from __future__ import annotations
 
 import hmac
-import re
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
 from .. import logs
 from ..calls import CallService
-from ..models import CallRecord
+from ..models import VALID_CALL_ID, CallRecord
 from ..settings import AgentConfig
 from .errors import ApiError
 
-CALL_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+CALL_ID = VALID_CALL_ID
 
 
 def api_key_problem(keys: list[str], authorization: str) -> str | None:

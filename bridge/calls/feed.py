@@ -27,11 +27,9 @@ MAX_PENDING = 1000
 #: another replica's clock a little behind ours is not missed (seen twice is harmless)
 CLOCK_SLACK_MS = 5000
 DROPPED = object()  # what a dropped subscriber reads last
-
-
-def _state(record: CallRecord) -> tuple:
-    """What makes a call's row in the dashboard change."""
-    return (record.call_status, record.start_timestamp, record.end_timestamp, record.disconnection_reason)
+#: A subscriber waits at most this long for the first read (a database that hangs, rather than
+#: refusing, answers 503 instead of hanging the request)
+FIRST_READ_TIMEOUT_S = 10.0
 
 
 class Subscription:
@@ -64,18 +62,19 @@ class Subscription:
 
 
 class CallFeed:
-    """``read(since_ms)`` gives the live calls and those ended since (``SqlCallStore.
-    live_and_ended_since``), ``get(call_id)`` one call."""
+    """``read(since_ms)`` gives the live calls and those ended since, as ``{call_id: version}``
+    (``SqlCallStore.live_and_ended_since``); ``get_many(call_ids)`` their records. Only the
+    calls that changed are read whole."""
 
     def __init__(
-        self, read: Callable[[int], Awaitable[tuple[list[CallRecord], list[CallRecord]]]],
-        get: Callable[[str], Awaitable[CallRecord | None]], interval_s: float,
+        self, read: Callable[[int], Awaitable[tuple[dict[str, int], dict[str, int]]]],
+        get_many: Callable[[list[str]], Awaitable[list[CallRecord]]], interval_s: float,
     ):  # fmt: skip
-        self._read_calls, self._get, self.interval_s = read, get, interval_s
+        self._read_versions, self._get_many, self.interval_s = read, get_many, interval_s
         self._subscribers: set[Subscription] = set()
         self._task: asyncio.Task | None = None
-        self._known: dict[str, tuple] = {}  # live calls at the last read: call id -> _state
-        self._ended_seen: set[str] = set()  # calls the last read saw ended
+        self._live: dict[str, int] = {}  # the live calls at the last read: call id -> version
+        self._ended_seen: dict[str, int] = {}  # the calls the last read saw ended
         self._snapshot: dict[str, dict[str, Any]] = {}  # the live calls' public objects
         self._since_ms = 0
         self._ready: asyncio.Event | None = None
@@ -86,11 +85,15 @@ class CallFeed:
         return len(self._subscribers)
 
     async def subscribe(self) -> Subscription:
-        """A new subscriber, with the live calls as of the latest read."""
+        """A new subscriber, with the live calls as of the latest read. Raises
+        ``ConnectionError`` while the calls cannot be read."""
         if self._task is None or self._task.done():
             self._ready = asyncio.Event()
             self._task = asyncio.create_task(self._run(), name="call-feed")
-        await self._ready.wait()
+        try:
+            await asyncio.wait_for(self._ready.wait(), FIRST_READ_TIMEOUT_S)
+        except TimeoutError:
+            raise ConnectionError(f"the call store did not answer within {FIRST_READ_TIMEOUT_S:g} s") from None
         if self.failing:
             raise ConnectionError(self.failing)
         subscription = Subscription(list(self._snapshot.values()))
@@ -107,7 +110,7 @@ class CallFeed:
                 await self._task
 
     async def _run(self) -> None:
-        self._known, self._snapshot, self._ended_seen = {}, {}, set()
+        self._live, self._ended_seen, self._snapshot = {}, {}, {}
         self._since_ms = now_ms() - CLOCK_SLACK_MS
         interval = self.interval_s
         first = True
@@ -117,13 +120,12 @@ class CallFeed:
             try:
                 await self._read(first)
                 self.failing = None
+                first = False
             except Exception as e:  # the database is away: subscribers wait, the feed goes on
                 if self.failing is None:
                     log.warning("call-events feed: cannot read the calls: %s", e)
                 self.failing = f"the call store does not answer: {type(e).__name__}"
-            if first:
-                first = False
-                self._ready.set()
+            self._ready.set()
             if self._subscribers:
                 idle_since = None
             elif idle_since is None:
@@ -135,28 +137,24 @@ class CallFeed:
 
     async def _read(self, first: bool) -> None:
         read_at = now_ms()
-        live, ended = await self._read_calls(self._since_ms)
+        live, ended = await self._read_versions(self._since_ms)
+        changed = [c for c, v in live.items() if self._live.get(c) != v]
+        changed += [c for c in ended if c not in self._ended_seen]  # (each ending once)
+        gone = set(self._live) - set(live) - set(ended)  # deleted, or ended before the window
+        records = {r.call_id: r for r in await self._get_many(set(changed) | gone)} if changed or gone else {}
         self._since_ms = read_at - CLOCK_SLACK_MS
-        changed: list[CallRecord] = []
-        now_live: dict[str, tuple] = {}
-        for record in live:
-            state = now_live[record.call_id] = _state(record)
-            if self._known.get(record.call_id) != state:
-                changed.append(record)
-        for record in ended:  # ended since the last read (or just before: seen again, unchanged)
-            if record.call_id in self._known or record.call_id not in self._ended_seen:
-                changed.append(record)
-        gone = set(self._known) - set(now_live) - {r.call_id for r in ended}
-        self._known = now_live
-        self._ended_seen = {r.call_id for r in ended}
-        self._snapshot = {r.call_id: r.public() for r in live}
-        for call_id in gone:  # left the live set without an ending in the window: deleted, or ended long ago
-            record = await self._get(call_id)
-            if record is not None:
-                changed.append(record)
+        self._live, self._ended_seen = live, ended
+        for call_id in set(self._snapshot) - set(live):
+            del self._snapshot[call_id]
+        for call_id in live:
+            if call_id in records:
+                self._snapshot[call_id] = records[call_id].public()
         if first:
             return
-        for record in changed:
-            event = record.public()
+        for call_id in [*changed, *gone]:
+            record = records.get(call_id)
+            if record is None:
+                continue  # (deleted: nothing to show)
+            event = self._snapshot.get(call_id) or record.public()
             for subscription in list(self._subscribers):
                 subscription.put(event)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -102,6 +104,13 @@ class DialRefused(Exception):
         self.unreachable = unreachable
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 async def claim_instance(store: SqlCallStore, settings: Settings) -> None:
     """Take ``settings.instance_id`` for this process under a lease of three heartbeats. A
     holder that stopped without releasing it (a crash) is waited out; one whose heartbeat keeps
@@ -120,6 +129,12 @@ async def claim_instance(store: SqlCallStore, settings: Settings) -> None:
         await asyncio.sleep(min(1.0, settings.heartbeat_interval_s / 2))
     if not store.shared:
         return
+    if settings.replica_url is None and _is_loopback(urlsplit(settings.replica_base).hostname or ""):
+        log.warning(
+            "this replica's address for the others is %s (loopback): a listen-live socket that lands on a replica on "
+            "another machine cannot be passed here; set BRIDGE_REPLICA_URL to an address the other replicas reach",
+            settings.replica_base,
+        )  # fmt: skip
     others = {
         name: theirs
         for name, theirs in (await store.live_fingerprints(int(lease_s * 1000))).items()
@@ -153,7 +168,7 @@ class CallService:
         #: the media layer's listen taps of the calls relayed here (call id -> tap)
         self.listen_taps: dict[str, Any] = {}
         self.feed = CallFeed(
-            lambda since_ms: self.store.live_and_ended_since(since_ms), lambda call_id: self.store.get(call_id), settings.feed_interval_s
+            lambda since_ms: self.store.live_and_ended_since(since_ms), lambda call_ids: self.store.get_many(call_ids), settings.feed_interval_s
         )  # (the dashboard's live view: read while someone watches)
         self.twilio_rest = TwilioRest(settings.twilio_api_base_url, settings.twilio_auth_token, settings.twilio_account_sid)
         try:

@@ -23,6 +23,7 @@ from socket import SO_SNDBUF, SOL_SOCKET
 from urllib.parse import parse_qs, quote, unquote
 
 from ..calls import CallRefused, CallService
+from ..models import VALID_CALL_ID
 from ..protocol import listen as lf
 from ..protocol.websocket import GOING_AWAY, NORMAL, POLICY_VIOLATION
 from . import connection
@@ -46,21 +47,26 @@ class Listener:
 
 
 class ListenTap:
-    """The listeners of one call relayed here. ``on_event(kind, **details)`` records what
-    happened to them (the call's public log)."""
+    """The listeners of one call relayed here. ``clock()`` is the call's position now (samples
+    since its stream started); ``on_event(kind, **details)`` records what happened to listeners
+    (the call's public log, the metrics)."""
 
-    def __init__(self, call_id: str, sample_rate: int, max_lag_s: float, on_event: Callable[..., None]):
-        self.call_id, self.rate = call_id, sample_rate
+    def __init__(self, call_id: str, sample_rate: int, max_lag_s: float, clock: Callable[[], int], on_event: Callable[..., None]):
+        self.call_id, self.rate, self.clock = call_id, sample_rate, clock
         self.max_bytes = max(16384, int(max_lag_s * sample_rate * 2 * 2))  # both channels, s16le
         self.on_event = on_event
         self.listeners: list[Listener] = []
-        self._next = [0, 0]  # where each channel's last frame ended (samples)
+        self._caller_next = 0  # where the caller's last frame ended (samples)
         self.ended: str | None = None
 
+    @property
+    def full(self) -> bool:
+        return self.ended is not None or len(self.listeners) >= MAX_LISTENERS
+
     def add(self, socket: connection.WsConnection, participant: str) -> bool:
-        if self.ended is not None or len(self.listeners) >= MAX_LISTENERS:
+        if self.full:
             return False
-        socket.send_text(lf.start_event(self.call_id, self.rate))
+        socket.send_text(lf.start_event(self.call_id, self.rate, self.clock()))
         self.listeners.append(Listener(socket, participant))
         self.on_event("listener_joined", participant=participant)
         return True
@@ -73,27 +79,29 @@ class ListenTap:
                 return
 
     def audio(self, channel: int, pcm: bytes, position: int) -> None:
-        """Audio of one channel (s16le at ``rate``) heard from ``position`` (samples) on."""
-        expected = self._next[channel]
-        if abs(position - expected) <= JITTER_S * self.rate:
-            position = expected  # contiguous: arrival jitter is not a gap
-        self._next[channel] = position + len(pcm) // 2
+        """Audio of one channel (s16le at ``rate``) heard from ``position`` (samples) on. The
+        agent's positions are exact (when it plays); the caller's are its arrival, which jitters:
+        caller audio that arrives no later than JITTER_S past where the last frame ended follows
+        it (it came late: a burst after a stall stays in order), later is a gap (audio missing)."""
+        if channel == lf.CALLER:
+            if position <= self._caller_next + JITTER_S * self.rate:
+                position = self._caller_next
+            self._caller_next = position + len(pcm) // 2
         self._send_binary(lf.audio_frame(channel, position, pcm))
 
     def clear(self, position: int) -> None:
-        self._next[lf.AGENT] = position
         self._send_text(lf.clear_event(position))
 
     def _send_binary(self, payload: bytes) -> None:
         frame = None
-        for listener in self.listeners:
+        for listener in list(self.listeners):  # (a listener that fell behind leaves the list)
             socket = listener.socket
             if frame is None:  # (a server's frames are not masked: one frame for every listener)
                 frame = socket.frame_binary(payload)
             self._write(listener, frame)
 
     def _send_text(self, text: str) -> None:
-        for listener in self.listeners:
+        for listener in list(self.listeners):
             self._write(listener, listener.socket.frame_text(text))
 
     def _write(self, listener: Listener, frame: bytes) -> None:
@@ -123,10 +131,16 @@ async def handle_listen_live(websocket: connection.ServerConnection, calls: Call
         websocket.refuse(*websocket.handshake.error)
         return
     call_id = unquote(websocket.path[len(lf.LISTEN_PREFIX) :])
+    if not VALID_CALL_ID.fullmatch(call_id):
+        log.warning("listen socket refused: not a call id: %r", call_id[:64])
+        websocket.refuse(404, "unknown call")
+        return
     token = (parse_qs(websocket.query).get("access_token") or [""])[0]
     hop = HOP_HEADER in websocket.headers
     tap: ListenTap | None = calls.listen_taps.get(call_id)
     try:
+        if tap is not None and tap.full:  # (before the token is spent)
+            raise CallRefused("the call has ended" if tap.ended else f"the call has {MAX_LISTENERS} listeners already", status=409)
         participant = calls.check_listen_token(call_id, token, spend=tap is not None)
         if tap is None:
             if hop:
@@ -137,11 +151,11 @@ async def handle_listen_live(websocket: connection.ServerConnection, calls: Call
             if not owner[1]:
                 raise CallRefused(f"the replica relaying the call ({owner[0]}) has no address", status=503)
     except CallRefused as e:
-        log.warning("listen socket refused%s: %s", f" for call {call_id[:64]}" if call_id else "", e)
+        log.warning("listen socket refused for call %s: %s", call_id, e)
         websocket.refuse(e.status, str(e))
         return
     except Exception as e:  # the database is away: the listener may try again
-        log.error("listen socket for call %s: %s", call_id[:64], e)
+        log.error("listen socket for call %s: %s", call_id, e)
         websocket.refuse(503, "the call store does not answer")
         return
     if tap is None:
@@ -149,7 +163,7 @@ async def handle_listen_live(websocket: connection.ServerConnection, calls: Call
         return
     if not _accept(websocket):
         return
-    if not tap.add(websocket, participant):
+    if not tap.add(websocket, participant):  # (it ended or filled up meanwhile)
         await websocket.close(POLICY_VIOLATION, "the call ended" if tap.ended else f"over {MAX_LISTENERS} listeners")
         return
     closed = asyncio.get_running_loop().create_future()
@@ -159,8 +173,12 @@ async def handle_listen_live(websocket: connection.ServerConnection, calls: Call
         if not closed.done():
             closed.set_result(None)
 
+    def on_message(message) -> None:  # a listener sends nothing: one that does is closed
+        tap.remove(websocket)
+        asyncio.ensure_future(websocket.close(POLICY_VIOLATION, "a listener sends nothing"))
+
     websocket.on_shutdown = lambda: asyncio.ensure_future(websocket.close(GOING_AWAY, "the bridge shut down"))
-    websocket.listen(lambda message: None, on_close)  # (a listener sends nothing we need)
+    websocket.listen(on_message, on_close)
     await closed
 
 
@@ -215,7 +233,7 @@ async def _pass_on(websocket: connection.ServerConnection, calls: CallService, c
             websocket.send_binary(message)
 
     upstream.listen(from_upstream, finish)
-    websocket.listen(lambda message: None, finish)
+    websocket.listen(lambda message: finish(), finish)  # (a listener sends nothing: one that does is closed)
     websocket.on_shutdown = finish
     try:
         await done

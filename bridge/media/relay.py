@@ -371,7 +371,10 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
             calls.metrics.listener_events.labels(kind.removeprefix("listener_")).inc()
             calls.metrics.listeners.inc(1 if kind == "listener_joined" else -1)
 
-        observer.tap = calls.listen_taps[call_id] = ListenTap(call_id, caller.format.sample_rate, settings.listen_max_lag_s, on_listener)
+        rate = caller.format.sample_rate
+        observer.tap = calls.listen_taps[call_id] = ListenTap(
+            call_id, rate, settings.listen_max_lag_s, lambda: int((loop.time() - observer.started) * rate), on_listener
+        )  # fmt: skip
     for problem in unavailable.values():
         log.error("call %s: %s", call_id, problem)
         try:

@@ -2,7 +2,7 @@
 listener receives, built and parsed here (sans-I/O). The listener sends nothing.
 
 - first, text ``{"event": "start", "call_id", "encoding": "s16le", "sample_rate": R,
-  "channels": ["caller", "agent"]}``;
+  "channels": ["caller", "agent"], "position": P}`` (P: the call's position now, in samples);
 - binary frames: byte 0 the channel (0 caller, 1 agent), bytes 1-4 the position (uint32,
   little-endian) in samples at R since the call's stream started, that is when the audio is
   heard on the call, then s16le mono PCM at R;
@@ -27,8 +27,13 @@ class ListenFrameError(ValueError):
     pass
 
 
-def start_event(call_id: str, sample_rate: int) -> str:
-    body = {"event": "start", "call_id": call_id, "encoding": "s16le", "sample_rate": sample_rate, "channels": list(CHANNELS)}
+def start_event(call_id: str, sample_rate: int, position: int) -> str:
+    """``position``: the call's position now (samples since its stream started): where a
+    listener's playback starts (the agent's first frames may be ahead of it, the caller's at it)."""
+    body = {
+        "event": "start", "call_id": call_id, "encoding": "s16le", "sample_rate": sample_rate, "channels": list(CHANNELS),
+        "position": position,
+    }  # fmt: skip
     return orjson.dumps(body).decode()
 
 

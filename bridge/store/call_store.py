@@ -146,21 +146,38 @@ class SqlCallStore:
             row = (await conn.execute(query)).first()
         return None if row is None else (row.instance_id, row.address)
 
-    async def live_and_ended_since(self, since_ms: int, max_live: int = 1000) -> tuple[list[CallRecord], list[CallRecord]]:
-        """For the call-events feed: the live calls (registered or ongoing, newest first, at
-        most ``max_live``) and the calls that ended at or after ``since_ms``."""
+    async def live_and_ended_since(self, since_ms: int, max_live: int = 1000) -> tuple[dict[str, int], dict[str, int]]:
+        """For the call-events feed, without reading records: the live calls (registered or
+        ongoing, newest first, at most ``max_live``) and the calls that ended at or after
+        ``since_ms`` (oldest ending first, as many), each ``{call_id: version}`` (the version
+        changes with every change of the record)."""
         live_statuses = (CallStatus.registered.value, CallStatus.ongoing.value)
         live = (
-            select(calls.c.record)
+            select(calls.c.call_id, calls.c.version)
             .where(calls.c.call_status.in_(live_statuses))
             .order_by(calls.c.sort_key.desc(), calls.c.call_id.desc())
             .limit(max_live)
         )
-        ended = select(calls.c.record).where(calls.c.end_timestamp >= since_ms, calls.c.call_status.not_in(live_statuses))
+        ended = (
+            select(calls.c.call_id, calls.c.version)
+            .where(calls.c.end_timestamp >= since_ms, calls.c.call_status.not_in(live_statuses))
+            .order_by(calls.c.end_timestamp, calls.c.call_id)
+            .limit(max_live)
+        )
         async with self.engine.connect() as conn:
             live_rows = (await conn.execute(live)).all()
-            ended_rows = (await conn.execute(ended.limit(max_live))).all()
-        return [CallRecord.model_validate(r.record) for r in live_rows], [CallRecord.model_validate(r.record) for r in ended_rows]
+            ended_rows = (await conn.execute(ended)).all()
+        return {r.call_id: r.version for r in live_rows}, {r.call_id: r.version for r in ended_rows}
+
+    async def get_many(self, call_ids: Iterable[str]) -> list[CallRecord]:
+        """The records of these calls (those that exist), in no particular order."""
+        call_ids = list(call_ids)
+        found = []
+        for i in range(0, len(call_ids), 500):
+            async with self.engine.connect() as conn:
+                rows = await conn.execute(select(calls.c.record).where(calls.c.call_id.in_(call_ids[i : i + 500])))
+                found += [CallRecord.model_validate(r.record) for r in rows]
+        return found
 
     async def heartbeat(self) -> bool:
         """Renew this process's claim; False if another process has taken the id over."""

@@ -108,7 +108,12 @@ async def test_a_listener_hears_both_sides_of_an_ongoing_call(bridge):
     result = await call
     record = await wait_for_end(bridge, call_id)
 
-    assert heard["start"] == {"event": "start", "call_id": call_id, "encoding": "s16le", "sample_rate": RATE, "channels": ["caller", "agent"]}
+    start = heard["start"]
+    assert {k: v for k, v in start.items() if k != "position"} == {
+        "event": "start", "call_id": call_id, "encoding": "s16le", "sample_rate": RATE, "channels": ["caller", "agent"],
+    }  # fmt: skip
+    first_caller = min(p for c, p, _ in heard["frames"] if c == lf.CALLER)
+    assert 0 < start["position"] < 3 * RATE and abs(first_caller - start["position"]) < RATE // 5, (start, first_caller)
     assert heard["texts"][-1] == {"event": "end", "reason": record.disconnection_reason.value}
     assert heard["code"] == 1000
     caller = _channel(heard["frames"], lf.CALLER)
@@ -257,3 +262,60 @@ async def test_a_listener_that_stops_reading_is_dropped_and_the_call_keeps_its_t
     assert shift < 300, shift  # (a listener holding the call would hold it for seconds; figures: bench/listen.py)
     peak, _ = best_correlation(result.heard, baseline.heard[: len(baseline.heard) // 4 * 2])
     assert peak > 0.9, peak
+
+
+class FakeSocket:
+    """What ``ListenTap`` writes to, with a settable backlog."""
+
+    def __init__(self, buffered: int = 0):
+        self.buffered, self.sent, self.aborted = buffered, [], False
+
+    def frame_binary(self, data: bytes) -> bytes:
+        return data
+
+    def frame_text(self, text: str) -> str:
+        return text
+
+    def send_many(self, frames) -> None:
+        self.sent += frames
+
+    send_text = lambda self, text: self.sent.append(text)  # noqa: E731
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        pass
+
+
+def test_caller_audio_stays_in_order_through_jitter_and_a_stall_and_a_real_gap_is_kept():
+    from bridge.media.listen import ListenTap
+
+    events = []
+    tap = ListenTap("c", RATE, 2.0, lambda: 0, lambda kind, **d: events.append(kind))
+    socket = FakeSocket()
+    tap.add(socket, "p")
+    frame = bytes(320)  # 20 ms
+    arrivals = [i * 160 + (30 if i % 3 else -20) for i in range(20)]  # on time, with jitter
+    arrivals += [20 * 160 + 2400] * 16  # a 300 ms stall, then 16 frames at once
+    arrivals += [36 * 160 + 2400 + 8000]  # a second of audio that never came: a gap
+    for at in arrivals:
+        tap.audio(lf.CALLER, frame, at)
+    positions = [lf.parse_audio(f)[1] for f in socket.sent if isinstance(f, bytes)]
+    assert positions[:20] == [i * 160 for i in range(20)]  # jitter: contiguous
+    # after the stall, as the recording has it: the audio resumes where it arrived, in order,
+    # never overlapping what came before
+    assert positions[20:36] == [20 * 160 + 2400 + i * 160 for i in range(16)]
+    assert positions[36] == 36 * 160 + 2400 + 8000  # the missing second stays a gap
+
+
+def test_a_listener_dropped_mid_frame_costs_the_others_nothing():
+    from bridge.media.listen import ListenTap
+
+    tap = ListenTap("c", RATE, 2.0, lambda: 0, lambda kind, **d: None)
+    behind, b, c = FakeSocket(buffered=10**6), FakeSocket(), FakeSocket()
+    for i, s in enumerate((behind, b, c)):
+        tap.add(s, f"p{i}")
+    tap.clear(123)
+    tap.audio(lf.AGENT, bytes(320), 500)
+    assert behind.aborted and [len(s.sent) for s in (b, c)] == [3, 3]  # start, clear, audio

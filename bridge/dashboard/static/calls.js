@@ -236,6 +236,9 @@ class CallsView {
       const added = tableRow(call);
       added.classList.add("new");
       this.tbody.prepend(added);
+      // A page left open grows with every new call: past a few pages' worth, the first page is
+      // read again (so the table stays small and its Next cursor right)
+      if (this.tbody.rows.length > 4 * PAGE_SIZE) this.loadPage();
     }
   }
 }

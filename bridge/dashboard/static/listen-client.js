@@ -1,21 +1,25 @@
 // Listening to a live call: `POST /v2/listen-live-call/{call_id}` gives a short-lived token and
 // the URL of the call's listen socket, which sends (server to client only):
 //
-//   text   {"event":"start","call_id":...,"encoding":"s16le","sample_rate":R,"channels":["caller","agent"]}
+//   text   {"event":"start","call_id":...,"encoding":"s16le","sample_rate":R,"channels":["caller","agent"],
+//           "position":P}  P: the call's position now (samples at R)
 //   binary [channel: u8 (0 caller, 1 agent)] [position: u32 LE, in samples at R since the call's
 //          stream started: when the audio is heard on the call] [s16le mono PCM at R]
 //   text   {"event":"clear","position":N}  agent audio at positions >= N will not be heard
 //   text   {"event":"end","reason":...}    then a close 1000; a listener that falls behind is
-//                                          closed with 1008 and a reason
+//                                          dropped (the connection is cut: 1006 here)
 //
 // Both channels are played through one AudioContext, the caller panned left and the agent
-// right, each chunk scheduled at t0 + position / R, where t0 is fixed on the first chunk so
-// that it plays JITTER_S from now: the positions keep both channels in step with the call.
+// right, each chunk scheduled at t0 + position / R, where t0 puts the call's position at
+// `start` JITTER_S from now: the positions keep both channels in step with the call. (Not the
+// first chunk: the agent's audio comes ahead of when it is heard.) When the caller's chunks keep
+// arriving late (the network's delay grew), t0 is moved on to the latest of them.
 
-import { request } from "./api.js";
+import { request, websocketBase } from "./api.js";
 
 const JITTER_S = 0.25; // the jitter buffer: how far ahead of the first chunk playback starts
 const MAX_LATE_S = 0.5; // a chunk later than this is dropped, a less late one plays at once
+const LATE_RUN = 10; // this many caller chunks late in a row: playback is re-anchored on the latest
 const CHANNELS = ["caller", "agent"];
 const PAN = { caller: -0.6, agent: 0.6 };
 // What `received` keeps for inspection (tests, debugging): about 17 minutes of both channels
@@ -39,6 +43,7 @@ export class LiveListener extends EventTarget {
     this.callId = null;
     this.sampleRate = null;
     this.t0 = null; // AudioContext time of position 0
+    this.lateRun = 0; // caller chunks late in a row
     this.agentSources = new Set(); // scheduled agent buffers: {source, start, end} in positions
     this.outputs = {}; // channel -> its StereoPannerNode
     this.keptSamples = 0;
@@ -85,7 +90,10 @@ export class LiveListener extends EventTarget {
   // --- internals ---------------------------------------------------------------------------
 
   open({ url, access_token: token }) {
-    const socket = new WebSocket(`${url}?access_token=${encodeURIComponent(token)}`);
+    // The path the bridge named, on this page's own origin: the page reached the bridge here
+    // (its public URL may be another name, or http behind a page served over https)
+    const path = new URL(url).pathname;
+    const socket = new WebSocket(`${websocketBase()}${path}?access_token=${encodeURIComponent(token)}`);
     socket.binaryType = "arraybuffer";
     this.socket = socket;
     socket.addEventListener("message", (event) => {
@@ -108,6 +116,9 @@ export class LiveListener extends EventTarget {
       case "start":
         this.sampleRate = message.sample_rate;
         this.stats.sampleRate = message.sample_rate;
+        if (this.ctx && Number.isFinite(message.position)) {
+          this.t0 = this.ctx.currentTime + JITTER_S - message.position / message.sample_rate;
+        }
         this.setStatus("listening", `listening (${message.sample_rate} Hz)`);
         break;
       case "clear":
@@ -149,7 +160,16 @@ export class LiveListener extends EventTarget {
     const rate = this.sampleRate;
     if (this.t0 === null) this.t0 = ctx.currentTime + JITTER_S - position / rate;
     let when = this.t0 + position / rate;
-    const late = ctx.currentTime - when;
+    let late = ctx.currentTime - when;
+    if (channel === "caller") {
+      this.lateRun = late > 0 ? this.lateRun + 1 : 0;
+      if (this.lateRun >= LATE_RUN) { // the delay grew for good: play from here on, JITTER_S behind
+        this.t0 += late + JITTER_S;
+        when = this.t0 + position / rate;
+        late = ctx.currentTime - when;
+        this.lateRun = 0;
+      }
+    }
     if (late > MAX_LATE_S) {
       this.stats.dropped += 1;
       return;
@@ -203,7 +223,7 @@ export class LiveListener extends EventTarget {
     if (event.code === 1000 || this.stats.ended) {
       const reason = this.stats.ended?.reason;
       this.setStatus("ended", `call ended${reason ? ": " + reason : ""}`);
-    } else if (event.code === 1008) {
+    } else if (event.code === 1008) { // refused after opening (the call filled up or ended)
       this.setStatus("error", `disconnected by the bridge: ${event.reason || "policy violation"}`);
     } else {
       this.setStatus("error", `connection lost (${event.code}${event.reason ? ": " + event.reason : ""})`);
