@@ -205,7 +205,8 @@ async def _pass_on(websocket: connection.ServerConnection, calls: CallService, c
             upstream = await connection.connect(url, headers=[(HOP_HEADER, calls.settings.instance_id)])
     except connection.HandshakeError as e:
         log.warning("listen socket for call %s: replica %s refused it: %s", call_id, instance, e)
-        websocket.refuse(403 if "403" in str(e) else 404, "the replica relaying the call refused the listener")
+        status = next((code for code in (403, 409) if str(code) in str(e)), 404)  # (its answer, passed on)
+        websocket.refuse(status, "the replica relaying the call refused the listener")
         return
     except (OSError, TimeoutError, ValueError) as e:
         log.error("listen socket for call %s: cannot reach replica %s at %s: %s", call_id, instance, address, e)

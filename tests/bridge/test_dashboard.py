@@ -97,8 +97,8 @@ async def open_dashboard(browser, bridge):
         await context.close()
 
 
-async def _ongoing_call(bridge, pcm: bytes) -> tuple[asyncio.Task, str]:
-    call = asyncio.create_task(bridge.call(pcm, speed=1.0))
+async def _ongoing_call(bridge, pcm: bytes, **options) -> tuple[asyncio.Task, str]:
+    call = asyncio.create_task(bridge.call(pcm, speed=1.0, **options))
 
     async def ongoing():
         live = (await bridge.store.list(statuses=["ongoing"]))[0]
@@ -116,7 +116,7 @@ async def test_sign_in_watch_a_call_live_and_read_its_page(open_dashboard, bridg
     await page.evaluate("window.notReloaded = true")
     await tab.shot("02-calls")
 
-    call, call_id = await _ongoing_call(bridge, LEAD + caller_audio(first_phrase_only=False))
+    call, call_id = await _ongoing_call(bridge, LEAD + caller_audio(first_phrase_only=False), dtmf=((6000, "7"),))
     row = f"#live-calls [data-call-id='{call_id}']"
     await page.wait_for_selector(row, timeout=10_000)  # appeared live, from the call-events feed
     await page.wait_for_selector(f"{row} button.listen")
@@ -143,7 +143,9 @@ async def test_sign_in_watch_a_call_live_and_read_its_page(open_dashboard, bridg
         assert inked > 2, f"the {side} waveform is blank"
     assert await page.locator("#timeline").inner_text() != ""
     transcript = await page.locator("#transcript").inner_text()
-    assert "echo" in transcript.lower() or transcript.strip(), transcript
+    assert transcript.lower().count("echo") >= 1, transcript  # (the echo agent's utterances)
+    keys = await page.locator("#transcript .dtmf").all_inner_texts()
+    assert len(keys) == 1 and "7" in keys[0], keys  # the keypad press, where it happened
     rtt = await page.locator("#rtt").inner_text()
     assert rtt.strip()
 
