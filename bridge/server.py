@@ -123,7 +123,7 @@ DRAIN_POLL_S = 0.2
 #: Once the server stops (after the drain, or at once on SIGINT): how long connections still open
 #: get before uvicorn cancels them (a call-events reader that stopped reading would hold the exit
 #: for ever; live calls have ended by then, and record their endings within seconds)
-SHUTDOWN_GRACE_S = 30.0
+SHUTDOWN_GRACE_S = 10.0
 #: after the drain deadline ended the last calls: how long their relays get to record the end
 DEADLINE_GRACE_S = 15.0
 
