@@ -84,3 +84,28 @@ async def test_a_reader_that_falls_behind_is_dropped():
         assert (await subscription.next(0.1)) is not None
     with pytest.raises(OverflowError):
         await subscription.next(0.1)
+
+
+async def test_the_feed_rides_out_a_database_outage(start_bridge, own_postgres):
+    """The stream stays open while the database is down (a new reader gets 503 then), and the
+    call that ended meanwhile is shown once it is back."""
+    bridge = await start_bridge(database_url=own_postgres.url, heartbeat_interval_s=0.5)
+    events: list = []
+    reader = asyncio.create_task(read_events(bridge.base_url, events))
+    try:
+        await until(lambda: events, timeout=10)
+        call = asyncio.create_task(bridge.call(caller_audio(), speed=1.0, tail_ms=2500))
+        call_id = (await until(lambda: [e[1]["call_id"] for e in events if e[0] == "call" and e[1]["call_status"] == "ongoing"], timeout=20))[0]
+        await asyncio.to_thread(own_postgres.stop)
+        await asyncio.sleep(1.5)  # a few reads fail
+        async with api_client(bridge.base_url) as http:
+            refused = await http.get("/v2/call-events")  # a new reader: "try again"
+        assert refused.status_code == 503 and "does not answer" in refused.json()["message"], refused.text
+        await call  # it ends during the outage
+        assert not reader.done()  # the stream stayed open
+        await asyncio.to_thread(own_postgres.start)
+        await until(lambda: any(e[1].get("call_id") == call_id and e[1]["call_status"] == "ended" for e in events), timeout=30)
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
