@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from .conftest import API_KEY, best_correlation, caller_audio, until, wait_for_end
+from .conftest import API_KEY, api_client, best_correlation, caller_audio, until, wait_for_end
 from .test_listen import first_voiced
 from .test_browser import CHROMIUM_FLAGS, _chromium, _unavailable, microphone  # noqa: F401 - microphone is a fixture
 
@@ -74,12 +74,14 @@ class Tab:
 async def open_dashboard(browser, bridge):
     contexts = []
 
-    async def open_(path: str = "/dashboard/") -> Tab:
+    async def open_(path: str = "/dashboard/", on=None) -> Tab:
+        """The page at ``path`` of ``on`` (default: the test's bridge)."""
+        target = on or bridge
         context = await browser.new_context(viewport={"width": 1280, "height": 800}, permissions=["microphone"])
         contexts.append(context)
         page = await context.new_page()
-        tab = Tab(page, bridge.base_url)
-        own = urlsplit(bridge.base_url).netloc
+        tab = Tab(page, target.base_url)
+        own = urlsplit(target.base_url).netloc
 
         async def only_the_bridge(route):  # no CDN, nothing from outside: refused and noted
             if urlsplit(route.request.url).netloc != own and not route.request.url.startswith(("data:", "blob:")):
@@ -89,7 +91,7 @@ async def open_dashboard(browser, bridge):
                 await route.continue_()
 
         await context.route("**/*", only_the_bridge)
-        await page.goto(bridge.base_url + path)
+        await page.goto(target.base_url + path)
         return tab
 
     yield open_
@@ -220,6 +222,25 @@ async def test_talk_to_the_agent_from_the_browser(open_dashboard, bridge):
     assert record.sample_rate == 24000 and record.e2e_latency is not None  # the agent answered a turn it heard
     await tab.shot("08-talk-ended")
     assert tab.errors == [] and tab.outside == [], (tab.errors, tab.outside)
+
+
+async def test_listening_to_a_call_that_opted_out_is_refused_in_the_page(open_dashboard, start_bridge):
+    from bridge.settings import AgentConfig
+
+    private = await start_bridge(agents={"private": AgentConfig(agent_id="private", opt_out_sensitive_data_storage=True, default=True)})
+    tab = await open_dashboard(on=private)
+    page = tab.page
+    await tab.sign_in()
+    await page.wait_for_selector("#feed-status:has-text('live')")
+    call, call_id = await _ongoing_call(private, caller_audio() * 2)
+    await page.click(f"#live-calls [data-call-id='{call_id}'] button.listen", timeout=10_000)
+    status = page.locator("#listen-status")
+    await status.filter(has_text="opted out of sensitive data storage").wait_for(timeout=10_000)
+    await tab.shot("12-listen-refused")
+    assert await page.evaluate("!window.bridgeListen || window.bridgeListen.received.caller.length === 0")
+    async with api_client(private.base_url) as http:
+        await http.post(f"/v2/stop-call/{call_id}")
+    await call
 
 
 async def test_a_wrong_or_missing_key_shows_the_sign_in_page_and_no_data(open_dashboard, bridge):
