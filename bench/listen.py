@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import hashlib
 import json
 import os
 import re
@@ -40,6 +38,7 @@ import websockets
 
 from audio import read_wav
 from bridge.dev.simulator import simulate_call
+from bridge.protocol.websocket import ClientHandshake
 
 from .load import cpu_seconds, free_port
 
@@ -109,22 +108,24 @@ async def draining_listener(url: str, token: str, got: dict) -> None:
 
 
 async def stalled_listener(url: str, token: str, receive_buffer: int | None = 4096) -> socket.socket:
+    """A listener's socket, opened (the bridge's own client handshake), that the caller then
+    reads raw or never again: with ``receive_buffer`` set, a listener that stops reading."""
     loop = asyncio.get_running_loop()
     host, rest = url.removeprefix("ws://").split("/", 1)
     s = socket.socket()
     s.setblocking(False)
     if receive_buffer:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-    await loop.sock_connect(s, (host.split(":")[0], int(host.split(":")[1])))
-    key = base64.b64encode(os.urandom(16)).decode()
-    request = (
-        f"GET /{rest}?access_token={token} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    await loop.sock_sendall(s, request.encode())
-    answer = await loop.sock_recv(s, 1024)
-    expected = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
-    assert answer.startswith(b"HTTP/1.1 101") and expected in answer, answer
+    await loop.sock_connect(s, (host.rsplit(":", 1)[0], int(host.rsplit(":", 1)[1])))
+    handshake = ClientHandshake(host, f"/{rest}?access_token={token}")
+    await loop.sock_sendall(s, handshake.request)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = await loop.sock_recv(s, 1024)
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        answer += chunk
+    handshake.check(answer.split(b"\r\n\r\n", 1)[0])  # (raises if the upgrade was refused)
     return s
 
 

@@ -80,10 +80,6 @@ class CallFeed:
         self._ready: asyncio.Event | None = None
         self.failing: str | None = None  # the last read's error, while reads fail
 
-    @property
-    def subscribers(self) -> int:
-        return len(self._subscribers)
-
     async def subscribe(self) -> Subscription:
         """A new subscriber, with the live calls as of the latest read. Raises
         ``ConnectionError`` while the calls cannot be read."""

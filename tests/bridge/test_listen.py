@@ -13,12 +13,8 @@ listen-only socket it opens, on real sockets with simulated Twilio calls to the 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import json
-import os
-import socket
 import time
 
 import numpy as np
@@ -26,6 +22,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from bench.listen import shifts_ms, stalled_listener
 from bridge.protocol import listen as lf
 from bridge.settings import AgentConfig
 
@@ -204,32 +201,10 @@ async def test_a_private_call_or_one_not_ongoing_refuses_a_listener(start_bridge
         assert (await http.post(f"/v2/listen-live-call/{call_id}")).status_code == 401
 
 
-async def _stalled_listener(url: str, token: str) -> socket.socket:
-    """A listener that opens its socket and then never reads (a tiny receive buffer)."""
-    loop = asyncio.get_running_loop()
-    host, port = url.removeprefix("ws://").split("/", 1)[0].split(":")
-    path = "/" + url.removeprefix("ws://").split("/", 1)[1] + f"?access_token={token}"
-    s = socket.socket()
-    s.setblocking(False)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await loop.sock_connect(s, (host, int(port)))
-    key = base64.b64encode(os.urandom(16)).decode()
-    await loop.sock_sendall(s, (
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode())  # fmt: skip
-    answer = await loop.sock_recv(s, 1024)
-    accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
-    assert answer.startswith(b"HTTP/1.1 101") and accept.encode() in answer, answer
-    return s  # never read again
-
-
 def _shift_ms(a, b) -> float:
     """How far apart two calls' frames reached the caller, each on its own call's clock (ms, at
     worst): the same audio to the same agent gives the same timing, unless something held it."""
-    a, b = np.asarray(a.media_at), np.asarray(b.media_at)
-    n = min(len(a), len(b))
-    return float(np.abs((a[:n] - a[0]) - (b[:n] - b[0])).max() * 1000)
+    return float(shifts_ms(a, b).max())
 
 
 async def test_a_listener_that_stops_reading_is_dropped_and_the_call_keeps_its_timing(start_bridge):
@@ -240,7 +215,7 @@ async def test_a_listener_that_stops_reading_is_dropped_and_the_call_keeps_its_t
     async with api_client(bridge.base_url) as http:
         stalled_grant = (await http.post(f"/v2/listen-live-call/{call_id}")).json()
         reading_grant = (await http.post(f"/v2/listen-live-call/{call_id}")).json()
-    stalled = await _stalled_listener(stalled_grant["url"], stalled_grant["access_token"])
+    stalled = await stalled_listener(stalled_grant["url"], stalled_grant["access_token"])
     reading = asyncio.create_task(_listen(reading_grant["url"], reading_grant["access_token"]))
     try:
         result = await call
@@ -293,15 +268,15 @@ def test_caller_audio_stays_in_order_through_jitter_and_a_stall_and_a_real_gap_i
 
     events = []
     tap = ListenTap("c", RATE, 2.0, lambda: 0, lambda kind, **d: events.append(kind))
-    socket = FakeSocket()
-    tap.add(socket, "p")
+    listener = FakeSocket()
+    tap.add(listener, "p")
     frame = bytes(320)  # 20 ms
     arrivals = [i * 160 + (30 if i % 3 else -20) for i in range(20)]  # on time, with jitter
     arrivals += [20 * 160 + 2400] * 16  # a 300 ms stall, then 16 frames at once
     arrivals += [36 * 160 + 2400 + 8000]  # a second of audio that never came: a gap
     for at in arrivals:
         tap.audio(lf.CALLER, frame, at)
-    positions = [lf.parse_audio(f)[1] for f in socket.sent if isinstance(f, bytes)]
+    positions = [lf.parse_audio(f)[1] for f in listener.sent if isinstance(f, bytes)]
     assert positions[:20] == [i * 160 for i in range(20)]  # jitter: contiguous
     # after the stall, as the recording has it: the audio resumes where it arrived, in order,
     # never overlapping what came before
