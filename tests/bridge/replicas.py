@@ -172,6 +172,15 @@ async def owners(database_url: str, tmp_path) -> dict[str, str]:
         await store.close()
 
 
+async def webhooks_pending(database_url: str, tmp_path) -> int:
+    """Webhook jobs in the shared outbox not yet delivered (nor given up)."""
+    store = await SqlCallStore.open(database_url, "reader", tmp_path)
+    try:
+        return sum(1 for job in await store.jobs() if job["next_attempt_at"] is not None)
+    finally:
+        await store.close()
+
+
 async def read_record(database_url: str, tmp_path, call_id: str):
     store = await SqlCallStore.open(database_url, "reader", tmp_path)
     try:
