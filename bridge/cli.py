@@ -215,6 +215,9 @@ def simulate(
     if result.status_code != 200:
         typer.secho(f"webhook answered {result.status_code}: {result.twiml[:200]}", fg="red", err=True)
         raise typer.Exit(1)
+    if result.call_id is None and result.protocol_errors:  # (no call: TwiML it cannot run)
+        typer.secho("; ".join(result.protocol_errors), fg="red", err=True)
+        raise typer.Exit(1)
     if out:
         write_wav(out, result.heard, 8000)
         typer.echo(f"what the caller heard: {out}")

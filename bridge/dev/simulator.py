@@ -1,6 +1,7 @@
 """A Twilio simulator: places a call on the bridge the way Twilio does, without a phone.
 
-It POSTs the signed voice webhook, reads the TwiML, opens the ``<Stream>`` URL (with the
+It POSTs the signed voice webhook, reads the TwiML (following ``<Redirect>``, as a draining
+replica answers), opens the ``<Stream>`` URL (with the
 ``X-Twilio-Signature`` of the upgrade), sends ``connected`` / ``start`` / ``media`` from 8 kHz
 audio paced in real time (or ``speed`` times faster), plays what comes back 20 ms per frame on
 the caller's clock (a faster run hears the same, shifted only by the bridge's and agent's own
@@ -38,6 +39,7 @@ from ..server import BackgroundServer
 
 FRAME_MS = 20
 FRAME_BYTES = 160  # mu-law 8 kHz
+MAX_REDIRECTS = 10  # <Redirect>s followed in a row before the simulated call gives up
 
 
 def sid(prefix: str) -> str:
@@ -63,6 +65,7 @@ class SimulationResult:
     record: dict | None = None
     record_problem: str = ""  # why the record could not be read (a wrong API key...)
     hit_max_call: bool = False  # the caller hung up at max_call_s, not when done talking
+    redirects: list[str] = field(default_factory=list)  # <Redirect> URLs followed before the answer
 
     def summary(self) -> dict:
         return {
@@ -73,6 +76,7 @@ class SimulationResult:
             "marks_echoed": len(self.marks_echoed),
             "clears": self.clears,
             "fallback": self.fallback,
+            "redirects": self.redirects,
         }
 
 
@@ -219,6 +223,26 @@ class _Player:
         return any(kind == "audio" for kind, _ in self.queue)
 
 
+def first_redirect(twiml: str) -> tuple[str, str] | None:
+    """The ``<Redirect>`` Twilio follows in a TwiML document, if it comes before any
+    ``<Connect>``: (its URL as written, its method). Raises ``ET.ParseError``."""
+    for verb in ET.fromstring(twiml):
+        if verb.tag == "Connect":
+            return None
+        if verb.tag == "Redirect":
+            return (verb.text or "").strip(), (verb.get("method") or "POST").upper()
+    return None
+
+
+async def _fetch_twiml(http: httpx.AsyncClient, validator: RequestValidator, url: str, method: str, params: dict) -> httpx.Response:
+    """Request a TwiML document as Twilio does, signed: a POST with the call's parameters as its
+    form, or a GET with them in the query (signed over the whole URL)."""
+    if method == "GET":
+        url = str(httpx.URL(url).copy_merge_params(params))
+        return await http.get(url, headers={"X-Twilio-Signature": validator.compute_signature(url, {})})
+    return await http.post(url, data=params, headers={"X-Twilio-Signature": validator.compute_signature(url, params)})
+
+
 def parse_twiml(twiml: str) -> tuple[str | None, dict[str, str], list[tuple[str, str]]]:
     """(stream url, stream parameters, verbs after </Connect> as (verb, text))."""
     root = ET.fromstring(twiml)
@@ -260,22 +284,33 @@ async def simulate_call(
     at least ``tail_ms`` and until the agent's queued audio has played; then ``stop``."""
     call_sid, account_sid = call_sid or sid("CA"), account_sid or sid("AC")
     validator = RequestValidator(auth_token)
-    url = voice_url or f"{base_url.rstrip('/')}/twilio/voice" + (f"/{agent_id}" if agent_id else "")
+    url, method = voice_url or f"{base_url.rstrip('/')}/twilio/voice" + (f"/{agent_id}" if agent_id else ""), "POST"
     params = {
         "CallSid": call_sid, "AccountSid": account_sid, "From": from_number, "To": to_number,
         "Caller": from_number, "Called": to_number, "Direction": direction,
         "CallStatus": "ringing" if direction == "inbound" else "in-progress", "ApiVersion": "2010-04-01",
     }  # fmt: skip
     async with httpx.AsyncClient(timeout=10) as http:
-        response = await http.post(url, data=params, headers={"X-Twilio-Signature": validator.compute_signature(url, params)})
-        result = SimulationResult(call_sid, response.status_code, response.text)
-        if response.status_code != 200:
+        result = SimulationResult(call_sid, 0)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = await _fetch_twiml(http, validator, url, method, params)
+            result.status_code, result.twiml = response.status_code, response.text
+            if response.status_code != 200:
+                return result
+            try:
+                redirect = first_redirect(response.text)
+            except ET.ParseError as e:
+                result.protocol_errors.append(f"the webhook's answer is not TwiML: {e}")
+                return result
+            if redirect is None:
+                break
+            # as Twilio does: the call's parameters to the new URL (relative to the document's)
+            url, method = str(response.url.join(redirect[0])), redirect[1]
+            result.redirects.append(url)
+        else:
+            result.protocol_errors.append(f"more than {MAX_REDIRECTS} <Redirect>s in a row")
             return result
-        try:
-            stream_url, stream_params, after = parse_twiml(response.text)
-        except ET.ParseError as e:
-            result.protocol_errors.append(f"the webhook's answer is not TwiML: {e}")
-            return result
+        stream_url, stream_params, after = parse_twiml(response.text)
         # the bridge's own TwiML names the call in a parameter; a user's own webhook in the URL
         # of the seeds' audio websocket (wss://HOST/audio-websocket/{call_id})
         result.call_id = stream_params.get("call_id") or _audio_websocket_call_id(stream_url)

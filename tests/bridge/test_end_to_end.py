@@ -3,10 +3,17 @@ the embedded echo agent (both protocols, every rate) as the agent."""
 
 import numpy as np
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from twilio.request_validator import RequestValidator
 
+from bridge.dev.simulator import simulate_call
+from bridge.server import BackgroundServer
 from bridge.settings import AgentConfig
 
-from .conftest import TRUTH, best_correlation, caller_audio, envelope_ms
+from .conftest import AUTH_TOKEN, TRUTH, best_correlation, caller_audio, envelope_ms
 
 SPEECH_MS = TRUTH[0][1] - TRUTH[0][0]
 BRIDGE_SETTINGS = dict(agents={
@@ -135,3 +142,36 @@ async def test_only_the_bridge_opens_its_echo_agent(bridge, path, key):
     own = internal_key(bridge.settings.twilio_auth_token, "c1")
     async with websockets.connect(f"{bridge.base_url.replace('http', 'ws')}{path}?key={own}") as ws:
         await ws.send("ping" if "twilio" not in path else '{"event": "connected"}')
+
+
+async def test_the_simulator_follows_redirects_as_twilio_does(bridge):
+    """A user's own webhook answers ``<Redirect>``s (a relative GET, then a POST to the bridge):
+    the simulator requests each with Twilio's parameters and signature, and the call runs."""
+    validator = RequestValidator(AUTH_TOKEN)
+    seen: list[tuple[str, bool]] = []
+
+    async def first(request: Request) -> Response:
+        form = dict(await request.form())
+        seen.append(("first", validator.validate(str(request.url), form, request.headers["x-twilio-signature"])))
+        return Response('<Response><Say>one moment</Say><Redirect method="GET">second?step=2</Redirect></Response>', media_type="application/xml")
+
+    async def second(request: Request) -> Response:
+        params = {k: v for k, v in request.query_params.items() if k != "step"}
+        signed = validator.validate(str(request.url), {}, request.headers["x-twilio-signature"])
+        seen.append(("second", signed and request.query_params["step"] == "2" and params["To"] == "+15550100000"))
+        return Response(f"<Response><Redirect>{bridge.base_url}/twilio/voice</Redirect></Response>", media_type="application/xml")
+
+    async def loop(request: Request) -> Response:
+        return Response("<Response><Redirect>loop</Redirect></Response>", media_type="application/xml")
+
+    routes = [Route("/hooks/first", first, methods=["POST"]), Route("/hooks/second", second), Route("/hooks/loop", loop, methods=["POST"])]
+    async with BackgroundServer(Starlette(routes=routes), lifespan="off") as webhook:
+        result = await bridge.call(voice_url=f"{webhook.base_url}/hooks/first")
+        assert seen == [("first", True), ("second", True)]
+        assert result.redirects == [f"{webhook.base_url}/hooks/second?step=2", f"{bridge.base_url}/twilio/voice"]
+        assert result.ended_by == "caller" and result.record["call_status"] == "ended"
+        assert best_correlation(result.heard, caller_audio()[int(TRUTH[0][0] * 16) : int(TRUTH[0][1] * 16)])[0] >= 0.9
+
+        endless = await simulate_call(bridge.base_url, AUTH_TOKEN, b"", voice_url=f"{webhook.base_url}/hooks/loop")
+        assert endless.call_id is None and endless.protocol_errors == ["more than 10 <Redirect>s in a row"]
+        assert len(endless.redirects) == 11
