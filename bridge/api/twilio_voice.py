@@ -94,6 +94,7 @@ async def voice_webhook(request: Request, agent_id: str | None = None) -> Respon
     form = await signed_form(request)
     if call_service(request).draining:
         if not request.query_params.get(HANDED_OVER):
+            log.info("voice webhook for %s handed over: this replica drains", form.get("CallSid"))
             return hand_over(request)
         if not call_service(request).store.shared:  # one process: the redirect came back to it
             log.warning("voice webhook handed over to a draining replica again: 503 (Twilio uses the number's fallback URL)")
