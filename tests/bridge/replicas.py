@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bridge.models import now_ms
 from bridge.server import BackgroundServer
 from bridge.store import SqlCallStore
 from bridge.store.schema import calls
@@ -52,9 +53,12 @@ class Balancer:
         self.config.write_text(f"""
 global
     maxconn 4096
+    log stdout format raw local0
 
 defaults
     mode http
+    log global
+    option httplog
     option redispatch
     retries 3
     retry-on conn-failure empty-response
@@ -179,6 +183,30 @@ async def webhooks_pending(database_url: str, tmp_path) -> int:
         return sum(1 for job in await store.jobs() if job["next_attempt_at"] is not None)
     finally:
         await store.close()
+
+
+async def webhook_report(database_url: str, tmp_path, call_ids, replicas=()) -> str:
+    """Why these calls' webhooks have not come (for a failing test): each call's record status
+    and owner, its outbox jobs, and what the replicas logged about it."""
+    store = await SqlCallStore.open(database_url, "reader", tmp_path)
+    lines = []
+    try:
+        for call_id in call_ids:
+            row = await store._row(call_id)
+            lines.append(f"{call_id}: {row.record['call_status'] if row else 'no record'} held by {row.instance_id if row else '-'}")
+            for job in await store.jobs(call_id):
+                due = job["next_attempt_at"]
+                lines.append(
+                    f"  job {job['id']} {job['event']}: attempts {job['attempts']}, "
+                    f"{'delivered' if job['delivered_at'] else f'due in {(due - now_ms()) / 1000:.1f} s' if due else 'given up'}, "
+                    f"leased by {job['leased_by']}, last error {job['last_error']}"
+                )
+    finally:
+        await store.close()
+    for replica in replicas:
+        log = replica.log_path.read_text() if replica.log_path.exists() else ""
+        lines += [f"  [{replica.log_path.stem}] {line}" for line in log.splitlines() if any(c and c in line for c in call_ids) or "webhook" in line]
+    return "\n".join(lines)
 
 
 async def read_record(database_url: str, tmp_path, call_id: str):

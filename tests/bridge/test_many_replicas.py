@@ -31,7 +31,7 @@ from audio import read_wav
 from bridge.dev.simulator import parse_twiml, simulate_call
 
 from .conftest import AUTH_TOKEN, TRUTH, api_client, best_correlation, caller_audio, until
-from .replicas import BUCKET, S3_ENV, Balancer, ObjectStore, Webhooks, make_replica, owners, read_record, webhooks_pending
+from .replicas import BUCKET, S3_ENV, Balancer, ObjectStore, Webhooks, make_replica, owners, read_record, webhook_report, webhooks_pending
 from .test_drain import fake_twilio  # noqa: F401 - the fixture
 
 PG = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -185,6 +185,11 @@ async def _count(ids, n: int) -> bool:
     return len(await ids) >= n
 
 
+def _warnings(replica) -> list[str]:
+    log = replica.log_path.read_text() if replica.log_path.exists() else ""
+    return [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line or " 50" in line or " -1 " in line]
+
+
 def _log_count(replica, text: str) -> int:
     return replica.log_path.read_text().count(text)
 
@@ -292,17 +297,28 @@ async def test_a_rolling_restart_under_load_drops_no_call(tmp_path, fake_twilio,
         await loader
         results = await asyncio.gather(*placed)
         ids = [r.call_id for r in results]
-        dropped = [r.summary() for r in results if r.status_code != 200 or r.ended_by != "caller" or r.protocol_errors]
+        dropped = [
+            f"{r.status_code} {r.twiml[:300]!r} {r.summary()} {r.protocol_errors}"
+            for r in results
+            if r.status_code != 200 or r.ended_by != "caller" or r.protocol_errors
+        ]
+        assert dropped == [], "\n".join([*dropped, *(f"[{r.log_path.stem}] {line}" for r in [*replicas.values(), balancer] for line in _warnings(r))])
         async with api_client(balancer.url) as http:
             records = [(await http.get(f"/v2/get-call/{c}")).json() for c in ids]
-        await until(lambda: all(hooks.counts()[("call_ended", c)] >= 1 for c in ids), timeout=20)
+        try:
+            await until(lambda: all(hooks.counts()[("call_ended", c)] >= 1 for c in ids), timeout=20)
+        except TimeoutError:
+            missing = [c for c in ids if hooks.counts()[("call_ended", c)] == 0]
+            report = await webhook_report(database_url, tmp_path, missing, replicas.values())
+            pytest.fail(f"no call_ended for {len(missing)} call(s):\n{report}")
         await asyncio.sleep(2)
         counts = hooks.counts()
         twice = [c for c in ids if counts[("call_started", c)] != 1 or counts[("call_ended", c)] != 1]
         unheard = [r.call_id for r in results if best_correlation(r.heard, said[FIRST_PHRASE])[0] < 0.9]
         print(
             f"\nrolling restart of 3 replicas under load ({', '.join(timeline)}): {len(results)} calls placed, "
-            f"{len(dropped)} dropped, {len(unheard)} with the echo incomplete, webhooks exactly once: {not twice}"
+            f"{len(dropped)} dropped ({sum(1 for r in results if r.redirects)} handed over by a draining replica), "
+            f"{len(unheard)} with the echo incomplete, webhooks exactly once: {not twice}"
         )
         assert len(results) >= 30 and dropped == [] and unheard == [] and twice == [], (dropped, unheard, twice)
         assert {r["disconnection_reason"] for r in records} == {"user_hangup"}
@@ -368,7 +384,7 @@ async def test_the_dial_rate_holds_across_replicas(tmp_path, fake_twilio, databa
     assert served_by == {"r0", "r1", "r2"}
     # slots every 0.5 s up to 3 s ahead: 7 placed (each replica alone would have placed all 12 at once)
     assert set(statuses) == {201, 429} and 6 <= statuses.count(201) <= 8 and len(times) == statuses.count(201)
-    assert span >= (len(times) - 1) * 0.5 * 0.9 and busiest <= 4  # (a slot's request may reach Twilio late)
+    assert span >= (len(times) - 2) * 0.5 and busiest <= 4  # (a slot's request may reach Twilio late: one slot of slack)
 
 
 @PG
