@@ -90,6 +90,11 @@ backend replicas
         await until(lambda: live(self.url), timeout=15)
         await asyncio.sleep(0.5)  # the first health checks mark the ports nobody listens on down
 
+    def is_down(self, server: str) -> bool:
+        """Whether HAProxy's health checks have most lately marked ``server`` (r0, r1...) down."""
+        changes = [line for line in self.log_path.read_text().splitlines() if f"Server replicas/{server} is " in line]
+        return bool(changes) and " is DOWN" in changes[-1]
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()

@@ -288,7 +288,7 @@ async def test_a_rolling_restart_under_load_drops_no_call(tmp_path, fake_twilio,
             await asyncio.sleep(0.5)  # the balancer's health check sees it ready
             replicas[old].signal(signal.SIGTERM)
             if old == "a":  # a webhook reaching the draining replica is handed to a ready one
-                handed_over = await _hand_over(balancer, replicas[old])
+                handed_over = await _hand_over(balancer, replicas[old], "r0")
             code = await replicas[old].exit_code(timeout=60)
             assert code == 0, replicas[old].log_path.read_text()[-2000:]
             timeline.append(f"{old}->{new} {time.monotonic() - t0:.1f} s")
@@ -326,13 +326,15 @@ async def test_a_rolling_restart_under_load_drops_no_call(tmp_path, fake_twilio,
         assert len({(await owners(database_url, tmp_path))[c] for c in ids}) >= 4  # calls were served by old and new replicas
 
 
-async def _hand_over(balancer: Balancer, draining) -> str:
+async def _hand_over(balancer: Balancer, draining, server: str) -> str:
     """Post a signed voice webhook straight to a draining replica, follow its ``<Redirect>``
     through the balancer: returns the server that answered the call."""
     validator = RequestValidator(AUTH_TOKEN)
     params = {"CallSid": "CA" + "e" * 32, "AccountSid": "AC" + "0" * 32, "From": "+15550199999", "To": "+15550100000"}
     async with httpx.AsyncClient() as http:
         await until(lambda: _readiness(http, draining.base_url, 503), timeout=5)
+        # and the balancer has seen it (else the second hop may reach it again, and be answered there)
+        await until(lambda: balancer.is_down(server), timeout=5)
         signed_for = f"{balancer.url}/twilio/voice"  # Twilio signs the public URL it calls
         first = await http.post(f"{draining.base_url}/twilio/voice", data=params, headers={"X-Twilio-Signature": validator.compute_signature(signed_for, params)})
         assert first.status_code == 200 and "<Redirect" in first.text, first.text
