@@ -303,8 +303,11 @@ class SqlCallStore:
             if started is not None:
                 observe(statement.lstrip().split(" ", 1)[0].lower()[:16], time.perf_counter() - started)
 
-        def failed(context):
-            timings.pop(id(context.cursor), None)
+        def failed(error_context):  # (must never raise: what it raises replaces the error)
+            execution = error_context.execution_context  # (its ``cursor`` is unset in SQLAlchemy 2.1)
+            cursor = getattr(execution, "cursor", None) if execution is not None else None
+            if cursor is not None:
+                timings.pop(id(cursor), None)
 
         sql_event.listen(self.engine.sync_engine, "before_cursor_execute", before)
         sql_event.listen(self.engine.sync_engine, "after_cursor_execute", after)

@@ -264,3 +264,30 @@ async def test_a_crashed_holder_s_lease_runs_out(database_url):
     await asyncio.sleep(0.3)  # the lease (200 ms) runs out
     assert await b.claim(lease_ms=200) is None
     await b.close()
+
+
+async def test_timed_statements_raise_their_own_errors(database_url, tmp_path):
+    """With the statement timer on (as the bridge runs), a failing statement raises its own
+    error and a cancelled one ``CancelledError``: a ``handle_error`` listener that raised
+    would replace both (SQLAlchemy 2.1 leaves ``ExceptionContext.cursor`` unset)."""
+    store = await SqlCallStore.open(database_url, "instance-a", tmp_path)
+    seen = []
+    store.time_statements(lambda kind, seconds: seen.append(kind))
+    try:
+        await store.create(record("c1"))
+        with pytest.raises(IntegrityError):
+            await store.create(record("c1"))
+        assert "insert" in seen and "select" not in seen
+        cancelled = 0
+        for i in range(200):  # cancelled at every moment of a read
+            task = asyncio.create_task(store.get("c1"))
+            for _ in range(i % 20):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                cancelled += 1
+        assert cancelled > 0  # (the others had finished: no other error came out)
+    finally:
+        await store.close()
