@@ -51,8 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         failures = call_service.metrics.webhook_failures
         dispatcher = WebhookDispatcher(call_service.store, settings, call_service.http, on_failure=lambda event: failures.labels(event).inc())
-        jobs = call_service.background_jobs() + [dispatcher.run(), loop_watch.run(), metrics.refresh_outbox_gauges(call_service)]
+        jobs = call_service.background_jobs() + [loop_watch.run(), metrics.refresh_outbox_gauges(call_service)]
         background = [asyncio.create_task(job) for job in jobs]
+        dispatching = asyncio.create_task(dispatcher.run())
         metrics_server = None
         # Everything built so far (the app, its libraries, the store) lives as long as the
         # process: keep it out of the cyclic collector's full passes, which otherwise walk a
@@ -67,9 +68,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             # what the calls that just ended owe their webhooks goes out before the process does
-            left = await dispatcher.flush(settings.webhook_timeout_s + 5)
+            # (webhook_timeout_s + 5 s in all)
+            flush_end = asyncio.get_running_loop().time() + settings.webhook_timeout_s + 5
+            left = await dispatcher.flush(settings.webhook_timeout_s)
             if left:
                 log.warning("%s webhook job(s) left in the outbox for the next start (or another replica)", left)
+            # then the attempts under way finish while this replica still heartbeats: none is taken
+            # over by another replica (and sent twice) because this one stopped heartbeating first
+            unfinished = await dispatcher.stop(dispatching, max(1.0, flush_end - asyncio.get_running_loop().time()))
+            if unfinished:
+                log.warning("%d webhook attempt(s) cut off: another replica sends them again when their lease ends", unfinished)
             if metrics_server is not None:
                 metrics_server.shutdown()
             call_service.stopping = True  # (loops that swallowed a cancellation end by this)

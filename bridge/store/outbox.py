@@ -19,6 +19,7 @@ import logging
 import httpx
 
 from ..models import CallRecord, now_ms
+from .cancelling import cancel_requested
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class WebhookDispatcher:
                 try:
                     jobs = await self.store.claim_due(lease_ms, limit=MAX_IN_FLIGHT - len(in_flight))
                 except Exception:  # the database may be restarting: try again shortly
+                    if cancel_requested():  # (a cancellation the database driver turned into an error)
+                        raise asyncio.CancelledError from None
                     log.exception("webhook outbox unavailable")
             lease_end = loop.time() + lease_s - 1  # (claimed just now)
             for job in jobs:
@@ -96,6 +99,17 @@ class WebhookDispatcher:
                 task.add_done_callback(in_flight.discard)
             if not jobs:
                 await asyncio.sleep(self.settings.webhook_poll_s)
+
+    async def stop(self, dispatching: asyncio.Task, timeout_s: float) -> int:
+        """Stop claiming jobs (``dispatching`` is the task running ``run``) and let the attempts
+        under way finish and be recorded, for at most ``timeout_s``: before this replica's
+        heartbeat stops, so no other replica takes a job over (and sends it again) while this
+        one may still deliver it. Returns the attempts left unfinished."""
+        dispatching.cancel()
+        await asyncio.wait([dispatching, *self.in_flight], timeout=timeout_s)
+        for task in self.in_flight:  # (their jobs' leases run out, and another replica sends them)
+            task.cancel()
+        return len(self.in_flight)
 
     async def flush(self, timeout_s: float) -> int:
         """Before the process exits (``run`` still running): wait until no job is due and none
@@ -146,6 +160,8 @@ class WebhookDispatcher:
                 await update()
                 return
             except Exception:
+                if cancel_requested():
+                    raise asyncio.CancelledError from None
                 if asyncio.get_running_loop().time() + wait > deadline:
                     log.exception("could not record a webhook attempt: the job will be tried again")
                     return

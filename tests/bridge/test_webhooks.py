@@ -180,3 +180,84 @@ async def test_a_slow_receiver_does_not_hold_up_the_others(start_bridge):
         assert slow_seen == [1]
         release.set()
         await until(lambda: all_delivered(bridge, quick.call_id, 2))
+
+
+def _dispatcher(store, tmp_path, http, **settings):
+    from bridge.settings import load_settings
+    from bridge.store import WebhookDispatcher
+
+    return WebhookDispatcher(store, load_settings(data_dir=tmp_path, api_keys=API_KEY, **settings), http)
+
+
+async def test_a_cancelled_dispatcher_stops_wherever_its_database_call_is(database_url, tmp_path):
+    """Cancelled at every moment of its first claim (SQLite and a real PostgreSQL): it stops
+    each time. (A cancellation that lands while SQLAlchemy's asyncpg dialect opens a transaction
+    comes out as an AttributeError; a loop that took it for an outage would run on.)"""
+    import httpx
+
+    from bridge.store import SqlCallStore
+
+    store = await SqlCallStore.open(database_url, "instance-a", tmp_path)
+    store.time_statements(lambda kind, seconds: None)  # as the bridge runs it (its metrics)
+    try:
+        async with httpx.AsyncClient() as http:
+            dispatcher = _dispatcher(store, tmp_path, http, webhook_poll_s=60)
+            loop = asyncio.get_running_loop()
+            for i in range(300):
+                task = asyncio.create_task(dispatcher.run())
+                started = loop.time()
+                while loop.time() - started < i * 0.00002:  # 0 to 6 ms into its claim, in steps
+                    await asyncio.sleep(0)
+                task.cancel()
+                done, _ = await asyncio.wait([task], timeout=2)
+                assert task in done and task.cancelled(), f"still running after a cancel {i * 0.02:.2f} ms in"
+    finally:
+        await store.close()
+
+
+async def test_stopping_lets_the_attempts_under_way_finish_and_be_recorded(database_url, tmp_path):
+    """A replica stops claiming, and waits for the deliveries under way before it stops
+    heartbeating: another replica would otherwise take their jobs over and send them again."""
+    import httpx
+
+    from bridge.store import SqlCallStore
+
+    from .test_store import record
+
+    holding, release = [], asyncio.Event()
+    receiver = FastAPI()
+
+    @receiver.post("/hook")
+    async def hook(request: Request):
+        holding.append(request.headers["x-bridge-event-id"])
+        await release.wait()
+        return {}
+
+    store = await SqlCallStore.open(database_url, "instance-a", tmp_path)
+    try:
+        async with BackgroundServer(receiver) as server, httpx.AsyncClient() as http:
+            dispatcher = _dispatcher(store, tmp_path, http, webhook_poll_s=0.05)
+            await store.create(record("c1"))
+            await store.enqueue(await store.get("c1"), [("call_started", f"{server.base_url}/hook")])
+            dispatching = asyncio.create_task(dispatcher.run())
+            await until(lambda: holding)  # the attempt is under way
+            stopping = asyncio.create_task(dispatcher.stop(dispatching, timeout_s=10))
+            await asyncio.sleep(0.3)
+            assert not stopping.done()  # it waits for the attempt
+            release.set()
+            assert await stopping == 0 and dispatching.cancelled()
+            [job] = await store.jobs("c1")
+            assert job["delivered_at"] is not None and job["leased_by"] is None  # recorded before stop returned
+
+            # an attempt that does not finish in time is cut off, and counted: its lease stays,
+            # so another replica sends it when the lease ends
+            release.clear()
+            await store.enqueue(await store.get("c1"), [("call_ended", f"{server.base_url}/hook")])
+            dispatching = asyncio.create_task(dispatcher.run())
+            await until(lambda: len(holding) == 2)
+            assert await dispatcher.stop(dispatching, timeout_s=0.2) == 1
+            release.set()
+            [_, job] = await store.jobs("c1")
+            assert job["delivered_at"] is None and job["leased_by"] == "instance-a"
+    finally:
+        await store.close()
