@@ -1,8 +1,8 @@
 """A Twilio simulator: places a call on the bridge the way Twilio does, without a phone.
 
 It POSTs the signed voice webhook, reads the TwiML (following ``<Redirect>``, as a draining
-replica answers), opens the ``<Stream>`` URL (with the
-``X-Twilio-Signature`` of the upgrade), sends ``connected`` / ``start`` / ``media`` from 8 kHz
+replica answers), opens the ``<Stream>`` URL (with the ``X-Twilio-Signature`` of the
+upgrade), sends ``connected`` / ``start`` / ``media`` from 8 kHz
 audio paced in real time (or ``speed`` times faster), plays what comes back 20 ms per frame on
 the caller's clock (a faster run hears the same, shifted only by the bridge's and agent's own
 processing time times ``speed``), echoes each ``mark`` when the audio
