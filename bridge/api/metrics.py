@@ -10,7 +10,6 @@ import logging
 
 from fastapi import APIRouter, Request, Response
 
-from ..calls import cancel_requested
 from ..metrics import CONTENT_TYPE_LATEST
 from .deps import AUTH, call_service
 
@@ -36,7 +35,5 @@ async def refresh_outbox_gauges(calls) -> None:
             metrics.outbox_depth.set(depth)
             metrics.outbox_oldest.set((oldest_ms or 0) / 1000)
         except Exception as e:  # the database may be away: the gauges keep their last value
-            if cancel_requested():
-                raise asyncio.CancelledError from None
             log.warning("webhook outbox gauges not refreshed: %s: %s", type(e).__name__, e)
         await asyncio.sleep(OUTBOX_REFRESH_S)

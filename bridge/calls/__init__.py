@@ -6,9 +6,9 @@ May import: ``bridge.models``, ``bridge.settings``, ``bridge.store``, ``audio``.
 ``bridge.media`` (the relays call this service) or ``bridge.api`` (the routes call it too).
 """
 
-from ..store import STORE_UNAVAILABLE, cancel_requested
+from ..store import STORE_UNAVAILABLE
 from .service import DRAIN_DETAIL, CallRefused, CallService, DialRefused, StopCall, not_startable
 from .throttle import TooManyCalls
 from .tokens import StreamTokens, TokenError
 
-__all__ = ["DRAIN_DETAIL", "STORE_UNAVAILABLE", "CallRefused", "CallService", "DialRefused", "StopCall", "StreamTokens", "TokenError", "TooManyCalls", "cancel_requested", "not_startable"]
+__all__ = ["DRAIN_DETAIL", "STORE_UNAVAILABLE", "CallRefused", "CallService", "DialRefused", "StopCall", "StreamTokens", "TokenError", "TooManyCalls", "not_startable"]

@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..models import CallRecord, now_ms
-from ..store import cancel_requested
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +118,6 @@ class CallFeed:
                 self.failing = None
                 first = False
             except Exception as e:  # the database is away: subscribers wait, the feed goes on
-                if cancel_requested():
-                    raise asyncio.CancelledError from None
                 if self.failing is None:
                     log.warning("call-events feed: cannot read the calls: %s", e)
                 self.failing = f"the call store does not answer: {type(e).__name__}"

@@ -13,7 +13,6 @@ Never the call service, the relays or the routes.
 from sqlalchemy.exc import DBAPIError
 
 from .call_store import SqlCallStore
-from .cancelling import cancel_requested
 from .control import ControlChannel
 from .files import CallFiles, FilesError, StoredFile
 from .outbox import WebhookDispatcher, webhook_targets
@@ -22,4 +21,4 @@ from .outbox import WebhookDispatcher, webhook_targets
 #: timed out): callers answer "try again shortly", never "bug"
 STORE_UNAVAILABLE = (DBAPIError, OSError, TimeoutError)
 
-__all__ = ["STORE_UNAVAILABLE", "cancel_requested", "CallFiles", "ControlChannel", "FilesError", "StoredFile", "SqlCallStore", "WebhookDispatcher", "webhook_targets"]
+__all__ = ["STORE_UNAVAILABLE", "CallFiles", "ControlChannel", "FilesError", "StoredFile", "SqlCallStore", "WebhookDispatcher", "webhook_targets"]

@@ -19,7 +19,6 @@ import logging
 import httpx
 
 from ..models import CallRecord, now_ms
-from .cancelling import cancel_requested
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +88,6 @@ class WebhookDispatcher:
                 try:
                     jobs = await self.store.claim_due(lease_ms, limit=MAX_IN_FLIGHT - len(in_flight))
                 except Exception:  # the database may be restarting: try again shortly
-                    if cancel_requested():  # (a cancellation the database driver turned into an error)
-                        raise asyncio.CancelledError from None
                     log.exception("webhook outbox unavailable")
             lease_end = loop.time() + lease_s - 1  # (claimed just now)
             for job in jobs:
@@ -160,8 +157,6 @@ class WebhookDispatcher:
                 await update()
                 return
             except Exception:
-                if cancel_requested():
-                    raise asyncio.CancelledError from None
                 if asyncio.get_running_loop().time() + wait > deadline:
                     log.exception("could not record a webhook attempt: the job will be tried again")
                     return

@@ -193,12 +193,13 @@ async def webhooks_pending(database_url: str, tmp_path) -> int:
 async def webhook_report(database_url: str, tmp_path, call_ids, replicas=()) -> str:
     """Why these calls' webhooks have not come (for a failing test): each call's record status
     and owner, its outbox jobs, and what the replicas logged about it."""
+    held_by = await owners(database_url, tmp_path)
     store = await SqlCallStore.open(database_url, "reader", tmp_path)
     lines = []
     try:
         for call_id in call_ids:
-            row = await store._row(call_id)
-            lines.append(f"{call_id}: {row.record['call_status'] if row else 'no record'} held by {row.instance_id if row else '-'}")
+            record = await store.get(call_id)
+            lines.append(f"{call_id}: {record.call_status.value if record else 'no record'} held by {held_by.get(call_id, '-')}")
             for job in await store.jobs(call_id):
                 due = job["next_attempt_at"]
                 lines.append(
