@@ -157,8 +157,12 @@ async def test_stop_call_through_the_balancer_reaches_the_replica_relaying_each_
         counts = hooks.counts()
         assert all(counts[("call_started", c)] == 1 and counts[("call_ended", c)] == 1 for c in live), counts
 
-        # recordings and public logs through every replica, not only the one that relayed the call
-        for call_id in list(sims)[:3]:
+        # recordings and public logs through every replica, not only the one that relayed the call; the
+        # three longest calls (the newest is stopped first, so a call can have been live for a moment only)
+        def lasted_s(call_id: str) -> float:
+            return (results[call_id]["end_timestamp"] - results[call_id]["start_timestamp"]) / 1000
+
+        for call_id in sorted(sims, key=lasted_s, reverse=True)[:3]:
             owner = held_by[call_id].removeprefix("replica-")
             assert not (replicas[owner].data_dir / "recordings" / f"{call_id}.wav").exists()  # uploaded, not kept
             bodies = set()
@@ -175,7 +179,10 @@ async def test_stop_call_through_the_balancer_reaches_the_replica_relaying_each_
             wav_path = tmp_path / f"{call_id}.wav"
             wav_path.write_bytes(bodies.pop())
             frames, rate, channels = read_wav(wav_path)
-            assert (rate, channels) == (8000, 2) and len(frames) > 8000 * 4  # seconds of stereo
+            recorded_s = len(frames) / 4 / rate
+            print(f"{call_id}: on the record {lasted_s(call_id):.2f} s, recorded {recorded_s:.2f} s")
+            assert (rate, channels) == (8000, 2) and recorded_s > 1, (recorded_s, lasted_s(call_id))  # seconds of stereo
+            assert lasted_s(call_id) - 1 < recorded_s < lasted_s(call_id) + 0.5, (recorded_s, lasted_s(call_id))
             async with api_client(balancer.url) as http:
                 via_balancer = await http.get(results[call_id]["recording_url"].replace(balancer.url, ""))
             assert via_balancer.status_code == 200 and len(via_balancer.content) > 44 + 8000
