@@ -40,7 +40,8 @@ def require(problem: str) -> None:
 
 class Balancer:
     """HAProxy in front of the replicas' ports: round robin, no stickiness, health checks on
-    ``/readyz`` every 200 ms (a draining replica is out within one check), websockets tunnelled.
+    ``/readyz`` every 200 ms (a draining replica is out within one check; a busy one has a second to
+    answer, as a loaded test machine is slow, not down), websockets tunnelled.
     Each answer names the replica that served it (``X-Served-By``)."""
 
     def __init__(self, tmp_path, ports: list[int]):
@@ -77,6 +78,7 @@ backend replicas
     option httpchk GET /readyz
     http-check expect status 200
     default-server inter 200ms fall 1 rise 1
+    timeout check 1s
     http-response set-header X-Served-By %[srv_name]
 {servers}
 """)
