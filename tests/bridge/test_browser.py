@@ -33,7 +33,7 @@ from starlette.routing import Route
 from audio import Resampler, write_wav
 from bridge.server import BackgroundServer
 
-from .conftest import api_client, best_correlation, caller_audio, retell_client, wait_for_end
+from .conftest import api_client, best_correlation, caller_audio, retell_client, until, wait_for_end
 
 CLIENT_VERSION = "1.3.3"
 ESBUILD_VERSION = "0.28.2"
@@ -45,7 +45,7 @@ CHROMIUM_FLAGS = [
 ]  # fmt: skip
 START_TIMEOUT_S = 1.5  # the client bug: a start that sent nothing by then never will
 MAX_STARTS = 8
-TALK_S = 9.0  # the fake microphone plays 2 phrases in this time
+TALK_S = 8.5  # from the first frame sent, on the page's audio clock: the phrase, its echo and a little more
 
 
 def _unavailable(problem: str):
@@ -185,7 +185,7 @@ async def page(retell_web_client, microphone, bridge):
 
 async def converse(page, new_call, endpoint_for) -> tuple[str, dict, int]:
     """Start a conversation for a call from ``new_call()`` on ``endpoint_for(call_id)``, talk for
-    TALK_S, stop it; a start the client bug killed (nothing sent within 1.5 s) is given up and a
+    TALK_S after it first sends, stop it; a start the client bug killed (nothing sent within 1.5 s) is given up and a
     new call placed. -> (call id, what the page recorded, starts it took)."""
     for starts in range(1, MAX_STARTS + 1):
         call_id = await new_call()
@@ -194,7 +194,8 @@ async def converse(page, new_call, endpoint_for) -> tuple[str, dict, int]:
         await page.evaluate("([e, c, r]) => startCall(e, c, r)", [endpoint, call_id, RATE])
         await asyncio.sleep(START_TIMEOUT_S)
         if await page.evaluate("test.sent.length") > 0:
-            await asyncio.sleep(TALK_S - START_TIMEOUT_S)
+            talked = f"test.played.length - test.sentAt >= {int(TALK_S * RATE / 128)}"  # (the page's clock: a slow machine plays no less)
+            await until(lambda: page.evaluate(talked), timeout=30, interval=0.1)  # noqa: B023 - awaited here
             await page.evaluate("stopCall()")
             await asyncio.sleep(0.5)
             return call_id, await page.evaluate("results()"), starts

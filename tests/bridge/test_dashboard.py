@@ -27,7 +27,8 @@ from .test_listen import first_voiced
 from .test_browser import CHROMIUM_FLAGS, _chromium, _unavailable, microphone  # noqa: F401 - microphone is a fixture
 
 ARTIFACTS = Path(os.environ.get("BRIDGE_TEST_ARTIFACTS") or Path(__file__).resolve().parents[2] / "var" / "test-artifacts") / "dashboard"
-LEAD = bytes(8000 * 2)  # a second of silence before the caller speaks (the listener is in by then)
+LEAD = bytes(8000 * 2 * 3)  # three seconds of silence before the caller speaks (the listener is in by then)
+BRIDGE_SETTINGS = dict(feed_interval_s=0.2)  # (a live call shows within 0.2 s)
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ async def test_sign_in_watch_a_call_live_and_read_its_page(open_dashboard, bridg
     await page.evaluate("window.notReloaded = true")
     await tab.shot("02-calls")
 
-    call, call_id = await _ongoing_call(bridge, LEAD + caller_audio(first_phrase_only=False), dtmf=((6000, "7"),))
+    call, call_id = await _ongoing_call(bridge, bytes(8000 * 2) + caller_audio(first_phrase_only=False), dtmf=((6000, "7"),))
     row = f"#live-calls [data-call-id='{call_id}']"
     await page.wait_for_selector(row, timeout=10_000)  # appeared live, from the call-events feed
     await page.wait_for_selector(f"{row} button.listen")

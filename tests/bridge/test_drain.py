@@ -130,6 +130,7 @@ async def test_sigterm_lets_a_live_call_finish_then_exits_0(replica, fake_twilio
     while await readiness(bridge.base_url) != 503:
         await asyncio.sleep(0.02)
     timeline["not ready"] = time.monotonic() - t0
+    assert not call.done()  # unready at once: while the call still goes on
     # a new call's webhook during the drain is handed to a ready replica through the public URL,
     # and, coming back to a draining one on SQLite (one process: no other replica), answered 503
     # (Twilio then uses the number's fallback URL); replicas on PostgreSQL answer it there
@@ -151,7 +152,7 @@ async def test_sigterm_lets_a_live_call_finish_then_exits_0(replica, fake_twilio
     assert corr >= 0.9, corr  # the caller heard all of the echo
     record = await bridge.record(call_id)
     assert record.disconnection_reason.value == "user_hangup", record.error_detail
-    assert timeline["not ready"] < 1.0 and timeline["call ended"] > 3.0  # the call went on, for seconds
+    assert timeline["call ended"] > 3.0  # the call went on, for seconds
 
 
 async def test_a_call_live_at_the_drain_deadline_ends_with_a_message(replica, fake_twilio):

@@ -130,8 +130,8 @@ async def test_stop_call_through_the_balancer_reaches_the_replica_relaying_each_
                 assert r.status_code == 204, r.text
                 served_by = r.headers["x-served-by"]
                 crossed += f"replica-{'abc'[int(served_by[1:])]}" != held_by[call_id]
-                record = (await http.get(f"/v2/get-call/{call_id}")).json()
-                assert record["call_status"] == "ended" and record["disconnection_reason"] == "agent_hangup", record
+                record = await until(lambda call_id=call_id: _ended(http, call_id), timeout=10)
+                assert record["disconnection_reason"] == "agent_hangup", record
                 if call_id in web:
                     await until(lambda call_id=call_id: call_id in web_closed, timeout=5)
                     latencies.append(web_closed[call_id] - t0)
@@ -148,8 +148,11 @@ async def test_stop_call_through_the_balancer_reaches_the_replica_relaying_each_
             f"\nstop-call through the balancer, 24 calls over 3 replicas ({crossed} sent to another replica than "
             f"the one relaying): median {statistics.median(latencies) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms"
         )
-        assert crossed >= 10
-        assert max(latencies) < 1.5, latencies  # (typically well under 0.3 s; the resend comes at 1 s)
+        assert crossed >= 6  # (two in three by chance, 16 on average)
+        # each command reached the replica relaying its call: none fell back to hanging up through
+        # Twilio (that comes after 2 s), and the latency is the command's (typically under 0.3 s)
+        assert not any(_log_count(r, "did not end it within") for r in replicas.values())
+        assert max(latencies) < 5, latencies
 
         # each call's webhooks exactly once, whichever replica wrote them
         await until(lambda: all(hooks.counts()[("call_ended", c)] == 1 for c in live), timeout=15)
@@ -190,6 +193,11 @@ async def test_stop_call_through_the_balancer_reaches_the_replica_relaying_each_
 
 async def _count(ids, n: int) -> bool:
     return len(await ids) >= n
+
+
+async def _ended(http, call_id: str) -> dict | None:
+    record = (await http.get(f"/v2/get-call/{call_id}")).json()
+    return record if record["call_status"] == "ended" else None
 
 
 def _warnings(replica) -> list[str]:
@@ -249,7 +257,10 @@ async def test_a_dead_or_frozen_replicas_calls_are_reaped_once_and_the_others_go
         await until(lambda: web["call_id"] in web_closed, timeout=10)
         let_go_after = web_closed[web["call_id"]] - resumed
         await web_client
-        assert _log_count(replicas["b"], "while this replica's lease had expired: its relay here stops") == 1
+        # (its phone calls' streams may end, hung up by the reaper, before or after it looks)
+        stops = "another replica ended the call while this replica's lease had expired: its relay here stops"
+        assert _log_count(replicas["b"], f"call {web['call_id']}: {stops}") == 1
+        assert all(_log_count(replicas["b"], f"call {c}: {stops}") <= 1 for c in by_replica["b"])
         results = await asyncio.gather(*calls)
         await asyncio.sleep(2)  # a duplicate webhook would have come by now
         print(
@@ -283,7 +294,7 @@ async def test_a_rolling_restart_under_load_drops_no_call(tmp_path, fake_twilio,
 
         async def load():
             while not restarted.is_set():
-                placed.append(asyncio.create_task(simulate_call(balancer.url, AUTH_TOKEN, said, speed=1.0, tail_ms=1500, fake_api=fake)))
+                placed.append(asyncio.create_task(simulate_call(balancer.url, AUTH_TOKEN, said, speed=1.0, tail_ms=3000, fake_api=fake)))
                 await asyncio.sleep(0.4)
 
         loader = asyncio.create_task(load())
@@ -394,8 +405,9 @@ async def test_the_dial_rate_holds_across_replicas(tmp_path, fake_twilio, databa
     print(f"\n12 dials at once through 3 replicas, 2 a second shared: {statuses.count(201)} placed over {span:.2f} s, "
           f"{statuses.count(429)} answered 429, at most {busiest} in any second")  # fmt: skip
     assert served_by == {"r0", "r1", "r2"}
-    # slots every 0.5 s up to 3 s ahead: 7 placed (each replica alone would have placed all 12 at once)
-    assert set(statuses) == {201, 429} and 6 <= statuses.count(201) <= 8 and len(times) == statuses.count(201)
+    # slots every 0.5 s up to 3 s ahead: 7 placed when the 12 arrive together, more if they arrive
+    # spread out; each replica alone would have placed all 12 at once, 6 in the first second
+    assert set(statuses) == {201, 429} and statuses.count(201) >= 6 and len(times) == statuses.count(201)
     assert span >= (len(times) - 2) * 0.5 and busiest <= 4  # (a slot's request may reach Twilio late: one slot of slack)
 
 
@@ -477,7 +489,7 @@ async def test_a_listener_and_the_call_events_feed_work_through_any_replica(tmp_
         try:
             await until(lambda: all(feeds.values()), timeout=10)
             said = caller_audio()
-            call = asyncio.create_task(simulate_call(balancer.url, AUTH_TOKEN, bytes(16000) + said + bytes(8000), speed=1.0, fake_api=fake))
+            call = asyncio.create_task(simulate_call(balancer.url, AUTH_TOKEN, bytes(16000 * 3) + said + bytes(8000), speed=1.0, fake_api=fake))
             call_id = (await until(lambda: live_ids(balancer.url), timeout=10))[0]
             owner = (await owners(database_url, tmp_path))[call_id].removeprefix("replica-")
             other = next(name for name in replicas if name != owner)

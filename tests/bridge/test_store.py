@@ -260,8 +260,8 @@ async def test_a_crashed_holder_s_lease_runs_out(database_url):
     assert await a.claim(lease_ms=200) is None
     await a.close()  # killed: no release
     b = await SqlCallStore.open(database_url, "instance-a")
-    assert await b.claim(lease_ms=200) is not None  # not yet
-    await asyncio.sleep(0.3)  # the lease (200 ms) runs out
+    assert await b.claim(lease_ms=60_000) is not None  # a's heartbeat is younger than a minute: not yet
+    await asyncio.sleep(0.3)  # a lease of 200 ms runs out (the lease is the claimer's, on each call)
     assert await b.claim(lease_ms=200) is None
     await b.close()
 

@@ -80,7 +80,7 @@ async def test_v2_create_web_call_answers_the_web_call_object(bridge):
 
 @pytest.mark.parametrize("problem", ["used", "forged", "expired", "other call", "bad format", "odd rate"])
 async def test_access_tokens_are_single_use_and_expire(start_bridge, problem):
-    bridge = await start_bridge(web_call_token_ttl_s=0.3)
+    bridge = await start_bridge(web_call_token_ttl_s=0.3 if problem == "expired" else 30)  # (the others must not expire)
     async with retell_client(bridge) as sdk:
         call = await sdk.call.create_web_call(agent_id="echo")
         other = await sdk.call.create_web_call(agent_id="echo")
@@ -264,10 +264,11 @@ async def test_a_browser_that_leaves_while_its_token_is_checked_ends_its_call(br
 
     call = await sdk.call.create_web_call(agent_id="echo")
     original = bridge.calls.start_call
+    browser_gone = asyncio.Event()
 
     async def slow_start(call_id, public_base, **fields):
         record = await original(call_id, public_base, **fields)
-        await asyncio.sleep(0.5)  # the database is slow today; the browser tab closes meanwhile
+        await browser_gone.wait()  # the database is slow today; the browser tab closes meanwhile
         return record
 
     monkeypatch.setattr(bridge.calls, "start_call", slow_start)
@@ -279,5 +280,7 @@ async def test_a_browser_that_leaves_while_its_token_is_checked_ends_its_call(br
     )
     await until(lambda: call_status(bridge, call.call_id, "ongoing"))
     writer.transport.abort()
+    await asyncio.sleep(0.05)  # (the server reads the abort)
+    browser_gone.set()
     record = await wait_for_end(bridge, call.call_id, timeout=10)
     assert record.disconnection_reason.value == "user_hangup" and "left before its socket opened" in record.error_detail

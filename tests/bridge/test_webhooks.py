@@ -97,8 +97,7 @@ async def test_failed_deliveries_are_retried_with_backoff(start_bridge):
     times = [t for event_id, t in receiver.attempts if event_id == started_id]
     assert len(times) == 3
     first_wait, second_wait = times[1] - times[0], times[2] - times[1]
-    assert base <= first_wait < second_wait, (first_wait, second_wait)
-    assert 2 * base <= second_wait
+    assert base <= first_wait and 2 * base <= second_wait, (first_wait, second_wait)  # (a loaded machine adds, never takes)
 
 
 async def test_an_unreachable_receiver_is_given_up_after_the_last_attempt(start_bridge):

@@ -109,7 +109,7 @@ async def test_bridge_serve_from_the_image_carries_a_call(image, tmp_path):
         await until(up, timeout=60)
         assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
         said = caller_audio()
-        result = await simulate_call(base_url, AUTH_TOKEN, said, api_key=API_KEY, speed=4.0, tail_ms=1500, fake_api=fake)
+        result = await simulate_call(base_url, AUTH_TOKEN, said, api_key=API_KEY, speed=4.0, tail_ms=6000, fake_api=fake)
         assert result.protocol_errors == [] and result.record is not None, result.summary()
         assert result.record["call_status"] == "ended" and result.record["disconnection_reason"] == "user_hangup"
         corr, _ = best_correlation(result.heard, said[: len(said) // 2])
