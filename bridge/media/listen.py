@@ -39,6 +39,9 @@ MAX_LISTENERS = 16  # per call
 #: that stops reading is then seen behind, and dropped, within seconds, holding little memory
 KERNEL_SEND_BUFFER = 32 * 1024
 CONNECT_TIMEOUT_S = 5.0
+#: A listener sends nothing: a message it starts may hold no more than a control frame (then it
+#: is closed, 1008 when it ends, 1009 as soon as it passes this)
+LISTENER_MAX_MESSAGE = 125
 
 
 class Listener:
@@ -187,6 +190,7 @@ def _accept(websocket: connection.ServerConnection) -> bool:
         websocket.accept()
     except connection.ConnectionClosed:
         return False
+    websocket.reader.max_message = LISTENER_MAX_MESSAGE
     sock = websocket.transport.get_extra_info("socket")
     if sock is not None:
         try:

@@ -52,16 +52,17 @@ class FrameReader:
     ``(OP_PING, bytes)``, ``(OP_PONG, bytes)``, ``(OP_CLOSE, (code, reason))``.
 
     ``masked``: frames must be masked (a server reading a client) or must not be (a client).
-    Fragments are joined; a message over ``max_message`` bytes raises (1009)."""
+    Fragments are joined as they come, into one buffer: a message under way holds its payload
+    and nothing per fragment, however many (empty ones included); over ``max_message`` bytes
+    it raises (1009)."""
 
-    __slots__ = ("masked", "max_message", "_buf", "_parts", "_parts_size", "_part_op")
+    __slots__ = ("masked", "max_message", "_buf", "_parts", "_part_op")
 
     def __init__(self, *, masked: bool, max_message: int = MAX_MESSAGE_BYTES):
         self.masked = masked
         self.max_message = max_message
         self._buf = b""
-        self._parts: list[bytes] = []
-        self._parts_size = 0
+        self._parts = bytearray()
         self._part_op = 0  # opcode of the fragmented message under way (0: none)
 
     def feed(self, data: bytes) -> list[tuple[int, object]]:
@@ -113,19 +114,18 @@ class FrameReader:
                 raise WsProtocolError("a new message started inside a fragmented one")
             if fin:
                 return _data_event(opcode, payload)
-            self._part_op, self._parts, self._parts_size = opcode, [payload], len(payload)
+            self._part_op, self._parts = opcode, bytearray(payload)
             return None
         if opcode == OP_CONTINUATION:
             if not self._part_op:
                 raise WsProtocolError("continuation frame without a message to continue")
-            self._parts_size += len(payload)
-            if self._parts_size > self.max_message:
+            if len(self._parts) + len(payload) > self.max_message:
                 raise WsProtocolError(f"message over {self.max_message} bytes", 1009)
-            self._parts.append(payload)
+            self._parts += payload
             if not fin:
                 return None
-            op, data = self._part_op, b"".join(self._parts)
-            self._part_op, self._parts, self._parts_size = 0, [], 0
+            op, data = self._part_op, bytes(self._parts)
+            self._part_op, self._parts = 0, bytearray()
             return _data_event(op, data)
         if opcode not in CONTROL_OPCODES:
             raise WsProtocolError(f"unknown opcode {opcode:#x}")

@@ -145,6 +145,38 @@ async def test_two_listeners_through_the_plain_api_and_the_call_goes_on_when_one
     assert [e["event"] for e in events].count("listener_joined") == 2 and [e.get("at_end", False) for e in left] == [False, True]
 
 
+async def test_a_listener_that_sends_is_closed_and_the_call_goes_on(bridge):
+    """A listener sends nothing: a message closes it (1008), and a message it starts in
+    fragments is refused as soon as it passes a control frame's size (1009), not held until it
+    ends (was: a listener could keep a fragmented message open and the bridge kept every piece)."""
+    call, call_id = await _ongoing_call(bridge, caller_audio() * 2)
+    async with api_client(bridge.base_url) as http:
+        grants = [(await http.post(f"/v2/listen-live-call/{call_id}")).json() for _ in range(2)]
+
+    async def never_ending():
+        yield "x" * 200
+        await asyncio.sleep(60)  # the message is never finished
+        yield "y"
+
+    codes = []
+    for grant, message in zip(grants, ["hello", never_ending()]):
+        async with websockets.connect(f"{grant['url']}?access_token={grant['access_token']}") as ws:
+            sending = asyncio.create_task(ws.send(message))
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            codes.append(ws.close_code)
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+    assert codes == [1008, 1009]
+    events = await _public_log(bridge, call_id)
+    assert [e["event"] for e in events].count("listener_left") == 2
+    async with api_client(bridge.base_url) as http:
+        assert (await http.post(f"/v2/stop-call/{call_id}")).status_code == 204
+    result = await call
+    assert result.ended_by == "rest" and result.protocol_errors == [], result.summary()
+
+
 async def test_a_token_opens_one_socket_for_its_own_call_before_it_expires(start_bridge):
     bridge = await start_bridge()
     call, call_id = await _ongoing_call(bridge, caller_audio() * 2)

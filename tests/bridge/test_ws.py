@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import tracemalloc
 
 import pytest
 import uvicorn
@@ -62,6 +63,24 @@ def test_fragments_join_around_a_control_frame_whatever_the_chunking():
     for i in range(len(stream)):  # one byte at a time
         events += reader.feed(stream[i : i + 1])
     assert events == expected
+
+
+def test_a_message_in_many_fragments_holds_its_payload_and_nothing_per_fragment():
+    """Was: each fragment kept as its own object, an empty one counted as nothing: a peer sending
+    a million 1-byte fragments made the reader hold 42 MB for 1 MB of message (about 180 MB at
+    the 4 MiB cap), and empty ones grew it for ever."""
+    reader = wsf.FrameReader(masked=True)
+    assert reader.feed(frame(OP_BINARY, b"", fin=False)) == []
+    pieces = (frame(OP_CONTINUATION, b"x", fin=False) + frame(OP_CONTINUATION, b"", fin=False)) * 5000
+    tracemalloc.start()
+    try:
+        for _ in range(20):
+            assert reader.feed(pieces) == []
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000, held  # 100 kB of payload (was about 5 MB)
+    assert reader.feed(frame(OP_CONTINUATION, b"y")) == [(OP_BINARY, b"x" * 100_000 + b"y")]
 
 
 @pytest.mark.parametrize(
