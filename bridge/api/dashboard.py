@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import fastapi_offline
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from ..dashboard import STATIC_DIR
@@ -22,6 +22,7 @@ from ..dashboard import STATIC_DIR
 router = APIRouter(include_in_schema=False)
 
 DASHBOARD = "/dashboard"
+GET_AND_HEAD = ["GET", "HEAD"]  # (a server that answers GET answers HEAD)
 DOCS_ASSETS = "/docs/assets"
 DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 #: The dashboard's own files are never cached stale across an upgrade; they are small
@@ -35,7 +36,7 @@ DASHBOARD_CSP = (
 
 
 #: The documentation pages: their own inline start-up script and styles, everything else from the
-#: bridge (ReDoc's footer would fetch its logo from its CDN: blocked, the page is whole without it)
+#: bridge
 DOCS_CSP = (
     "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
     "worker-src 'self' blob:; connect-src 'self'; font-src 'self' data:; frame-ancestors 'none'; base-uri 'none'"
@@ -47,24 +48,24 @@ def _docs_page(page: HTMLResponse) -> HTMLResponse:
     return page
 
 
-@router.get(DASHBOARD)
+@router.api_route(DASHBOARD, methods=GET_AND_HEAD)
 async def dashboard_root() -> RedirectResponse:
     return RedirectResponse(f"{DASHBOARD}/", status_code=308)
 
 
-@router.get(f"{DASHBOARD}/")
+@router.api_route(f"{DASHBOARD}/", methods=GET_AND_HEAD)
 async def dashboard() -> FileResponse:
     headers = {**NO_CACHE, "Content-Security-Policy": DASHBOARD_CSP, "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=headers)
 
 
-@router.get("/favicon.ico")
+@router.api_route("/favicon.ico", methods=GET_AND_HEAD)
 async def favicon() -> FileResponse:
     """(browsers ask for it on their own)"""
     return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
 
-@router.get("/docs")
+@router.api_route("/docs", methods=GET_AND_HEAD)
 async def swagger_ui(request: Request) -> HTMLResponse:
     app = request.app
     return _docs_page(get_swagger_ui_html(
@@ -77,22 +78,43 @@ async def swagger_ui(request: Request) -> HTMLResponse:
     ))  # fmt: skip
 
 
-@router.get("/docs/oauth2-redirect")
+@router.api_route("/docs/oauth2-redirect", methods=GET_AND_HEAD)
 async def swagger_ui_redirect() -> HTMLResponse:
     return get_swagger_ui_oauth2_redirect_html()
 
 
-@router.get("/redoc")
+@router.api_route("/redoc", methods=GET_AND_HEAD)
 async def redoc(request: Request) -> HTMLResponse:
     app = request.app
     return _docs_page(get_redoc_html(
-        openapi_url=app.openapi_url, title=f"{app.title} - API", redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+        openapi_url=app.openapi_url, title=f"{app.title} - API", redoc_js_url=REDOC_JS,
         redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False,
     ))  # fmt: skip
 
 
+#: ReDoc's bundle, as fastapi-offline ships it but for the one URL it would fetch from a CDN (the
+#: logo in its footer), which points at the bridge's own icon instead
+REDOC_JS = "/docs/redoc.js"
+REDOC_CDN_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+_redoc_js: bytes | None = None
+
+
+@router.api_route(REDOC_JS, methods=GET_AND_HEAD)
+async def redoc_js() -> Response:
+    global _redoc_js
+    if _redoc_js is None:  # (read once, about 1 MB)
+        _redoc_js = (DOCS_ASSETS_DIR / "redoc.standalone.js").read_bytes().replace(REDOC_CDN_LOGO, b"/favicon.ico")
+    return Response(_redoc_js, media_type="text/javascript; charset=utf-8", headers={"Cache-Control": "max-age=86400"})
+
+
 class DashboardFiles(StaticFiles):
-    """The dashboard's modules, revalidated on every load (an upgrade never mixes old and new)."""
+    """The dashboard's modules, revalidated on every load (an upgrade never mixes old and new).
+    The page itself is served at ``/dashboard/`` only, with its security headers."""
+
+    async def get_response(self, path: str, scope) -> Response:
+        if path == "index.html":
+            raise HTTPException(404)
+        return await super().get_response(path, scope)
 
     def file_response(self, *args, **kwargs):
         response = super().file_response(*args, **kwargs)

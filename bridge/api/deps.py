@@ -35,7 +35,9 @@ def require_api_key(request: Request) -> None:
 
 
 #: HTTP paths that need no API key: Twilio's callbacks carry a signature instead
-PUBLIC_PATHS = ("/healthz", "/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/dashboard", "/favicon.ico")
+PUBLIC_PATHS = (
+    "/healthz", "/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/docs/redoc.js", "/openapi.json", "/redoc", "/dashboard", "/favicon.ico",
+)
 #: Path prefixes that need no API key: the dashboard's and the docs' static files (they hold no
 #: data: the dashboard asks the call API for everything with the key the person signed in with)
 PUBLIC_PREFIXES = ("/dashboard/", "/docs/assets/")
@@ -84,7 +86,9 @@ def call_service(request: Request) -> CallService:
 
 
 async def find_call(request: Request, call_id: str) -> CallRecord:
-    record = await call_service(request).store.get(call_id) if CALL_ID.fullmatch(call_id) else None
+    if not CALL_ID.fullmatch(call_id):
+        raise ApiError(404, f"call {call_id[:64]!r}{'...' if len(call_id) > 64 else ''} not found: not a call id")
+    record = await call_service(request).store.get(call_id)
     if record is None:
         raise ApiError(404, f"call {call_id} not found")
     logs.CALL_ID.set(call_id)  # the request's log lines name the call

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 
 from .deps import call_service
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"])  # (each answers HEAD too: load balancers may probe with it)
 
 TICK_S = 0.5
 STALL_S = 5.0  # the loop late by this much is not alive
@@ -47,7 +47,9 @@ class LoopWatch:
 
 
 @router.get("/livez", summary="The process and its event loop are alive")
+@router.head("/livez", include_in_schema=False)
 @router.get("/healthz", summary="The old name of /livez")
+@router.head("/healthz", include_in_schema=False)
 async def livez(request: Request) -> JSONResponse:
     watch: LoopWatch = request.app.state.loop_watch
     late = max(watch.since_tick_s() - TICK_S, watch.lag_s)
@@ -56,6 +58,7 @@ async def livez(request: Request) -> JSONResponse:
 
 
 @router.get("/readyz", summary="This replica takes new calls")
+@router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
     calls = call_service(request)
     problems = []

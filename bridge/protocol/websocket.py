@@ -15,6 +15,7 @@ import base64
 import hashlib
 import os
 import struct
+from http import HTTPStatus
 
 try:
     from websockets.speedups import apply_mask
@@ -270,11 +271,14 @@ class ServerHandshake:
 
     @staticmethod
     def refuse(status: int, text: str = "") -> bytes:
-        reasons = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 426: "Upgrade Required", 500: "Internal Server Error"}  # fmt: skip
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Error"
         body = text.encode("utf-8")
         extra = "Sec-WebSocket-Version: 13\r\n" if status == 426 else ""
         return (
-            f"HTTP/1.1 {status} {reasons.get(status, 'Error')}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\n"
+            f"HTTP/1.1 {status} {reason}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode("ascii") + body
 

@@ -171,6 +171,8 @@ async def test_not_json_is_400_and_unknown_calls_are_404(bridge):
                              ("DELETE", "/v2/delete-call/nope"), ("POST", "/v2/stop-call/nope")):  # fmt: skip
             r = await http.request(method, path, json={})
             assert r.status_code == 404 and r.json() == {"status": "error", "message": "call nope not found"}
+        r = await http.post(f"/v2/listen-live-call/{'x' * 5000}")  # not a call id: not echoed whole
+        assert r.status_code == 404 and r.json()["message"] == f"call {'x' * 64!r}... not found: not a call id"
 
 
 @pytest.mark.parametrize("header", [None, "Bearer wrong-key", "Basic " + API_KEY, "Bearer"])

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import numpy as np
 import pytest
 
@@ -59,6 +60,10 @@ class Tab:
         self.outside: list[str] = []  # requests to anything but the bridge (refused)
         page.on("request", lambda r: self.requests.append(r.url))
         page.on("pageerror", lambda e: self.errors.append(str(e)))
+        # what the page's Content-Security-Policy blocked never reaches the network (nor the route
+        # that notes requests to outside): the console says so
+        self.blocked: list[str] = []
+        page.on("console", lambda m: "Content Security Policy" in m.text and self.blocked.append(m.text))
 
     async def shot(self, name: str) -> Path:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -162,7 +167,7 @@ async def test_sign_in_watch_a_call_live_and_read_its_page(open_dashboard, bridg
     await audio.evaluate("(a) => { a.muted = true; return a.play(); }")
     await until(lambda: audio.evaluate("(a) => a.currentTime > 0.3"), timeout=10)
     await tab.shot("04-call-page")
-    assert tab.errors == [] and tab.outside == [], (tab.errors, tab.outside)
+    assert tab.errors == [] and tab.outside == [] and tab.blocked == [], (tab.errors, tab.outside, tab.blocked)
 
 
 async def test_listen_to_an_ongoing_call_from_the_dashboard(open_dashboard, bridge):
@@ -198,7 +203,7 @@ async def test_listen_to_an_ongoing_call_from_the_dashboard(open_dashboard, brid
     print(f"\nthe page heard the caller at correlation {caller_peak:.3f} and the agent at {agent_peak:.3f}")
     assert caller_peak > 0.95 and agent_peak > 0.9, (caller_peak, agent_peak)
     await tab.shot("06-listen-ended")
-    assert tab.errors == [] and tab.outside == [], (tab.errors, tab.outside)
+    assert tab.errors == [] and tab.outside == [] and tab.blocked == [], (tab.errors, tab.outside, tab.blocked)
     assert not any(API_KEY in url for url in tab.requests)
 
 
@@ -222,7 +227,7 @@ async def test_talk_to_the_agent_from_the_browser(open_dashboard, bridge):
     assert record.call_type.value == "web_call" and record.disconnection_reason.value == "user_hangup"
     assert record.sample_rate == 24000 and record.e2e_latency is not None  # the agent answered a turn it heard
     await tab.shot("08-talk-ended")
-    assert tab.errors == [] and tab.outside == [], (tab.errors, tab.outside)
+    assert tab.errors == [] and tab.outside == [] and tab.blocked == [], (tab.errors, tab.outside, tab.blocked)
 
 
 async def test_listening_to_a_call_that_opted_out_is_refused_in_the_page(open_dashboard, start_bridge):
@@ -270,7 +275,7 @@ async def test_a_wrong_or_missing_key_shows_the_sign_in_page_and_no_data(open_da
     await page.click("#signout")
     await page.wait_for_selector("#signin-form")
     assert done.call_id not in await page.content()
-    assert tab.errors == [] and tab.outside == [], (tab.errors, tab.outside)
+    assert tab.errors == [] and tab.outside == [] and tab.blocked == [], (tab.errors, tab.outside, tab.blocked)
 
 
 async def test_the_api_docs_render_with_nothing_from_outside(open_dashboard):
@@ -282,4 +287,23 @@ async def test_the_api_docs_render_with_nothing_from_outside(open_dashboard):
     await page.goto(tab.base_url + "/redoc")
     await page.wait_for_selector("[role=menuitem], .menu-content", timeout=15_000)
     await tab.shot("11-redoc")
-    assert tab.outside == [], tab.outside
+    await page.wait_for_load_state("networkidle")
+    assert tab.outside == [] and tab.blocked == [], (tab.outside, tab.blocked)  # (was: ReDoc's logo from its CDN)
+
+
+async def test_the_pages_answer_head_and_the_dashboard_page_comes_only_with_its_headers(bridge):
+    """(no browser) HEAD where GET answers, as HTTP asks and load balancers probe; the page
+    itself only at /dashboard/, where its Content-Security-Policy goes with it (was: also as a
+    static file, without one); ReDoc's bundle with no CDN address in it."""
+    pages = ("/livez", "/healthz", "/readyz", "/dashboard/", "/docs", "/redoc", "/docs/redoc.js", "/favicon.ico", "/dashboard/static/dashboard.js")
+    async with httpx.AsyncClient(base_url=bridge.base_url) as http:  # (no key: all public)
+        for path in pages:
+            get, head = await http.get(path), await http.head(path)
+            assert get.status_code == head.status_code == 200 and get.content and head.content == b"", (path, head.status_code)
+            assert head.headers["content-type"] == get.headers["content-type"], path
+        page = await http.get("/dashboard/")
+        assert "script-src 'self'" in page.headers["content-security-policy"] and "form-action 'none'" in page.headers["content-security-policy"]
+        assert (await http.get("/dashboard/static/index.html")).status_code == 404
+        assert (await http.get("/dashboard/static/./index.html")).status_code == 404
+        assert "cdn." not in (await http.get("/docs/redoc.js")).text
+

@@ -262,6 +262,11 @@ async def test_a_peer_breaking_the_protocol_gets_a_1002_close(lean_server):
     writer.close()
 
 
+def test_a_refusal_names_its_status():
+    assert wsf.ServerHandshake.refuse(409, "over 16 listeners").startswith(b"HTTP/1.1 409 Conflict\r\n")
+    assert wsf.ServerHandshake.refuse(503).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+
+
 async def test_a_bad_upgrade_request_is_answered_with_an_http_error(lean_server):
     base, _ = lean_server
     reader, writer = await asyncio.open_connection(*base.removeprefix("ws://").split(":"))
