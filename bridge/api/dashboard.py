@@ -9,6 +9,7 @@ CDN: both work offline).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import fastapi_offline
@@ -35,8 +36,7 @@ DASHBOARD_CSP = (
 )
 
 
-#: The documentation pages: their own inline start-up script and styles, everything else from the
-#: bridge
+#: The documentation pages: their own inline start-up script and styles, all else from the bridge
 DOCS_CSP = (
     "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
     "worker-src 'self' blob:; connect-src 'self'; font-src 'self' data:; frame-ancestors 'none'; base-uri 'none'"
@@ -96,15 +96,16 @@ async def redoc(request: Request) -> HTMLResponse:
 #: logo in its footer), which points at the bridge's own icon instead
 REDOC_JS = "/docs/redoc.js"
 REDOC_CDN_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
-_redoc_js: bytes | None = None
+
+
+@functools.cache
+def _redoc_bundle() -> bytes:  # (read once, about 1 MB)
+    return (DOCS_ASSETS_DIR / "redoc.standalone.js").read_bytes().replace(REDOC_CDN_LOGO, b"/favicon.ico")
 
 
 @router.api_route(REDOC_JS, methods=GET_AND_HEAD)
 async def redoc_js() -> Response:
-    global _redoc_js
-    if _redoc_js is None:  # (read once, about 1 MB)
-        _redoc_js = (DOCS_ASSETS_DIR / "redoc.standalone.js").read_bytes().replace(REDOC_CDN_LOGO, b"/favicon.ico")
-    return Response(_redoc_js, media_type="text/javascript; charset=utf-8", headers={"Cache-Control": "max-age=86400"})
+    return Response(_redoc_bundle(), media_type="text/javascript; charset=utf-8", headers={"Cache-Control": "max-age=86400"})
 
 
 class DashboardFiles(StaticFiles):
