@@ -71,6 +71,8 @@ CONTROL_POLL_S = 0.02
 #: a stop for a call not relayed here yet (being set up) is kept this long for its relay
 PENDING_STOP_S = 30.0
 MAX_PENDING_STOPS = 10_000
+#: at exit, how long uploads of ended calls' files under way may still take
+UPLOADS_AT_EXIT_S = 20.0
 
 #: ``stop(reason, detail)``: how the relay holding a live call is asked to end it
 StopCall = Callable[[DisconnectionReason, str], None]
@@ -181,6 +183,8 @@ class CallService:
         self.endings: EndingSpool | None = None
         self.http: httpx.AsyncClient | None = None
         self._live: dict[str, StopCall] = {}
+        #: uploads of ended calls' files under way (call id -> task): one a call at a time
+        self._uploads: dict[str, asyncio.Task] = {}
         #: stops for calls not relayed here yet (their relay is being set up): call id ->
         #: (reason, detail, until when the stop holds)
         self._pending_stops: dict[str, tuple[DisconnectionReason, str, float]] = {}
@@ -238,6 +242,12 @@ class CallService:
 
     async def close(self) -> None:
         await self.feed.close()
+        if self._uploads:  # (a replaced pod's disk goes with it: let them finish, for a while)
+            _done, late = await asyncio.wait(list(self._uploads.values()), timeout=UPLOADS_AT_EXIT_S)
+            for task in late:  # (their files stay here; a restart with this disk uploads them)
+                log.warning("files of call %s: not uploaded within %g s of the exit", task.get_name(), UPLOADS_AT_EXIT_S)
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         if self.endings is not None:
             await self.endings.close()
         if self.http is not None:
@@ -555,13 +565,24 @@ class CallService:
         await self.endings.store_ending(call_id, reason, fields)
 
     async def _publish_files(self, call_id: str) -> bool:
-        """Upload a call's files to object storage (if set); False (logged) if it failed."""
+        """Upload a call's files to object storage (if set); False if it failed (logged), or
+        goes on past UPLOAD_TIMEOUT_S (in the background: never cut off and started again)."""
         if not self.files.remote:
             return True
+        task = self._uploads.get(call_id)
+        if task is None:
+            task = self._uploads[call_id] = asyncio.create_task(self._upload_files(call_id), name=call_id)
         try:
-            problem = await asyncio.wait_for(self.files.publish(call_id), UPLOAD_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.shield(task), UPLOAD_TIMEOUT_S)
         except TimeoutError:
-            problem = f"its files could not be uploaded within {UPLOAD_TIMEOUT_S:g} s"
+            log.info("call %s: its files are still uploading after %g s: that goes on", call_id, UPLOAD_TIMEOUT_S)
+            return False
+
+    async def _upload_files(self, call_id: str) -> bool:
+        try:
+            problem = await self.files.publish(call_id)
+        finally:
+            self._uploads.pop(call_id, None)
         if problem:
             log.warning("call %s: %s (retried every %g s)", call_id, problem, self.settings.files_retry_s)
         return problem is None
@@ -571,7 +592,7 @@ class CallService:
         down, or this replica restarted): uploaded again every ``files_retry_s``."""
         while not self.stopping:
             try:
-                left = [call_id for call_id in self.files.local_call_ids() if call_id not in self._live]
+                left = [call_id for call_id in self.files.local_call_ids() if call_id not in self._live and call_id not in self._uploads]
                 for call_id, (status, owner) in (await self.store.states(left)).items():
                     if status in (CallStatus.ended, CallStatus.error) and owner == self.settings.instance_id:
                         if await self._publish_files(call_id):

@@ -31,8 +31,12 @@ KINDS = {
     "recording": ("recordings", ".wav", "audio/wav"),
     "log": ("logs", ".jsonl", "application/x-ndjson"),
 }
-UPLOAD_TIMEOUT_S = 5.0  # one call's files, before its ending is stored without them uploaded (retried later)
+#: How long a call's ending waits for its files to be uploaded; a longer upload goes on meanwhile
+UPLOAD_TIMEOUT_S = 5.0
 CHUNK = 64 * 1024
+#: Files over this go up in parts of this size (S3's parts are 5 MiB at least, but the last): an
+#: upload holds one part in memory, whatever the call's length (an hour at 24 kHz is 345 MB)
+PART_BYTES = 8 * 1024 * 1024
 
 
 class FilesError(ValueError):
@@ -116,13 +120,36 @@ class CallFiles:
             if not path.exists():
                 continue
             try:
-                body = await asyncio.to_thread(path.read_bytes)
-                await self._client.put_object(Bucket=self.bucket, Key=self.key(kind, call_id), Body=body, ContentType=media_type)
+                await self._upload(path, self.key(kind, call_id), media_type)
             except Exception as e:  # the store is down, refuses the credentials...: retried later
                 return f"its {kind} could not be uploaded to s3://{self.bucket}: {type(e).__name__}: {e}"
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         return None
+
+    async def _upload(self, path: Path, key: str, media_type: str) -> None:
+        """One file: in one request, or over PART_BYTES in parts (a multipart upload, aborted if
+        it fails or is cancelled: the store keeps no parts)."""
+        client, bucket = self._client, self.bucket
+        with open(path, "rb") as file:  # (opening is instant; the reads go to a thread)
+            first = await asyncio.to_thread(file.read, PART_BYTES + 1)
+            if len(first) <= PART_BYTES:
+                await client.put_object(Bucket=bucket, Key=key, Body=first, ContentType=media_type)
+                return
+            upload = (await client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=media_type))["UploadId"]
+            try:
+                parts, part, carry = [], first[:PART_BYTES], first[PART_BYTES:]
+                while part:
+                    number = len(parts) + 1
+                    answer = await client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=number, Body=part)
+                    parts.append({"ETag": answer["ETag"], "PartNumber": number})
+                    part = carry + await asyncio.to_thread(file.read, PART_BYTES - len(carry))
+                    carry = b""
+                await client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts})
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)
+                raise
 
     def local_call_ids(self) -> set[str]:
         """Calls with files on this disk (uploads left over, or live calls)."""

@@ -470,6 +470,52 @@ async def test_files_wait_on_this_disk_while_object_storage_is_down(start_bridge
         s3.stop()
 
 
+async def test_a_long_call_s_recording_goes_up_in_parts_and_a_slow_upload_is_not_cut_off(start_bridge, tmp_path, monkeypatch):
+    """A recording over PART_BYTES is uploaded in parts (one part in memory at a time: an hour
+    at 24 kHz is 345 MB); an upload longer than the call's ending waits for goes on in the
+    background (was: cut off after 5 s at the ending and at every retry, so a long call's
+    recording never left the replica's disk)."""
+    import os
+
+    from bridge.calls import service
+    from bridge.store.files import PART_BYTES, CallFiles
+
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    s3 = ObjectStore(tmp_path)
+    await s3.start()
+    try:
+        files = CallFiles(tmp_path / "data", f"s3://{BUCKET}/calls", s3.url)
+        await files.open()
+        try:
+            big = files.path("recording", "long-call")
+            big.parent.mkdir(parents=True)
+            big.write_bytes(os.urandom(2 * PART_BYTES + 12345))
+            content = big.read_bytes()
+            assert await files.publish("long-call") is None and not big.exists()
+            async with s3.client() as client:
+                stored = await client.get_object(Bucket=BUCKET, Key="calls/recordings/long-call.wav")
+                assert await stored["Body"].read() == content
+                assert stored["ETag"].strip('"').endswith("-3"), stored["ETag"]  # three parts
+                assert stored["ContentType"] == "audio/wav"
+                pending = await client.list_multipart_uploads(Bucket=BUCKET)
+                assert not pending.get("Uploads")  # none left open
+        finally:
+            await files.close()
+
+        monkeypatch.setattr(service, "UPLOAD_TIMEOUT_S", 0.0)  # every upload takes longer than the ending waits
+        bridge = await start_bridge(files_url=f"s3://{BUCKET}/calls", s3_endpoint_url=s3.url, files_retry_s=0.2)
+        result = await bridge.call()
+        record = await bridge.store.get(result.call_id)
+        assert record.call_status.value == "ended"  # stored without waiting for the upload
+        await until(lambda: not bridge.calls.recording_path(result.call_id).exists(), timeout=15)
+        async with s3.client() as client:
+            stored = await client.get_object(Bucket=BUCKET, Key=f"calls/recordings/{result.call_id}.wav")
+            assert (await stored["Body"].read())[:4] == b"RIFF"
+    finally:
+        s3.stop()
+
+
 @PG
 async def test_a_listener_and_the_call_events_feed_work_through_any_replica(tmp_path, fake_twilio, database_url):  # noqa: F811
     """A listen socket that lands on a replica which does not relay the call is passed to the one
