@@ -12,6 +12,7 @@ The agents file is TOML, one table per agent::
     numbers = ["+14155550100"]  # calls to these numbers go to this agent
     default = true              # calls to other numbers too
     # registrar = "internal"    # or: registrar = { url = "https://registrar.example.com", api_key = "..." }
+    #                           # (it answers POST /register-call with a call_id of 1-64 of A-Z a-z 0-9 _ . -)
 
 With no agents file, one agent ``echo`` (the embedded echo agent) takes every call. Anything
 invalid fails at start-up with ``SettingsError`` naming the field.

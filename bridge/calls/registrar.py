@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from ..models import CallRecord, CallType, Direction, Encoding, Protocol
+from ..models import VALID_CALL_ID, CallRecord, CallType, Direction, Encoding, Protocol
 from ..settings import AgentConfig, ExternalRegistrar
 from ..store import SqlCallStore
 
@@ -86,6 +86,7 @@ async def _register_externally(
         call_id = response.json()["call_id"]
     except (ValueError, KeyError, TypeError):
         raise RegistrationError("registrar's answer has no call_id") from None
-    if not isinstance(call_id, str) or not call_id:
-        raise RegistrationError("registrar's call_id is not a string")
+    if not isinstance(call_id, str) or not VALID_CALL_ID.fullmatch(call_id):
+        # (it names the call's files and URLs: a slash or a megabyte there must not get in)
+        raise RegistrationError(f"registrar's call_id {str(call_id)[:64]!r} is not a call id (1-64 of A-Z a-z 0-9 _ . -)")
     return call_id

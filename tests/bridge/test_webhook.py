@@ -230,6 +230,28 @@ async def test_a_registrar_repeating_a_call_id_gets_the_fallback(start_bridge):
         assert second.status_code == 200 and parse_twiml(second.text)[0] is None  # fallback, no 500
 
 
+@pytest.mark.parametrize("call_id", ["../../etc/passwd", "x" * 65, "", 42, "a b"])
+async def test_a_registrar_s_call_id_that_is_not_a_call_id_gets_the_fallback(start_bridge, call_id):
+    """The call id names the call's files and URLs: a registrar cannot put a path or a
+    megabyte there."""
+    from fastapi import FastAPI
+
+    from bridge.server import BackgroundServer
+
+    registrar = FastAPI()
+
+    @registrar.post("/register-call", status_code=201)
+    async def register():
+        return {"call_id": call_id}
+
+    async with BackgroundServer(registrar) as server:
+        agent = AgentConfig(agent_id="ext", registrar=ExternalRegistrar(url=server.base_url, api_key="k"))
+        bridge = await start_bridge(agents={"ext": agent})
+        r = await post(bridge.base_url)
+        assert r.status_code == 200 and parse_twiml(r.text)[0] is None  # the fallback
+        assert await registered(bridge) == []
+
+
 async def test_connections_that_never_finish_their_head_are_dropped_and_webhooks_go_on(start_bridge):
     """Bare connects, a partial upgrade and slowloris heads (a byte now and then): each is
     dropped once request_head_timeout_s has passed without a whole head, at most
