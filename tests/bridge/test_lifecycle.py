@@ -220,3 +220,52 @@ async def test_amd_for_a_call_that_did_not_ask_to_drop_machines_changes_nothing(
     assert await twilio_callback(bridge, f"/twilio/amd/{call.call_id}", call, AnsweredBy="machine_start") == 204
     assert (await bridge.store.get(call.call_id)).call_status == "registered"
     assert bridge.fake.requests == []
+
+
+# --- reaping a gone replica's calls ------------------------------------------------------------
+
+
+async def test_a_gone_replica_s_calls_are_ended_once_and_hung_up_through_twilio_together(start_bridge, monkeypatch):
+    """Another process on the same database stopped with 30 phone calls live: this one ends
+    each once and tells Twilio to hang them all up, several at a time (their callers hear
+    silence until then; was: one after the other, 30 round trips for the last one)."""
+    import asyncio
+
+    bridge = await start_bridge()
+    gone = await SqlCallStore.open(bridge.settings.database_url, "replica-gone", bridge.settings.data_dir)
+    assert await gone.claim(lease_ms=60_000) is None
+    sids = [f"CA{i:032d}" for i in range(30)]
+    for i, sid in enumerate(sids):
+        record = CallRecord(
+            call_id=f"orphan{i}", agent_id="echo", audio_websocket_protocol="twilio", audio_encoding="mulaw", sample_rate=8000,
+            twilio_call_sid=sid, twilio_account_sid="AC" + "0" * 32,
+        )  # fmt: skip
+        await gone.create(record)
+        assert await gone.start(record.call_id) is not None
+    await gone.release()  # stopped with its calls live
+    await gone.close()
+
+    in_flight, most = 0, 0
+    hang_up = bridge.calls.twilio_rest.hangup
+
+    async def slow_twilio(*args, **kwargs):  # Twilio takes 0.2 s to answer each
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.2)
+            return await hang_up(*args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(bridge.calls.twilio_rest, "hangup", slow_twilio)
+    bridge.calls._healthy_since = time.monotonic() - 3600  # (this replica's own lease has held: it may reap)
+    await bridge.calls.reap_orphans()  # (the background sweep may take some of them meanwhile)
+    for i in range(30):
+        record = await bridge.store.get(f"orphan{i}")
+        assert record.disconnection_reason == "error_unknown" and record.error_detail.endswith(": replica-gone"), record
+    await until(lambda: len(hangups(bridge.fake)) >= len(sids), timeout=15)  # (the sweep's share too)
+    await asyncio.sleep(0.3)
+    assert sorted(hangups(bridge.fake)) == [(sid, "completed") for sid in sids]  # each once
+    assert most >= service.REAP_HANG_UPS_AT_ONCE, most
+    assert await bridge.calls.reap_orphans() == 0
