@@ -62,8 +62,9 @@ CALL_ID_HEADER = "X-Bridge-Call-Id"
 MAX_NOTES = 20  # notes kept on one call (refused sockets cost a write each: bounded)
 #: The detail of a call ended because its replica's drain deadline passed (``drain_timeout_s``)
 DRAIN_DETAIL = "the replica's drain deadline passed"
-#: why a replica stops relaying a call another replica ended while this one's lease had expired
-LOST_DETAIL = "another replica ended the call while this replica's lease had expired"
+#: why a replica stops relaying a call another replica ended: it reaped the call while this one's
+#: lease had expired, or ended it after a stop-call this one did not answer
+LOST_DETAIL = "another replica ended the call while this replica did not answer for it"
 #: stop-call on a call relayed elsewhere: how long to wait for its replica to end it before the
 #: command is sent again, and, after a second wait, before the phone call is hung up through Twilio
 CONTROL_WAIT_S = 1.0
@@ -662,9 +663,10 @@ class CallService:
         hangs the phone call up through Twilio (so Twilio's own ``stop`` is not taken for the
         caller's hang-up). A call relayed by another replica gets the command through the
         control channel and ends there the same way; this returns once its record says it
-        ended. If it has not within CONTROL_WAIT_S the command is sent again, and after that a
-        phone call is hung up through Twilio (its replica is gone or cut off: the reaping
-        records it). A call only registered is hung up and ends here; a stop also holds for a
+        ended. If it has not within CONTROL_WAIT_S the command is sent again; after that its
+        replica is gone or cut off: a phone call is hung up through Twilio, and the call ends
+        here with ``reason`` (a web call too: its replica, if it comes back, lets it go within
+        a sweep, ``drop_lost_calls``). A call only registered is hung up and ends here; a stop also holds for a
         relay being set up (the stream arrived just now). Returns once the record says the call
         ended (or after 2 * CONTROL_WAIT_S: a web client may still be playing the agent's last
         words)."""
@@ -682,12 +684,10 @@ class CallService:
             await self.control.send(command)
             if await self._ended_within(call_id, CONTROL_WAIT_S):
                 return
-        log.warning(
-            "call %s: its replica did not end it within %g s: hanging up through Twilio",
-            call_id,
-            2 * CONTROL_WAIT_S,
-        )
+        waited = f"the replica relaying it did not end it within {2 * CONTROL_WAIT_S:g} s"
+        log.warning("call %s: %s: hanging it up through Twilio and ending it here", call_id, waited)
         await self.hang_up(record)
+        await self._finish(call_id, reason, only_if=CallStatus.ongoing, error_detail=f"{detail} ({waited}: ended by {self.settings.instance_id})")
 
     async def _ended_within(self, call_id: str, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -806,7 +806,8 @@ class CallService:
 
     async def drop_lost_calls(self) -> int:
         """Stop relaying the calls that are no longer this replica's: another one ended them
-        (reaped) while this replica's lease had expired (cut off from the database, paused).
+        while this replica did not answer for them (reaped while its lease had expired, cut off
+        from the database or paused; or a stop-call it did not answer).
         Their records stand as written there. Returns how many."""
         lost = await self.store.not_mine(list(self._live))
         for call_id in lost:

@@ -106,7 +106,7 @@ async def test_a_replica_lets_go_of_the_calls_ended_elsewhere(tmp_path):
             calls.attach(record, lambda reason, detail, call_id=record.call_id: stopped.append((call_id, reason, detail)))
         await calls.store.finish("reaped", DisconnectionReason.error_unknown, error_detail="reaped by another replica")
         assert await calls.drop_lost_calls() == 1
-        assert stopped == [("reaped", DisconnectionReason.error_unknown, "another replica ended the call while this replica's lease had expired")]
+        assert stopped == [("reaped", DisconnectionReason.error_unknown, "another replica ended the call while this replica did not answer for it")]
         ending = {"end_timestamp": now_ms(), "transcript": "hello"}
         await calls.endings.store_ending("reaped", DisconnectionReason.user_hangup, ending)  # its relay's ending comes late
         kept = await calls.store.get("reaped")

@@ -269,3 +269,25 @@ async def test_a_gone_replica_s_calls_are_ended_once_and_hung_up_through_twilio_
     assert sorted(hangups(bridge.fake)) == [(sid, "completed") for sid in sids]  # each once
     assert most >= service.REAP_HANG_UPS_AT_ONCE, most
     assert await bridge.calls.reap_orphans() == 0
+
+
+async def test_stop_call_on_a_call_whose_replica_does_not_answer_ends_it_here(start_bridge):
+    """The replica relaying a web call holds its lease but does not answer the stop (its
+    control channel is cut): after two waits stop-call ends the record here with the API's
+    reason (was: 204 while the call stayed ongoing until the lease ran out, or for ever)."""
+    bridge = await start_bridge()
+    silent = await SqlCallStore.open(bridge.settings.database_url, "replica-silent", bridge.settings.data_dir)
+    try:
+        assert await silent.claim(lease_ms=60_000) is None  # alive: its lease holds
+        await silent.create(web_call("held-elsewhere"))
+        assert await silent.start("held-elsewhere") is not None
+        async with api_client(bridge.base_url) as http:
+            r = await http.post("/v2/stop-call/held-elsewhere")
+        assert r.status_code == 204
+        record = await bridge.store.get("held-elsewhere")
+        assert record.call_status.value == "ended" and record.disconnection_reason == "agent_hangup", record
+        assert "the replica relaying it did not end it within 2 s" in record.error_detail, record.error_detail
+        assert await silent.not_mine(["held-elsewhere"]) == ["held-elsewhere"]  # its relay lets go at its next sweep
+    finally:
+        await silent.release()
+        await silent.close()

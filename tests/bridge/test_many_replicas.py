@@ -253,7 +253,7 @@ async def test_a_dead_or_frozen_replicas_calls_are_reaped_once_and_the_others_go
         let_go_after = web_closed[web["call_id"]] - resumed
         await web_client
         # (its phone calls' streams may end, hung up by the reaper, before or after it looks)
-        stops = "another replica ended the call while this replica's lease had expired: its relay here stops"
+        stops = "another replica ended the call while this replica did not answer for it: its relay here stops"
         assert _log_count(replicas["b"], f"call {web['call_id']}: {stops}") == 1
         assert all(_log_count(replicas["b"], f"call {c}: {stops}") <= 1 for c in by_replica["b"])
         results = await asyncio.gather(*calls)
