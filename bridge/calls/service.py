@@ -66,7 +66,8 @@ DRAIN_DETAIL = "the replica's drain deadline passed"
 #: lease had expired, or ended it after a stop-call this one did not answer
 LOST_DETAIL = "another replica ended the call while this replica did not answer for it"
 #: stop-call on a call relayed elsewhere: how long to wait for its replica to end it before the
-#: command is sent again, and, after a second wait, before the phone call is hung up through Twilio
+#: command is sent again, and, after a second wait, before the call is hung up through Twilio
+#: and ended here
 CONTROL_WAIT_S = 1.0
 CONTROL_POLL_S = 0.02
 #: a stop for a call not relayed here yet (being set up) is kept this long for its relay
@@ -666,8 +667,8 @@ class CallService:
         ended. If it has not within CONTROL_WAIT_S the command is sent again; after that its
         replica is gone or cut off: a phone call is hung up through Twilio, and the call ends
         here with ``reason`` (a web call too: its replica, if it comes back, lets it go within
-        a sweep, ``drop_lost_calls``). A call only registered is hung up and ends here; a stop also holds for a
-        relay being set up (the stream arrived just now). Returns once the record says the call
+        a sweep, ``drop_lost_calls``). A call only registered is hung up and ends here; a stop
+        also holds for a relay being set up (the stream arrived just now). Returns once the record says the call
         ended (or after 2 * CONTROL_WAIT_S: a web client may still be playing the agent's last
         words)."""
         call_id = record.call_id
