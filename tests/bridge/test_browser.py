@@ -185,8 +185,8 @@ async def page(retell_web_client, microphone, bridge):
 
 async def converse(page, new_call, endpoint_for) -> tuple[str, dict, int]:
     """Start a conversation for a call from ``new_call()`` on ``endpoint_for(call_id)``, talk for
-    TALK_S after it first sends, stop it; a start the client bug killed (nothing sent within 1.5 s) is given up and a
-    new call placed. -> (call id, what the page recorded, starts it took)."""
+    TALK_S after it first sends, stop it; a start the client bug killed (nothing sent within
+    1.5 s) is given up and a new call placed. -> (call id, what the page recorded, starts it took)."""
     for starts in range(1, MAX_STARTS + 1):
         call_id = await new_call()
         endpoint = endpoint_for(call_id)

@@ -65,6 +65,10 @@ class Tab:
         self.blocked: list[str] = []
         page.on("console", lambda m: "Content Security Policy" in m.text and self.blocked.append(m.text))
 
+    def troubles(self) -> list[str]:
+        """What went wrong in the page: script errors, requests to outside, what its CSP blocked."""
+        return [*self.errors, *self.outside, *self.blocked]
+
     async def shot(self, name: str) -> Path:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         path = ARTIFACTS / f"{name}.png"
@@ -167,7 +171,7 @@ async def test_sign_in_watch_a_call_live_and_read_its_page(open_dashboard, bridg
     await audio.evaluate("(a) => { a.muted = true; return a.play(); }")
     await until(lambda: audio.evaluate("(a) => a.currentTime > 0.3"), timeout=10)
     await tab.shot("04-call-page")
-    assert tab.errors == [] and tab.outside == [] and tab.blocked == [], (tab.errors, tab.outside, tab.blocked)
+    assert tab.troubles() == [], tab.troubles()
 
 
 async def test_listen_to_an_ongoing_call_from_the_dashboard(open_dashboard, bridge):
@@ -203,7 +207,7 @@ async def test_listen_to_an_ongoing_call_from_the_dashboard(open_dashboard, brid
     print(f"\nthe page heard the caller at correlation {caller_peak:.3f} and the agent at {agent_peak:.3f}")
     assert caller_peak > 0.95 and agent_peak > 0.9, (caller_peak, agent_peak)
     await tab.shot("06-listen-ended")
-    assert tab.errors == [] and tab.outside == [] and tab.blocked == [], (tab.errors, tab.outside, tab.blocked)
+    assert tab.troubles() == [], tab.troubles()
     assert not any(API_KEY in url for url in tab.requests)
 
 
@@ -227,7 +231,7 @@ async def test_talk_to_the_agent_from_the_browser(open_dashboard, bridge):
     assert record.call_type.value == "web_call" and record.disconnection_reason.value == "user_hangup"
     assert record.sample_rate == 24000 and record.e2e_latency is not None  # the agent answered a turn it heard
     await tab.shot("08-talk-ended")
-    assert tab.errors == [] and tab.outside == [] and tab.blocked == [], (tab.errors, tab.outside, tab.blocked)
+    assert tab.troubles() == [], tab.troubles()
 
 
 async def test_listening_to_a_call_that_opted_out_is_refused_in_the_page(open_dashboard, start_bridge):
@@ -275,7 +279,7 @@ async def test_a_wrong_or_missing_key_shows_the_sign_in_page_and_no_data(open_da
     await page.click("#signout")
     await page.wait_for_selector("#signin-form")
     assert done.call_id not in await page.content()
-    assert tab.errors == [] and tab.outside == [] and tab.blocked == [], (tab.errors, tab.outside, tab.blocked)
+    assert tab.troubles() == [], tab.troubles()
 
 
 async def test_the_api_docs_render_with_nothing_from_outside(open_dashboard):
@@ -306,4 +310,3 @@ async def test_the_pages_answer_head_and_the_dashboard_page_comes_only_with_its_
         assert (await http.get("/dashboard/static/index.html")).status_code == 404
         assert (await http.get("/dashboard/static/./index.html")).status_code == 404
         assert "cdn." not in (await http.get("/docs/redoc.js")).text
-
