@@ -10,8 +10,18 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
-#: What a call id may be (the API's and the listen sockets' paths refuse anything else)
+#: What a call id may be: every path that names a call (the API's, the call sockets', the
+#: listen sockets', Twilio's callbacks) answers "unknown call" for anything else, before the
+#: database is asked, so both databases answer alike (PostgreSQL refuses a NUL, SQLite not)
 VALID_CALL_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: The longest caller or callee the record keeps (``from_number`` / ``to_number``): E.164
+#: numbers, SIP URIs (``sip:+14155550100@trunk.example.pstn.twilio.com``), ``client:`` identities
+MAX_PARTY_CHARS = 256
+
+
+def is_call_id(value: object) -> bool:
+    """Whether ``value`` can name a call (``VALID_CALL_ID``)."""
+    return isinstance(value, str) and VALID_CALL_ID.fullmatch(value) is not None
 
 
 class CallStatus(str, Enum):

@@ -196,6 +196,10 @@ class Settings(BaseSettings):
     media_frame_ms: int = Field(20, ge=20, le=60)
     mark_interval_ms: int = Field(100, ge=20)
     fallback_message: str = "Sorry, we could not connect your call. Please try again later."
+    #: Every request a caller waits on (Twilio's voice webhook and callbacks, a media stream's
+    #: start) is answered within this, the fallback when the database does not answer in time:
+    #: Twilio gives up on a webhook after 15 s, and plays its own error then
+    twilio_request_timeout_s: float = Field(4.0, gt=0, le=12)
     #: The largest request body the call API reads (413 beyond; Twilio's forms have their own,
     #: smaller cap). Metadata and dynamic variables are at most 50 kB each.
     max_request_bytes: int = Field(1 << 20, ge=64 * 1024)

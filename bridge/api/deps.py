@@ -10,11 +10,10 @@ from fastapi.responses import JSONResponse
 
 from .. import logs
 from ..calls import CallService
-from ..models import VALID_CALL_ID, CallRecord
+from ..models import CallRecord, is_call_id
 from ..settings import AgentConfig
 from .errors import ApiError
 
-CALL_ID = VALID_CALL_ID
 
 
 def api_key_problem(keys: list[str], authorization: str) -> str | None:
@@ -86,7 +85,7 @@ def call_service(request: Request) -> CallService:
 
 
 async def find_call(request: Request, call_id: str) -> CallRecord:
-    if not CALL_ID.fullmatch(call_id):
+    if not is_call_id(call_id):
         raise ApiError(404, f"call {call_id[:64]!r}{'...' if len(call_id) > 64 else ''} not found: not a call id")
     record = await call_service(request).store.get(call_id)
     if record is None:

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 
 from ..calls import DialRefused, TooManyCalls
 from ..calls.registrar import call_fields, new_call_id
-from ..models import CallRecord, CallType, Direction, DisconnectionReason
+from ..models import CallRecord, CallType, Direction, DisconnectionReason, is_call_id
 from .deps import AUTH, MAX_FORM_BYTES, call_service
 from .errors import ERRORS, ApiError
 from .schemas import CallBody, CallObject, e164
@@ -109,6 +109,9 @@ async def status_callback(call_id: str, request: Request) -> Response:
     form = await signed_form(request)
     calls = call_service(request)
     status = form.get("CallStatus", "")
+    if not is_call_id(call_id):
+        log.warning("status callback for %r, which is no call id: ignored", call_id[:64])
+        return Response(status_code=204)
     if status in DIAL_FAILURES:
         await calls.dial_ended(call_id, DIAL_FAILURES[status], f"Twilio CallStatus {status}")
     elif status == "completed":  # answered, then gone before any stream (a live call ends by its stream)
@@ -121,7 +124,7 @@ async def amd_callback(call_id: str, request: Request) -> Response:
     form = await signed_form(request)
     calls = call_service(request)
     answered_by = form.get("AnsweredBy", "")
-    record = await calls.store.get(call_id)
+    record = await calls.find(call_id)
     if record is None or not record.drop_call_if_machine_detected:
         return Response(status_code=204)
     if answered_by in VOICEMAIL or answered_by in MACHINE:

@@ -36,24 +36,33 @@ class CallList(BaseModel):
 MAX_METADATA_DEPTH = 32  # nesting levels of objects and arrays: far more than any real metadata
 
 
-def _nesting_depth(value) -> int:
-    """How deeply objects and arrays nest in ``value`` (iterative: no recursion limit to hit)."""
+def _shape(value) -> tuple[int, bool]:
+    """How deeply objects and arrays nest in ``value``, and whether a key or a string in it holds
+    a NUL (iterative: no recursion limit to hit)."""
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict | list):
+        if isinstance(item, str):
+            if "\x00" in item:
+                return deepest, True
+        elif isinstance(item, dict | list):
             deepest = max(deepest, depth)
             if depth > MAX_METADATA_DEPTH:
                 break
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
             stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
+    return deepest, False
 
 
 def _metadata_size(v: dict | None) -> dict | None:
     if v is None:
         return v
-    if _nesting_depth(v) > MAX_METADATA_DEPTH:
+    depth, nul = _shape(v)
+    if depth > MAX_METADATA_DEPTH:
         raise ValueError(f"nests objects or arrays deeper than {MAX_METADATA_DEPTH} levels")
+    if nul:  # (PostgreSQL stores no NUL in text: refused on every database alike)
+        raise ValueError("holds a NUL character (\\u0000) in a key or a string")
     try:
         size = len(json.dumps(v, ensure_ascii=False, allow_nan=False).encode("utf-8"))
     except (ValueError, UnicodeEncodeError):

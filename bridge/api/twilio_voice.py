@@ -1,10 +1,20 @@
 """``POST /twilio/voice``: Twilio's voice webhook. Checks the signature, picks the agent,
-registers the call and answers ``<Connect><Stream>`` TwiML with a single-use stream token.
-``signed_form`` checks every Twilio callback (voice, status, AMD)."""
+registers the call and answers ``<Connect action><Stream>`` TwiML with a single-use stream
+token. ``POST /twilio/stream-ended/{call_id}``: Twilio asks what to do once the stream ended
+(``<Connect action>``): a hang-up after a normal ending, the fallback message after a failure,
+the drain message after the drain's deadline. ``signed_form`` checks every Twilio callback
+(voice, stream ended, status, AMD).
+
+Every answer here comes within ``twilio_request_timeout_s`` (the caller waits; Twilio gives up
+after 15 s and plays its own error): the fallback when the database does not answer in time.
+What Twilio sends is stored whatever it holds (SIP URIs, ``client:`` identities), control
+characters replaced and over-long values cut, each with a note on the call."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request, Response
@@ -14,10 +24,10 @@ from twilio.request_validator import RequestValidator, get_signature_algorithm
 from twilio.twiml.voice_response import VoiceResponse
 
 from .. import logs
-from ..calls import STORE_UNAVAILABLE
+from ..calls import DRAIN_DETAIL, STORE_UNAVAILABLE
 from ..calls.registrar import RegistrationError
-from ..models import CallStatus, Direction
-from ..protocol.twilio import CALL_PARAMETER, MEDIA_PATH, TOKEN_PARAMETER
+from ..models import MAX_PARTY_CHARS, CallStatus, Direction, is_call_id
+from ..protocol.twilio import ACTION_PARAMETER, CALL_PARAMETER, MEDIA_PATH, STREAM_ENDED_PATH, TOKEN_PARAMETER
 from .deps import MAX_FORM_BYTES, call_service
 
 log = logging.getLogger(__name__)
@@ -33,6 +43,43 @@ def fallback_twiml(message: str) -> Response:
     response.say(message)
     response.hangup()
     return _twiml(response)
+
+
+def hangup_twiml() -> Response:
+    response = VoiceResponse()
+    response.hangup()
+    return _twiml(response)
+
+
+#: Twilio's ids: a call SID and an account SID (two letters and 32 hex digits)
+CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
+ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def party(form, field: str, notes: list[str]) -> str | None:
+    """A caller or callee as Twilio sent it (``From``, ``To``: an E.164 number, a SIP URI, a
+    ``client:`` identity...), fit to store: control characters replaced (PostgreSQL stores no
+    NUL), cut at MAX_PARTY_CHARS; each change is said in ``notes``."""
+    value = form.get(field)
+    if not value:
+        return None
+    if CONTROL_CHARACTERS.search(value):
+        value = CONTROL_CHARACTERS.sub("\ufffd", value)
+        notes.append(f"Twilio's {field} had control characters: replaced")
+    if len(value) > MAX_PARTY_CHARS:
+        notes.append(f"Twilio's {field} was {len(value)} characters: the first {MAX_PARTY_CHARS} are kept")
+        value = value[:MAX_PARTY_CHARS]
+    return value
+
+
+def sid_problem(form) -> str | None:
+    """Why the form's ``CallSid`` / ``AccountSid`` are not Twilio's, or None."""
+    for field, pattern in (("CallSid", CALL_SID), ("AccountSid", ACCOUNT_SID)):
+        value = form.get(field)
+        if value is not None and not pattern.fullmatch(value):
+            return f"its {field} {value[:40]!r}{'...' if len(value) > 40 else ''} is not a Twilio {'call' if field == 'CallSid' else 'account'} SID"
+    return None
 
 
 
@@ -104,11 +151,22 @@ async def voice_webhook(request: Request, agent_id: str | None = None) -> Respon
         # than lose the call.
         # The stream goes to the public URL too, so it too lands on a ready replica if any.
         log.warning("voice webhook handed over to a draining replica again: answered here")
+    settings = call_service(request).settings
+    if problem := sid_problem(form):
+        log.error("voice webhook refused: %s", problem)
+        return fallback_twiml(settings.fallback_message)
     try:
-        return await _answer(request, form, agent_id)
+        async with asyncio.timeout(settings.twilio_request_timeout_s):
+            return await _answer(request, form, agent_id)
+    except TimeoutError:  # (a database that drops packets, rather than refusing)
+        log.error(
+            "voice webhook for %s: the call database did not answer within %g s: the fallback",
+            form.get("CallSid"), settings.twilio_request_timeout_s,
+        )  # fmt: skip
+        return fallback_twiml(settings.fallback_message)
     except STORE_UNAVAILABLE as e:  # the caller hears a sentence and a hang-up, not Twilio's error
-        log.error("voice webhook for %s: the call database is unavailable: %s", form.get("CallSid"), e)
-        return fallback_twiml(call_service(request).settings.fallback_message)
+        log.error("voice webhook for %s: the call database is unavailable: %s: %s", form.get("CallSid"), type(e).__name__, e)
+        return fallback_twiml(settings.fallback_message)
 
 
 async def _answer(request: Request, form, agent_id: str | None) -> Response:
@@ -116,9 +174,10 @@ async def _answer(request: Request, form, agent_id: str | None) -> Response:
     settings = calls.settings
     call_sid = form.get("CallSid")
     planned = request.query_params.get("call_id")  # an outbound call the API registered and dialed
-    if planned:
-        existing = await calls.store.get(planned)
+    if planned is not None:
+        existing = await calls.find(planned)
         if existing is None:
+            log.warning("voice webhook for %s names call %r, which is unknown: the fallback", call_sid, planned[:64])
             return fallback_twiml(settings.fallback_message)
         if call_sid and not existing.twilio_call_sid:  # Twilio asked before the dial request returned
             existing = await calls.store.update(planned, twilio_call_sid=call_sid, twilio_account_sid=form.get("AccountSid"))
@@ -134,14 +193,16 @@ async def _answer(request: Request, form, agent_id: str | None) -> Response:
         log.warning("no agent for %s (path agent %r)", form.get("To"), agent_id)
         return fallback_twiml(settings.fallback_message)
     direction = Direction.inbound if form.get("Direction", "inbound") == "inbound" else Direction.outbound
+    notes: list[str] = []
     try:
         record = await calls.register_phone_call(
             agent,
-            from_number=form.get("From"),
-            to_number=form.get("To"),
+            from_number=party(form, "From", notes),
+            to_number=party(form, "To", notes),
             direction=direction,
             twilio_call_sid=call_sid,
             twilio_account_sid=form.get("AccountSid"),
+            notes=notes,
         )
     except RegistrationError as e:
         log.error("registration of %s failed: %s", call_sid, e)
@@ -150,16 +211,39 @@ async def _answer(request: Request, form, agent_id: str | None) -> Response:
 
 
 def _connect(request: Request, call_id: str) -> Response:
-    """``<Connect><Stream>`` for a registered call, with a fresh single-use stream token."""
+    """``<Connect action><Stream>`` for a registered call, with a fresh single-use stream token:
+    when the stream ends Twilio asks ``STREAM_ENDED_PATH`` what to do next."""
     logs.CALL_ID.set(call_id)  # the request's log lines name the call
     calls = call_service(request)
-    settings = calls.settings
-    stream_url = calls.public_base(request.headers, str(request.base_url)).replace("http", "ws", 1)
+    base = calls.public_base(request.headers, str(request.base_url))
     response = VoiceResponse()
-    connect = response.connect()
-    stream = connect.stream(url=f"{stream_url}{MEDIA_PATH}")
+    connect = response.connect(action=f"{base}{STREAM_ENDED_PATH}{call_id}", method="POST")
+    stream = connect.stream(url=f"{base.replace('http', 'ws', 1)}{MEDIA_PATH}")
     stream.parameter(name=CALL_PARAMETER, value=call_id)
     stream.parameter(name=TOKEN_PARAMETER, value=calls.stream_token(call_id))
-    response.say(settings.fallback_message)  # played only if the stream ends abnormally
-    response.hangup()
+    stream.parameter(name=ACTION_PARAMETER, value="1")
     return _twiml(response)
+
+
+@router.post(STREAM_ENDED_PATH + "{call_id}", summary="Twilio: the call's stream ended (<Connect action>)")
+async def stream_ended(request: Request, call_id: str) -> Response:
+    """What Twilio does once a call's stream has ended follows from how the call ended: a
+    hang-up after a normal ending (the agent or the API ended it, the caller was silent...),
+    the drain message after the drain's deadline, the fallback message after a failure (the
+    agent could not be reached, failed or sent garbage; the call never started; its replica
+    went away)."""
+    form = await signed_form(request)
+    calls = call_service(request)
+    settings = calls.settings
+    try:
+        async with asyncio.timeout(settings.twilio_request_timeout_s):
+            reason, detail = await calls.stream_outcome(call_id, max(0.5, settings.twilio_request_timeout_s - 1))
+    except (TimeoutError, *STORE_UNAVAILABLE) as e:
+        reason, detail = None, f"the call database did not answer: {type(e).__name__}"
+    logs.CALL_ID.set(call_id if is_call_id(call_id) else None)
+    if reason is None or reason.is_error:
+        log.info("stream of %s ended (%s): Twilio plays the fallback message", form.get("CallSid"), reason.value if reason else detail)
+        return fallback_twiml(settings.fallback_message)
+    if detail.startswith(DRAIN_DETAIL):
+        return fallback_twiml(settings.drain_message)
+    return hangup_twiml()

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from ..models import VALID_CALL_ID, CallRecord, CallType, Direction, Encoding, Protocol
+from ..models import CallRecord, CallType, Direction, Encoding, Protocol, is_call_id
 from ..settings import AgentConfig, ExternalRegistrar
 from ..store import SqlCallStore
 
@@ -45,8 +45,10 @@ async def register_call(
     twilio_call_sid: str | None = None,
     twilio_account_sid: str | None = None,
     http: httpx.AsyncClient | None = None,
+    notes: list[str] | None = None,
 ) -> CallRecord:
-    """Register a phone call for ``agent`` and store its record (status ``registered``)."""
+    """Register a phone call for ``agent`` and store its record (status ``registered``), with
+    ``notes`` on it (what was wrong with what Twilio sent)."""
     fields = call_fields(agent, from_number=from_number, to_number=to_number, direction=direction)
     if isinstance(agent.registrar, ExternalRegistrar):
         call_id = await _register_externally(agent.registrar, fields, http)
@@ -57,12 +59,14 @@ async def register_call(
         call_type=CallType.phone_call,
         twilio_call_sid=twilio_call_sid,
         twilio_account_sid=twilio_account_sid,
+        notes=list(notes or ()),
         **fields,
     )
     try:
         await store.create(record)
     except Exception as e:  # e.g. an external registrar handing out a call id twice
-        raise RegistrationError(f"cannot store call {call_id}: {type(e).__name__}") from e
+        detail = (str(getattr(e, "orig", None) or e).strip().splitlines() or [""])[0][:300]
+        raise RegistrationError(f"cannot store call {call_id}: {type(e).__name__}: {detail}".rstrip(": ")) from e
     return record
 
 
@@ -86,7 +90,7 @@ async def _register_externally(
         call_id = response.json()["call_id"]
     except (ValueError, KeyError, TypeError):
         raise RegistrationError("registrar's answer has no call_id") from None
-    if not isinstance(call_id, str) or not VALID_CALL_ID.fullmatch(call_id):
+    if not is_call_id(call_id):
         # (it names the call's files and URLs: a slash or a megabyte there must not get in)
         raise RegistrationError(f"registrar's call_id {str(call_id)[:64]!r} is not a call id (1-64 of A-Z a-z 0-9 _ . -)")
     return call_id

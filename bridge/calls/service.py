@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from twilio.base.exceptions import TwilioException
 from audio import repair_wav
 
 from ..metrics import Metrics
-from ..models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason, now_ms
+from ..models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason, is_call_id, now_ms
 from ..settings import (
     AgentConfig,
     Settings,
@@ -38,7 +39,7 @@ from ..settings import (
     shared_secrets_problem,
     signed_url_problem,
 )
-from ..store import CallFiles, ControlChannel, FilesError, SqlCallStore, webhook_targets
+from ..store import STORE_UNAVAILABLE, CallFiles, ControlChannel, FilesError, SqlCallStore, webhook_targets
 from ..store.files import UPLOAD_TIMEOUT_S
 from .endings import EndingSpool
 from .feed import CallFeed
@@ -73,6 +74,16 @@ CONTROL_POLL_S = 0.02
 #: a stop for a call not relayed here yet (being set up) is kept this long for its relay
 PENDING_STOP_S = 30.0
 MAX_PENDING_STOPS = 10_000
+#: how long this replica remembers how a call ended (its relay's word, here or on another
+#: replica), for Twilio's stream-ended callback and stop-call; at most this many calls
+ENDINGS_KEPT_S = 120.0
+MAX_ENDINGS_KEPT = 20_000
+ENDING_POLL_S = 0.05
+#: a relay announcing an ending to the other replicas waits for the database at most this long
+ANNOUNCE_TIMEOUT_S = 2.0
+#: once a call's relay said it is ending it, stop-call waits this long for its record to say so
+#: (recording flushed, files uploaded, the ending stored) before it answers anyway
+ENDING_STORED_S = 10.0
 #: at exit, how long uploads of ended calls' files under way may still take
 UPLOADS_AT_EXIT_S = 20.0
 #: reaping a gone replica's calls: Twilio REST hang-ups at once (Twilio allows an account about 100)
@@ -192,6 +203,9 @@ class CallService:
         #: stops for calls not relayed here yet (their relay is being set up): call id ->
         #: (reason, detail, until when the stop holds)
         self._pending_stops: dict[str, tuple[DisconnectionReason, str, float]] = {}
+        #: how calls ended, by their relays' word (``ending``): call id -> (reason, detail, when)
+        self._endings: OrderedDict[str, tuple[DisconnectionReason, str, float]] = OrderedDict()
+        self._announcing: set[asyncio.Task] = set()
         #: since when this replica's heartbeats have all been stored (None: the last one failed)
         self._healthy_since: float | None = None
         #: stream tokens this process gave Twilio, not yet used: call id -> when the token expires
@@ -388,19 +402,23 @@ class CallService:
 
     # --- starting, the live registry, ending -------------------------------------------------
 
-    async def find(self, call_id: str) -> CallRecord | None:
-        return await self.store.get(call_id)
+    async def find(self, call_id: str | None) -> CallRecord | None:
+        """The call ``call_id`` names, or None (never asking the database about what is no
+        call id: both databases then answer alike)."""
+        return await self.store.get(call_id) if is_call_id(call_id) else None
 
     async def start_stream(self, call_id: str | None, token: str | None, call_sid: str | None, account_sid: str | None, public_base: str) -> CallRecord:
         """A Twilio media stream's ``start`` (on the bridge's own ``/twilio/media``) names a call
         and its single-use stream token: check both and start the call. Raises ``CallRefused``."""
         if not call_id:
             raise CallRefused("start without a call_id parameter")
+        if not is_call_id(call_id):
+            raise CallRefused("unknown call")
         self._streams_due.pop(call_id, None)
         try:
             self.stream_tokens.check(call_id, token)
         except TokenError as e:  # (a valid token names a call this bridge registered)
-            known = await self.store.get(call_id) is not None
+            known = await self.find(call_id) is not None
             raise CallRefused(str(e) if known else "unknown call", call_id if known else None) from None
         return await self.start_call(call_id, public_base, twilio_call_sid=call_sid, twilio_account_sid=account_sid)
 
@@ -434,7 +452,7 @@ class CallService:
 
     async def check_web_call(self, call_id: str, token: str | None) -> CallRecord:
         """The web call a browser's access token opens. Raises ``CallRefused``."""
-        record = await self.store.get(call_id)
+        record = await self.find(call_id)
         if record is None or record.call_type is not CallType.web_call:
             raise CallRefused("unknown web call")
         try:
@@ -546,14 +564,75 @@ class CallService:
         pending[call_id] = (reason, detail, now + PENDING_STOP_S)
 
     def _on_command(self, command: dict) -> None:
-        """A command from the control channel (any replica's, this one's included)."""
-        if command.get("op") == "stop" and isinstance(command.get("call_id"), str):
-            try:
-                reason = DisconnectionReason(command.get("reason"))
-            except ValueError:
-                log.error("control channel: stop with an unknown reason %r", command.get("reason"))
-                return
-            self._stop_when_attached(command["call_id"], reason, str(command.get("detail", ""))[:500])
+        """A command from the control channel (any replica's, this one's included): ``stop`` a
+        call relayed here; a call relayed somewhere has ``ended`` (how, for ``stream_outcome``
+        and ``stop``)."""
+        op, call_id = command.get("op"), command.get("call_id")
+        if op not in ("stop", "ended") or not is_call_id(call_id):
+            return
+        try:
+            reason = DisconnectionReason(command.get("reason"))
+        except ValueError:
+            log.error("control channel: %s with an unknown reason %r", op, command.get("reason"))
+            return
+        detail = str(command.get("detail", ""))[:500]
+        if op == "stop":
+            self._stop_when_attached(call_id, reason, detail)
+        else:
+            self._keep_ending(call_id, reason, detail)
+
+    # --- how a live call ended, before its record says so -------------------------------------
+
+    def ending(self, call_id: str, reason: DisconnectionReason, detail: str) -> None:
+        """A relay here is ending the call (before it closes the caller's socket): said at once
+        to this replica's ``stream_outcome`` and ``stop``, and to the other replicas' through
+        the control channel (in the background, bounded: the caller's socket never waits)."""
+        self._keep_ending(call_id, reason, detail)
+        if self.control is not None and self.control.shared:
+            command = {"op": "ended", "call_id": call_id, "reason": reason.value, "detail": detail[:500]}
+            task = asyncio.ensure_future(self._announce(command))
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
+
+    async def _announce(self, command: dict) -> None:
+        try:
+            async with asyncio.timeout(ANNOUNCE_TIMEOUT_S):
+                await self.control.send(command)
+        except Exception as e:  # noqa: BLE001 - the others read the record instead
+            log.warning("call %s: its ending could not be announced to the other replicas: %s: %s", command["call_id"], type(e).__name__, e)
+
+    def _keep_ending(self, call_id: str, reason: DisconnectionReason, detail: str) -> None:
+        endings, now = self._endings, time.monotonic()
+        endings.pop(call_id, None)
+        endings[call_id] = (reason, detail, now)
+        while endings and (len(endings) > MAX_ENDINGS_KEPT or next(iter(endings.values()))[2] < now - ENDINGS_KEPT_S):
+            endings.popitem(last=False)  # (the oldest first: one lifetime for all)
+
+    def ended_here(self, call_id: str) -> tuple[DisconnectionReason, str] | None:
+        """How the call ended, if a relay (on any replica) said so in the last ENDINGS_KEPT_S."""
+        kept = self._endings.get(call_id)
+        return None if kept is None else (kept[0], kept[1])
+
+    async def stream_outcome(self, call_id: str, wait_s: float) -> tuple[DisconnectionReason | None, str]:
+        """How the call whose Twilio stream just ended ended (Twilio's ``<Connect action>``
+        asks): ``(reason, detail)`` from its relay (here, or on another replica through the
+        control channel) or its record, waiting at most ``wait_s`` for either; ``(None, why)``
+        when there is no answer: the call was never connected, or its relay went away with it
+        (a failure either way)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if (said := self.ended_here(call_id)) is not None:
+                return said
+            record = await self.find(call_id)
+            if record is None:
+                return None, "unknown call"
+            if record.call_status in (CallStatus.ended, CallStatus.error):
+                return record.disconnection_reason, record.error_detail or ""
+            if record.call_status is CallStatus.registered:
+                return None, "its stream ended before the call started"
+            if time.monotonic() >= deadline:
+                return None, f"its relay said nothing of its ending within {wait_s:g} s"
+            await asyncio.sleep(ENDING_POLL_S)
 
     async def end(self, call_id: str, reason: DisconnectionReason, detail: str = "", measured: dict[str, Any] | None = None) -> None:
         """Record how a live call ended, with what its relay measured (latency, transcript...),
@@ -622,24 +701,29 @@ class CallService:
             self.metrics.calls_ended.labels(reason.value).inc()
         return ended
 
-    async def hang_up(self, record: CallRecord, say: str | None = None) -> bool:
+    async def hang_up(self, record: CallRecord, say: str | None = None, note: bool = True) -> str | None:
         """End the phone call through Twilio REST (no fallback TwiML is played), after Twilio
-        says ``say`` to the caller if given."""
+        says ``say`` to the caller if given. Returns None, or why it failed: logged at WARNING
+        and, with ``note``, noted on the call (its record and public log)."""
         if not record.twilio_call_sid:
-            return False
-        return await self.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid, say=say)
+            return "the call has no Twilio call SID"
+        problem = await self.twilio_rest.hangup(record.twilio_call_sid, record.twilio_account_sid, say=say)
+        if problem and note:
+            with contextlib.suppress(*STORE_UNAVAILABLE):  # (the log line has it)
+                await self.note(record.call_id, f"Twilio REST hang-up failed: {problem}")
+        return problem
 
     async def note(self, call_id: str, text: str) -> None:
         """Add a line to the call's record (why a socket was refused, a file that could not be
         written...), and, unless the call is private, to its public log (``note`` events, with
         ``unix_ms``: they may come before the call starts), whose URL the record then gives
-        (with ``public_url`` set; else once the call starts). At most MAX_NOTES a call: more
-        are only logged."""
-        record = await self.store.get(call_id)
-        if record is None or len(record.notes) >= MAX_NOTES:
-            log.warning("call %s: %s (not noted: %s)", call_id, text, "unknown call" if record is None else "too many notes")
+        (with ``public_url`` set; else once the call starts). At most MAX_NOTES a call, however
+        many come at once on however many replicas: more are only logged."""
+        record = await self.store.add_note(call_id, text, MAX_NOTES)
+        if record is None:
+            known = await self.store.get(call_id) is not None
+            log.warning("call %s: %s (not noted: %s)", call_id, text, "too many notes" if known else "unknown call")
             return
-        await self.store.add_note(call_id, text)
         if self.is_private(record) or (self.files.remote and call_id not in self._live):
             return  # (in object storage, the public log is the relaying replica's: the record has the note)
         path = self.log_path(call_id)
@@ -691,14 +775,24 @@ class CallService:
         await self._finish(call_id, reason, only_if=CallStatus.ongoing, error_detail=f"{detail} ({waited}: ended by {self.settings.instance_id})")
 
     async def _ended_within(self, call_id: str, timeout_s: float) -> bool:
+        """Whether the call ends within ``timeout_s``: its record says so, or its relay said it
+        is ending it (then this waits, at most ENDING_STORED_S, for the record to say so too)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            record = await self.store.get(call_id)
-            if record is None or record.call_status in (CallStatus.ended, CallStatus.error):
+            if self.ended_here(call_id) is not None:
+                deadline = time.monotonic() + ENDING_STORED_S
+                while not await self._has_ended(call_id) and time.monotonic() < deadline:
+                    await asyncio.sleep(CONTROL_POLL_S)
+                return True
+            if await self._has_ended(call_id):
                 return True
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(CONTROL_POLL_S)
+
+    async def _has_ended(self, call_id: str) -> bool:
+        record = await self.store.get(call_id)
+        return record is None or record.call_status in (CallStatus.ended, CallStatus.error)
 
     async def machine_answered(self, record: CallRecord, reason: DisconnectionReason, detail: str) -> None:
         """Answering-machine detection said a machine answered: the relay holding the call

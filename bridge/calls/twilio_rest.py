@@ -18,6 +18,16 @@ from twilio.rest import Client
 log = logging.getLogger(__name__)
 
 
+def rest_problem(error: BaseException, timeout_s: float) -> str:
+    """What went wrong with a Twilio REST request, in a line."""
+    if isinstance(error, TimeoutError):
+        return f"Twilio's REST API did not answer within {timeout_s:g} s"
+    detail = getattr(error, "msg", None) or str(error) or type(error).__name__
+    if isinstance(error, TwilioException) and getattr(error, "status", None):
+        return f"Twilio refused ({error.status}): {detail}"
+    return f"{type(error).__name__}: {detail}"
+
+
 class RedirectingHttpClient(AsyncTwilioHttpClient):
     """The twilio package's aiohttp client, sending every request to ``base_url`` instead."""
 
@@ -47,9 +57,10 @@ class TwilioRest:
             self._http = RedirectingHttpClient(self.api_base_url)
         return Client(sid, self.auth_token, http_client=self._http)
 
-    async def hangup(self, call_sid: str, account_sid: str | None = None, say: str | None = None) -> bool:
+    async def hangup(self, call_sid: str, account_sid: str | None = None, say: str | None = None) -> str | None:
         """End a live call (``status=completed``), or with ``say``, replace its TwiML with that
-        sentence and a hang-up. Returns False (and logs) if Twilio refused."""
+        sentence and a hang-up. Returns None, or why it failed (logged at WARNING): Twilio
+        refused, or could not be reached within ``timeout_s``."""
         try:
             async with asyncio.timeout(self.timeout_s):
                 call = self.client(account_sid).calls(call_sid)
@@ -60,10 +71,11 @@ class TwilioRest:
                     await call.update_async(twiml=str(response))
                 else:
                     await call.update_async(status="completed")
-            return True
+            return None
         except (TwilioException, aiohttp.ClientError, OSError, TimeoutError) as e:
-            log.warning("Twilio hang-up of %s failed: %s", call_sid, e)
-            return False
+            problem = rest_problem(e, self.timeout_s)
+            log.warning("Twilio hang-up of %s failed: %s", call_sid, problem)
+            return problem
 
     async def close(self) -> None:
         if self._http is not None:

@@ -7,9 +7,10 @@ audio paced in real time (or ``speed`` times faster), plays what comes back 20 m
 the caller's clock (a faster run hears the same, shifted only by the bridge's and agent's own
 processing time times ``speed``), echoes each ``mark`` when the audio
 queued before it has played, honours ``clear`` (drops the queue, echoes pending marks at once),
-sends DTMF on request and ``stop`` at the end. If the bridge closes the stream it runs the TwiML
-after ``</Connect>`` (the fallback), unless the call was hung up through the REST API: a small
-fake Twilio REST server (``FakeTwilioApi``) takes that request.
+sends DTMF on request and ``stop`` at the end. If the bridge closes the stream, it asks the
+``<Connect action>`` URL what to do and runs the TwiML it answers (as Twilio does), or, without
+an action, runs the TwiML after ``</Connect>``; unless the call was hung up through the REST
+API: a small fake Twilio REST server (``FakeTwilioApi``) takes that request.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from ..server import BackgroundServer
 FRAME_MS = 20
 FRAME_BYTES = 160  # mu-law 8 kHz
 MAX_REDIRECTS = 10  # <Redirect>s followed in a row before the simulated call gives up
+#: what Twilio says when a TwiML URL does not answer a document
+TWILIO_APPLICATION_ERROR = "We are sorry, an application error has occurred. Goodbye."
 
 
 def sid(prefix: str) -> str:
@@ -61,7 +64,13 @@ class SimulationResult:
     protocol_errors: list[str] = field(default_factory=list)  # frames Twilio would reject
     ended_by: str = ""  # "caller" (stop sent), "bridge" (stream closed), "rest" (hung up via API)
     close_code: int | None = None
-    fallback: list[str] = field(default_factory=list)  # TwiML verbs run after the stream
+    stream_started: bool = False  # the media stream was opened
+    #: TwiML verbs run after the stream ("Verb: text"): the <Connect action>'s answer, or the
+    #: verbs after </Connect>
+    after: list[str] = field(default_factory=list)
+    fallback: list[str] = field(default_factory=list)  # of those, what the caller heard (Say, Play)
+    action_requests: int = 0  # <Connect action> requests made
+    action_error: str = ""  # why the last one got no answer (the bridge was gone)
     record: dict | None = None
     record_problem: str = ""  # why the record could not be read (a wrong API key...)
     hit_max_call: bool = False  # the caller hung up at max_call_s, not when done talking
@@ -75,6 +84,7 @@ class SimulationResult:
             "media_received": self.media_received,
             "marks_echoed": len(self.marks_echoed),
             "clears": self.clears,
+            "after": self.after,
             "fallback": self.fallback,
             "redirects": self.redirects,
         }
@@ -243,6 +253,19 @@ async def _fetch_twiml(http: httpx.AsyncClient, validator: RequestValidator, url
     return await http.post(url, data=params, headers={"X-Twilio-Signature": validator.compute_signature(url, params)})
 
 
+def connect_action(twiml: str) -> tuple[str, str] | None:
+    """The ``<Connect action>`` of a TwiML document, if any: (its URL as written, its method)."""
+    for verb in ET.fromstring(twiml):
+        if verb.tag == "Connect" and verb.get("action"):
+            return verb.get("action"), (verb.get("method") or "POST").upper()
+    return None
+
+
+def _run_after(result: SimulationResult, verbs: list[tuple[str, str]]) -> None:
+    result.after = [f"{verb}: {text}".rstrip(": ") for verb, text in verbs]
+    result.fallback = [line for line, (verb, _) in zip(result.after, verbs) if verb in ("Say", "Play")]
+
+
 def parse_twiml(twiml: str) -> tuple[str | None, dict[str, str], list[tuple[str, str]]]:
     """(stream url, stream parameters, verbs after </Connect> as (verb, text))."""
     root = ET.fromstring(twiml)
@@ -315,13 +338,32 @@ async def simulate_call(
         # of the seeds' audio websocket (wss://HOST/audio-websocket/{call_id})
         result.call_id = stream_params.get("call_id") or _audio_websocket_call_id(stream_url)
         if stream_url is None:
-            result.fallback = [f"{verb}: {text}".rstrip(": ") for verb, text in after]
+            _run_after(result, after)
             result.ended_by = "bridge"
             return result
+        action = connect_action(response.text)
         hangup = fake_api.watch(call_sid) if fake_api else asyncio.Event()
         await _stream(result, stream_url, stream_params, validator, account_sid, caller_pcm, speed, dtmf, tail_ms, max_call_s, hangup, amd)
-        if result.ended_by == "bridge":
-            result.fallback = [f"{verb}: {text}".rstrip(": ") for verb, text in after]
+        if result.ended_by == "bridge" and action is not None:  # Twilio asks what to do next
+            action_url = str(response.url.join(action[0]))
+            result.action_requests += 1
+            try:
+                answer = await _fetch_twiml(http, validator, action_url, action[1], {**params, "CallStatus": "in-progress"})
+            except httpx.HTTPError as e:  # (the bridge is gone: Twilio says its own error)
+                result.action_error = f"{type(e).__name__}: {e}"
+                answer = None
+            if answer is None:
+                _run_after(result, [("Say", TWILIO_APPLICATION_ERROR)])
+            elif answer.status_code != 200:
+                result.protocol_errors.append(f"the <Connect action> answered {answer.status_code}: {answer.text[:120]}")
+                _run_after(result, [("Say", TWILIO_APPLICATION_ERROR)])
+            else:
+                try:
+                    _run_after(result, parse_twiml(answer.text)[2])
+                except ET.ParseError as e:
+                    result.protocol_errors.append(f"the <Connect action>'s answer is not TwiML: {e}")
+        elif result.ended_by == "bridge":
+            _run_after(result, after)
         if api_key and result.call_id:
             try:
                 result.record = await fetch_record(http, base_url, api_key, result.call_id)
@@ -372,6 +414,7 @@ async def _stream(result, stream_url, stream_params, validator, account_sid, cal
         result.ended_by = "bridge"
         result.protocol_errors.append(f"stream refused: {e}")
         return
+    result.stream_started = True
     bridge_closed = asyncio.Event()
 
     async def send_mark_echoes(names: list[str]) -> None:

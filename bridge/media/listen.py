@@ -23,7 +23,7 @@ from socket import SO_SNDBUF, SOL_SOCKET
 from urllib.parse import parse_qs, quote, unquote
 
 from ..calls import CallRefused, CallService
-from ..models import VALID_CALL_ID
+from ..models import is_call_id
 from ..protocol import listen as lf
 from ..protocol.websocket import GOING_AWAY, NORMAL, POLICY_VIOLATION
 from . import connection
@@ -134,7 +134,7 @@ async def handle_listen_live(websocket: connection.ServerConnection, calls: Call
         websocket.refuse(*websocket.handshake.error)
         return
     call_id = unquote(websocket.path[len(lf.LISTEN_PREFIX) :])
-    if not VALID_CALL_ID.fullmatch(call_id):
+    if not is_call_id(call_id):
         log.warning("listen socket refused: not a call id: %r", call_id[:64])
         websocket.refuse(404, "unknown call")
         return

@@ -94,7 +94,6 @@ log = logging.getLogger(__name__)
 AUDIO_WEBSOCKET_PREFIX = "/audio-websocket/"
 WEB_CALL_PREFIX = "/web-call/"
 SHUTDOWN_DETAIL = "the bridge shut down"
-MAX_CALL_ID = 256  # longer is no call id: refused without asking the store
 RECORDING_FLUSH_TIMEOUT_S = 10.0
 #: Close codes of a web client's socket that ended because of what the client sent (the bridge
 #: closes with these when the client breaks RFC 6455; a client may send them too)
@@ -115,6 +114,9 @@ class CallerLeg:
     #: Twilio's ``start`` (for a web caller, one made up for a ``twilio``-protocol agent)
     start: tf.Start
     updates: bool = False  # a web client that asked for the agent's ``update`` events
+    #: Twilio asks the bridge what to do once the stream ends (the bridge's own TwiML,
+    #: ``<Connect action>``): no REST hang-up is needed for a clean ending
+    asks_after_stream: bool = False
 
 
 def web_caller(audio_format: AudioFormat, updates: bool) -> CallerLeg:
@@ -155,7 +157,8 @@ async def handle_media_stream(websocket: connection.ServerConnection, calls: Cal
     except CallRefused as e:
         await _refused(websocket, calls, e, "media stream")
         return
-    await _relay(websocket, calls, files, CallerLeg(Protocol.twilio, TWILIO_FORMAT, start), record)
+    asks = params.get(tf.ACTION_PARAMETER) == "1"
+    await _relay(websocket, calls, files, CallerLeg(Protocol.twilio, TWILIO_FORMAT, start, asks_after_stream=asks), record)
 
 
 def _accept(websocket: connection.ServerConnection, what: str) -> bool:
@@ -184,7 +187,7 @@ async def handle_audio_websocket(websocket: connection.ServerConnection, calls: 
     if _bad_handshake(websocket):
         return
     call_id = unquote(websocket.path[len(AUDIO_WEBSOCKET_PREFIX) :])
-    record = await calls.find(call_id) if 0 < len(call_id) <= MAX_CALL_ID and "/" not in call_id else None
+    record = await calls.find(call_id)
     if record is None:
         await _refused(websocket, calls, CallRefused("unknown call"), "audio websocket")
         return
@@ -387,7 +390,7 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
     set_up_from = loop.time()
 
     def stop(reason: Reason, detail: str) -> None:  # stop-call through the API, a machine answered...
-        session.end(reason, detail)
+        session.end(reason, detail, now=True)
         if relay is not None:
             relay.finish()
 
@@ -409,7 +412,7 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
             )  # fmt: skip
             if session.protocol is Protocol.twilio:
                 agent.send_text(tf.connected_frame())
-                agent.send_text(tf.start_frame(start, drop_parameters=(TOKEN_PARAMETER,), extra=calls.agent_context(record)))
+                agent.send_text(tf.start_frame(start, drop_parameters=tf.BRIDGE_PARAMETERS, extra=calls.agent_context(record)))
             elif agent_config.send_call_details:
                 agent.send_text(wf.call_details_event(calls.call_details(record)))
             limits = Limits(
@@ -423,7 +426,7 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
         session.end(Reason.error_unknown, f"{type(e).__name__}: {e}")
     finally:
         calls.detach(call_id)
-        await _finish(caller_ws, agent, session, calls, files, record, unavailable)
+        await _finish(caller_ws, agent, session, calls, files, record, unavailable, caller.asks_after_stream)
         if call_metrics is not None:
             _flush(call_metrics, session)
 
@@ -702,12 +705,17 @@ class MediaRelay:
 
 async def _finish(
     caller: connection.ServerConnection, agent, session: CallSession, calls: CallService, files: FileWriter, record: CallRecord,
-    unavailable: dict[str, str],
+    unavailable: dict[str, str], asks_after_stream: bool = False,
 ) -> None:
     ending = session.ending
     reason = ending.reason if ending else Reason.error_unknown
     stats = session.stats
     loop = asyncio.get_running_loop()
+    # said before the caller's socket closes: Twilio's stream-ended callback (on any replica)
+    # answers from it, and a stop-call waiting on another replica knows the call is ending here
+    calls.ending(record.call_id, reason, ending.detail if ending else "")
+    if ending is not None and ending.now and not (caller.closed or caller.close_code is not None):
+        _send_to(caller, session.drop_agent_audio(loop.time()))  # a stop: what is queued is not heard
     if session.web_caller:
         session.update_played(loop.time())
     session.observer.event(
@@ -725,17 +733,23 @@ async def _finish(
         agent_closed = asyncio.ensure_future(agent.close(code=1011 if reason.is_error else 1000, reason=reason.value))
     try:
         drained = ending is not None and ending.detail.startswith(DRAIN_DETAIL)
+        played_out = reason is Reason.agent_hangup and not ending.now  # the agent's last words are heard
         if session.web_caller:
-            if reason is Reason.agent_hangup:  # the web client plays what it got, then is closed
+            if played_out:  # the web client plays what it got, then is closed
                 await _web_play_out(caller, session)
             if drained:  # the drain's deadline: the client is told why, in the close frame
                 await caller.close(GOING_AWAY, calls.settings.drain_message[:120])
         elif reason in HUNG_UP_BY_BRIDGE and record.twilio_call_sid:
-            # let the caller hear the agent's last words (audio is sent ahead of playback), then
-            # hang up: closing the stream alone would make Twilio play the fallback after </Connect>
-            if reason is Reason.agent_hangup:
+            # let the caller hear the agent's last words (audio is sent ahead of playback)
+            if played_out:
                 await _play_out(caller, session)
-            await calls.hang_up(record, say=calls.settings.drain_message if drained else None)
+            # Twilio then asks the bridge's stream-ended callback what to do (a hang-up, the drain
+            # message); a stream of the user's own TwiML is hung up here, or Twilio would go on
+            # to the TwiML after </Connect>, meant for failures ("Sorry, we could not connect")
+            if not asks_after_stream:
+                problem = await calls.hang_up(record, say=calls.settings.drain_message if drained else None, note=False)
+                if problem:
+                    session.observer.event(loop.time(), "twilio_rest_failed", action="hang_up", reason=problem)
         await caller.close(twilio_close_code(ending), reason.value)
     finally:
         tap = calls.listen_taps.pop(record.call_id, None)
@@ -751,6 +765,13 @@ async def _finish(
         measured = measured_fields(session.observer, session)
         measured.update(dict.fromkeys(unavailable))  # no URL for a file that was never written
         await calls.end(record.call_id, reason, ending.detail if ending else "", measured)
+
+
+def _send_to(caller: connection.ServerConnection, actions) -> None:
+    """Write the caller's share of ``actions`` (the agent gets nothing more)."""
+    frames = [caller.frame_text(m) if type(m) is str else caller.frame_binary(m) for target, m in actions if target == TO_CALLER]
+    if frames:
+        caller.send_many(frames)
 
 
 def _flush(call_metrics: CallMetrics, session: CallSession) -> None:

@@ -59,6 +59,9 @@ class Ending:
     #: the close code that says what went wrong with the caller's side, if it was its frames
     #: (RFC 6455: 1007 invalid payload, 1003 unsupported data, 1008 policy, 1002 protocol)
     close_code: int | None = None
+    #: stopped from outside the call (stop-call, a machine answered, the drain's deadline): the
+    #: agent audio the caller has not heard yet is dropped, not played out
+    now: bool = False
 
 
 @dataclass
@@ -130,9 +133,9 @@ class CallSession:
 
     # --- ending ------------------------------------------------------------------------------
 
-    def end(self, reason: DisconnectionReason, detail: str = "", close_code: int | None = None) -> None:
+    def end(self, reason: DisconnectionReason, detail: str = "", close_code: int | None = None, now: bool = False) -> None:
         if self.ending is None:
-            self.ending = Ending(reason, detail, close_code)
+            self.ending = Ending(reason, detail, close_code, now)
 
     # --- Twilio -> agent ---------------------------------------------------------------------
 
@@ -363,6 +366,16 @@ class CallSession:
         elif self.stats.sent_ms > self._last_mark_ms:
             self._send_mark(actions)
         return actions
+
+    def drop_agent_audio(self, now: float) -> list[Action]:
+        """The call is stopped: what the caller has not heard of the agent's audio is dropped
+        (``clear`` to Twilio or the web client), as a barge-in would."""
+        if self.web_caller:
+            if self._queue_end <= now:
+                return []
+        elif not self._pending and self.stats.sent_ms <= self.stats.played_ms:
+            return []
+        return self._clear(now)
 
     def flush_agent_audio(self, now: float = 0.0) -> list[Action]:
         """The agent is gone: send everything left, with a mark after it."""

@@ -16,11 +16,16 @@ import orjson
 
 
 #: Where Twilio opens the media stream (the ``url`` of ``<Connect><Stream>``), and the custom
-#: parameters the bridge's TwiML gives it: the call and its single-use stream token. The voice
-#: webhook writes them and the relay reads them back from ``start``.
+#: parameters the bridge's TwiML gives it: the call, its single-use stream token, and "1" when
+#: the TwiML has ``<Connect action>`` (Twilio asks the bridge what to do once the stream ends,
+#: ``STREAM_ENDED_PATH``). The voice webhook writes them and the relay reads them back from
+#: ``start``; a ``twilio``-protocol agent gets none of them (``BRIDGE_PARAMETERS``) but the call id.
 MEDIA_PATH = "/twilio/media"
+STREAM_ENDED_PATH = "/twilio/stream-ended/"
 CALL_PARAMETER = "call_id"
 TOKEN_PARAMETER = "token"
+ACTION_PARAMETER = "bridge_action"
+BRIDGE_PARAMETERS = (TOKEN_PARAMETER, ACTION_PARAMETER)
 
 
 class FrameError(ValueError):

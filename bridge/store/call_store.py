@@ -8,7 +8,9 @@ row (or refused, for status changes whose precondition no longer holds)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import random
 import secrets
 import time
 from typing import Any, Iterable
@@ -63,6 +65,9 @@ class SqlCallStore:
         self.engine = engine
         self.instance_id = instance_id
         self.claim_token = secrets.token_hex(16)  # this process, as the holder of instance_id
+        #: changes of one call in this process go one at a time (compare-and-set then only
+        #: retries for other processes' changes): call id -> (lock, changes holding or awaiting it)
+        self._changing: dict[str, list] = {}
 
     @classmethod
     async def open(cls, url: str | None, instance_id: str, data_dir=None) -> SqlCallStore:
@@ -346,8 +351,24 @@ class SqlCallStore:
     async def _change(self, call_id: str, make, take_ownership: bool = False, events=(), owner: str | None = None) -> CallRecord | None:
         """Apply ``make(record) -> new record | None`` as a compare-and-set on the row version.
         ``events(new record) -> [(event, url)]`` go into the webhook outbox in the same
-        transaction: the change and its webhooks are stored together or not at all."""
-        for _ in range(RETRIES):
+        transaction: the change and its webhooks are stored together or not at all. Changes of
+        one call made in this process wait for each other (hundreds at once never exhaust the
+        retries, which are left for other replicas' changes)."""
+        entry = self._changing.setdefault(call_id, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                return await self._change_now(call_id, make, take_ownership, events, owner)
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._changing[call_id]
+
+    async def _change_now(self, call_id: str, make, take_ownership: bool, events, owner: str | None) -> CallRecord | None:
+        for attempt in range(RETRIES):
+            if attempt:  # another process changed it in between: back off a random while, so two
+                # processes changing one call at a steady rate do not keep colliding
+                await asyncio.sleep(random.uniform(0, 0.001 * 2 ** min(attempt, 7)))
             row = await self._row(call_id)
             if row is None or (owner is not None and row.instance_id != owner):
                 return None
@@ -484,8 +505,15 @@ class SqlCallStore:
             )
             return done.rowcount
 
-    async def add_note(self, call_id: str, text: str) -> None:
-        await self._change(call_id, lambda r: r.model_copy(update={"notes": [*r.notes, text]}))
+    async def add_note(self, call_id: str, text: str, cap: int) -> CallRecord | None:
+        """Add ``text`` to the call's notes unless it has ``cap`` already (checked in the same
+        compare-and-set as the write: concurrent notes never pass the cap). Returns the record,
+        or None if the call is unknown or full."""
+
+        def make(r: CallRecord) -> CallRecord | None:
+            return r.model_copy(update={"notes": [*r.notes, text]}) if len(r.notes) < cap else None
+
+        return await self._change(call_id, make)
 
     async def release_stale_leases(self, lease_ms: int) -> int:
         """The webhook jobs that gone instances (lease expired, or released) were delivering

@@ -17,6 +17,8 @@ from alembic.config import Config
 from sqlalchemy import JSON, BigInteger, Column, Index, Integer, MetaData, String, Table, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ..models import MAX_PARTY_CHARS
+
 metadata = MetaData()
 
 calls = Table(
@@ -27,8 +29,8 @@ calls = Table(
     Column("call_type", String(16), nullable=False),
     Column("call_status", String(16), nullable=False),
     Column("direction", String(16)),
-    Column("from_number", String(32)),
-    Column("to_number", String(32)),
+    Column("from_number", String(MAX_PARTY_CHARS)),  # E.164, a SIP URI, a client: identity
+    Column("to_number", String(MAX_PARTY_CHARS)),
     Column("registered_at", BigInteger, nullable=False),
     Column("start_timestamp", BigInteger),
     Column("end_timestamp", BigInteger),

@@ -74,7 +74,8 @@ async def start_bridge(tmp_path):
         overrides.setdefault("data_dir", tmp_path / f"bridge{len(running)}")
         overrides.setdefault("twilio_account_sid", "AC" + "0" * 32)
         overrides.setdefault("request_host_signatures", True)  # loopback: nothing else is signed
-        settings = load_settings(twilio_auth_token=AUTH_TOKEN, api_keys=API_KEY, twilio_api_base_url=api, **overrides)
+        overrides.setdefault("twilio_api_base_url", api)  # (another: Twilio's REST API out of reach)
+        settings = load_settings(twilio_auth_token=AUTH_TOKEN, api_keys=API_KEY, **overrides)
         app = create_app(settings)
         server = BackgroundServer(app)
         await server.start()
@@ -238,6 +239,12 @@ def best_correlation(heard: bytes, said: bytes) -> tuple[float, int]:
     lag = int(np.argmax(corr))
     window = h[lag : lag + len(s)]
     return float(corr[lag] / (np.linalg.norm(window) * np.linalg.norm(s) + 1e-9)), lag
+
+
+def hung_up_cleanly(result) -> bool:
+    """Twilio hung the simulated call up without a word after the stream: the bridge closed it
+    and answered the ``<Connect action>`` with ``<Hangup/>`` (no fallback message)."""
+    return result.ended_by == "bridge" and result.after == ["Hangup"] and result.fallback == [] and not result.action_error
 
 
 async def ongoing_calls(bridge) -> list:

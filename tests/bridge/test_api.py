@@ -10,7 +10,7 @@ from retell import APIStatusError
 
 from bridge.models import DisconnectionReason
 
-from .conftest import API_KEY, api_client, ongoing_calls, until
+from .conftest import hung_up_cleanly, API_KEY, api_client, ongoing_calls, until
 
 
 async def count(bridge) -> int:
@@ -193,7 +193,8 @@ async def test_stop_call_ends_a_live_call_on_both_legs(bridge, sdk):
     live = await until(lambda: ongoing_calls(bridge))
     await sdk.call.stop(live[0].call_id)
     result = await call_task
-    assert result.ended_by == "rest"  # Twilio was told to hang up: no fallback
+    assert hung_up_cleanly(result), result.summary()  # no fallback
+    assert bridge.fake.requests == []  # (the stream's end hangs up: no REST request)
     record = await bridge.store.get(live[0].call_id)
     assert record.disconnection_reason is DisconnectionReason.agent_hangup
 

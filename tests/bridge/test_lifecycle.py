@@ -15,7 +15,7 @@ from bridge.models import CallRecord, now_ms
 from bridge.settings import AgentConfig
 from bridge.store import SqlCallStore
 
-from .conftest import AUTH_TOKEN, api_client, call_status, caller_audio, until, wait_for_end
+from .conftest import hung_up_cleanly, AUTH_TOKEN, api_client, call_status, caller_audio, until, wait_for_end
 
 OWNED = "+14155550100"
 CALLEE = "+14155550199"
@@ -184,7 +184,7 @@ async def test_amd_human_changes_nothing_and_machine_start_drops_the_live_call_a
     machine = await twilio_callback(bridge, amd, call, AnsweredBy="machine_start", MachineDetectionDuration="2210")
     assert machine == 204
     callee = await bridge.fake.outbound[call.twilio_call_sid]
-    assert callee.ended_by == "rest"  # hung up through Twilio, no fallback
+    assert hung_up_cleanly(callee) and bridge.fake.requests == []  # no fallback, no REST request
     record = await wait_for_end(bridge, call.call_id, timeout=20)
     assert (record.call_status, record.disconnection_reason) == ("ended", "machine_detected")
     assert record.error_detail == "AnsweredBy machine_start"

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from bridge.settings import AgentConfig
 from bridge.dev.simulator import parse_twiml
 
-from .conftest import AUTH_TOKEN, call_status, envelope_ms, tampered, until, wait_for_end
+from .conftest import hung_up_cleanly, AUTH_TOKEN, call_status, envelope_ms, tampered, until, wait_for_end
 from .test_webhook import PARAMS, post, signed
 
 
@@ -153,11 +153,11 @@ async def test_a_stream_that_never_sends_start_is_closed_with_1008(start_bridge)
 
 async def test_an_agent_s_last_words_are_heard_before_it_hangs_up(start_bridge, bad_agent):
     """The agent sends 3 s of goodbye at once and closes with 1000 straight away: the bridge lets
-    Twilio play it all (a last mark) before hanging up through the REST API."""
+    Twilio play it all (a last mark) before it closes the stream, and Twilio hangs up."""
     agents = {"bye": AgentConfig(agent_id="bye", url=f"{bad_agent}/goodbye/{{call_id}}", default=True)}
     bridge = await start_bridge(agents=agents)
     result = await bridge.call(agent_id="bye")
-    assert result.record["disconnection_reason"] == "agent_hangup" and result.ended_by == "rest"
+    assert result.record["disconnection_reason"] == "agent_hangup" and hung_up_cleanly(result)
     (start, end), = envelope_ms(result.heard)
     assert end - start >= 2900
 
@@ -252,11 +252,11 @@ async def test_a_misbehaving_agent_ends_its_call_with_the_matching_reason(start_
     bad, _ = await asyncio.gather(bridge.call(agent_id="bad"), healthy_call(bridge))
     assert bad.record["disconnection_reason"] == reason
     if reason == "agent_hangup":
-        assert bad.record["call_status"] == "ended" and bad.ended_by == "rest"
+        assert bad.record["call_status"] == "ended" and hung_up_cleanly(bad)
     else:
         assert bad.record["call_status"] == "error"
-        assert bad.ended_by == "bridge"  # Twilio runs the TwiML after </Connect>: the fallback
-        assert bad.fallback == [f"Say: {bridge.settings.fallback_message}", "Hangup"]
+        assert bad.ended_by == "bridge"  # the bridge's answer to Twilio's <Connect action>: the fallback
+        assert bad.after == [f"Say: {bridge.settings.fallback_message}", "Hangup"]
 
 
 @pytest.mark.parametrize("kind", ["hangs", "refuses"])

@@ -9,7 +9,7 @@ from retell import APIStatusError
 
 from bridge.settings import AgentConfig
 
-from .conftest import api_client, caller_audio, envelope_ms, retell_client, wait_for_end
+from .conftest import hung_up_cleanly, api_client, caller_audio, envelope_ms, retell_client, wait_for_end
 
 OWNED = "+14155550100"
 AGENTS = {
@@ -73,7 +73,7 @@ async def test_a_machine_answering_drops_the_call_when_asked(bridge, sdk):
     assert params["MachineDetection"] == "DetectMessageEnd" and params["AsyncAmd"] == "true"
     assert params["AsyncAmdStatusCallback"].endswith(f"/twilio/amd/{call.call_id}")
     callee = await next(iter(bridge.fake.outbound.values()))
-    assert callee.ended_by == "rest"  # hung up through Twilio, no fallback
+    assert hung_up_cleanly(callee) and bridge.fake.requests == []  # no fallback, no REST request
     record = await wait_for_end(bridge, call.call_id, timeout=20)
     assert record.disconnection_reason.value == "voicemail_reached" and record.call_status.value == "ended"
 

@@ -8,7 +8,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from bridge.settings import AgentConfig, ExternalRegistrar
-from bridge.dev.simulator import parse_twiml
+from bridge.dev.simulator import connect_action, parse_twiml
 
 from .conftest import AUTH_TOKEN
 
@@ -39,14 +39,15 @@ async def test_a_signed_call_gets_connect_stream_twiml(start_bridge):
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/xml")
     url, params, after = parse_twiml(r.text)
     assert url == bridge.base_url.replace("http", "ws") + "/twilio/media"  # no query string
-    assert set(params) == {"call_id", "token"}
-    assert after == [("Say", bridge.settings.fallback_message), ("Hangup", "")]
+    assert set(params) == {"call_id", "token", "bridge_action"} and params["bridge_action"] == "1"
+    # what Twilio does after the stream is the bridge's answer to the <Connect action>
+    assert after == [] and connect_action(r.text) == (f"{bridge.base_url}/twilio/stream-ended/{params['call_id']}", "POST")
     record = await bridge.store.get(params["call_id"])
     assert record.call_status.value == "registered" and record.twilio_call_sid == PARAMS["CallSid"]
     assert (record.from_number, record.to_number, record.direction.value) == ("+15005550006", "+14155550100", "inbound")
     # the twilio package builds the same document shape
     root = ET.fromstring(r.text)
-    assert [child.tag for child in root] == ["Connect", "Say", "Hangup"]
+    assert [child.tag for child in root] == ["Connect"]
 
 
 @pytest.mark.parametrize(
