@@ -183,7 +183,7 @@ async def _call_file(request: Request, call_id: str, kind: str, what: str) -> Re
     if path.exists():
         return FileResponse(path, media_type=files.media_type(kind))
     try:
-        stored = await files.fetch(kind, call_id, request.headers.get("range"))
+        stored = await files.fetch(kind, call_id, request.headers.get("range"), head=request.method == "HEAD")
     except ValueError as e:
         raise ApiError(416, str(e)) from None
     except Exception as e:  # the object store is down or refuses us
@@ -196,12 +196,14 @@ async def _call_file(request: Request, call_id: str, kind: str, what: str) -> Re
     return StreamingResponse(stored.chunks, status_code=stored.status, headers=stored.headers)
 
 
-@router.get("/v2/recordings/{call_id}.wav", dependencies=AUTH, summary="A call's stereo recording (caller left, agent right)")
+@router.api_route(
+    "/v2/recordings/{call_id}.wav", methods=["GET", "HEAD"], dependencies=AUTH, summary="A call's stereo recording (caller left, agent right)"
+)
 async def recording(call_id: str, request: Request) -> Response:
     return await _call_file(request, call_id, "recording", "recording")
 
 
-@router.get("/v2/public-logs/{call_id}.jsonl", dependencies=AUTH, summary="A call's public log (JSON lines)")
+@router.api_route("/v2/public-logs/{call_id}.jsonl", methods=["GET", "HEAD"], dependencies=AUTH, summary="A call's public log (JSON lines)")
 async def public_log(call_id: str, request: Request) -> Response:
     return await _call_file(request, call_id, "log", "public log")
 

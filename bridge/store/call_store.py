@@ -550,15 +550,16 @@ class SqlCallStore:
             row = (await conn.execute(select(calls.c.record).where(calls.c.twilio_call_sid == call_sid).limit(1))).first()
         return CallRecord.model_validate(row.record) if row else None
 
-    async def registered_before(self, timestamp_ms: int) -> list[CallRecord]:
-        """This instance's calls still registered that were registered before the time."""
+    async def registered_before(self, timestamp_ms: int, limit: int = 500) -> list[CallRecord]:
+        """Calls still registered that were registered before the time, oldest first (at most
+        ``limit``), whichever instance registered them: one that is gone (a pod replaced under
+        a new name) leaves its registrations to the others."""
         async with self.engine.connect() as conn:
             rows = await conn.execute(
-                select(calls.c.record).where(
-                    calls.c.call_status == CallStatus.registered.value,
-                    calls.c.registered_at < timestamp_ms,
-                    calls.c.instance_id == self.instance_id,
-                )
+                select(calls.c.record)
+                .where(calls.c.call_status == CallStatus.registered.value, calls.c.registered_at < timestamp_ms)
+                .order_by(calls.c.registered_at)
+                .limit(limit)
             )
             return [CallRecord.model_validate(row.record) for row in rows]
 

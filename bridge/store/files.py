@@ -160,20 +160,22 @@ class CallFiles:
 
     # --- reading ------------------------------------------------------------------------------
 
-    async def fetch(self, kind: str, call_id: str, range_header: str | None = None) -> StoredFile | None:
-        """The call's file from the bucket (None: not there), with ``Range`` passed on."""
+    async def fetch(self, kind: str, call_id: str, range_header: str | None = None, head: bool = False) -> StoredFile | None:
+        """The call's file from the bucket (None: not there), with ``Range`` passed on; with
+        ``head``, its headers only (a HEAD request: no body is read)."""
         if not self.remote:
             return None
         options = {"Range": range_header} if range_header and range_header.startswith("bytes=") else {}
+        request = self._client.head_object if head else self._client.get_object
         try:
-            answer = await self._client.get_object(Bucket=self.bucket, Key=self.key(kind, call_id), **options)
+            answer = await request(Bucket=self.bucket, Key=self.key(kind, call_id), **options)
         except self._client.exceptions.NoSuchKey:
             return None
         except Exception as e:
             code = getattr(e, "response", {}).get("Error", {}).get("Code")
-            if code in ("NoSuchKey", "404"):
+            if code in ("NoSuchKey", "404", "NotFound"):
                 return None
-            if code == "InvalidRange":
+            if code in ("InvalidRange", "416"):
                 raise ValueError("the range is not within the file") from None
             raise
         headers = {"content-type": KINDS[kind][2], "content-length": str(answer["ContentLength"]), "accept-ranges": "bytes"}
@@ -181,16 +183,19 @@ class CallFiles:
             headers["content-range"] = answer["ContentRange"]
         if answer.get("ETag"):
             headers["etag"] = answer["ETag"]
-        body = answer["Body"]
+        body = answer.get("Body")
 
         async def chunks() -> AsyncIterator[bytes]:
+            if body is None:
+                return
             try:
                 while chunk := await body.read(CHUNK):
                     yield chunk
             finally:
                 body.close()
 
-        return StoredFile(206 if answer.get("ContentRange") else 200, headers, chunks())
+        partial = answer.get("ContentRange") or answer.get("ResponseMetadata", {}).get("HTTPStatusCode") == 206
+        return StoredFile(206 if partial else 200, headers, chunks())
 
     # --- deleting -----------------------------------------------------------------------------
 

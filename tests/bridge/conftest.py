@@ -143,7 +143,8 @@ async def until(predicate, timeout: float = 10.0, interval: float = 0.02):
 async def bad_agent():
     """An agent server whose behaviour is chosen by the path: ``/garbage``, ``/abort``,
     ``/close1011``, ``/hangup`` (close 1000 at once), ``/flood`` (24 kHz audio as fast as it can),
-    ``/silent`` (accepts, never speaks)."""
+    ``/burst`` (5 s of audio in one message, then listens), ``/goodbye`` (3 s, then closes 1000),
+    ``/scripted/DELAY``, ``/silent`` (accepts, never speaks)."""
 
     async def handler(ws):
         path = ws.request.path
@@ -160,6 +161,11 @@ async def bad_agent():
                 if answer_at and heard_ms >= answer_at[0]:  # the caller's audio keeps the clock
                     answer_at.pop(0)
                     await ws.send(tone)
+        elif path.startswith("/burst"):  # 5 s of audio at once, then it listens
+            await ws.recv()
+            await ws.send(tone_pcm(24000, 5000))
+            async for _ in ws:
+                pass
         elif path.startswith("/goodbye"):  # 3 s of audio at once, then a clean hang-up
             await ws.recv()
             await ws.send(tone_pcm(24000, 3000))

@@ -265,10 +265,60 @@ async def test_a_gone_replica_s_calls_are_ended_once_and_hung_up_through_twilio_
         record = await bridge.store.get(f"orphan{i}")
         assert record.disconnection_reason == "error_unknown" and record.error_detail.endswith(": replica-gone"), record
     await until(lambda: len(hangups(bridge.fake)) >= len(sids), timeout=15)  # (the sweep's share too)
-    await asyncio.sleep(0.3)
     assert sorted(hangups(bridge.fake)) == [(sid, "completed") for sid in sids]  # each once
+    # each ended once, by whichever sweep got there first (only that one hangs up): no later
+    # hang-up can come for a call already ended
+    assert bridge.calls.metrics.calls_ended.labels("error_unknown")._value.get() == len(sids)
     assert most >= service.REAP_HANG_UPS_AT_ONCE, most
     assert await bridge.calls.reap_orphans() == 0
+
+
+async def test_a_replica_that_died_without_releasing_its_id_is_reaped_once_its_lease_expires(start_bridge):
+    """A crash (kill -9, a lost machine): its claim stays, its heartbeat stops. Once the
+    heartbeat is older than the lease (three heartbeats) its live calls are ended here, not
+    before."""
+    from sqlalchemy import update
+
+    from bridge.store.schema import instances
+
+    bridge = await start_bridge(heartbeat_interval_s=0.5)
+    dead = await SqlCallStore.open(bridge.settings.database_url, "replica-dead", bridge.settings.data_dir)
+    try:
+        assert await dead.claim(lease_ms=1500) is None
+        record = CallRecord(
+            call_id="cut-off", agent_id="echo", audio_websocket_protocol="twilio", audio_encoding="mulaw", sample_rate=8000,
+            twilio_call_sid="CA" + "e" * 32, twilio_account_sid="AC" + "0" * 32,
+        )  # fmt: skip
+        await dead.create(record)
+        assert await dead.start("cut-off") is not None
+        bridge.calls._healthy_since = time.monotonic() - 3600  # (this replica's own lease has held)
+        assert await bridge.calls.reap_orphans() == 0  # its heartbeat is fresh: alive, not reaped
+        async with dead.engine.begin() as conn:  # it died 10 s ago: no heartbeat since
+            await conn.execute(update(instances).where(instances.c.instance_id == "replica-dead").values(heartbeat_at=now_ms() - 10_000))
+        ended = await until(lambda: call_status(bridge, "cut-off", "error"), timeout=10)  # (the sweep, or this)
+        assert ended.disconnection_reason == "error_unknown" and ended.error_detail.endswith(": replica-dead"), ended
+        assert await until(lambda: hangups(bridge.fake), timeout=10) == [("CA" + "e" * 32, "completed")]
+    finally:
+        await dead.close()
+
+
+async def test_calls_registered_by_a_replica_that_is_gone_end_by_their_timeout(start_bridge, database_url):
+    """Three calls registered on a replica that was then replaced under a new instance id (a
+    rolling update names pods anew): this replica ends them by registered_call_timeout, each
+    once, as it does its own (was: registered for ever, and in the live view)."""
+    bridge = await start_bridge(database_url=database_url, registered_call_timeout_s=1.0)
+    gone = await SqlCallStore.open(bridge.settings.database_url, "replaced-pod", bridge.settings.data_dir)
+    try:
+        for i in range(3):
+            await gone.create(CallRecord(
+                call_id=f"left{i}", agent_id="echo", audio_websocket_protocol="twilio", audio_encoding="mulaw", sample_rate=8000,
+            ))  # fmt: skip
+    finally:
+        await gone.close()
+    for i in range(3):
+        record = await until(lambda i=i: call_status(bridge, f"left{i}", "error"), timeout=10)
+        assert record.disconnection_reason == "registered_call_timeout" and record.error_detail == "no media stream within 1 s"
+    assert bridge.calls.metrics.calls_ended.labels("registered_call_timeout")._value.get() == 3
 
 
 async def test_stop_call_on_a_call_whose_replica_does_not_answer_ends_it_here(start_bridge):

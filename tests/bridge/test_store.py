@@ -134,13 +134,14 @@ async def test_delete(store):
     assert await store.get("c1") is None and await store.delete("c1") is False
 
 
-async def test_registered_before_sees_only_this_instance(database_url):
+async def test_registered_before_sees_every_instance_s_registrations(database_url):
     a = await SqlCallStore.open(database_url, "instance-a")
     b = await SqlCallStore.open(database_url, "instance-b")
     await a.create(record("old", registered_at=1000))
-    await b.create(record("other", registered_at=1000))
+    await b.create(record("other", registered_at=900))
     await a.create(record("new", registered_at=10**13))
-    assert [r.call_id for r in await a.registered_before(5000)] == ["old"]
+    assert [r.call_id for r in await a.registered_before(5000)] == ["other", "old"]  # oldest first
+    assert [r.call_id for r in await a.registered_before(5000, limit=1)] == ["other"]
     await a.close()
     await b.close()
 
