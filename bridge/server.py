@@ -97,6 +97,8 @@ def http_protocol(head_timeout_s: float = 10.0, max_waiting: int = 256):
             super().handle_events()
             if self.scope is not before:  # a whole head came (a request, or an upgrade)
                 self._head_received()
+                # a long response (the call-events stream) can drop a reader that stopped reading
+                self.scope.setdefault("extensions", {})["bridge.abort"] = self.transport.abort
 
         def on_response_complete(self) -> None:
             if not self.transport.is_closing() and self._head_timer is None:

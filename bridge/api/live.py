@@ -6,20 +6,21 @@
   ``listen_token_ttl_s``, on any replica (it is passed to the one relaying the call). 409 for a
   call that is not ongoing, 403 for one that opted out of sensitive data storage.
 - ``GET /v2/call-events``: server-sent events: ``snapshot`` (the live calls) first, then
-  ``call`` (one call object) each time a call is created, changes status or ends, on any
-  replica; a comment line every ``KEEPALIVE_S``. The stream ends when the replica drains (the
-  client reconnects, through the load balancer, to another one).
+  ``call`` (one call's summary: ``bridge.calls.feed``) each time a call is created, changes
+  status or ends, on any replica; a comment line every ``KEEPALIVE_S``. The stream ends when
+  the replica drains (the client reconnects, through the load balancer, to another one); a
+  reader that takes no write for ``SLOW_READER_S`` is dropped.
 - ``GET /list-agents``: the agents calls can be made with (no URLs or headers: they may hold
   secrets).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
-import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..calls import CallRefused
 from ..protocol.listen import LISTEN_PREFIX
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["live"])
 
 KEEPALIVE_S = 15.0
+#: A call-events reader that takes no write for this long is dropped (its connection aborted)
+SLOW_READER_S = 10.0
+#: The most the stream writes at once (the snapshot goes in writes of this size)
+WRITE_BYTES = 64 * 1024
 
 
 @router.post("/v2/listen-live-call/{call_id}", dependencies=AUTH, summary="Listen to an ongoing call", responses=ERRORS)
@@ -55,42 +60,82 @@ async def listen_live_call(call_id: str, request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
-def _event(kind: str, data) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+class EventStream(Response):
+    """The call-events stream of one subscriber, written with bounded waits: each write must be
+    taken within SLOW_READER_S (the network's flow control: a reader that does not read holds
+    one write, at most WRITE_BYTES, never more), else the reader is dropped and its connection
+    aborted (through the server's ``bridge.abort`` extension, ``bridge.server``). Ends when
+    the reader leaves, falls MAX_PENDING events behind, or the replica drains or stops."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, calls, subscription):  # (no Response.__init__: it would declare a Content-Length)
+        self.status_code, self.background = 200, None
+        self.raw_headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
+        self.calls, self.subscription = calls, subscription
+
+    async def __call__(self, scope, receive, send) -> None:
+        calls, subscription = self.calls, self.subscription
+        left = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            snapshot = b"retry: 2000\n" + subscription.snapshot
+            for at in range(0, len(snapshot), WRITE_BYTES):  # (a large snapshot, a write at a time)
+                if not await self._write(scope, send, snapshot[at : at + WRITE_BYTES], left):
+                    return
+            waited, tick = 0.0, calls.settings.feed_interval_s
+            while not (calls.draining or calls.shutting_down or calls.stopping or left.done()):
+                try:
+                    event = await subscription.next(tick)
+                except OverflowError as e:  # a reader that fell behind starts again, with a snapshot
+                    await self._write(scope, send, b": " + str(e).encode() + b"\n\n", left)
+                    return
+                if event is None:
+                    waited += tick
+                    if waited < KEEPALIVE_S:
+                        continue
+                    event = b": keepalive\n\n"
+                waited = 0.0
+                if not await self._write(scope, send, event, left):
+                    return
+            if not left.done():
+                await self._write(scope, send, b"", left, more=False)
+        finally:
+            calls.feed.unsubscribe(subscription)
+            left.cancel()
+
+    async def _write(self, scope, send, body: bytes, left: asyncio.Future, more: bool = True) -> bool:
+        """Write ``body``; False when the reader is gone or was dropped for not reading."""
+        if left.done():
+            return False
+        try:
+            await asyncio.wait_for(send({"type": "http.response.body", "body": body, "more_body": more}), SLOW_READER_S)
+        except TimeoutError:
+            log.warning("call-events reader %s took no write for %g s: dropped", scope.get("client"), SLOW_READER_S)
+            abort = scope.get("extensions", {}).get("bridge.abort")
+            if abort is None:  # (another server: it closes the connection once we return unfinished)
+                raise ConnectionAbortedError("call-events reader stopped reading") from None
+            abort()
+            return False
+        except OSError:  # (the reader is gone)
+            return False
+        return True
+
+
+async def _disconnected(receive) -> None:
+    """Returns when the client has gone (``http.disconnect``)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.get("/v2/call-events", dependencies=AUTH, summary="Live calls, as server-sent events", responses=ERRORS)
-async def call_events(request: Request) -> StreamingResponse:
+async def call_events(request: Request) -> Response:
     calls = call_service(request)
     try:
         subscription = await calls.feed.subscribe()
     except ConnectionError as e:
         raise ApiError(503, str(e)) from None
-
-    async def stream():
-        try:
-            yield b"retry: 2000\n" + _event("snapshot", {"calls": subscription.snapshot})
-            waited = 0.0
-            tick = calls.settings.feed_interval_s
-            while not (calls.draining or calls.shutting_down or calls.stopping):
-                try:
-                    event = await subscription.next(tick)
-                except OverflowError as e:  # a reader that fell behind starts again, with a snapshot
-                    yield b": " + str(e).encode() + b"\n\n"
-                    return
-                if event is not None:
-                    waited = 0.0
-                    yield _event("call", event)
-                else:
-                    waited += tick
-                    if waited >= KEEPALIVE_S:
-                        waited = 0.0
-                        yield b": keepalive\n\n"
-        finally:
-            calls.feed.unsubscribe(subscription)
-
-    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+    return EventStream(calls, subscription)
 
 
 @router.get("/list-agents", dependencies=AUTH, summary="The agents calls can be made with", responses=ERRORS)

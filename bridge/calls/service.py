@@ -42,7 +42,7 @@ from ..settings import (
 from ..store import STORE_UNAVAILABLE, CallFiles, ControlChannel, FilesError, SqlCallStore, webhook_targets
 from ..store.files import UPLOAD_TIMEOUT_S
 from .endings import EndingSpool
-from .feed import CallFeed
+from .feed import MAX_ENDED, MAX_ONGOING, MAX_REGISTERED, CallFeed
 from .registrar import register_call
 from .throttle import DialThrottle, SharedDialThrottle
 from .tokens import StreamTokens, TokenError, internal_key
@@ -185,7 +185,9 @@ class CallService:
         #: the media layer's listen taps of the calls relayed here (call id -> tap)
         self.listen_taps: dict[str, Any] = {}
         self.feed = CallFeed(
-            lambda since_ms: self.store.live_and_ended_since(since_ms), lambda call_ids: self.store.get_many(call_ids), settings.feed_interval_s
+            lambda since_ms: self.store.live_and_ended_since(since_ms, MAX_ONGOING, MAX_REGISTERED, MAX_ENDED),
+            lambda call_ids: self.store.summaries(call_ids),
+            settings.feed_interval_s,
         )  # (the dashboard's live view: read while someone watches)
         self.twilio_rest = TwilioRest(settings.twilio_api_base_url, settings.twilio_auth_token, settings.twilio_account_sid)
         try:

@@ -45,6 +45,17 @@ def _columns(record: CallRecord) -> dict[str, Any]:
     }
 
 
+#: A call in the dashboard's live view (``summaries``): a small, bounded part of the call object
+_SUMMARY = (
+    calls.c.call_id, calls.c.agent_id, calls.c.call_type, calls.c.call_status, calls.c.direction, calls.c.from_number,
+    calls.c.to_number, calls.c.start_timestamp, calls.c.end_timestamp,
+    calls.c.record["disconnection_reason"].as_string().label("disconnection_reason"),
+    calls.c.record["opt_out_sensitive_data_storage"].as_boolean().label("opt_out_sensitive_data_storage"),
+    calls.c.record["e2e_latency"].label("e2e_latency"),
+)  # fmt: skip
+SUMMARY_FIELDS = tuple(str(column.key) for column in _SUMMARY)  # (plain str: SQLAlchemy's names are a subclass)
+
+
 def encode_cursor(sort_key: int, call_id: str) -> str:
     return base64.urlsafe_b64encode(f"{sort_key}:{call_id}".encode()).decode().rstrip("=")
 
@@ -151,37 +162,39 @@ class SqlCallStore:
             row = (await conn.execute(query)).first()
         return None if row is None else (row.instance_id, row.address)
 
-    async def live_and_ended_since(self, since_ms: int, max_live: int = 1000) -> tuple[dict[str, int], dict[str, int]]:
-        """For the call-events feed, without reading records: the live calls (registered or
-        ongoing, newest first, at most ``max_live``) and the calls that ended at or after
-        ``since_ms`` (oldest ending first, as many), each ``{call_id: version}`` (the version
-        changes with every change of the record)."""
-        live_statuses = (CallStatus.registered.value, CallStatus.ongoing.value)
-        live = (
-            select(calls.c.call_id, calls.c.version)
-            .where(calls.c.call_status.in_(live_statuses))
-            .order_by(calls.c.sort_key.desc(), calls.c.call_id.desc())
-            .limit(max_live)
-        )
+    async def live_and_ended_since(
+        self, since_ms: int, max_ongoing: int = 10_000, max_registered: int = 200, max_ended: int = 2000
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """For the call-events feed, without reading records: the live calls (every ongoing
+        call, newest first, up to ``max_ongoing``; then the newest ``max_registered`` calls only
+        registered, which never crowd an ongoing one out) and the calls that ended at or after
+        ``since_ms`` (oldest ending first, up to ``max_ended``), each ``{call_id: version}``
+        (the version changes with every change of the record)."""
+        newest = (calls.c.sort_key.desc(), calls.c.call_id.desc())
+        ongoing = select(calls.c.call_id, calls.c.version).where(calls.c.call_status == CallStatus.ongoing.value)
+        registered = select(calls.c.call_id, calls.c.version).where(calls.c.call_status == CallStatus.registered.value)
         ended = (
             select(calls.c.call_id, calls.c.version)
-            .where(calls.c.end_timestamp >= since_ms, calls.c.call_status.not_in(live_statuses))
+            .where(calls.c.end_timestamp >= since_ms, calls.c.call_status.in_((CallStatus.ended.value, CallStatus.error.value)))
             .order_by(calls.c.end_timestamp, calls.c.call_id)
-            .limit(max_live)
+            .limit(max_ended)
         )
         async with self.engine.connect() as conn:
-            live_rows = (await conn.execute(live)).all()
+            live = (await conn.execute(ongoing.order_by(*newest).limit(max_ongoing))).all()
+            live += (await conn.execute(registered.order_by(*newest).limit(max_registered))).all()
             ended_rows = (await conn.execute(ended)).all()
-        return {r.call_id: r.version for r in live_rows}, {r.call_id: r.version for r in ended_rows}
+        return {r.call_id: r.version for r in live}, {r.call_id: r.version for r in ended_rows}
 
-    async def get_many(self, call_ids: Iterable[str]) -> list[CallRecord]:
-        """The records of these calls (those that exist), in no particular order."""
+    async def summaries(self, call_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """What the live view shows of these calls (those that exist), in no particular order:
+        ``SUMMARY_FIELDS`` of each, read from the columns and a few paths into the record (never
+        the record whole: its metadata, transcript... may be a hundred kilobytes a call)."""
         call_ids = list(call_ids)
         found = []
         for i in range(0, len(call_ids), 500):
             async with self.engine.connect() as conn:
-                rows = await conn.execute(select(calls.c.record).where(calls.c.call_id.in_(call_ids[i : i + 500])))
-                found += [CallRecord.model_validate(r.record) for r in rows]
+                rows = await conn.execute(select(*_SUMMARY).where(calls.c.call_id.in_(call_ids[i : i + 500])))
+                found += [dict(zip(SUMMARY_FIELDS, row)) for row in rows]
         return found
 
     async def heartbeat(self) -> bool:

@@ -8,11 +8,15 @@ import asyncio
 import contextlib
 import json
 
+import httpx
 import pytest
 
-from bridge.calls.feed import MAX_PENDING, Subscription
+from bridge.api import live
+from bridge.calls.feed import MAX_PENDING, MAX_REGISTERED, Subscription
+from bridge.models import CallRecord, now_ms
+from bridge.store.call_store import SUMMARY_FIELDS
 
-from .conftest import api_client, caller_audio, until
+from .conftest import API_KEY, api_client, caller_audio, until
 
 
 async def read_events(base_url: str, events: list, api_key: str | None = None) -> None:
@@ -69,16 +73,18 @@ async def test_the_feed_ends_when_the_replica_drains(bridge):
     assert events == [("snapshot", {"calls": []})]
 
 
-async def test_the_feed_needs_the_key(bridge):
-    async with api_client(bridge.base_url, api_key="wrong") as http:
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic a2V5X3Rlc3Q6", "Bearer"])
+async def test_the_feed_needs_the_key(bridge, authorization):
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    async with httpx.AsyncClient(base_url=bridge.base_url, headers=headers, timeout=5) as http:
         r = await http.get("/v2/call-events")
-    assert r.status_code == 401
+    assert r.status_code == 401 and "API key" in r.json()["message"], r.text
 
 
 async def test_a_reader_that_falls_behind_is_dropped():
-    subscription = Subscription([])
+    subscription = Subscription(b"")
     for i in range(MAX_PENDING + 10):
-        subscription.put({"call_id": str(i)})
+        subscription.put(b"call %d" % i)
     assert subscription.dropped and subscription.queue.qsize() == MAX_PENDING + 1
     for _ in range(MAX_PENDING):
         assert (await subscription.next(0.1)) is not None
@@ -109,3 +115,103 @@ async def test_the_feed_rides_out_a_database_outage(start_bridge, own_postgres):
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
+
+
+def registered_call(i: int, metadata: dict | None = None) -> CallRecord:
+    return CallRecord(
+        call_id=f"reg{i:05d}", agent_id="echo", audio_websocket_protocol="twilio", audio_encoding="mulaw", sample_rate=8000,
+        registered_at=now_ms() + i, metadata=metadata,  # (recent: not swept as timed out meanwhile)
+    )  # fmt: skip
+
+
+async def test_the_view_holds_summaries_whatever_the_calls_carry(bridge):
+    """300 registered calls of 50 kB metadata each (the API's own limit): every subscriber's
+    snapshot is one shared event of summaries, a few hundred bytes a call (was: each whole
+    record, 100 MB for 1000 calls, built on the event loop for every subscriber)."""
+    big = {"notes": "x" * 50_000}
+    for i in range(300):
+        await bridge.store.create(registered_call(i, big))
+    first, second = await bridge.calls.feed.subscribe(), await bridge.calls.feed.subscribe()
+    try:
+        assert first.snapshot is second.snapshot  # encoded once, shared
+        name, data = first.snapshot.split(b"\n", 2)[:2]
+        calls = json.loads(data.removeprefix(b"data: "))["calls"]
+        assert name == b"event: snapshot" and len(calls) == MAX_REGISTERED  # (the newest 200)
+        assert all(set(c) == set(SUMMARY_FIELDS) for c in calls), calls[0]
+        assert len(first.snapshot) < MAX_REGISTERED * 600, len(first.snapshot)
+    finally:
+        bridge.calls.feed.unsubscribe(first)
+        bridge.calls.feed.unsubscribe(second)
+
+
+async def test_an_ongoing_call_stays_in_the_view_whatever_is_registered(bridge):
+    """One ongoing call, then 1001 registrations: the ongoing call is in a new subscriber's
+    snapshot, and an open subscriber never loses it (was: pushed out by the newest 1000)."""
+    events: list = []
+    reader = asyncio.create_task(read_events(bridge.base_url, events))
+    try:
+        await until(lambda: events, timeout=5)
+        call = asyncio.create_task(bridge.call(caller_audio(), speed=1.0, tail_ms=8000))
+        live_id = (await until(lambda: [e[1]["call_id"] for e in events if e[0] == "call" and e[1]["call_status"] == "ongoing"], timeout=15))[0]
+        for i in range(1001):
+            await bridge.store.create(registered_call(i))
+        await until(lambda: sum(1 for e in events if e[0] == "call" and e[1]["call_id"].startswith("reg")) >= MAX_REGISTERED, timeout=15)
+        late: list = []
+        late_reader = asyncio.create_task(read_events(bridge.base_url, late))
+        await until(lambda: late, timeout=5)
+        late_reader.cancel()
+        snapshot = late[0][1]["calls"]
+        assert [c["call_id"] for c in snapshot if c["call_status"] == "ongoing"] == [live_id]
+        assert len(snapshot) == MAX_REGISTERED + 1
+        # the open reader: nothing ever took the ongoing call out of its view
+        gone = [e for e in events if e[0] == "call" and e[1]["call_id"] == live_id and e[1].get("in_view") is False]
+        assert gone == []
+        await call
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+async def test_a_registered_call_pushed_out_of_the_view_is_said_so(bridge):
+    events: list = []
+    reader = asyncio.create_task(read_events(bridge.base_url, events))
+    try:
+        await until(lambda: events, timeout=5)
+        await bridge.store.create(registered_call(0))
+        await until(lambda: [e for e in events if e[0] == "call" and e[1]["call_id"] == "reg00000"], timeout=10)
+        for i in range(1, MAX_REGISTERED + 1):  # newer ones: the first is past the cap now
+            await bridge.store.create(registered_call(i))
+        out = await until(lambda: [e[1] for e in events if e[0] == "call" and e[1]["call_id"] == "reg00000" and e[1].get("in_view") is False], timeout=10)
+        assert out[0]["call_status"] == "registered"
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+async def test_a_reader_that_stops_reading_is_dropped_and_its_connection_aborted(bridge, monkeypatch):
+    """A reader that reads nothing (its socket's buffers small, so they fill at once) holds one
+    write of the bridge's memory at most, and is dropped SLOW_READER_S after its last write."""
+    import socket
+
+    monkeypatch.setattr(live, "SLOW_READER_S", 1.0)
+    host, port = bridge.base_url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (host, int(port)))
+    await loop.sock_sendall(sock, f"GET /v2/call-events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n".encode())
+    await until(lambda: bridge.calls.feed.subscribers == 1, timeout=5)
+    # the bridge's side of it: small buffers too, so a few dozen events fill everything
+    (connection,) = [c for c in bridge.server.server.server_state.connections if getattr(c, "scope", {}).get("path") == "/v2/call-events"]
+    connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    connection.transport.set_write_buffer_limits(high=4096)
+    for i in range(400):  # ~400 bytes an event
+        await bridge.store.create(registered_call(i, {"n": i}))
+        if i % 50 == 0:
+            await asyncio.sleep(bridge.settings.feed_interval_s)  # (events in several reads)
+    await until(lambda: bridge.calls.feed.subscribers == 0, timeout=15)  # dropped
+    assert connection.transport.is_closing()
+    sock.close()

@@ -83,7 +83,7 @@ class CallsView {
       this.showLive(event.calls);
     } else if (event.type === "call") {
       const call = event.call;
-      if (isLive(call)) this.liveCalls.set(call.call_id, call);
+      if (isLive(call) && call.in_view !== false) this.liveCalls.set(call.call_id, call);
       else this.liveCalls.delete(call.call_id);
       this.renderLive();
       this.updateTableRow(call);

@@ -3,7 +3,10 @@
 // views subscribe to it and unsubscribe when they are torn down.
 //
 // Events: `snapshot` {"calls": [...]} (the live calls, first on every connection) and `call`
-// (one call object, whenever a call is created, changes status or ends).
+// (one call's summary, whenever a call is created, changes status or ends). A summary holds
+// call_id, agent_id, call_type, call_status, direction, from_number, to_number,
+// start_timestamp, end_timestamp, disconnection_reason, opt_out_sensitive_data_storage and
+// e2e_latency (a call's page reads the whole call object from get-call).
 
 import { ApiError, readEventStream } from "./api.js";
 
@@ -93,7 +96,8 @@ export class CallFeed {
       this.live = new Map(body.calls.map((call) => [call.call_id, call]));
       this.emit({ type: "snapshot", calls: body.calls });
     } else if (name === "call" && body && typeof body.call_id === "string") {
-      if (["registered", "ongoing"].includes(body.call_status)) this.live.set(body.call_id, body);
+      // (in_view false: still live, but past one of the view's caps)
+      if (["registered", "ongoing"].includes(body.call_status) && body.in_view !== false) this.live.set(body.call_id, body);
       else this.live.delete(body.call_id);
       this.emit({ type: "call", call: body });
     }
