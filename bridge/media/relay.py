@@ -71,7 +71,7 @@ from twilio.request_validator import RequestValidator
 from audio import TWILIO_FORMAT, AudioFormat
 from audio.filters import plan
 
-from ..calls import DRAIN_DETAIL, CallRefused, CallService, not_startable
+from ..calls import DRAIN_DETAIL, STORE_UNAVAILABLE, CallRefused, CallService, not_startable
 from ..models import CallRecord, CallStatus, Encoding, Protocol
 from ..models import DisconnectionReason as Reason
 from ..protocol import twilio as tf
@@ -151,8 +151,8 @@ async def handle_media_stream(websocket: connection.ServerConnection, calls: Cal
     try:
         start = await _read_start(websocket, calls.settings.stream_start_timeout_s)
         params = start.custom_parameters
-        record = await calls.start_stream(
-            params.get(CALL_PARAMETER), params.get(TOKEN_PARAMETER), start.call_sid, start.account_sid, public_base
+        record = await _store_bound(
+            calls, calls.start_stream(params.get(CALL_PARAMETER), params.get(TOKEN_PARAMETER), start.call_sid, start.account_sid, public_base)
         )
     except CallRefused as e:
         await _refused(websocket, calls, e, "media stream")
@@ -187,7 +187,11 @@ async def handle_audio_websocket(websocket: connection.ServerConnection, calls: 
     if _bad_handshake(websocket):
         return
     call_id = unquote(websocket.path[len(AUDIO_WEBSOCKET_PREFIX) :])
-    record = await calls.find(call_id)
+    try:
+        record = await _store_bound(calls, calls.find(call_id))
+    except CallRefused as e:
+        await _refused(websocket, calls, e, "audio websocket")
+        return
     if record is None:
         await _refused(websocket, calls, CallRefused("unknown call"), "audio websocket")
         return
@@ -206,7 +210,9 @@ async def handle_audio_websocket(websocket: connection.ServerConnection, calls: 
             return
         try:
             start = await _read_start(websocket, calls.settings.stream_start_timeout_s)
-            record = await calls.start_call(call_id, public_base, twilio_call_sid=start.call_sid, twilio_account_sid=start.account_sid)
+            record = await _store_bound(
+                calls, calls.start_call(call_id, public_base, twilio_call_sid=start.call_sid, twilio_account_sid=start.account_sid)
+            )
         except CallRefused as e:
             e.call_id = call_id
             await _refused(websocket, calls, e, "audio websocket")
@@ -224,7 +230,7 @@ async def handle_audio_websocket(websocket: connection.ServerConnection, calls: 
         query = parse_qs(websocket.query)
         caller = web_caller(AudioFormat(record.audio_encoding.value, record.sample_rate), query.get("enable_update") == ["true"])
         try:
-            record = await calls.start_call(call_id, public_base)
+            record = await _store_bound(calls, calls.start_call(call_id, public_base))
         except CallRefused as e:
             await _refused(websocket, calls, e, "audio websocket")
             return
@@ -243,10 +249,10 @@ async def handle_web_call(websocket: connection.ServerConnection, calls: CallSer
     query = parse_qs(websocket.query)
     token = token or (query.get("access_token") or [""])[0]
     try:
-        record = await calls.check_web_call(call_id, token)
+        record = await _store_bound(calls, calls.check_web_call(call_id, token))
         client = _client_format(query, record)  # before the token is spent
         fields = {"audio_encoding": Encoding(client.encoding), "sample_rate": client.sample_rate}
-        record = await calls.start_call(call_id, calls.public_base(websocket.headers, websocket.base_url), **fields)
+        record = await _store_bound(calls, calls.start_call(call_id, calls.public_base(websocket.headers, websocket.base_url), **fields))
     except CallRefused as e:
         await _refused(websocket, calls, e, "web call socket")
         return
@@ -284,24 +290,47 @@ async def _accept_started(websocket: connection.ServerConnection, calls: CallSer
     return True
 
 
+class DatabaseDown(CallRefused):
+    """A socket refused because the call database did not answer (closed with 1011)."""
+
+
+async def _store_bound(calls: CallService, step):
+    """Await ``step`` (a store operation a caller waits on: its socket is open) within
+    ``twilio_request_timeout_s``. Raises ``CallRefused`` saying why when the database does not
+    answer in time, or at all; the caller then hears the fallback."""
+    limit = calls.settings.twilio_request_timeout_s
+    try:
+        async with asyncio.timeout(limit):
+            return await step
+    except TimeoutError:
+        raise DatabaseDown(f"the call database did not answer within {limit:g} s") from None
+    except STORE_UNAVAILABLE as e:
+        raise DatabaseDown(f"the call database is unavailable: {type(e).__name__}") from None
+
+
 async def _refused(websocket: connection.ServerConnection, calls: CallService, e: CallRefused, what: str, status: int = 0) -> None:
-    """Say no to a socket: on the call's record if the call exists, in the log, and to the peer
-    (an HTTP ``status`` before the upgrade, else a 1008 close with the reason)."""
+    """Say no to a socket: to the peer (an HTTP ``status`` before the upgrade, else a close with
+    the reason: 1008, or 1011 when the database failed us), in the log, and then on the call's
+    record if the call exists (bounded: the peer never waits for it)."""
     log.warning("%s refused%s: %s", what, f" for call {e.call_id}" if e.call_id else "", e)
-    if e.call_id:
-        try:
-            await calls.note(e.call_id, f"{what} refused: {e}")
-        except Exception:  # the database may be gone; the log has it
-            log.exception("call %s: could not note the refusal", e.call_id)
     if status:
         websocket.refuse(status)
-        return
-    if not websocket.accepted:
+    else:
+        accepted = websocket.accepted
+        if not accepted:
+            try:
+                websocket.accept()
+                accepted = True
+            except connection.ConnectionClosed:
+                pass
+        if accepted:
+            await websocket.close(INTERNAL_ERROR if isinstance(e, DatabaseDown) else POLICY_VIOLATION, str(e)[:120])
+    if e.call_id and not isinstance(e, DatabaseDown):
         try:
-            websocket.accept()
-        except connection.ConnectionClosed:
-            return
-    await websocket.close(POLICY_VIOLATION, str(e)[:120])
+            async with asyncio.timeout(calls.settings.twilio_request_timeout_s):
+                await calls.note(e.call_id, f"{what} refused: {e}")
+        except Exception:  # the database may be gone; the log has it
+            log.exception("call %s: could not note the refusal", e.call_id)
 
 
 async def _read_start(websocket: connection.ServerConnection, timeout_s: float) -> tf.Start:
