@@ -174,8 +174,10 @@ class DrainingServer(uvicorn.Server):
             calls.live_calls, settings.drain_timeout_s,
         )  # fmt: skip
         try:
-            # (every live call is served on a socket: sockets counts those still being set up too)
-            while (calls.sockets or await calls.streams_still_due()) and loop.time() < deadline and not self.should_exit:
+            # (every live call is served on a socket: sockets counts those still being set up too;
+            # read after the streams still due, since a stream that starts here meanwhile is no
+            # longer due but is a socket already)
+            while (await calls.streams_still_due() or calls.sockets) and loop.time() < deadline and not self.should_exit:
                 await asyncio.sleep(DRAIN_POLL_S)
             if calls.live_calls and not self.should_exit:
                 ended = calls.end_live_calls(DisconnectionReason.max_duration_reached, f"{DRAIN_DETAIL} ({settings.drain_timeout_s:g} s)")

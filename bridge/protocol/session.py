@@ -224,6 +224,8 @@ class CallSession:
         if name in self._cleared:  # flushed by a clear: not heard
             self._cleared.discard(name)
             return
+        if not any(sent_name == name for sent_name, _ in self._marks):
+            return  # (a name not pending, e.g. echoed twice: it must not consume the others)
         while self._marks:
             sent_name, position = self._marks.popleft()
             if sent_name == name:

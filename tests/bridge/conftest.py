@@ -143,7 +143,7 @@ async def until(predicate, timeout: float = 10.0, interval: float = 0.02):
 async def bad_agent():
     """An agent server whose behaviour is chosen by the path: ``/garbage``, ``/abort``,
     ``/close1011``, ``/hangup`` (close 1000 at once), ``/flood`` (24 kHz audio as fast as it can),
-    ``/burst`` (5 s of audio in one message, then listens), ``/goodbye`` (3 s, then closes 1000),
+    ``/burst`` (5 s of audio in one message, then listens), ``/clear`` (1010 ms, then ``clear``), ``/goodbye`` (3 s, then closes 1000),
     ``/scripted/DELAY``, ``/silent`` (accepts, never speaks)."""
 
     async def handler(ws):
@@ -161,6 +161,12 @@ async def bad_agent():
                 if answer_at and heard_ms >= answer_at[0]:  # the caller's audio keeps the clock
                     answer_at.pop(0)
                     await ws.send(tone)
+        elif path.startswith("/clear"):  # 1010 ms at once, then takes it back, then listens
+            await ws.recv()
+            await ws.send(tone_pcm(24000, 1010))
+            await ws.send("clear")
+            async for _ in ws:
+                pass
         elif path.startswith("/burst"):  # 5 s of audio at once, then it listens
             await ws.recv()
             await ws.send(tone_pcm(24000, 5000))

@@ -14,7 +14,7 @@ from bridge.models import DisconnectionReason, now_ms
 from bridge.settings import load_settings
 from bridge.store import ControlChannel, SqlCallStore
 
-from .conftest import API_KEY, AUTH_TOKEN, until
+from .conftest import API_KEY, AUTH_TOKEN, api_client, until
 from .test_store import record as new_record
 
 PG = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -114,3 +114,29 @@ async def test_a_replica_lets_go_of_the_calls_ended_elsewhere(tmp_path):
         assert kept.transcript == "hello"  # what it measured is kept
     finally:
         await calls.close()
+
+
+@PG
+async def test_replicas_dial_on_one_shared_rate(database_url, start_bridge):
+    """Two replicas of one account, each asked for three calls at once, at 2 calls a second:
+    Twilio gets the six requests half a second apart or more, whichever replica sent them (the
+    service's own dial path, on the schedule in PostgreSQL)."""
+    from .test_lifecycle import AGENTS
+
+    settings = dict(database_url=database_url, agents=AGENTS, twilio_calls_per_second=2, dial_queue_timeout_s=10)
+    replicas = [await start_bridge(instance_id=name, **settings) for name in ("one", "two")]
+    for replica in replicas:
+        replica.fake.dial_outcome = lambda params: "ringing"
+
+    async def dial(replica):
+        async with api_client(replica.base_url) as http:
+            r = await http.post("/v2/create-phone-call", json={"from_number": "+14155550100", "to_number": "+14155550199"})
+        assert r.status_code == 201, r.text
+
+    await asyncio.gather(*(dial(replica) for replica in replicas for _ in range(3)))
+    times = sorted(t for replica in replicas for t in replica.fake.created_at)
+    assert len(times) == 6 and all(len(r.fake.created_at) == 3 for r in replicas)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # (slots are 0.5 s apart on the database's clock; each request's way to Twilio varies by tens
+    # of ms. A throttle per replica would let both replicas' first calls go together: a gap of 0)
+    assert min(gaps) >= 0.5 - 0.15 and times[-1] - times[0] >= 5 * 0.5 - 0.15, gaps

@@ -295,6 +295,16 @@ async def test_the_api_docs_render_with_nothing_from_outside(open_dashboard):
     assert tab.outside == [] and tab.blocked == [], (tab.outside, tab.blocked)  # (was: ReDoc's logo from its CDN)
 
 
+def csp(header: str) -> dict[str, list[str]]:
+    """A Content-Security-Policy parsed into its directives (each once: a repeated one is an error)."""
+    directives: dict[str, list[str]] = {}
+    for part in filter(None, (p.strip() for p in header.split(";"))):
+        name, *values = part.split()
+        assert name.lower() not in directives, f"{name} twice in {header!r}"
+        directives[name.lower()] = values
+    return directives
+
+
 async def test_the_pages_answer_head_and_the_dashboard_page_comes_only_with_its_headers(bridge):
     """(no browser) HEAD where GET answers, as HTTP asks and load balancers probe; the page
     itself only at /dashboard/, where its Content-Security-Policy goes with it (was: also as a
@@ -306,7 +316,14 @@ async def test_the_pages_answer_head_and_the_dashboard_page_comes_only_with_its_
             assert get.status_code == head.status_code == 200 and get.content and head.content == b"", (path, head.status_code)
             assert head.headers["content-type"] == get.headers["content-type"], path
         page = await http.get("/dashboard/")
-        assert "script-src 'self'" in page.headers["content-security-policy"] and "form-action 'none'" in page.headers["content-security-policy"]
+        assert csp(page.headers["content-security-policy"]) == {
+            "default-src": ["'self'"], "script-src": ["'self'"], "style-src": ["'self'"], "img-src": ["'self'", "data:", "blob:"],
+            "media-src": ["'self'", "blob:"], "connect-src": ["'self'", "ws:", "wss:"], "worker-src": ["'self'", "blob:"],
+            "frame-ancestors": ["'none'"], "base-uri": ["'none'"], "form-action": ["'none'"],
+        }  # fmt: skip
+        docs = csp((await http.get("/docs")).headers["content-security-policy"])
+        assert docs["frame-ancestors"] == ["'none'"] and docs["base-uri"] == ["'none'"] and docs["connect-src"] == ["'self'"]
+        assert docs["default-src"] == ["'self'"] and all("*" not in v and "http" not in v for values in docs.values() for v in values)
         assert (await http.get("/dashboard/static/index.html")).status_code == 404
         assert (await http.get("/dashboard/static/./index.html")).status_code == 404
         assert "cdn." not in (await http.get("/docs/redoc.js")).text

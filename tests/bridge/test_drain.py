@@ -106,6 +106,15 @@ async def readiness(base_url: str) -> int:
         return (await http.get(f"{base_url}/readyz")).status_code
 
 
+def unready(base_url: str):
+    """For ``until``: ``/readyz`` answers 503 (the drain has begun)."""
+
+    async def check() -> bool:
+        return await readiness(base_url) == 503
+
+    return check
+
+
 async def live_call_id(base_url: str) -> str:
     async def ongoing():
         async with api_client(base_url) as http:
@@ -127,8 +136,7 @@ async def test_sigterm_lets_a_live_call_finish_then_exits_0(replica, fake_twilio
     t0 = time.monotonic()
     timeline = {}
     bridge.signal(signal.SIGTERM)
-    while await readiness(bridge.base_url) != 503:
-        await asyncio.sleep(0.02)
+    await until(unready(bridge.base_url), timeout=10)
     timeline["not ready"] = time.monotonic() - t0
     assert not call.done()  # unready at once: while the call still goes on
     # a new call's webhook during the drain is handed to a ready replica through the public URL,
@@ -182,8 +190,7 @@ async def test_sigint_or_a_second_sigterm_stops_at_once_and_records_the_call(rep
     call_id = await live_call_id(bridge.base_url)
     if signals == ["SIGTERM", "SIGTERM"]:  # the first one drains: wait until it has begun
         bridge.signal(signal.SIGTERM)
-        while await readiness(bridge.base_url) != 503:
-            await asyncio.sleep(0.02)
+        await until(unready(bridge.base_url), timeout=10)
     t0 = time.monotonic()
     bridge.signal(getattr(signal, signals[-1]))
     assert await bridge.exit_code() == 0
@@ -209,3 +216,39 @@ async def test_health(start_bridge):
         bridge.app.state.loop_watch.last_tick -= 10  # as if the loop had been blocked for 10 s
         r = await http.get("/livez")
         assert r.status_code == 503 and r.json()["status"] == "stalled"
+
+
+async def test_the_drain_waits_for_a_stream_answered_just_before_it(start_bridge):
+    """(in process) A voice webhook answered, then SIGTERM's drain, then the stream: the drain
+    waits for that stream's call, and ends once it has ended; with none due it ends at once."""
+    import uvicorn
+
+    from bridge.dev.simulator import SimulationResult, _stream, parse_twiml
+    from bridge.server import DrainingServer
+
+    from .test_webhook import post
+
+    bridge = await start_bridge(drain_timeout_s=60)
+    answered = await post(bridge.base_url, params={**PARAMS, "CallSid": "CA" + "9" * 32})
+    stream_url, stream_params, _ = parse_twiml(answered.text)
+    assert bridge.calls.streams_due() == 1
+    server = DrainingServer(uvicorn.Config(bridge.app), bridge.calls)
+    drain = asyncio.create_task(server.drain())
+    try:
+        await asyncio.sleep(1.0)  # a stream is due: the drain goes on waiting for it
+        assert not drain.done() and not server.should_exit and bridge.calls.draining
+        result = SimulationResult(PARAMS["CallSid"], 200)
+        await _stream(
+            result, stream_url, stream_params, RequestValidator(AUTH_TOKEN), PARAMS["AccountSid"], caller_audio(), 8.0, (), 500, 30,
+            asyncio.Event(),
+        )  # fmt: skip
+        assert result.ended_by == "caller" and result.sent_ms >= len(caller_audio()) // 16  # the call ran in full
+        await asyncio.wait_for(drain, 10)  # and then the drain ended
+        assert server.should_exit
+        record = await bridge.store.get(stream_params["call_id"])
+        assert record.disconnection_reason is not None and record.disconnection_reason.value == "user_hangup", (record.call_status, record.notes, result.summary(), result.protocol_errors)
+    finally:
+        drain.cancel()
+        bridge.calls.draining = False
+    idle = DrainingServer(uvicorn.Config(bridge.app), bridge.calls)
+    await asyncio.wait_for(idle.drain(), 5)  # nothing live, nothing due: at once

@@ -90,3 +90,53 @@ async def test_metrics_on_their_own_port_need_no_key(start_bridge):
     async with httpx.AsyncClient() as http:
         r = await http.get(f"http://127.0.0.1:{port}/metrics")
     assert r.status_code == 200 and "bridge_draining 0.0" in r.text, r.text[:500]
+
+
+async def test_the_gauges_and_counters_the_other_test_leaves_alone(start_bridge, bad_agent, monkeypatch):
+    """bridge_draining while draining; bridge_frames_dropped_total exactly what the clears threw
+    away; bridge_agent_rtt_seconds one sample per ping answered; the webhook outbox's depth and
+    oldest age as the store has them."""
+    from bridge.api import metrics as metrics_api
+
+    monkeypatch.setattr(metrics_api, "OUTBOX_REFRESH_S", 0.1)
+    agents = {
+        "echo": AgentConfig(agent_id="echo", default=True),
+        "clear": AgentConfig(agent_id="clear", url=f"{bad_agent}/clear/{{call_id}}"),
+    }
+    refused = free_port()
+    bridge = await start_bridge(
+        agents=agents, keepalive_interval_s=0.25, webhook_url=f"http://127.0.0.1:{refused}/hook", webhook_retry_base_s=3600,
+        webhook_poll_s=0.05,
+    )  # fmt: skip
+    echoed = await bridge.call(caller_audio(), speed=2.0)
+    # the agent sends 1010 ms at once and takes it back: 50 whole frames went out at once, the
+    # last 10 ms (short of a frame) waited for more and was dropped: one frame, per call
+    cleared = [await bridge.call(bytes(16000), agent_id="clear") for _ in range(2)]
+    assert all(r.clears == 1 for r in cleared)
+    record = await wait_for_end(bridge, echoed.call_id)
+    for r in cleared:
+        await wait_for_end(bridge, r.call_id)
+    m = await scrape(bridge)
+    assert m[("bridge_frames_dropped_total", ())] == 2
+    rtt = record.llm_websocket_network_rtt_latency
+    assert rtt is not None and rtt.num >= 2
+    pings_answered = m[("bridge_agent_rtt_seconds_count", ())]
+    records = [await bridge.store.get(r.call_id) for r in (echoed, *cleared)]
+    assert pings_answered == sum(r.llm_websocket_network_rtt_latency.num for r in records if r.llm_websocket_network_rtt_latency)
+    assert 0 < m[("bridge_agent_rtt_seconds_sum", ())] / pings_answered < 0.5
+
+    # every webhook failed once and waits an hour: 2 jobs a call pending
+    depth, oldest_ms = await bridge.store.outbox_backlog()
+    assert depth == 6
+
+    async def gauges():
+        m = await scrape(bridge)
+        return m if m[("bridge_webhook_outbox_depth", ())] == 6 else None
+
+    m = await until(gauges, timeout=5)
+    assert 0 < m[("bridge_webhook_outbox_oldest_age_seconds", ())] <= (oldest_ms / 1000) + 1
+
+    assert m[("bridge_draining", ())] == 0
+    bridge.calls.draining = True
+    assert (await scrape(bridge))[("bridge_draining", ())] == 1
+    bridge.calls.draining = False

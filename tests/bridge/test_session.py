@@ -154,6 +154,25 @@ def test_after_a_clear_only_audio_the_caller_heard_counts():
     assert s.stats.played_ms == 300  # 200 before the clear + 100 after, not 1100
 
 
+def test_the_echo_of_a_mark_a_clear_flushed_leaves_the_marks_sent_after_it():
+    """Twilio echoes the marks a clear flushed (they were not heard), possibly after marks sent
+    since: such an echo must neither count as heard nor consume the newer marks, whose echoes
+    then say what was heard after the clear."""
+    s = web(8000, mark_interval_ms=100)
+    s.from_agent(tone(8000, 500))  # m1..m5 queued
+    s.from_twilio(json.dumps({"event": "mark", "mark": {"name": "m1"}}))  # 100 ms heard
+    s.from_agent("clear")  # m2..m5 flushed
+    names = [f.name for f in twilio_frames(s.from_agent(tone(8000, 300))) if type(f) is tf.Mark]
+    assert names == ["m6", "m7", "m8"] and s.pending_marks == 3
+    for flushed in ("m2", "m3", "m4", "m5"):  # their echoes, late
+        s.from_twilio(json.dumps({"event": "mark", "mark": {"name": flushed}}))
+    assert s.stats.played_ms == 100 and s.pending_marks == 3  # nothing heard, nothing consumed
+    s.from_twilio(json.dumps({"event": "mark", "mark": {"name": "m7"}}))
+    assert s.stats.played_ms == 300 and s.pending_marks == 1  # 100 before the clear + 200 after
+    s.from_twilio(json.dumps({"event": "mark", "mark": {"name": "m2"}}))  # an echo seen twice: still nothing
+    assert s.stats.played_ms == 300 and s.pending_marks == 1
+
+
 def test_a_fast_agent_gets_whole_frames_and_marks_by_interval():
     """An agent sending faster than real time in odd chunks: the partial frame waits while
     Twilio has audio queued, so every frame is 20 ms; marks come every 100 ms, not per chunk."""

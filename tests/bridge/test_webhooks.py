@@ -4,6 +4,8 @@ import asyncio
 import json
 import time
 
+import pytest
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from retell.lib.webhook_auth import verify
@@ -260,3 +262,53 @@ async def test_stopping_lets_the_attempts_under_way_finish_and_be_recorded(datab
             assert job["delivered_at"] is None and job["leased_by"] == "instance-a"
     finally:
         await store.close()
+
+
+class Scripted:
+    """A receiver that answers every delivery with ``answer`` (a status code, or "timeout": it
+    answers only after the bridge has given up waiting), counting attempts per event."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.attempts: dict[str, int] = {}
+        self.app = FastAPI()
+        self.app.post("/hook")(self.hook)
+
+    async def hook(self, request: Request):
+        body = json.loads(await request.body())
+        self.attempts[body["event"]] = self.attempts.get(body["event"], 0) + 1
+        if self.answer == "timeout":
+            await asyncio.sleep(2)
+            return {"ok": True}
+        return JSONResponse({}, status_code=self.answer)
+
+
+@pytest.mark.parametrize("answer", [400, 401, 404, 410, 422, 301, 500, 502, 503, "timeout"])
+async def test_every_answer_but_a_2xx_is_retried_until_the_last_attempt(start_bridge, answer):
+    """The retry rule (docs/calls.md, as Retell's): a delivery is done only on a 2xx; a 4xx, a
+    3xx, a 5xx, a timeout or a refused connection is tried again, with backoff, until
+    webhook_max_attempts, then given up with the last answer recorded."""
+    receiver = Scripted(answer)
+    async with BackgroundServer(receiver.app) as server:
+        bridge = await start_bridge(webhook_url=f"{server.base_url}/hook", webhook_max_attempts=3, webhook_timeout_s=0.3, **FAST)
+        result = await bridge.call()
+
+        async def settled():
+            jobs = await bridge.store.jobs(result.call_id)
+            return jobs if len(jobs) == 2 and all(j["next_attempt_at"] is None for j in jobs) else None
+
+        jobs = await until(settled, timeout=20)
+    assert receiver.attempts == {"call_started": 3, "call_ended": 3}
+    for job in jobs:
+        assert job["attempts"] == 3 and job["delivered_at"] is None
+        assert ("Timeout" in job["last_error"]) if answer == "timeout" else (f"answered {answer}" in job["last_error"]), job["last_error"]
+
+
+@pytest.mark.parametrize("answer", [200, 201, 202, 204])
+async def test_a_2xx_is_delivered_at_the_first_attempt(start_bridge, answer):
+    receiver = Scripted(answer)
+    async with BackgroundServer(receiver.app) as server:
+        bridge = await start_bridge(webhook_url=f"{server.base_url}/hook", **FAST)
+        result = await bridge.call()
+        await until(lambda: all_delivered(bridge, result.call_id, 2), timeout=10)
+    assert receiver.attempts == {"call_started": 1, "call_ended": 1}
