@@ -185,6 +185,10 @@ class DrainingServer(uvicorn.Server):
                 grace_end = loop.time() + DEADLINE_GRACE_S
                 while calls.live_calls and loop.time() < grace_end:
                     await asyncio.sleep(DRAIN_POLL_S)
+            # Twilio asks what to do after each stream the bridge ended (the drain message): this
+            # replica still answers, rather than leave Twilio its own error
+            while (calls.sockets or calls.stream_answers_due()) and not self.should_exit:
+                await asyncio.sleep(DRAIN_POLL_S)
             log.warning("drained: stopping")
         finally:
             self.should_exit = True

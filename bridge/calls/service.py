@@ -79,6 +79,8 @@ MAX_PENDING_STOPS = 10_000
 ENDINGS_KEPT_S = 120.0
 MAX_ENDINGS_KEPT = 20_000
 ENDING_POLL_S = 0.05
+#: Twilio asks the stream-ended callback this soon after a stream closes (the drain waits for it)
+ANSWER_DUE_S = 5.0
 #: a relay announcing an ending to the other replicas waits for the database at most this long
 ANNOUNCE_TIMEOUT_S = 2.0
 #: once a call's relay said it is ending it, stop-call waits this long for its record to say so
@@ -208,6 +210,8 @@ class CallService:
         #: how calls ended, by their relays' word (``ending``): call id -> (reason, detail, when)
         self._endings: OrderedDict[str, tuple[DisconnectionReason, str, float]] = OrderedDict()
         self._announcing: set[asyncio.Task] = set()
+        #: streams a relay here closed whose stream-ended question is due: call id -> until when
+        self._answers_due: dict[str, float] = {}
         #: since when this replica's heartbeats have all been stored (None: the last one failed)
         self._healthy_since: float | None = None
         #: stream tokens this process gave Twilio, not yet used: call id -> when the token expires
@@ -610,6 +614,18 @@ class CallService:
         while endings and (len(endings) > MAX_ENDINGS_KEPT or next(iter(endings.values()))[2] < now - ENDINGS_KEPT_S):
             endings.popitem(last=False)  # (the oldest first: one lifetime for all)
 
+    def expect_stream_ended(self, call_id: str) -> None:
+        """A relay here closed a Twilio stream that asks what to do after it (``<Connect
+        action>``): Twilio's question is due within ANSWER_DUE_S (the drain waits for it)."""
+        self._answers_due[call_id] = time.monotonic() + ANSWER_DUE_S
+
+    def stream_answers_due(self) -> int:
+        """Stream-ended questions Twilio has yet to ask this replica (at most ANSWER_DUE_S old)."""
+        now, due = time.monotonic(), self._answers_due
+        for call_id in [c for c, until in due.items() if until < now]:
+            del due[call_id]
+        return len(due)
+
     def ended_here(self, call_id: str) -> tuple[DisconnectionReason, str] | None:
         """How the call ended, if a relay (on any replica) said so in the last ENDINGS_KEPT_S."""
         kept = self._endings.get(call_id)
@@ -621,6 +637,7 @@ class CallService:
         control channel) or its record, waiting at most ``wait_s`` for either; ``(None, why)``
         when there is no answer: the call was never connected, or its relay went away with it
         (a failure either way)."""
+        self._answers_due.pop(call_id, None)
         deadline = time.monotonic() + wait_s
         while True:
             if (said := self.ended_here(call_id)) is not None:

@@ -95,6 +95,8 @@ AUDIO_WEBSOCKET_PREFIX = "/audio-websocket/"
 WEB_CALL_PREFIX = "/web-call/"
 SHUTDOWN_DETAIL = "the bridge shut down"
 RECORDING_FLUSH_TIMEOUT_S = 10.0
+#: a refused socket's note on the call's record is given this long (the database may not answer)
+NOTE_WAIT_S = 1.0
 #: Close codes of a web client's socket that ended because of what the client sent (the bridge
 #: closes with these when the client breaks RFC 6455; a client may send them too)
 CLIENT_FAULTS = {
@@ -309,10 +311,16 @@ async def _store_bound(calls: CallService, step):
 
 
 async def _refused(websocket: connection.ServerConnection, calls: CallService, e: CallRefused, what: str, status: int = 0) -> None:
-    """Say no to a socket: to the peer (an HTTP ``status`` before the upgrade, else a close with
-    the reason: 1008, or 1011 when the database failed us), in the log, and then on the call's
-    record if the call exists (bounded: the peer never waits for it)."""
+    """Say no to a socket: on the call's record if the call exists (within NOTE_WAIT_S: the
+    peer never waits long for it), in the log, and to the peer (an HTTP ``status`` before the
+    upgrade, else a close with the reason: 1008, or 1011 when the database failed us)."""
     log.warning("%s refused%s: %s", what, f" for call {e.call_id}" if e.call_id else "", e)
+    if e.call_id and not isinstance(e, DatabaseDown):
+        try:
+            async with asyncio.timeout(NOTE_WAIT_S):
+                await calls.note(e.call_id, f"{what} refused: {e}")
+        except Exception:  # the database may be gone; the log has it
+            log.exception("call %s: could not note the refusal", e.call_id)
     if status:
         websocket.refuse(status)
     else:
@@ -325,12 +333,6 @@ async def _refused(websocket: connection.ServerConnection, calls: CallService, e
                 pass
         if accepted:
             await websocket.close(INTERNAL_ERROR if isinstance(e, DatabaseDown) else POLICY_VIOLATION, str(e)[:120])
-    if e.call_id and not isinstance(e, DatabaseDown):
-        try:
-            async with asyncio.timeout(calls.settings.twilio_request_timeout_s):
-                await calls.note(e.call_id, f"{what} refused: {e}")
-        except Exception:  # the database may be gone; the log has it
-            log.exception("call %s: could not note the refusal", e.call_id)
 
 
 async def _read_start(websocket: connection.ServerConnection, timeout_s: float) -> tf.Start:
@@ -779,6 +781,8 @@ async def _finish(
                 problem = await calls.hang_up(record, say=calls.settings.drain_message if drained else None, note=False)
                 if problem:
                     session.observer.event(loop.time(), "twilio_rest_failed", action="hang_up", reason=problem)
+        if asks_after_stream and reason is not Reason.user_hangup:  # (a caller that hung up asks nothing more)
+            calls.expect_stream_ended(record.call_id)
         await caller.close(twilio_close_code(ending), reason.value)
     finally:
         tap = calls.listen_taps.pop(record.call_id, None)

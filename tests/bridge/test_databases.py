@@ -8,7 +8,7 @@ from audio import Resampler
 from bridge.server import BackgroundServer
 from bridge.settings import AgentConfig
 
-from .conftest import TRUTH, best_correlation, caller_audio, envelope_ms, ongoing_calls, retell_client, until, wait_for_end
+from .conftest import TRUTH, hung_up_cleanly, best_correlation, caller_audio, envelope_ms, ongoing_calls, retell_client, until, wait_for_end
 from .test_web_call import talk, ws_url
 from .test_webhooks import FAST, Receiver, all_delivered
 
@@ -38,7 +38,7 @@ async def test_stop_call_ends_a_live_call(start_bridge, database_url):
     (record,) = await until(lambda: ongoing_calls(bridge))
     async with retell_client(bridge) as sdk:
         await sdk.call.stop(record.call_id)
-    assert (await call).ended_by == "rest"
+    assert hung_up_cleanly(await call)
     assert (await wait_for_end(bridge, record.call_id)).disconnection_reason.value == "agent_hangup"
 
 

@@ -173,9 +173,9 @@ async def test_a_call_live_at_the_drain_deadline_ends_with_a_message(replica, fa
     bridge.signal(signal.SIGTERM)
     result = await call
     assert await bridge.exit_code() == 0
-    assert result.ended_by == "rest"  # Twilio was told what to do, the stream did not just drop
-    said = [form["Twiml"] for sid, form in fake.requests if sid == result.call_sid and "Twiml" in form]
-    assert said and "<Say>Sorry, we have to end this call now. Please call again.</Say><Hangup" in said[0], fake.requests
+    # the stream ended, and the replica, still there, told Twilio what to do next: no REST request
+    assert result.after == ["Say: Sorry, we have to end this call now. Please call again.", "Hangup"], result.summary()
+    assert fake.requests == []
     record = await bridge.record(call_id)
     assert record.disconnection_reason.value == "max_duration_reached"
     assert record.error_detail == "the replica's drain deadline passed (1 s)"
