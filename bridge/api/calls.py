@@ -196,14 +196,14 @@ async def _call_file(request: Request, call_id: str, kind: str, what: str) -> Re
     return StreamingResponse(stored.chunks, status_code=stored.status, headers=stored.headers)
 
 
-@router.api_route(
-    "/v2/recordings/{call_id}.wav", methods=["GET", "HEAD"], dependencies=AUTH, summary="A call's stereo recording (caller left, agent right)"
-)
+@router.get("/v2/recordings/{call_id}.wav", dependencies=AUTH, summary="A call's stereo recording (caller left, agent right)")
+@router.head("/v2/recordings/{call_id}.wav", dependencies=AUTH, include_in_schema=False)
 async def recording(call_id: str, request: Request) -> Response:
     return await _call_file(request, call_id, "recording", "recording")
 
 
-@router.api_route("/v2/public-logs/{call_id}.jsonl", methods=["GET", "HEAD"], dependencies=AUTH, summary="A call's public log (JSON lines)")
+@router.get("/v2/public-logs/{call_id}.jsonl", dependencies=AUTH, summary="A call's public log (JSON lines)")
+@router.head("/v2/public-logs/{call_id}.jsonl", dependencies=AUTH, include_in_schema=False)
 async def public_log(call_id: str, request: Request) -> Response:
     return await _call_file(request, call_id, "log", "public log")
 
