@@ -4,9 +4,11 @@ Twilio API and the tests use it to serve on a free loopback port)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import signal
+import socket
 
 import uvicorn
 
@@ -97,8 +99,17 @@ def http_protocol(head_timeout_s: float = 10.0, max_waiting: int = 256):
             super().handle_events()
             if self.scope is not before:  # a whole head came (a request, or an upgrade)
                 self._head_received()
-                # a long response (the call-events stream) can drop a reader that stopped reading
-                self.scope.setdefault("extensions", {})["bridge.abort"] = self.transport.abort
+                # a long response (the call-events stream) can drop a reader that stopped reading,
+                # and bound what the kernel holds for it
+                extensions = self.scope.setdefault("extensions", {})
+                extensions["bridge.abort"] = self.transport.abort
+                extensions["bridge.send_buffer"] = self._send_buffer
+
+        def _send_buffer(self, size: int) -> None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
         def on_response_complete(self) -> None:
             if not self.transport.is_closing() and self._head_timer is None:

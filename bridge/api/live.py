@@ -35,6 +35,9 @@ KEEPALIVE_S = 15.0
 SLOW_READER_S = 10.0
 #: The most the stream writes at once (the snapshot goes in writes of this size)
 WRITE_BYTES = 64 * 1024
+#: The kernel's send buffer of a call-events connection: what a reader that stopped reading
+#: can leave unread there before the bridge's writes block (and its SLOW_READER_S starts)
+KERNEL_SEND_BUFFER = 64 * 1024
 
 
 @router.post("/v2/listen-live-call/{call_id}", dependencies=AUTH, summary="Listen to an ongoing call", responses=ERRORS)
@@ -76,6 +79,8 @@ class EventStream(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         calls, subscription = self.calls, self.subscription
+        if (shrink := scope.get("extensions", {}).get("bridge.send_buffer")) is not None:
+            shrink(KERNEL_SEND_BUFFER)  # (a reader that stops reading blocks our writes soon)
         left = asyncio.ensure_future(_disconnected(receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
