@@ -23,17 +23,23 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
 import socket
 import tomllib
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .models import Encoding, Protocol
+from audio import TWILIO_FORMAT, AudioFormat
+
+from .models import Encoding
+from .protocol.hosted import AgentSetup, ProviderSpec, Tool
+from .protocol.hosted.providers import SPECS, TRANSLATORS
 
 E164 = re.compile(r"\+[1-9]\d{1,14}")  # use fullmatch: $ would accept a trailing newline
 ECHO_AGENT_ID = "echo"
@@ -59,12 +65,39 @@ class ExternalRegistrar(BaseModel):
         return v.rstrip("/")
 
 
+class AgentProtocol(str, Enum):
+    """What the agent speaks: the audio websocket's ``web`` or ``twilio`` protocol, or a hosted
+    voice model's own (``bridge.protocol.hosted``)."""
+
+    web = "web"
+    twilio = "twilio"
+    openai_realtime = "openai-realtime"
+    gemini_live = "gemini-live"
+
+    @property
+    def hosted(self) -> bool:
+        return self.value in SPECS
+
+
+class ToolConfig(BaseModel):
+    """A function a hosted model may call: ``tools = [{name = ..., description = ..., parameters = {...}}]``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] = {"type": "object", "properties": {}}  # a JSON Schema
+
+
+#: Settings of a hosted model's agent only
+HOSTED_FIELDS = ("api_key_env", "instructions", "voice", "greeting", "tools_url", "tools", "session")
+
+
 class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     agent_id: str
-    url: str | None = None  # None: the embedded echo agent
-    protocol: Protocol = Protocol.web
+    protocol: AgentProtocol = AgentProtocol.web
+    url: str | None = None  # None: the embedded echo agent (a hosted model: its provider's own URL)
     encoding: Encoding = Encoding.s16le
     sample_rate: int = Field(24000, ge=8000, le=48000)
     end_call_after_silence_ms: int | None = Field(None, ge=10000)
@@ -78,16 +111,35 @@ class AgentConfig(BaseModel):
     opt_out_sensitive_data_storage: bool = False  # no recording, transcript or log for its calls
     numbers: list[str] = []
     default: bool = False
+    # --- a hosted model (protocol openai-realtime, gemini-live...): docs/agents.md -------------
+    #: the environment variable holding the provider's API key (the key is never in this file)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    instructions: str | None = None
+    voice: str | None = None
+    greeting: str | None = None  # what the agent says first
+    tools_url: str | None = None  # the model's function calls are POSTed here (signed)
+    tools: list[ToolConfig] = []
+    tool_timeout_s: float = Field(10.0, gt=0, le=60)
+    #: merged into the provider's session / setup object (checked with its SDK's types)
+    session: dict[str, Any] = {}
 
     @field_validator("url")
     @classmethod
-    def _template(cls, v: str | None) -> str | None:
+    def _websocket(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
         if not re.match(r"^wss?://[^/\s]+", v):
             raise ValueError("must be a ws:// or wss:// URL")
-        if "{call_id}" not in v:
+        protocol = info.data.get("protocol")
+        if "{call_id}" not in v and not (protocol and protocol.hosted):  # (a hosted model's URL names no call)
             raise ValueError("must contain {call_id}")
+        return v
+
+    @field_validator("tools_url")
+    @classmethod
+    def _tools_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http(s) URL")
         return v
 
     @field_validator("headers")
@@ -111,18 +163,53 @@ class AgentConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _twilio_needs_mulaw_8000(self) -> AgentConfig:
-        if self.protocol is Protocol.twilio and (self.encoding is not Encoding.mulaw or self.sample_rate != 8000):
+    def _fits_its_protocol(self) -> AgentConfig:
+        if self.protocol.hosted:
+            spec = SPECS[self.protocol.value]
+            if given := sorted({"encoding", "sample_rate", "send_call_details"} & self.model_fields_set):
+                raise ValueError(f"{', '.join(given)} do not apply to {spec.name}: it speaks {_format(spec)}; remove them")
+            if not self.api_key_env:
+                raise ValueError(f"api_key_env is required: the environment variable that holds the {spec.name} API key")
+            if self.tools and not self.tools_url:
+                raise ValueError("tools need tools_url: where the model's function calls are POSTed")
+            return self
+        if given := [name for name in HOSTED_FIELDS if name in self.model_fields_set]:
+            raise ValueError(f"{', '.join(given)} apply only to a hosted model's protocol ({', '.join(SPECS)})")
+        if self.protocol is AgentProtocol.twilio and (self.encoding is not Encoding.mulaw or self.sample_rate != 8000):
             raise ValueError("the twilio protocol carries mulaw at 8000 Hz: set encoding = 'mulaw', sample_rate = 8000")
         return self
 
+    @property
+    def hosted(self) -> ProviderSpec | None:
+        """The hosted model's provider, or None for an agent on the audio websocket."""
+        return SPECS.get(self.protocol.value)
+
+    @property
+    def formats(self) -> tuple[AudioFormat, AudioFormat]:
+        """(what the agent takes, what it sends)."""
+        if spec := self.hosted:
+            return spec.in_format, spec.out_format
+        if self.protocol is AgentProtocol.twilio:
+            return TWILIO_FORMAT, TWILIO_FORMAT
+        own = AudioFormat(self.encoding.value, self.sample_rate)
+        return own, own
+
+    def hosted_setup(self, outbound: bool) -> AgentSetup:
+        return AgentSetup(
+            instructions=self.instructions, voice=self.voice, greeting=self.greeting, session=self.session, outbound=outbound,
+            tools=tuple(Tool(t.name, t.description, t.parameters) for t in self.tools),
+        )  # fmt: skip
+
     def websocket_url(self, call_id: str, internal_base: str, internal_key: str = "") -> str:
         """The agent's audio websocket for one call (no url: the embedded echo agent, which
-        takes only sockets that carry ``internal_key``, the bridge's own for this call)."""
+        takes only sockets that carry ``internal_key``, the bridge's own for this call; a
+        hosted model: its provider's)."""
+        if spec := self.hosted:
+            return self.url or spec.default_url
         if self.url:
             return self.url.replace("{call_id}", call_id)
         base = internal_base.replace("http", "ws", 1)
-        if self.protocol is Protocol.twilio:
+        if self.protocol is AgentProtocol.twilio:
             return f"{base}/agents/echo-twilio/audio-websocket/{call_id}?key={internal_key}"
         query = f"encoding={self.encoding.value}&sample_rate={self.sample_rate}&key={internal_key}"
         return f"{base}/agents/echo/audio-websocket/{call_id}?{query}"
@@ -299,6 +386,12 @@ class Settings(BaseSettings):
         return self.agents.get(agent_id) if agent_id else None
 
 
+def _format(spec: ProviderSpec) -> str:
+    both = spec.in_format == spec.out_format
+    fmt = lambda f: f"{f.encoding} {f.sample_rate // 1000} kHz"  # noqa: E731
+    return f"{fmt(spec.in_format)} both ways" if both else f"{fmt(spec.in_format)} in, {fmt(spec.out_format)} out"
+
+
 def _field_path(error: dict) -> str:
     return ".".join(str(p) for p in error["loc"]) or "settings"
 
@@ -347,6 +440,8 @@ def load_settings(**overrides: Any) -> Settings:
     routes: dict[str, str] = {}
     defaults = []
     for agent in settings.agents.values():
+        if agent.hosted:
+            check_hosted_agent(agent)
         for number in agent.numbers:
             if number in routes:
                 raise SettingsError(f"agents.{agent.agent_id}.numbers: {number} already routes to {routes[number]}")
@@ -360,6 +455,29 @@ def load_settings(**overrides: Any) -> Settings:
     settings.routes = routes
     settings.default_agent = defaults[0] if defaults else None
     return settings
+
+
+def check_hosted_agent(agent: AgentConfig) -> None:
+    """A hosted model's agent can reach its provider: its SDK extra is installed, its key's
+    variable is set, and the provider's SDK types accept the set-up it will send (the
+    ``session`` table merged in). Raises ``SettingsError`` naming the agent and the fix."""
+    from .provider_types import MessageProblem, check_message, sdk_installed
+
+    spec, where = agent.hosted, f"agents.{agent.agent_id}"
+    if not sdk_installed(spec):
+        raise SettingsError(f"{where}: protocol {spec.protocol} needs the {spec.extra} extra: pip install 'twilio-audio-bridge[{spec.extra}]'")
+    if not os.environ.get(agent.api_key_env):
+        raise SettingsError(
+            f"{where}.api_key_env: the environment variable {agent.api_key_env} is not set: export {agent.api_key_env}=... "
+            f"(the {spec.name} API key)"
+        )  # fmt: skip
+    for outbound in (False, True):
+        translator = TRANSLATORS[spec.protocol](agent.hosted_setup(outbound))
+        for message in translator.start():
+            try:
+                check_message(spec, message)
+            except MessageProblem as e:
+                raise SettingsError(f"{where}.session: {spec.name} would refuse this agent's set-up: {e}") from None
 
 
 def signed_url_problem(settings: Settings) -> str | None:

@@ -133,6 +133,11 @@ RULES = [
         "only bridge/media holds a live call's sockets",
     ),
     (("bridge.api",), ("bridge.store",), "the API reaches calls through the call service"),
+    (
+        ("audio", "bridge.protocol", "bridge.media", "bridge.calls", "bridge.api", "bridge.store", "bridge.models"),
+        ("openai", "google.genai", "deepgram", "elevenlabs"),
+        "a provider's SDK checks messages (bridge.provider_types, imported when an agent needs it): the sockets are the bridge's own",
+    ),
     (("bridge.calls",), ("bridge.api", "bridge.app"), "the call service is below the routes"),
     (("bridge.store",), ("bridge.calls", "bridge.api", "bridge.app"), "the store is below the call service"),
     (("bridge.media",), ("bridge.api", "bridge.store", "bridge.app"), "relays reach records through the call service"),

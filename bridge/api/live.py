@@ -150,7 +150,7 @@ async def list_agents(request: Request) -> JSONResponse:
     return JSONResponse([
         {
             "agent_id": a.agent_id, "agent_name": a.agent_id, "version": 0, "is_published": True,
-            "audio_websocket_protocol": a.protocol.value, "audio_encoding": a.encoding.value, "sample_rate": a.sample_rate,
+            "audio_websocket_protocol": a.protocol.value, "audio_encoding": a.formats[0].encoding, "sample_rate": a.formats[0].sample_rate,
             "numbers": a.numbers, "default": a.default, "opt_out_sensitive_data_storage": a.opt_out_sensitive_data_storage,
             "embedded": a.url is None,
         }

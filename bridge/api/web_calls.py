@@ -21,6 +21,7 @@ from pydantic import Field
 
 from ..calls.registrar import new_call_id
 from ..models import CallRecord, CallType, Encoding, Protocol
+from ..settings import AgentProtocol
 from .deps import AUTH, call_service, find_agent
 from .errors import ERRORS
 from .schemas import CallBody, CallObject
@@ -48,7 +49,7 @@ async def _create(request: Request, body: CreateWebCall) -> tuple[CallRecord, st
         agent_id=agent.agent_id,
         audio_websocket_protocol=Protocol.web,
         audio_encoding=body.audio_encoding,
-        sample_rate=body.sample_rate or (agent.sample_rate if agent.protocol is Protocol.web else WEB_CLIENT_RATE),
+        sample_rate=body.sample_rate or (agent.sample_rate if agent.protocol is AgentProtocol.web else WEB_CLIENT_RATE),
         end_call_after_silence_ms=agent.end_call_after_silence_ms,
     )
     return await call_service(request).register_web_call(record)

@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -41,6 +42,7 @@ from ..settings import (
 )
 from ..store import STORE_UNAVAILABLE, CallFiles, ControlChannel, FilesError, SqlCallStore, webhook_targets
 from ..store.files import UPLOAD_TIMEOUT_S
+from ..store.outbox import sign
 from .endings import EndingSpool
 from .feed import MAX_ENDED, MAX_ONGOING, MAX_REGISTERED, CallFeed
 from .registrar import register_call
@@ -71,6 +73,8 @@ LOST_DETAIL = "another replica ended the call while this replica did not answer 
 #: and ended here
 CONTROL_WAIT_S = 1.0
 CONTROL_POLL_S = 0.02
+#: the most of a tool's answer given to the model (a model's context is not a file store)
+MAX_TOOL_OUTPUT = 64 * 1024
 #: a stop for a call not relayed here yet (being set up) is kept this long for its relay
 PENDING_STOP_S = 30.0
 MAX_PENDING_STOPS = 10_000
@@ -112,6 +116,10 @@ def not_startable(record: CallRecord) -> str:
         return "the call is already connected (its audio websocket is single use)"
     reason = record.disconnection_reason.value if record.disconnection_reason else record.call_status.value
     return f"the call has ended ({reason})"
+
+
+class ToolFailed(Exception):
+    """A hosted model's function call that got no answer from its tools_url (the text says why)."""
 
 
 class DialRefused(Exception):
@@ -345,6 +353,35 @@ class CallService:
         """The call object an agent may ask for (``send_call_details``): the call API's, less
         the web call's access token."""
         return {k: v for k, v in record.public().items() if k != "access_token"}
+
+    def provider_headers(self, record: CallRecord) -> list[tuple[str, str]]:
+        """The upgrade's headers to a hosted model's provider: its API key (read from the
+        agent's ``api_key_env`` now: never stored, logged or shown) and the agent's own."""
+        agent = self.agent(record)
+        spec = agent.hosted
+        key = os.environ.get(agent.api_key_env or "", "")
+        return [(spec.key_header, spec.key_prefix + key), *agent.headers.items()]
+
+    async def call_tool(self, record: CallRecord, call_id: str, name: str, arguments: dict[str, Any]) -> str:
+        """A hosted model's function call, POSTed to its agent's ``tools_url`` as JSON
+        (``{"call_id", "tool_call_id", "name", "arguments"}``), signed like the call webhooks
+        (``x-retell-signature``), within the agent's ``tool_timeout_s``: returns the answer's
+        body (the function's output, for the model). Raises ``ToolFailed`` saying why."""
+        agent = self.agent(record)
+        if agent is None or not agent.tools_url:
+            raise ToolFailed(f"no tools_url for agent {record.agent_id}")
+        body = json.dumps({"call_id": record.call_id, "tool_call_id": call_id, "name": name, "arguments": arguments}, separators=(",", ":"))
+        key = self.settings.webhook_signing_key or (self.settings.api_keys[0] if self.settings.api_keys else "")
+        headers = {"content-type": "application/json", "x-retell-signature": sign(body, key), CALL_ID_HEADER: record.call_id}
+        try:
+            response = await self.http.post(agent.tools_url, content=body, headers=headers, timeout=agent.tool_timeout_s)
+        except httpx.TimeoutException:
+            raise ToolFailed(f"{agent.tools_url} did not answer within {agent.tool_timeout_s:g} s") from None
+        except httpx.HTTPError as e:
+            raise ToolFailed(f"{agent.tools_url} could not be reached: {type(e).__name__}: {e}".rstrip(": ")) from None
+        if not 200 <= response.status_code < 300:
+            raise ToolFailed(f"{agent.tools_url} answered {response.status_code}: {response.text[:200]}")
+        return response.text[:MAX_TOOL_OUTPUT] or "{}"
 
     def is_private(self, record: CallRecord) -> bool:
         """opt_out_sensitive_data_storage, on the call or its agent: no recording, log or

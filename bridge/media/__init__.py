@@ -6,6 +6,8 @@
   is (Twilio's media stream on ``/twilio/media`` or ``/audio-websocket/{call_id}``, a web client
   on ``/audio-websocket/{call_id}`` or ``/web-call/...``): ``MediaRelay`` moves frames through a
   ``CallSession``;
+- ``hosted``: a hosted voice model's socket around its translator, seen by the relay as a web
+  agent (barge-in and truncation, tool calls, reconnection and goAway);
 - ``observer``: what is measured on the wire (turn latency, silence, the log, the recording);
 - ``file_writer``: recording writes on one background thread, off the event loop.
 

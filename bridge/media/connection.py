@@ -44,6 +44,12 @@ class ConnectionClosed(Exception):
     pass
 
 
+#: a server that refuses the upgrade: how much of its answer's body is kept (the provider's
+#: "invalid API key"), and how long it is waited for
+REFUSAL_BODY_BYTES = 4096
+REFUSAL_BODY_WAIT_S = 0.5
+
+
 class HandshakeError(Exception):
     """The websocket could not be opened (refused, bad answer, bad URL)."""
 
@@ -74,6 +80,7 @@ class WsConnection(asyncio.Protocol):
         self._paused_at: float | None = None
         self._pong_due: bytes | None = None  # the latest ping's payload, while we may not write
         self.overflowed = False  # aborted: the peer left more than MAX_WRITE_BUFFER unread
+        self.on_pong: Callable[[float], None] | None = None  # told each ping's round trip (s)
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -106,6 +113,8 @@ class WsConnection(asyncio.Protocol):
                 sent = self._ping_sent.pop(payload, None)
                 if sent is not None:
                     self.latency = time.monotonic() - sent
+                    if self.on_pong is not None:
+                        self.on_pong(self.latency)
             else:  # close
                 self.close_code, self.close_reason = payload
                 if not self.close_sent:  # echo it, then (server) drop the connection
@@ -285,12 +294,19 @@ class _ClientOpening(WsConnection):
         self.handshake = handshake
         self.opened = asyncio.get_running_loop().create_future()
         self._head = b""
+        self._refusal: str | None = None  # a refused upgrade: its status line, while its body comes
+        self._body = b""
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         transport.write(self.handshake.request)
 
     def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:  # (the body of a refusal: what the server says is wrong)
+            self._body += data
+            if len(self._body) >= REFUSAL_BODY_BYTES:
+                self._refused_with_body()
+            return
         if self.opened.done():
             super().data_received(data)
             return
@@ -305,6 +321,10 @@ class _ClientOpening(WsConnection):
         try:
             self.handshake.check(head)
         except WsProtocolError as e:
+            if head.startswith(b"HTTP/") and not head.startswith(b"HTTP/1.1 101"):  # wait a moment for its body
+                self._refusal, self._body = str(e), rest
+                asyncio.get_running_loop().call_later(REFUSAL_BODY_WAIT_S, self._refused_with_body)
+                return
             self._refused(HandshakeError(str(e)))
             return
         self.opened.set_result(None)
@@ -312,9 +332,17 @@ class _ClientOpening(WsConnection):
             super().data_received(rest)
 
     def connection_lost(self, exc) -> None:
+        if self._refusal is not None:
+            self._refused_with_body()
         if not self.opened.done():
             self.opened.set_exception(HandshakeError(f"connection closed during the handshake ({exc or 'EOF'})"))
         super().connection_lost(exc)
+
+    def _refused_with_body(self) -> None:
+        if self._refusal is None or self.opened.done():
+            return
+        body = self._body[:REFUSAL_BODY_BYTES].decode("utf-8", "replace").strip()
+        self._refused(HandshakeError(f"{self._refusal}: {' '.join(body.split())[:500]}" if body else self._refusal))
 
     def _refused(self, error: Exception) -> None:
         if not self.opened.done():

@@ -91,6 +91,8 @@ class CallObserver:
     events: list[dict] = field(default_factory=list)
     #: the call's live listeners (``listen.ListenTap``), handed the audio as it crosses
     tap: Any = None
+    #: told when the caller starts speaking (the relay clock): a hosted model's own barge-in
+    on_caller_speech: Any = None
 
     def __post_init__(self) -> None:
         self.rate = rate = self.caller_format.sample_rate
@@ -155,6 +157,8 @@ class CallObserver:
                 self._turn_end = None
                 self._agent_sent_at.clear()
                 self.event(now, "caller_speech_start", at_ms=round(e.at_ms, 1))
+                if self.on_caller_speech is not None:
+                    self.on_caller_speech(now)
             elif e.kind == SPEECH_END:
                 self.caller_speaking = False
                 self.caller_last_voice = at
@@ -225,16 +229,22 @@ class CallObserver:
         return now - max(self.caller_last_voice, self.agent_audio_until)
 
     def woven_transcript(self, transcript: list[dict]) -> list[dict]:
-        """``transcript_with_tool_calls``: the utterances with the caller's keypad presses where
-        they happened (as the agent's updates arrived)."""
+        """``transcript_with_tool_calls``: the utterances with the caller's keypad presses and a
+        hosted model's function calls and their results where they happened (as the agent's
+        updates arrived), in the shapes of retell-sdk's ``transcript_with_tool_calls``."""
         woven, used = [], 0
         for e in self.events:
-            if e["event"] == "transcript":
+            kind = e["event"]
+            if kind == "transcript":
                 upto = min(e["utterances"], len(transcript))
                 woven += [{**u, "words": u.get("words", [])} for u in transcript[used:upto]]
                 used = max(used, upto)
-            elif e["event"] == "dtmf":
+            elif kind == "dtmf":
                 woven.append({"role": "dtmf", "digit": e["digit"]})
+            elif kind == "tool_call":
+                woven.append({"role": "tool_call_invocation", "tool_call_id": e["tool_call_id"], "name": e["name"], "arguments": e.get("arguments", "{}")})
+            elif kind in ("tool_result", "tool_failed"):
+                woven.append({"role": "tool_call_result", "tool_call_id": e["tool_call_id"], "content": e.get("content") or e.get("error", "")})
         woven += [{**u, "words": u.get("words", [])} for u in transcript[used:]]
         return woven
 
@@ -269,6 +279,6 @@ def measured_fields(observer: CallObserver, session) -> dict:
     }
     if not observer.private:
         fields.update(transcript_fields(session.transcript))
-        if session.transcript or session.stats.dtmf:
+        if session.transcript or session.stats.dtmf or any(e["event"] == "tool_call" for e in observer.events):
             fields["transcript_with_tool_calls"] = observer.woven_transcript(session.transcript)
     return fields

@@ -72,9 +72,11 @@ from audio import TWILIO_FORMAT, AudioFormat
 from audio.filters import plan
 
 from ..calls import DRAIN_DETAIL, STORE_UNAVAILABLE, CallRefused, CallService, not_startable
-from ..models import CallRecord, CallStatus, Encoding, Protocol
+from ..models import CallRecord, CallStatus, Direction, Encoding, Protocol
 from ..models import DisconnectionReason as Reason
 from ..protocol import twilio as tf
+from ..protocol.hosted.providers import TRANSLATORS
+from ..settings import AgentProtocol
 from ..protocol import web as wf
 from ..protocol.session import TO_CALLER, CallSession
 from ..protocol.twilio import CALL_PARAMETER, TOKEN_PARAMETER
@@ -86,6 +88,7 @@ from ..logs import CALL_ID
 from ..metrics import DELAY_SAMPLE_EVERY, FLUSH_INTERVAL_S, CallMetrics
 from . import connection
 from .file_writer import FileWriter
+from .hosted import HostedLink
 from .listen import ListenTap
 from .observer import CallObserver, Recording, measured_fields
 
@@ -374,11 +377,12 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
             observer.event(observer.started, "stream_start", call_sid=start.call_sid, stream_sid=start.stream_sid)
         else:
             observer.event(observer.started, "web_client_start", encoding=caller.format.encoding, sample_rate=caller.format.sample_rate)
-        agent_protocol = agent_config.protocol if agent_config else Protocol.web
-        agent_format = AudioFormat(agent_config.encoding.value, agent_config.sample_rate) if agent_config else caller.format
-        agent_rate = 8000 if agent_protocol is Protocol.twilio else agent_format.sample_rate
-        if caller.format.sample_rate != agent_rate:  # a filter pair not designed yet takes up to
-            # a second of CPU (odd rates): designed off the loop, then cached (every other call waits)
+        twilio_agent = agent_config is not None and agent_config.protocol is AgentProtocol.twilio
+        agent_protocol = Protocol.twilio if twilio_agent else Protocol.web  # (a hosted model: as a web agent)
+        agent_in, agent_format = agent_config.formats if agent_config else (caller.format, caller.format)
+        for agent_rate in {agent_in.sample_rate, agent_format.sample_rate} - {caller.format.sample_rate}:
+            # a filter pair not designed yet takes up to a second of CPU (odd rates): designed off
+            # the loop, then cached (every other call waits)
             await asyncio.to_thread(_design_filters, caller.format.sample_rate, agent_rate)
         session = CallSession(
             agent_protocol,
@@ -390,6 +394,7 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
             caller=caller.protocol,
             caller_format=caller.format,
             caller_updates=caller.updates,
+            agent_in_format=agent_in,
         )
     except Exception as e:  # a bug setting the call up ends it on the record, never leaves it ongoing
         log.exception("call %s could not be set up", call_id)
@@ -430,6 +435,8 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
     try:
         if agent_config is None:
             session.end(Reason.error_llm_websocket_runtime, f"agent {record.agent_id} is not configured")
+        elif agent_config.hosted:
+            agent = await _open_hosted(session, calls, record, agent_config, settings)
         else:
             agent = await _open_agent(session, calls.agent_url(record), calls.agent_headers(record), settings)
             if agent is None:
@@ -438,8 +445,8 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
             calls.metrics.call_setup.observe(loop.time() - set_up_from)
             agent_leg = session.agent_format if session.protocol is Protocol.web else TWILIO_FORMAT
             observer.event(
-                loop.time(), "agent_connected", protocol=session.protocol.value, encoding=agent_leg.encoding,
-                sample_rate=agent_leg.sample_rate,
+                loop.time(), "agent_connected", protocol=agent_config.protocol.value, encoding=agent_leg.encoding,
+                sample_rate=agent_leg.sample_rate, **({"sample_rate_in": agent_in.sample_rate} if agent_in != agent_leg else {}),
             )  # fmt: skip
             if session.protocol is Protocol.twilio:
                 agent.send_text(tf.connected_frame())
@@ -493,6 +500,19 @@ async def _open_agent(session: CallSession, url: str, headers, settings) -> conn
     except (OSError, TimeoutError, connection.HandshakeError, ValueError) as e:
         session.end(Reason.error_llm_websocket_open, f"cannot open {url.partition('?')[0]}: {type(e).__name__}: {e}")
         return None
+
+
+async def _open_hosted(session: CallSession, calls: CallService, record: CallRecord, agent_config, settings) -> HostedLink | None:
+    spec = agent_config.hosted
+    translator = TRANSLATORS[spec.protocol](agent_config.hosted_setup(outbound=record.direction is Direction.outbound))
+    url = agent_config.websocket_url(record.call_id, settings.internal_base)
+    link = HostedLink(translator, url, calls.provider_headers(record), session, calls, record, settings.agent_connect_timeout_s)
+    try:
+        await link.open()
+    except (OSError, TimeoutError, connection.HandshakeError, ValueError) as e:
+        session.end(Reason.error_llm_websocket_open, f"cannot open {spec.name} at {url.partition('?')[0]}: {type(e).__name__}: {e}")
+        return None
+    return link
 
 
 @dataclass(frozen=True)

@@ -90,9 +90,11 @@ class CallSession:
         caller: Protocol = Protocol.twilio,
         caller_format: AudioFormat = TWILIO_FORMAT,
         caller_updates: bool = False,
+        agent_in_format: AudioFormat | None = None,
     ):
         self.protocol = protocol
-        self.agent_format = agent_format
+        self.agent_format = agent_format  # what the agent sends
+        self.agent_in_format = agent_in_format or agent_format  # what it takes (a hosted model's may differ)
         self.caller = caller
         self.caller_format = caller_format
         self.web_caller = web_caller = caller is Protocol.web
@@ -103,13 +105,14 @@ class CallSession:
         self.mark_interval_ms = mark_interval_ms
         # the agent's leg in the format it speaks: Twilio's for a twilio-protocol agent
         agent_leg = TWILIO_FORMAT if protocol is Protocol.twilio else agent_format
+        agent_in_leg = TWILIO_FORMAT if protocol is Protocol.twilio else self.agent_in_format
         if web_caller:
-            self.inbound = Converter(caller_format, agent_leg)
+            self.inbound = Converter(caller_format, agent_in_leg)
             self.outbound = Converter(agent_leg, caller_format)
             self.from_caller = self._from_web_caller
             self.caller_frames = tf.StreamFrames(stream_sid)  # as Twilio sends: for a twilio agent
         else:
-            self.inbound = twilio_to_agent(agent_format)
+            self.inbound = twilio_to_agent(self.agent_in_format)
             self.outbound = agent_to_twilio(agent_format)
             self.from_caller = self.from_twilio
         self._caller_carry = b""  # a lone byte of a split s16le sample from a web caller
@@ -130,6 +133,7 @@ class CallSession:
         self._sent_base = 0.0  # it is heard after what was heard before it
         self._queue_end = 0.0  # when Twilio's queue of agent audio runs dry (relay clock, s)
         self._ping_sent: float | None = None
+        self._echoed_at: float | None = None  # when Twilio last echoed a mark (relay clock)
 
     # --- ending ------------------------------------------------------------------------------
 
@@ -162,7 +166,7 @@ class CallSession:
         if type(event) is tf.Mark:
             if twilio_protocol:
                 return [(TO_AGENT, text)]
-            self._mark_echoed(event.name)
+            self._mark_echoed(event.name, now)
             return []
         if type(event) is tf.Dtmf:
             self.stats.dtmf.append(event.digit)
@@ -220,7 +224,30 @@ class CallSession:
         """How long the agent audio already sent takes to finish playing (a web caller)."""
         return max(0.0, self._queue_end - now)
 
-    def _mark_echoed(self, name: str) -> None:
+    def next_audio_position(self) -> float:
+        """Where agent audio that arrives now will be heard, on the call's heard timeline (ms):
+        after everything sent and waiting to be sent."""
+        pending_ms = len(self._pending) / 8 if not self.web_caller else 0.0
+        return self._heard_base + self.stats.sent_ms - self._sent_base + pending_ms
+
+    def heard_ms(self, now: float) -> float:
+        """How much agent audio the caller has heard by ``now`` (the heard timeline, ms): the
+        last mark Twilio echoed, plus what has played since by the clock (Twilio plays in real
+        time), never past the next mark not yet echoed nor past what was sent. A web caller's
+        by the clock alone."""
+        if self.web_caller:
+            self.update_played(now)
+            return self.stats.played_ms
+        heard = self.stats.played_ms
+        sent = self._heard_base + self.stats.sent_ms - self._sent_base
+        by_clock = sent - max(0.0, self._queue_end - now) * 1000  # (the queue drains from the end back)
+        if self._echoed_at is not None:
+            by_clock = min(by_clock, heard + (now - self._echoed_at) * 1000)
+        if self._marks:
+            by_clock = min(by_clock, self._marks[0][1])
+        return max(heard, by_clock)
+
+    def _mark_echoed(self, name: str, now: float) -> None:
         if name in self._cleared:  # flushed by a clear: not heard
             self._cleared.discard(name)
             return
@@ -230,6 +257,7 @@ class CallSession:
             sent_name, position = self._marks.popleft()
             if sent_name == name:
                 self.stats.played_ms = position
+                self._echoed_at = now
                 return
 
     # --- agent -> Twilio ---------------------------------------------------------------------
