@@ -79,9 +79,18 @@ class Call:
     media_frame: bytes = b""  # the caller's 20 ms media frame, framed and masked once
 
 
+OPENAI_APPEND = '{"type":"input_audio_buffer.append","audio":"'
+OPENAI_DELTA = '{"type":"response.output_audio.delta","event_id":"e","response_id":"r","item_id":"i","output_index":0,"content_index":0,"delta":"'
+GEMINI_AUDIO = '{"serverContent":{"modelTurn":{"parts":[{"inlineData":{"mimeType":"audio/pcm;rate=24000","data":"'
+
+
 class NullAgentSocket(asyncio.Protocol):
     """The null agent's side of one call, on a bare protocol: answers the upgrade, then sends
-    every binary frame straight back (and "pong" to the web protocol's "ping")."""
+    every binary frame straight back (and "pong" to the web protocol's "ping"). On a path under
+    ``/openai/`` it is a null OpenAI Realtime model (each ``input_audio_buffer.append`` comes
+    back as a ``response.output_audio.delta``), under ``/gemini/`` a null Gemini Live model
+    (each 16 kHz ``realtimeInput`` back as 24 kHz ``modelTurn`` audio); the call is the path's
+    last segment or the bridge's ``X-Bridge-Call-Id`` header."""
 
     def __init__(self, agent: NullAgent):
         self.agent = agent
@@ -89,6 +98,7 @@ class NullAgentSocket(asyncio.Protocol):
         self.transport = None
         self.head = b""
         self.reader = wsf.FrameReader(masked=True)
+        self.mode = "web"
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -101,7 +111,10 @@ class NullAgentSocket(asyncio.Protocol):
             if end < 0:
                 return
             start_line, headers = wsf.parse_head(self.head[:end])
-            call = self.call = self.agent.calls.get(start_line.split(" ")[1].strip("/").split("?")[0])
+            path = start_line.split(" ")[1].split("?")[0]
+            self.mode = path.split("/")[1] if path.startswith(("/openai/", "/gemini/")) else "web"
+            named = dict((k.lower(), v) for k, v in dict(headers).items()).get("x-bridge-call-id") or path.rstrip("/").rsplit("/", 1)[-1]
+            call = self.call = self.agent.calls.get(named)
             if call is None:
                 self.transport.close()
                 return
@@ -116,6 +129,8 @@ class NullAgentSocket(asyncio.Protocol):
                 call.agent_got.append(clock())
                 write(wsf.encode(wsf.OP_BINARY, payload))
                 call.agent_sent.append(clock())
+            elif op == wsf.OP_TEXT and self.mode != "web":
+                self._model(payload, call, clock, write)
             elif op == wsf.OP_TEXT and payload == "ping":
                 write(wsf.encode(wsf.OP_TEXT, b"pong"))
             elif op == wsf.OP_PING:
@@ -124,6 +139,26 @@ class NullAgentSocket(asyncio.Protocol):
                 write(wsf.encode(wsf.OP_CLOSE, wsf.close_payload(1000)))
                 self.transport.close()
                 return
+
+
+    def _model(self, text: str, call: Call, clock, write) -> None:
+        if self.mode == "openai":
+            if text.startswith(OPENAI_APPEND) or '"input_audio_buffer.append"' in text[:50]:
+                call.agent_got.append(clock())
+                audio = text[len(OPENAI_APPEND) : -2] if text.startswith(OPENAI_APPEND) else json.loads(text)["audio"]
+                write(wsf.encode(wsf.OP_TEXT, (OPENAI_DELTA + audio + '"}').encode()))
+                call.agent_sent.append(clock())
+            elif '"session.update"' in text[:40]:
+                write(wsf.encode(wsf.OP_TEXT, b'{"type":"session.updated","event_id":"e","session":{"type":"realtime"}}'))
+        elif '"realtimeInput"' in text[:20]:
+            call.agent_got.append(clock())
+            data = json.loads(text)["realtimeInput"]["audio"]["data"]
+            pcm = np.frombuffer(base64.b64decode(data), "<i2")
+            up = np.repeat(pcm, 3)[::2].astype("<i2").tobytes()  # 16 -> 24 kHz (a null model: no filter)
+            write(wsf.encode(wsf.OP_TEXT, (GEMINI_AUDIO + base64.b64encode(up).decode() + '"}}]}}}').encode()))
+            call.agent_sent.append(clock())
+        elif '"setup"' in text[:12]:
+            write(wsf.encode(wsf.OP_TEXT, b'{"setupComplete":{}}'))
 
 
 class NullAgent:
@@ -242,6 +277,19 @@ class Bridge(Target):
         self.encoding, self.rate, self.private, self.source, self.metrics = encoding, rate, private, source, metrics
 
     def command(self):
+        if self.encoding in ("openai-realtime", "gemini-live"):  # a hosted model's connector
+            agents = self.workdir / f"agents-{self.encoding}.toml"
+            mode = self.encoding.split("-")[0]
+            agents.write_text(
+                f'[agents.null]\nprotocol = "{self.encoding}"\nurl = "ws://127.0.0.1:{self.agent_port}/{mode}/realtime"\n'
+                f'api_key_env = "BENCH_PROVIDER_KEY"\ndefault = true\n'
+            )
+            env = {
+                "BRIDGE_PORT": str(self.port), "BRIDGE_AGENTS_FILE": str(agents), "BRIDGE_TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+                "BRIDGE_API_KEYS": API_KEY, "BRIDGE_DATA_DIR": str(self.workdir / f"data-{self.encoding}"),
+                "BRIDGE_INSTANCE_ID": f"load-{self.encoding}", "BRIDGE_REQUEST_HOST_SIGNATURES": "1", "BENCH_PROVIDER_KEY": "sk-bench",
+            }  # fmt: skip
+            return [sys.executable, "-m", "bridge", "serve", "--port", str(self.port)], env
         agents = self.workdir / f"agents-{self.encoding}-{self.rate}.toml"
         agents.write_text(
             f'[agents.null]\nurl = "ws://127.0.0.1:{self.agent_port}/{{call_id}}"\nprotocol = "web"\n'
@@ -299,6 +347,17 @@ class Naive(Bridge):
         call.call_id = "naive" + secrets.token_hex(8)
         known(call)
         await self._connect(call, f"ws://127.0.0.1:{self.port}/media", {"call_id": call.call_id}, [])
+
+
+class SampleOpenAI(Naive):
+    """A relay written the way Twilio's OpenAI Realtime sample is (bench/sample_openai_relay.py)."""
+
+    def __init__(self, agent_port, workdir):
+        Target.__init__(self, agent_port, workdir)
+        self.name = "sample openai"
+
+    def command(self):
+        return [sys.executable, "-m", "bench.sample_openai_relay", str(self.port), f"ws://127.0.0.1:{self.agent_port}/openai/{{call_id}}"], {}
 
 
 class Floor(Naive):
@@ -441,6 +500,9 @@ async def main_async(args) -> int:
         "floor-picows-24k": lambda: Floor(agent.port, workdir, 24000, websockets="picows"),
         "bridge-24k-other": lambda: Bridge(agent.port, workdir, "s16le", 24000, source=args.other),
         "bridge-24k-no-metrics": lambda: Bridge(agent.port, workdir, "s16le", 24000, metrics=False),
+        "bridge-openai": lambda: _hosted(Bridge(agent.port, workdir, "openai-realtime", 8000), "bridge openai"),
+        "bridge-gemini": lambda: _hosted(Bridge(agent.port, workdir, "gemini-live", 24000), "bridge gemini"),
+        "sample-openai": lambda: SampleOpenAI(agent.port, workdir),
     }
     deadline = time.monotonic() + args.max_minutes * 60
     print(HEADER, flush=True)
@@ -479,6 +541,11 @@ async def main_async(args) -> int:
         print(f"{target.name}: largest N that held = {largest(rows)}", flush=True)
     report_targets(results, setups)
     return 0
+
+
+def _hosted(target: Bridge, name: str) -> Bridge:
+    target.name = name
+    return target
 
 
 def worst_p99(r: dict) -> float:
@@ -529,7 +596,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", nargs="+", default=["floor", "floor-24k", "naive", "bridge-24k", "bridge-mulaw"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive", "floor", "floor-24k", "floor-picows", "floor-picows-24k", "bridge-24k-other", "bridge-24k-no-metrics"])
+    parser.add_argument("--targets", nargs="+", default=["floor", "floor-24k", "naive", "bridge-24k", "bridge-mulaw"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive", "floor", "floor-24k", "floor-picows", "floor-picows-24k", "bridge-24k-other", "bridge-24k-no-metrics", "bridge-openai", "bridge-gemini", "sample-openai"])
     parser.add_argument("--other", type=Path, help="bridge-24k-other runs the bridge from this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 25, 50, 75, 100, 125, 150, 200, 250, 300, 400, 500])
     parser.add_argument("--seconds", type=float, default=8.0, help="per step, warm-up included")

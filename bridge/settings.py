@@ -11,6 +11,10 @@ The agents file is TOML, one table per agent::
     max_call_duration_ms = 3600000
     numbers = ["+14155550100"]  # calls to these numbers go to this agent
     default = true              # calls to other numbers too
+
+    [agents.assistant]          # a hosted voice model (docs/agents.md)
+    protocol = "openai-realtime"   # or gemini-live
+    api_key_env = "OPENAI_API_KEY"
     # registrar = "internal"    # or: registrar = { url = "https://registrar.example.com", api_key = "..." }
     #                           # (it answers POST /register-call with a call_id of 1-64 of A-Z a-z 0-9 _ . -)
 

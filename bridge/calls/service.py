@@ -356,11 +356,12 @@ class CallService:
 
     def provider_headers(self, record: CallRecord) -> list[tuple[str, str]]:
         """The upgrade's headers to a hosted model's provider: its API key (read from the
-        agent's ``api_key_env`` now: never stored, logged or shown) and the agent's own."""
+        agent's ``api_key_env`` now: never stored, logged or shown), the call id (for a proxy
+        in between) and the agent's own."""
         agent = self.agent(record)
         spec = agent.hosted
         key = os.environ.get(agent.api_key_env or "", "")
-        return [(spec.key_header, spec.key_prefix + key), *agent.headers.items()]
+        return [(spec.key_header, spec.key_prefix + key), (CALL_ID_HEADER, record.call_id), *agent.headers.items()]
 
     async def call_tool(self, record: CallRecord, call_id: str, name: str, arguments: dict[str, Any]) -> str:
         """A hosted model's function call, POSTed to its agent's ``tools_url`` as JSON

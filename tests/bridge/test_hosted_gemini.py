@@ -168,3 +168,21 @@ async def test_caller_keys_reach_gemini(start_bridge, gemini_fake):
     await bridge.call(caller_audio(), speed=2.0, dtmf=((500, "#"),))
     texts = [m["realtimeInput"]["text"] for m in gemini_fake.received("realtimeInput") if "text" in m["realtimeInput"]]
     assert texts == ["[The caller pressed the key # on their phone's keypad.]"]
+
+
+async def test_a_web_call_reaches_gemini_too(start_bridge, gemini_fake):
+    """A browser's web call (create-web-call, s16le 24 kHz) to a hosted model: the same relay,
+    the caller's audio converted to Gemini's 16 kHz, Gemini's 24 kHz played back."""
+    from audio import Resampler
+
+    from .test_web_call import talk, ws_url
+
+    bridge = await start_bridge(agents=hosted_agent(gemini_fake))
+    async with api_client(bridge.base_url) as http:
+        call = (await http.post("/v2/create-web-call", json={"agent_id": "ai", "sample_rate": 24000})).json()
+    said = Resampler(8000, 24000).process(caller_audio())
+    heard, texts = await talk(ws_url(bridge, call["call_id"], call["access_token"]), said, 24000, tail_s=3, speed=2.0)
+    assert gemini_fake.problems == []
+    assert len(heard) > 24000 * 2 * 0.5  # the answer, heard
+    record = await wait_for_end(bridge, call["call_id"])
+    assert record.disconnection_reason.value == "user_hangup" and [t["role"] for t in record.transcript_object] == ["user", "agent"]

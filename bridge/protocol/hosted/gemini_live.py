@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import json
+
+import orjson
 import re
 from typing import Any
 
@@ -125,7 +127,7 @@ class GeminiLive(HostedAgent):
 
     def receive(self, message: Message, position_ms: float) -> list[Event]:
         try:
-            event = json.loads(message)
+            event = orjson.loads(message)
             if not isinstance(event, dict):
                 raise TypeError
         except (ValueError, TypeError):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import json
+
+import orjson
 from typing import Any
 
 from audio import AudioFormat
@@ -140,9 +142,9 @@ class OpenAIRealtime(HostedAgent):
 
     def receive(self, message: Message, position_ms: float) -> list[Event]:
         try:
-            event = json.loads(message)
+            event = orjson.loads(message)
             kind = event["type"]
-        except (ValueError, TypeError, KeyError):
+        except (orjson.JSONDecodeError, TypeError, KeyError):
             raise ProviderError(f"not an OpenAI Realtime event: {str(message)[:80]!r}") from None
         try:
             if kind == "response.output_audio.delta" or kind == "response.audio.delta":
