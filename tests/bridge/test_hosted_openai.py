@@ -41,7 +41,9 @@ async def public_log(bridge, record) -> list[dict]:
 
 
 async def test_a_call_with_openai_realtime_has_everything_a_call_has(start_bridge, openai_fake):
-    bridge = await start_bridge(agents=hosted_agent(openai_fake, instructions="You take bookings.", voice="marin", greeting="Hello, bookings!"))
+    bridge = await start_bridge(
+        agents=hosted_agent(openai_fake, instructions="You take bookings.", voice="marin", greeting="Hello, bookings!"), keepalive_interval_s=0.5
+    )
     result = await bridge.call(caller_audio(), speed=2.0, tail_ms=3000)
     assert openai_fake.problems == [], openai_fake.problems
     record = await wait_for_end(bridge, result.call_id)
@@ -57,6 +59,7 @@ async def test_a_call_with_openai_realtime_has_everything_a_call_has(start_bridg
     assert record.transcript.startswith("Agent: Answer 1\nUser: I would like a table.\nAgent: Answer 2")
     assert record.transcript_object[1]["content"] == "I would like a table."
     assert record.e2e_latency is not None and record.e2e_latency.num >= 1
+    assert record.llm_websocket_network_rtt_latency.num >= 2  # the provider socket's ping round trips
     assert record.recording_url and record.public_log_url
     # caller audio reached the model untouched: mu-law 8 kHz both ways, every frame
     conn = openai_fake.connections[0]
