@@ -81,6 +81,7 @@ class Call:
 
 OPENAI_APPEND = '{"type":"input_audio_buffer.append","audio":"'
 OPENAI_DELTA = '{"type":"response.output_audio.delta","event_id":"e","response_id":"r","item_id":"i","output_index":0,"content_index":0,"delta":"'
+ELEVENLABS_CHUNK = '{"user_audio_chunk":"'
 GEMINI_AUDIO = '{"serverContent":{"modelTurn":{"parts":[{"inlineData":{"mimeType":"audio/pcm;rate=24000","data":"'
 
 
@@ -112,7 +113,7 @@ class NullAgentSocket(asyncio.Protocol):
                 return
             start_line, headers = wsf.parse_head(self.head[:end])
             path = start_line.split(" ")[1].split("?")[0]
-            self.mode = path.split("/")[1] if path.startswith(("/openai/", "/gemini/")) else "web"
+            self.mode = path.split("/")[1] if path.startswith(("/openai/", "/gemini/", "/deepgram/", "/elevenlabs/")) else "web"
             named = dict((k.lower(), v) for k, v in dict(headers).items()).get("x-bridge-call-id") or path.rstrip("/").rsplit("/", 1)[-1]
             call = self.call = self.agent.calls.get(named)
             if call is None:
@@ -125,7 +126,7 @@ class NullAgentSocket(asyncio.Protocol):
                 return
         clock, write = time.perf_counter, self.transport.write
         for op, payload in self.reader.feed(data):
-            if op == wsf.OP_BINARY:
+            if op == wsf.OP_BINARY:  # (web and deepgram: raw audio, straight back)
                 call.agent_got.append(clock())
                 write(wsf.encode(wsf.OP_BINARY, payload))
                 call.agent_sent.append(clock())
@@ -150,6 +151,18 @@ class NullAgentSocket(asyncio.Protocol):
                 call.agent_sent.append(clock())
             elif '"session.update"' in text[:40]:
                 write(wsf.encode(wsf.OP_TEXT, b'{"type":"session.updated","event_id":"e","session":{"type":"realtime"}}'))
+        elif self.mode == "deepgram":
+            if '"Settings"' in text[:20]:
+                write(wsf.encode(wsf.OP_TEXT, b'{"type":"SettingsApplied"}'))
+        elif self.mode == "elevenlabs":
+            if text.startswith(ELEVENLABS_CHUNK):
+                call.agent_got.append(clock())
+                self.event_id = getattr(self, "event_id", 0) + 1
+                reply = '{"type":"audio","audio_event":{"audio_base_64":"' + text[len(ELEVENLABS_CHUNK) : -2] + f'","event_id":{self.event_id}}}}}'
+                write(wsf.encode(wsf.OP_TEXT, reply.encode()))
+                call.agent_sent.append(clock())
+            elif "conversation_initiation_client_data" in text[:60]:
+                write(wsf.encode(wsf.OP_TEXT, b'{"type":"conversation_initiation_metadata","conversation_initiation_metadata_event":{"conversation_id":"c","agent_output_audio_format":"ulaw_8000","user_input_audio_format":"ulaw_8000"}}'))
         elif '"realtimeInput"' in text[:20]:
             call.agent_got.append(clock())
             data = json.loads(text)["realtimeInput"]["audio"]["data"]
@@ -277,12 +290,13 @@ class Bridge(Target):
         self.encoding, self.rate, self.private, self.source, self.metrics = encoding, rate, private, source, metrics
 
     def command(self):
-        if self.encoding in ("openai-realtime", "gemini-live"):  # a hosted model's connector
+        if self.encoding in ("openai-realtime", "gemini-live", "deepgram-agent", "elevenlabs-agent"):  # a hosted model's connector
             agents = self.workdir / f"agents-{self.encoding}.toml"
             mode = self.encoding.split("-")[0]
             agents.write_text(
                 f'[agents.null]\nprotocol = "{self.encoding}"\nurl = "ws://127.0.0.1:{self.agent_port}/{mode}/realtime"\n'
                 f'api_key_env = "BENCH_PROVIDER_KEY"\ndefault = true\n'
+                + ('provider_agent_id = "null"\n' if mode == "elevenlabs" else "")
             )
             env = {
                 "BRIDGE_PORT": str(self.port), "BRIDGE_AGENTS_FILE": str(agents), "BRIDGE_TWILIO_AUTH_TOKEN": AUTH_TOKEN,
@@ -502,6 +516,8 @@ async def main_async(args) -> int:
         "bridge-24k-no-metrics": lambda: Bridge(agent.port, workdir, "s16le", 24000, metrics=False),
         "bridge-openai": lambda: _hosted(Bridge(agent.port, workdir, "openai-realtime", 8000), "bridge openai"),
         "bridge-gemini": lambda: _hosted(Bridge(agent.port, workdir, "gemini-live", 24000), "bridge gemini"),
+        "bridge-deepgram": lambda: _hosted(Bridge(agent.port, workdir, "deepgram-agent", 8000), "bridge deepgram"),
+        "bridge-elevenlabs": lambda: _hosted(Bridge(agent.port, workdir, "elevenlabs-agent", 8000), "bridge elevenlabs"),
         "sample-openai": lambda: SampleOpenAI(agent.port, workdir),
     }
     deadline = time.monotonic() + args.max_minutes * 60
@@ -596,7 +612,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", nargs="+", default=["floor", "floor-24k", "naive", "bridge-24k", "bridge-mulaw"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive", "floor", "floor-24k", "floor-picows", "floor-picows-24k", "bridge-24k-other", "bridge-24k-no-metrics", "bridge-openai", "bridge-gemini", "sample-openai"])
+    parser.add_argument("--targets", nargs="+", default=["floor", "floor-24k", "naive", "bridge-24k", "bridge-mulaw"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive", "floor", "floor-24k", "floor-picows", "floor-picows-24k", "bridge-24k-other", "bridge-24k-no-metrics", "bridge-openai", "bridge-gemini", "bridge-deepgram", "bridge-elevenlabs", "sample-openai"])
     parser.add_argument("--other", type=Path, help="bridge-24k-other runs the bridge from this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 25, 50, 75, 100, 125, 150, 200, 250, 300, 400, 500])
     parser.add_argument("--seconds", type=float, default=8.0, help="per step, warm-up included")

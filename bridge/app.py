@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 BACKGROUND_STOP_S = 5.0  # how long the background jobs get to stop when the app does
 
 
+def _design(rate: int) -> None:
+    plan(8000, rate), plan(rate, 8000)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     call_service = CallService(settings)
@@ -41,8 +45,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         for agent in settings.agents.values():  # design every filter before the first call
-            if agent.sample_rate != 8000:
-                plan(8000, agent.sample_rate), plan(agent.sample_rate, 8000)
+            rates = {f.sample_rate for f in agent.formats}
+            if agent.protocol.value == "elevenlabs-agent":  # (its formats are its own settings: any of these)
+                rates |= {16000, 22050, 24000, 44100, 48000}
+            for rate in rates - {8000}:
+                await asyncio.to_thread(_design, rate)
         redact_secrets_in_logs()  # (uvicorn has configured its loggers by now)
         try:
             await call_service.open()

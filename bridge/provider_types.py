@@ -31,16 +31,77 @@ def sdk_installed(spec: ProviderSpec) -> bool:
 
 
 def check_message(spec: ProviderSpec, message: str | bytes | dict) -> dict[str, Any]:
-    """Validate one client message to the provider against its SDK's types; returns it parsed.
-    Raises ``MessageProblem``."""
-    data = json.loads(message) if isinstance(message, str | bytes) else message
-    if spec.protocol == "openai-realtime":
-        _check_openai(data)
-    elif spec.protocol == "gemini-live":
-        _check_gemini(data)
-    else:
+    """Validate one client message to the provider against its SDK's types; returns it parsed
+    (a binary frame, Deepgram's audio: ``{"audio": bytes}``). Raises ``MessageProblem``."""
+    if isinstance(message, bytes) and spec.protocol == "deepgram-agent":
+        return {"audio": message}
+    try:
+        data = json.loads(message) if isinstance(message, str | bytes) else message
+    except ValueError as e:
+        raise MessageProblem(f"not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise MessageProblem("not a JSON object")
+    checks = {"openai-realtime": _check_openai, "gemini-live": _check_gemini, "deepgram-agent": _check_deepgram, "elevenlabs-agent": _check_elevenlabs}
+    if spec.protocol not in checks:
         raise MessageProblem(f"no SDK check for {spec.protocol}")
+    checks[spec.protocol](data)
     return data
+
+
+def _check_deepgram(data: dict[str, Any]) -> None:
+    import pydantic
+    from deepgram.agent.v1 import types
+
+    models = {
+        "Settings": types.AgentV1Settings, "KeepAlive": types.AgentV1KeepAlive,
+        "FunctionCallResponse": types.AgentV1SendFunctionCallResponse, "InjectUserMessage": types.AgentV1InjectUserMessage,
+        "InjectAgentMessage": types.AgentV1InjectAgentMessage, "UpdatePrompt": types.AgentV1UpdatePrompt,
+        "UpdateSpeak": types.AgentV1UpdateSpeak,
+    }  # fmt: skip (the client messages of deepgram-sdk's agent socket: its send_* methods)
+    model = models.get(data.get("type"))
+    if model is None:
+        raise MessageProblem(f"{data.get('type')!r} is not a Deepgram Voice Agent client message")
+    try:
+        parsed = model.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise MessageProblem(_first_error(e)) from None
+    if extra := _unknown_fields(parsed, data["type"]):
+        raise MessageProblem(f"unknown field {extra}")
+
+
+#: what the elevenlabs SDK's conversational_ai/conversation.py sends, field by field
+ELEVENLABS_MESSAGES = {
+    "pong": {"type": str, "event_id": int},
+    "client_tool_result": {"type": str, "tool_call_id": str, "result": str, "is_error": bool},
+    "user_message": {"type": str, "text": str},
+    "contextual_update": {"type": str, "text": str},
+    "user_activity": {"type": str},
+}
+
+
+def _check_elevenlabs(data: dict[str, Any]) -> None:
+    import pydantic
+    from elevenlabs.types import ConversationInitiationClientDataRequestInput
+
+    if "user_audio_chunk" in data:
+        if set(data) != {"user_audio_chunk"} or not isinstance(data["user_audio_chunk"], str):
+            raise MessageProblem("a user_audio_chunk message has only that field, a base64 string")
+        return
+    kind = data.get("type")
+    if kind == "conversation_initiation_client_data":
+        body = {k: v for k, v in data.items() if k != "type"}
+        try:
+            parsed = ConversationInitiationClientDataRequestInput.model_validate(body)
+        except pydantic.ValidationError as e:
+            raise MessageProblem(_first_error(e)) from None
+        if extra := _unknown_fields(parsed, kind):
+            raise MessageProblem(f"unknown field {extra}")
+        return
+    fields = ELEVENLABS_MESSAGES.get(kind)
+    if fields is None:
+        raise MessageProblem(f"{kind!r} is not an ElevenLabs Agents client message")
+    if set(data) != set(fields) or not all(isinstance(data[k], t) and not (t is int and isinstance(data[k], bool)) for k, t in fields.items()):
+        raise MessageProblem(f"a {kind} message has exactly {sorted(fields)}: got {data}")
 
 
 def _check_openai(data: dict[str, Any]) -> None:

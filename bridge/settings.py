@@ -77,6 +77,8 @@ class AgentProtocol(str, Enum):
     twilio = "twilio"
     openai_realtime = "openai-realtime"
     gemini_live = "gemini-live"
+    deepgram_agent = "deepgram-agent"
+    elevenlabs_agent = "elevenlabs-agent"
 
     @property
     def hosted(self) -> bool:
@@ -93,7 +95,7 @@ class ToolConfig(BaseModel):
 
 
 #: Settings of a hosted model's agent only
-HOSTED_FIELDS = ("api_key_env", "instructions", "voice", "greeting", "tools_url", "tools", "session")
+HOSTED_FIELDS = ("api_key_env", "instructions", "voice", "greeting", "tools_url", "tools", "session", "provider_agent_id", "signed_url")
 
 
 class AgentConfig(BaseModel):
@@ -126,6 +128,10 @@ class AgentConfig(BaseModel):
     tool_timeout_s: float = Field(10.0, gt=0, le=60)
     #: merged into the provider's session / setup object (checked with its SDK's types)
     session: dict[str, Any] = {}
+    #: the provider's own agent, for a provider that keeps agents (ElevenLabs: its agent_id)
+    provider_agent_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    #: ElevenLabs: fetch a signed URL for each call (the key then never reaches the socket)
+    signed_url: bool = False
 
     @field_validator("url")
     @classmethod
@@ -176,6 +182,10 @@ class AgentConfig(BaseModel):
                 raise ValueError(f"api_key_env is required: the environment variable that holds the {spec.name} API key")
             if self.tools and not self.tools_url:
                 raise ValueError("tools need tools_url: where the model's function calls are POSTed")
+            if self.protocol is AgentProtocol.elevenlabs_agent and not (self.provider_agent_id or "agent_id=" in (self.url or "")):
+                raise ValueError("an ElevenLabs agent needs its id: provider_agent_id = \"...\" (or agent_id=... in the url)")
+            if self.signed_url and self.protocol is not AgentProtocol.elevenlabs_agent:
+                raise ValueError("signed_url applies to ElevenLabs Agents only")
             return self
         if given := [name for name in HOSTED_FIELDS if name in self.model_fields_set]:
             raise ValueError(f"{', '.join(given)} apply only to a hosted model's protocol ({', '.join(SPECS)})")
@@ -198,10 +208,10 @@ class AgentConfig(BaseModel):
         own = AudioFormat(self.encoding.value, self.sample_rate)
         return own, own
 
-    def hosted_setup(self, outbound: bool) -> AgentSetup:
+    def hosted_setup(self, outbound: bool, variables: dict[str, Any] | None = None) -> AgentSetup:
         return AgentSetup(
             instructions=self.instructions, voice=self.voice, greeting=self.greeting, session=self.session, outbound=outbound,
-            tools=tuple(Tool(t.name, t.description, t.parameters) for t in self.tools),
+            tools=tuple(Tool(t.name, t.description, t.parameters) for t in self.tools), variables=variables or {},
         )  # fmt: skip
 
     def websocket_url(self, call_id: str, internal_base: str, internal_key: str = "") -> str:
@@ -209,7 +219,10 @@ class AgentConfig(BaseModel):
         takes only sockets that carry ``internal_key``, the bridge's own for this call; a
         hosted model: its provider's)."""
         if spec := self.hosted:
-            return self.url or spec.default_url
+            url = self.url or spec.default_url
+            if self.provider_agent_id and "agent_id=" not in url:
+                url += ("&" if "?" in url else "?") + f"agent_id={self.provider_agent_id}"
+            return url
         if self.url:
             return self.url.replace("{call_id}", call_id)
         base = internal_base.replace("http", "ws", 1)

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import httpx
@@ -116,6 +116,10 @@ def not_startable(record: CallRecord) -> str:
         return "the call is already connected (its audio websocket is single use)"
     reason = record.disconnection_reason.value if record.disconnection_reason else record.call_status.value
     return f"the call has ended ({reason})"
+
+
+class ProviderUnreachable(Exception):
+    """A hosted model's endpoint could not be had (its signed URL was refused, or not fetched)."""
 
 
 class ToolFailed(Exception):
@@ -354,14 +358,45 @@ class CallService:
         the web call's access token."""
         return {k: v for k, v in record.public().items() if k != "access_token"}
 
-    def provider_headers(self, record: CallRecord) -> list[tuple[str, str]]:
-        """The upgrade's headers to a hosted model's provider: its API key (read from the
-        agent's ``api_key_env`` now: never stored, logged or shown), the call id (for a proxy
-        in between) and the agent's own."""
+    async def provider_endpoint(self, record: CallRecord) -> tuple[str, list[tuple[str, str]]]:
+        """Where a hosted model's socket opens, and the upgrade's headers: its API key (read
+        from the agent's ``api_key_env`` now: never stored, logged or shown), the call id (for
+        a proxy in between) and the agent's own. With ``signed_url`` (ElevenLabs) a URL signed
+        for this call is fetched first, and the socket carries no key. Raises
+        ``ProviderUnreachable``."""
         agent = self.agent(record)
         spec = agent.hosted
         key = os.environ.get(agent.api_key_env or "", "")
-        return [(spec.key_header, spec.key_prefix + key), (CALL_ID_HEADER, record.call_id), *agent.headers.items()]
+        url = agent.websocket_url(record.call_id, self.settings.internal_base)
+        own = [(CALL_ID_HEADER, record.call_id), *agent.headers.items()]
+        if not agent.signed_url:
+            return url, [(spec.key_header, spec.key_prefix + key), *own]
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        fetch = urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, parts.path.rstrip("/") + "/get-signed-url", urlencode({"agent_id": query.get("agent_id", "")}), ""))
+        try:
+            answer = await self.http.get(fetch, headers={spec.key_header: spec.key_prefix + key}, timeout=self.settings.agent_connect_timeout_s)
+            answer.raise_for_status()
+            signed = answer.json()["signed_url"]
+        except httpx.HTTPStatusError as e:
+            raise ProviderUnreachable(f"the signed URL was refused: {e.response.status_code} {e.response.text[:200]}") from None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            raise ProviderUnreachable(f"no signed URL from {parts.netloc}: {type(e).__name__}: {e}") from None
+        return signed, own
+
+    def dynamic_variables(self, record: CallRecord) -> dict[str, Any]:
+        """A hosted model's variables for the call (docs/agents.md): its ids, numbers and
+        direction, its metadata's scalar values as ``metadata_<key>``, and its
+        ``retell_llm_dynamic_variables`` (which win)."""
+        variables: dict[str, Any] = {
+            "call_id": record.call_id, "from_number": record.from_number, "to_number": record.to_number,
+            "direction": record.direction.value if record.direction else None,
+        }  # fmt: skip
+        for key, value in (record.metadata or {}).items():
+            if isinstance(value, str | int | float | bool):
+                variables[f"metadata_{key}"] = value
+        variables.update(record.retell_llm_dynamic_variables or {})
+        return {k: v for k, v in variables.items() if v is not None}
 
     async def call_tool(self, record: CallRecord, call_id: str, name: str, arguments: dict[str, Any]) -> str:
         """A hosted model's function call, POSTed to its agent's ``tools_url`` as JSON

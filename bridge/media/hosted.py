@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import orjson
 
-from ..calls import CallService, ToolFailed
+from ..calls import CallService, ProviderUnreachable, ToolFailed
 from ..models import CallRecord
 from ..models import DisconnectionReason as Reason
 from ..protocol import hosted as h
@@ -47,7 +47,11 @@ HOLD_S = 10.0  # caller audio held while the provider is (re)connecting, at most
 #: no agent audio
 IDLE_S = 0.3
 GO_AWAY_MARGIN_S = 1.0
-MAX_LOGGED_OUTPUT = 2000  # of a tool's answer, on the public log and the record  # a goAway's connection is left this long before its end at the latest
+MAX_LOGGED_OUTPUT = 2000  # of a tool's answer, on the public log and the record
+#: no caller audio for this long: the provider gets its own keepalive (at the relay's pings)
+KEEPALIVE_IDLE_S = 4.0
+#: a provider's session cap (``session_cap_s``) ends the call this much before the provider would
+CAP_MARGIN_S = 5.0  # a goAway's connection is left this long before its end at the latest
 #: provider close codes that end the call at once (no reconnection helps): a refused policy or key
 FINAL_CLOSE_CODES = {POLICY_VIOLATION, 4001, 4003}
 
@@ -57,11 +61,8 @@ class HostedLink:
     relay uses (``listen``, ``frame_text`` / ``frame_binary`` / ``send_many``, ``ping``,
     ``close``, and how it ended)."""
 
-    def __init__(
-        self, translator: h.HostedAgent, url: str, headers: list[tuple[str, str]], session: CallSession, calls: CallService,
-        record: CallRecord, connect_timeout_s: float,
-    ):  # fmt: skip
-        self.translator, self.url, self.headers = translator, url, headers
+    def __init__(self, translator: h.HostedAgent, session: CallSession, calls: CallService, record: CallRecord, connect_timeout_s: float):
+        self.translator = translator
         self.spec = translator.spec
         self.session, self.calls, self.record = session, calls, record
         self.connect_timeout_s = connect_timeout_s
@@ -90,6 +91,8 @@ class HostedLink:
         self._reconnecting = False
         self._switching = False
         self._lost_at: float | None = None
+        self._last_caller_audio = self.loop.time()
+        self._cap_timer: asyncio.TimerHandle | None = None
         self.reconnects = 0
 
     # --- opening ------------------------------------------------------------------------------
@@ -102,11 +105,18 @@ class HostedLink:
         ws = await self._connect()
         self._attach(ws)
         for message in self.translator.start():
-            ws.send_text(message)
+            _send(ws, message)
+        if cap := self.spec.session_cap_s:
+            self._cap_timer = self.loop.call_later(max(0.0, cap - CAP_MARGIN_S), self._at_cap)
 
     async def _connect(self) -> connection.WsConnection:
         async with asyncio.timeout(self.connect_timeout_s):
-            return await connection.connect(self.url, headers=self.headers)
+            url, headers = await self.calls.provider_endpoint(self.record)
+            return await connection.connect(url, headers=headers)
+
+    def _at_cap(self) -> None:
+        cap = self.spec.session_cap_s
+        self._end(Reason.max_duration_reached, f"{self.spec.name} sessions last at most {cap / 60:g} minutes")
 
     def _attach(self, ws: connection.WsConnection) -> None:
         self.ws, self._ready = ws, False
@@ -125,8 +135,9 @@ class HostedLink:
     def frame_binary(self, data: bytes) -> bytes:
         """Caller audio (in the provider's input format): one provider message."""
         message = self.translator.caller_audio(data)
+        self._last_caller_audio = self.loop.time()
         if self._ready:
-            return self.ws.frame_text(message)
+            return _frame(self.ws, message)
         self._hold(message)
         return b""
 
@@ -144,7 +155,7 @@ class HostedLink:
         if isinstance(event, dict) and event.get("event_type") == "dtmf":
             messages = self.translator.caller_text(h.dtmf_text(str(event.get("digit"))))
             if self._ready:
-                return b"".join(self.ws.frame_text(m) for m in messages)
+                return b"".join(_frame(self.ws, m) for m in messages)
             for message in messages:
                 self._hold(message)
         return b""
@@ -157,8 +168,13 @@ class HostedLink:
         self.send_many([self.frame_text(text)])
 
     def ping(self) -> None:
+        """The relay's keepalive tick: a websocket ping (its round trip), and the provider's
+        own keepalive when no caller audio went for KEEPALIVE_IDLE_S (a caller on hold)."""
         if self.ws is not None and self._ready:
             self.ws.ping()
+            if self.loop.time() - self._last_caller_audio > KEEPALIVE_IDLE_S:
+                for message in self.translator.keepalive():
+                    _send(self.ws, message)
 
     @property
     def ping_outstanding_s(self) -> float:
@@ -171,6 +187,8 @@ class HostedLink:
         """The call ended: the provider's session ends with it (never left open until the
         provider's own cap)."""
         self._closing = True
+        if self._cap_timer is not None:
+            self._cap_timer.cancel()
         for task in [*self._tools.values(), *self._tasks]:
             task.cancel()
         if self.ws is not None:
@@ -199,8 +217,9 @@ class HostedLink:
                 self._interrupted(now)
             elif kind is h.Transcript:
                 self.translator.said(event)
-                self.transcript.append({"role": event.role, "content": event.text})
-                self._deliver(orjson.dumps({"event_type": "update", "transcript": self.transcript}).decode())
+                self._transcribe(event)
+            elif kind is h.Formats:
+                self._reformat(event)
             elif kind is h.ToolCall:
                 self._tool(event)
             elif kind is h.ToolCancelled:
@@ -209,7 +228,7 @@ class HostedLink:
                         task.cancel()
                         self._event("tool_call_cancelled", tool_call_id=call_id)
             elif kind is h.Reply:
-                ws.send_text(event.message)
+                _send(ws, event.message)
             elif kind is h.Ready:
                 self._became_ready(now)
             elif kind is h.GoAway:
@@ -223,11 +242,30 @@ class HostedLink:
                     self._end(reason, event.text)
                     return
 
+    def _transcribe(self, said: h.Transcript) -> None:
+        transcript = self.transcript
+        if said.corrects is not None:  # (what the agent is recorded as having said, cut to what was heard)
+            for utterance in reversed(transcript):
+                if utterance["role"] == "agent" and utterance["content"] == said.corrects:
+                    utterance["content"] = said.text
+                    break
+            else:
+                transcript.append({"role": said.role, "content": said.text})
+        else:
+            transcript.append({"role": said.role, "content": said.text})
+        self._deliver(orjson.dumps({"event_type": "update", "transcript": transcript}).decode())
+
+    def _reformat(self, formats: h.Formats) -> None:
+        """The provider's formats, known only now (an ElevenLabs agent's settings): the call's
+        conversion follows, before any audio flows (it is held until the session is ready)."""
+        self.session.reformat(formats.taken, formats.said)
+        self._event("provider_formats", taken=f"{formats.taken.encoding}/{formats.taken.sample_rate}", said=f"{formats.said.encoding}/{formats.said.sample_rate}")
+
     def _interrupted(self, now: float) -> None:
         session = self.session
         heard = session.heard_ms(now)
         for message in self.translator.interrupt(heard):
-            self.ws.send_text(message)
+            _send(self.ws, message)
             self._event("provider_truncate", heard_ms=round(heard), **_truncated(message))
         if session.next_audio_position() > heard + 1:  # something is queued the caller has not heard
             self._deliver("clear")
@@ -247,7 +285,7 @@ class HostedLink:
             self._lost_at = None
         held, self._held, self._held_bytes, self._held_since = self._held, deque(), 0, None
         if held:
-            self.ws.send_many([self.ws.frame_text(m) for m in held])
+            self.ws.send_many([_frame(self.ws, m) for m in held])
 
     def _pong(self, latency: float) -> None:
         self.latency = latency
@@ -261,7 +299,7 @@ class HostedLink:
         else:
             self._early.append(message)
 
-    def _hold(self, message: str) -> None:
+    def _hold(self, message: str | bytes) -> None:
         """Keep a message for the provider until its connection is ready (at most HOLD_S of it)."""
         now = self.loop.time()
         if self._held_since is None:
@@ -295,7 +333,7 @@ class HostedLink:
             self._tools.pop(call.call_id, None)
         for message in self.translator.tool_output(call, output):
             if self._ready and not self._closing:
-                self.ws.send_text(message)
+                _send(self.ws, message)
             else:
                 self._hold(message)
 
@@ -313,6 +351,10 @@ class HostedLink:
             return
         self._ready = False  # (what the caller says is held until a new connection is ready)
         self._event("provider_closed", code=ws.close_code, reason=ws.close_reason or None)
+        how = f"{ws.close_code} {ws.close_reason}".rstrip() if ws.close_code is not None else "the connection was lost"
+        if not self.spec.reconnects:
+            self._end(Reason.error_llm_websocket_lost_connection, f"{self.spec.name} ended the conversation ({how}); it cannot be resumed")
+            return
         if ws.close_code in FINAL_CLOSE_CODES:
             self._end(Reason.error_llm_websocket_runtime, f"{self.spec.name} closed the session: {ws.close_code} {ws.close_reason}".rstrip())
             return
@@ -333,13 +375,13 @@ class HostedLink:
                 self.reconnects += 1
                 try:
                     ws = await self._connect()
-                except (OSError, TimeoutError, connection.HandshakeError, ValueError) as e:
+                except (OSError, TimeoutError, connection.HandshakeError, ValueError, ProviderUnreachable) as e:
                     last = f"{type(e).__name__}: {e}"
                     self._event("provider_reconnect_failed", attempt=attempt, error=last)
                     continue
                 self._attach(ws)
                 for message in self.translator.resume():
-                    ws.send_text(message)
+                    _send(ws, message)
                 if await self._until_ready(ws):
                     return
                 last = "its set-up was not accepted in time"
@@ -373,14 +415,14 @@ class HostedLink:
             self._ready = False  # (the caller's audio is held from now on, and sent to the new one)
             try:
                 ws = await self._connect()
-            except (OSError, TimeoutError, connection.HandshakeError, ValueError) as e:
+            except (OSError, TimeoutError, connection.HandshakeError, ValueError, ProviderUnreachable) as e:
                 self._event("provider_switch_failed", error=f"{type(e).__name__}: {e}")
                 if self.ws is old and not old.closed:
                     self._became_ready(self.loop.time())  # (stay on the old one; its end reconnects)
                 return
             self._attach(ws)
             for message in self.translator.resume():
-                ws.send_text(message)
+                _send(ws, message)
             if await self._until_ready(ws):
                 self._event("provider_switched", gap_ms=round((self.loop.time() - started) * 1000))
             if old is not None:
@@ -410,6 +452,14 @@ class HostedLink:
         observer = self.session.observer
         if observer is not None:
             observer.event(self.loop.time(), kind, provider=self.spec.protocol, **details)
+
+
+def _frame(ws: connection.WsConnection, message: h.Message) -> bytes:
+    return ws.frame_binary(message) if type(message) is bytes else ws.frame_text(message)
+
+
+def _send(ws: connection.WsConnection, message: h.Message) -> None:
+    ws.send_many([_frame(ws, message)])
 
 
 def _truncated(message: str) -> dict:

@@ -71,7 +71,7 @@ from twilio.request_validator import RequestValidator
 from audio import TWILIO_FORMAT, AudioFormat
 from audio.filters import plan
 
-from ..calls import DRAIN_DETAIL, STORE_UNAVAILABLE, CallRefused, CallService, not_startable
+from ..calls import DRAIN_DETAIL, STORE_UNAVAILABLE, CallRefused, CallService, ProviderUnreachable, not_startable
 from ..models import CallRecord, CallStatus, Direction, Encoding, Protocol
 from ..models import DisconnectionReason as Reason
 from ..protocol import twilio as tf
@@ -504,13 +504,14 @@ async def _open_agent(session: CallSession, url: str, headers, settings) -> conn
 
 async def _open_hosted(session: CallSession, calls: CallService, record: CallRecord, agent_config, settings) -> HostedLink | None:
     spec = agent_config.hosted
-    translator = TRANSLATORS[spec.protocol](agent_config.hosted_setup(outbound=record.direction is Direction.outbound))
-    url = agent_config.websocket_url(record.call_id, settings.internal_base)
-    link = HostedLink(translator, url, calls.provider_headers(record), session, calls, record, settings.agent_connect_timeout_s)
+    outbound = record.direction is Direction.outbound
+    translator = TRANSLATORS[spec.protocol](agent_config.hosted_setup(outbound, calls.dynamic_variables(record)))
+    link = HostedLink(translator, session, calls, record, settings.agent_connect_timeout_s)
     try:
         await link.open()
-    except (OSError, TimeoutError, connection.HandshakeError, ValueError) as e:
-        session.end(Reason.error_llm_websocket_open, f"cannot open {spec.name} at {url.partition('?')[0]}: {type(e).__name__}: {e}")
+    except (OSError, TimeoutError, connection.HandshakeError, ValueError, ProviderUnreachable) as e:
+        url = agent_config.websocket_url(record.call_id, settings.internal_base).partition("?")[0]
+        session.end(Reason.error_llm_websocket_open, f"cannot open {spec.name} at {url}: {type(e).__name__}: {e}")
         return None
     return link
 

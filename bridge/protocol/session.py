@@ -104,16 +104,11 @@ class CallSession:
         self.frame_bytes = 8 * frame_ms  # mu-law 8 kHz: 8 bytes a millisecond
         self.mark_interval_ms = mark_interval_ms
         # the agent's leg in the format it speaks: Twilio's for a twilio-protocol agent
-        agent_leg = TWILIO_FORMAT if protocol is Protocol.twilio else agent_format
-        agent_in_leg = TWILIO_FORMAT if protocol is Protocol.twilio else self.agent_in_format
+        self._converters()
         if web_caller:
-            self.inbound = Converter(caller_format, agent_in_leg)
-            self.outbound = Converter(agent_leg, caller_format)
             self.from_caller = self._from_web_caller
             self.caller_frames = tf.StreamFrames(stream_sid)  # as Twilio sends: for a twilio agent
         else:
-            self.inbound = twilio_to_agent(self.agent_in_format)
-            self.outbound = agent_to_twilio(agent_format)
             self.from_caller = self.from_twilio
         self._caller_carry = b""  # a lone byte of a split s16le sample from a web caller
         self._caller_ulaw = bytearray()  # a web caller's audio for a twilio agent, not yet framed
@@ -134,6 +129,24 @@ class CallSession:
         self._queue_end = 0.0  # when Twilio's queue of agent audio runs dry (relay clock, s)
         self._ping_sent: float | None = None
         self._echoed_at: float | None = None  # when Twilio last echoed a mark (relay clock)
+
+    def _converters(self) -> None:
+        twilio_agent = self.protocol is Protocol.twilio
+        agent_leg = TWILIO_FORMAT if twilio_agent else self.agent_format
+        agent_in_leg = TWILIO_FORMAT if twilio_agent else self.agent_in_format
+        if self.web_caller:
+            self.inbound = Converter(self.caller_format, agent_in_leg)
+            self.outbound = Converter(agent_leg, self.caller_format)
+        else:
+            self.inbound = twilio_to_agent(agent_in_leg)
+            self.outbound = agent_to_twilio(agent_leg)
+
+    def reformat(self, agent_in_format: AudioFormat, agent_format: AudioFormat) -> None:
+        """The agent's formats, learned once its session opened (a hosted model whose formats
+        are its own settings): the conversion each way follows from now on."""
+        self.agent_in_format, self.agent_format = agent_in_format, agent_format
+        self._carry = self._caller_carry = b""
+        self._converters()
 
     # --- ending ------------------------------------------------------------------------------
 

@@ -328,3 +328,205 @@ class FakeGemini(FakeProvider):
                 await ws.close(1000)
 
             self._later = asyncio.ensure_future(close_later())
+
+
+# --- Deepgram Voice Agent ----------------------------------------------------------------------
+
+
+def deepgram_message(**message) -> str:
+    """A server message, checked with the deepgram-sdk's ``V1SocketClientResponse`` models first."""
+    from deepgram.agent.v1 import socket_client
+
+    import pydantic
+
+    pydantic.TypeAdapter(socket_client.V1SocketClientResponse).validate_python(message)
+    return json.dumps(message)
+
+
+class FakeDeepgram(FakeProvider):
+    spec = None  # set below (its SPEC), once the module exists
+    path = "/v1/agent/converse"
+
+    def key_of(self, headers) -> str | None:
+        value = headers.get("Authorization", "")
+        return value.removeprefix("Token ") if value.startswith("Token ") else None
+
+    async def serve(self, ws, conn: Connection, number: int) -> None:
+        vad = VoiceActivityDetector(8000, end_silence_ms=500)
+        state = {"responding": False, "tool": None, "keepalives": 0}
+        conn.keepalives = 0  # type: ignore[attr-defined]
+
+        async def send(**message) -> None:
+            await ws.send(deepgram_message(**message))
+            conn.sent.append(message)
+
+        await send(type="Welcome", request_id="req-" + secrets.token_hex(4))
+        async for message in ws:
+            if isinstance(message, bytes):  # caller audio: mu-law 8 kHz, no container
+                pcm = ulaw_to_pcm(message)
+                conn.caller_ms += len(pcm) / 16
+                for e in vad.process(pcm):
+                    if e.kind == SPEECH_START:
+                        await send(type="UserStartedSpeaking")
+                        state["responding"] = False
+                    elif e.kind == SPEECH_END:
+                        await send(type="ConversationText", role="user", content="I would like a table.")
+                        self.answering(self.answer(ws, conn, send, state, number))
+                continue
+            data = self.check(conn, message)
+            if data is None:
+                continue
+            kind = data["type"]
+            if kind == "Settings":
+                await send(type="SettingsApplied")
+                if data["agent"].get("greeting"):
+                    self.answering(self.answer(ws, conn, send, state, number))
+            elif kind == "KeepAlive":
+                conn.keepalives += 1
+            elif kind == "FunctionCallResponse":
+                state["tool"] = data["content"]
+                self.answering(self.answer(ws, conn, send, state, number))
+            elif kind == "InjectUserMessage":
+                self.answering(self.answer(ws, conn, send, state, number))
+
+    async def answer(self, ws, conn: Connection, send, state, number: int) -> None:
+        conn.answers += 1
+        if conn.script == "tool" and state["tool"] is None and conn.answers == 1:
+            function = {"id": "fn_" + secrets.token_hex(3), "name": "lookup", "arguments": json.dumps(TOOL_ARGUMENTS), "client_side": True}
+            await send(type="FunctionCallRequest", functions=[function])
+            return
+        state["responding"] = True
+        await send(type="AgentStartedSpeaking", total_latency=0.4, tts_latency=0.1, ttt_latency=0.3)
+        audio = pcm_to_ulaw(tone(8000, self.answer_ms).tobytes())
+        for at in range(0, len(audio), 800):
+            if not state["responding"]:
+                break
+            await ws.send(audio[at : at + 800])
+            await asyncio.sleep(0)
+        said = f"Answer {conn.answers}" + (f" with {state['tool']}" if state["tool"] else "")
+        await send(type="ConversationText", role="assistant", content=said)
+        await send(type="AgentAudioDone")
+        state["responding"] = False
+        if conn.script == "error" and conn.answers == 1:
+            await send(type="Warning", description="The think provider is slow to answer.", code="SLOW_THINK_REQUEST")
+        if conn.script == "drop" and number == 1:
+            conn.closed_by_fake = True
+            ws.transport.abort()
+
+
+# --- ElevenLabs Agents -------------------------------------------------------------------------
+
+
+class FakeElevenLabs(FakeProvider):
+    """Speaks the events the ``elevenlabs`` SDK's ``conversational_ai/conversation.py`` reads.
+    ``formats`` are the ElevenLabs agent's own (input, output): ``ulaw_8000`` by default."""
+
+    spec = None
+    path = "/v1/convai/conversation?agent_id=agent_fake"
+
+    def __init__(self, *args, formats: tuple[str, str] = ("ulaw_8000", "ulaw_8000"), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.formats = formats
+        self.pongs: list[int] = []
+        self.pings: list[int] = []
+        self.signed_urls = 0
+
+    def key_of(self, headers) -> str | None:
+        return headers.get("xi-api-key")
+
+    def _check_key(self, connection, request):
+        if "/v1/convai/conversation/get-signed-url" in request.path:  # (the signed-URL fetch, over HTTP)
+            if self.key_of(request.headers) != KEY:
+                return super()._check_key(connection, request)
+            self.signed_urls += 1
+            url = f"ws://127.0.0.1:{self.port}/talk/v1/convai/conversation?agent_id=agent_fake&conversation_signature=sig123"
+            body = json.dumps({"signed_url": url}).encode()
+            return Response(200, "OK", Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))]), body)
+        if "conversation_signature=sig123" in request.path:
+            return None  # a signed URL needs no key
+        return super()._check_key(connection, request)
+
+    async def serve(self, ws, conn: Connection, number: int) -> None:
+        rate_in = int(self.formats[0].split("_")[1])
+        vad = VoiceActivityDetector(rate_in, end_silence_ms=500)
+        state = {"responding": False, "tool": None, "event_id": 0}
+
+        async def send(**message) -> None:
+            await ws.send(json.dumps(message))
+            conn.sent.append(message)
+
+        first = await ws.recv()
+        init = self.check(conn, first)
+        if init is None or init.get("type") != "conversation_initiation_client_data":
+            self.problems.append(f"the first message is not conversation_initiation_client_data: {first[:100]}")
+            return
+        await send(type="conversation_initiation_metadata", conversation_initiation_metadata_event={
+            "conversation_id": "conv_" + secrets.token_hex(4), "agent_output_audio_format": self.formats[1],
+            "user_input_audio_format": self.formats[0]})  # fmt: skip
+        if ((init.get("conversation_config_override") or {}).get("agent") or {}).get("first_message"):
+            self.answering(self.answer(ws, conn, send, state, number))
+        pinger = asyncio.ensure_future(self.ping(send, state))
+        try:
+            async for message in ws:
+                data = self.check(conn, message)
+                if data is None:
+                    continue
+                if "user_audio_chunk" in data:
+                    audio = base64.b64decode(data["user_audio_chunk"])
+                    pcm = ulaw_to_pcm(audio) if self.formats[0] == "ulaw_8000" else audio
+                    conn.caller_ms += len(pcm) / 2 / rate_in * 1000
+                    for e in vad.process(pcm):
+                        if e.kind == SPEECH_START and state["responding"]:
+                            state["responding"] = False
+                            await send(type="interruption", interruption_event={"event_id": state["event_id"]})
+                        elif e.kind == SPEECH_END:
+                            await send(type="user_transcript", user_transcription_event={"user_transcript": "I would like a table."})
+                            self.answering(self.answer(ws, conn, send, state, number))
+                elif data.get("type") == "pong":
+                    self.pongs.append(data["event_id"])
+                elif data.get("type") == "client_tool_result":
+                    state["tool"] = data["result"]
+                    self.answering(self.answer(ws, conn, send, state, number))
+                elif data.get("type") == "user_message":
+                    self.answering(self.answer(ws, conn, send, state, number))
+        finally:
+            pinger.cancel()
+
+    async def ping(self, send, state) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            state["event_id"] += 1
+            self.pings.append(state["event_id"])
+            await send(type="ping", ping_event={"event_id": state["event_id"], "ping_ms": 40})
+
+    async def answer(self, ws, conn: Connection, send, state, number: int) -> None:
+        conn.answers += 1
+        if conn.script == "tool" and state["tool"] is None and conn.answers == 1:
+            await send(type="client_tool_call", client_tool_call={"tool_name": "lookup", "tool_call_id": "tc_" + secrets.token_hex(3), "parameters": TOOL_ARGUMENTS})
+            return
+        state["responding"] = True
+        rate_out = int(self.formats[1].split("_")[1])
+        pcm = tone(rate_out, self.answer_ms).tobytes()
+        audio = pcm_to_ulaw(pcm) if self.formats[1] == "ulaw_8000" else pcm
+        step = len(audio) * 100 // self.answer_ms  # 100 ms events
+        said = f"Answer {conn.answers}" + (f" with {state['tool']}" if state["tool"] else "")
+        for at in range(0, len(audio), step):
+            if not state["responding"]:
+                await send(type="agent_response_correction", agent_response_correction_event={"original_agent_response": said, "corrected_agent_response": "Answer..."})
+                return
+            state["event_id"] += 1
+            await send(type="audio", audio_event={"audio_base_64": base64.b64encode(audio[at : at + step]).decode(), "event_id": state["event_id"]})
+            if at == 0:
+                await send(type="agent_response", agent_response_event={"agent_response": said})
+            await asyncio.sleep(0.02)  # (faster than real time, but not all at once: a barge-in can land in it)
+        state["responding"] = False
+        if conn.script == "drop" and number == 1:
+            conn.closed_by_fake = True
+            ws.transport.abort()
+
+
+from bridge.protocol.hosted.deepgram_agent import SPEC as DEEPGRAM  # noqa: E402
+from bridge.protocol.hosted.elevenlabs_agent import SPEC as ELEVENLABS  # noqa: E402
+
+FakeDeepgram.spec = DEEPGRAM
+FakeElevenLabs.spec = ELEVENLABS

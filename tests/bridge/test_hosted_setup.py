@@ -25,7 +25,7 @@ def agents_file(tmp_path, body: str):
     [
         ('protocol = "openai-realtime"\napi_key_env = "NOT_SET_ANYWHERE"', "agents.ai.api_key_env: the environment variable NOT_SET_ANYWHERE is not set: export NOT_SET_ANYWHERE=... (the OpenAI Realtime API key)"),
         ('protocol = "openai-realtime"', "api_key_env is required: the environment variable that holds the OpenAI Realtime API key"),
-        ('protocol = "openai-realtme"\napi_key_env = "K"', "agents.ai.protocol: Input should be 'web', 'twilio', 'openai-realtime' or 'gemini-live'"),
+        ('protocol = "openai-realtme"\napi_key_env = "K"', "agents.ai.protocol: Input should be 'web', 'twilio', 'openai-realtime', 'gemini-live', 'deepgram-agent' or 'elevenlabs-agent'"),
         ('protocol = "gemini-live"\napi_key_env = "K"\nsample_rate = 16000', "sample_rate do not apply to Gemini Live: it speaks s16le 16 kHz in, s16le 24 kHz out; remove them"),
         ('protocol = "openai-realtime"\napi_key_env = "K"\ntools = [{name = "x"}]', "tools need tools_url"),
         ('protocol = "openai-realtime"\napi_key_env = "K"\n[agents.ai.session]\nvoices = "marin"', "agents.ai.session: OpenAI Realtime would refuse this agent's set-up: unknown field session.update.session.voices"),

@@ -41,10 +41,13 @@ class Interrupted:
 
 @dataclass(frozen=True, slots=True)
 class Transcript:
-    """A finished utterance: ``role`` is ``agent`` or ``user`` (the seeds' transcript roles)."""
+    """A finished utterance: ``role`` is ``agent`` or ``user`` (the seeds' transcript roles).
+    ``corrects``: the agent's earlier utterance this one replaces (what it had meant to say,
+    cut by a barge-in to what was heard)."""
 
     role: str
     text: str
+    corrects: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +86,22 @@ class GoAway:
 
 
 @dataclass(frozen=True, slots=True)
+class Formats:
+    """The provider's audio formats, said once the session is open (an ElevenLabs agent's own
+    settings): the call's conversion follows them."""
+
+    taken: AudioFormat  # what it takes from the caller
+    said: AudioFormat  # what it sends
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     """A message to send back to the provider now (a greeting after set-up, a pong)."""
 
     message: Message
 
 
-Event = Audio | Interrupted | Transcript | ToolCall | ToolCancelled | Problem | Ready | GoAway | Reply
+Event = Audio | Interrupted | Transcript | ToolCall | ToolCancelled | Problem | Ready | GoAway | Reply | Formats
 
 
 class ProviderError(ValueError):
@@ -119,6 +131,8 @@ class AgentSetup:
     tools: tuple[Tool, ...] = ()
     session: dict[str, Any] = field(default_factory=dict)  # merged into the provider's set-up
     outbound: bool = False  # the agent opens the call (this greeting, or its own)
+    #: the call's dynamic variables, for a provider that takes them (docs/agents.md)
+    variables: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,11 @@ class ProviderSpec:
     #: is sent faster than real time): the bridge's own voice activity then clears what the
     #: caller has not heard
     local_barge_in: bool = False
+    #: a dropped connection can be replaced mid-call (the provider resumes, or takes the
+    #: conversation so far); False: the call ends with the reason
+    reconnects: bool = True
+    #: a session lasts at most this long (the call ends then, as max_duration_reached)
+    session_cap_s: float | None = None
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +213,12 @@ class HostedAgent:
         return []
 
     def said(self, transcript: Transcript) -> None:
-        self.conversation.append(transcript)
+        if transcript.corrects is not None:
+            for i in range(len(self.conversation) - 1, -1, -1):
+                if self.conversation[i].role == "agent" and self.conversation[i].text == transcript.corrects:
+                    self.conversation[i] = Transcript("agent", transcript.text)
+                    return
+        self.conversation.append(Transcript(transcript.role, transcript.text))
 
 
 def dtmf_text(digit: str) -> str:

@@ -40,6 +40,7 @@ SPEC = ProviderSpec(
     sdk="openai",
     key_header="Authorization",
     key_prefix="Bearer ",
+    session_cap_s=3600.0,
 )
 TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"
 MS_PER_BYTE = 1 / 8  # mu-law 8 kHz
