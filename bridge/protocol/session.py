@@ -37,8 +37,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from audio import TWILIO_FORMAT, AudioFormat, Converter, agent_to_twilio, twilio_to_agent
+from audio import TWILIO_FORMAT, AudioFormat, Converter, agent_to_twilio, pcm_to_ulaw, twilio_to_agent
 
+from . import control
 from . import twilio as tf
 from . import web as wf
 from ..models import DisconnectionReason, Protocol
@@ -46,10 +47,12 @@ from .websocket import INVALID_PAYLOAD, POLICY_VIOLATION, UNSUPPORTED_DATA
 
 TO_CALLER = 0
 TO_AGENT = 1
+TO_BRIDGE = 2  # a call-control request of the agent's (``bridge.protocol.control``), for the relay
 TO_TWILIO = TO_CALLER  # the caller's leg, when it is Twilio's media stream
 BURST_GAP_S = 0.1  # the agent quiet this long ends a burst (a mark then says when it was heard)
 
 Action = tuple[int, str | bytes]
+CONTROLS = (control.TransferCall, control.PressDigit, control.EndCall, control.BadControl)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class Ending:
     #: stopped from outside the call (stop-call, a machine answered, the drain's deadline): the
     #: agent audio the caller has not heard yet is dropped, not played out
     now: bool = False
+    #: what Twilio does once the stream ends, when not a plain hang-up (a transfer's <Dial>)
+    next_twiml: str | None = None
 
 
 @dataclass
@@ -129,6 +134,8 @@ class CallSession:
         self._queue_end = 0.0  # when Twilio's queue of agent audio runs dry (relay clock, s)
         self._ping_sent: float | None = None
         self._echoed_at: float | None = None  # when Twilio last echoed a mark (relay clock)
+        #: the agent hears nothing of the caller (a transfer under way); its audio still plays
+        self.agent_muted = False
 
     def _converters(self) -> None:
         twilio_agent = self.protocol is Protocol.twilio
@@ -150,9 +157,11 @@ class CallSession:
 
     # --- ending ------------------------------------------------------------------------------
 
-    def end(self, reason: DisconnectionReason, detail: str = "", close_code: int | None = None, now: bool = False) -> None:
+    def end(
+        self, reason: DisconnectionReason, detail: str = "", close_code: int | None = None, now: bool = False, next_twiml: str | None = None
+    ) -> None:
         if self.ending is None:
-            self.ending = Ending(reason, detail, close_code, now)
+            self.ending = Ending(reason, detail, close_code, now, next_twiml)
 
     # --- Twilio -> agent ---------------------------------------------------------------------
 
@@ -170,6 +179,8 @@ class CallSession:
             self.stats.inbound_frames += 1
             if self.observer is not None:
                 self.observer.caller_audio(event.payload, now)
+            if self.agent_muted:  # (a transfer under way: the agent hears nothing more)
+                return []
             if twilio_protocol:
                 return [(TO_AGENT, text)]
             if not event.payload:
@@ -216,6 +227,8 @@ class CallSession:
         self.stats.inbound_frames += 1
         if self.observer is not None:
             self.observer.caller_audio(data, now)
+        if self.agent_muted:
+            return []
         audio = self.inbound.process(data)
         if self.protocol is Protocol.web:
             return [(TO_AGENT, audio)] if audio else []
@@ -302,6 +315,8 @@ class CallSession:
                 return [(TO_CALLER, message)]
         elif type(m) is wf.Metadata and self.web_caller:
             return [(TO_CALLER, message)]
+        elif type(m) in CONTROLS:
+            return [(TO_BRIDGE, m)]
         return []
 
     def _from_twilio_agent(self, message: str | bytes, now: float) -> list[Action]:
@@ -419,6 +434,23 @@ class CallSession:
         elif not self._pending and self.stats.sent_ms <= self.stats.played_ms:
             return []
         return self._clear(now)
+
+    def play_tones(self, pcm: bytes, now: float) -> list[Action]:
+        """Audio of the bridge's own for the caller (s16le 8 kHz: keypad tones, hold music),
+        queued after the agent audio already sent, placed, marked and recorded on the agent's
+        channel like the agent's own."""
+        actions = self.flush_agent_audio(now) if not self.web_caller else []
+        ulaw = pcm_to_ulaw(pcm)
+        if self.web_caller:
+            self._send_to_web(actions, Converter(TWILIO_FORMAT, self.caller_format).process(ulaw), now)
+            return actions
+        size = self.frame_bytes
+        for at in range(0, len(ulaw), size):
+            self._send_media(actions, ulaw[at : at + size], now)
+            if self.stats.sent_ms - self._last_mark_ms >= self.mark_interval_ms:
+                self._send_mark(actions)
+        self._send_mark(actions)
+        return actions
 
     def flush_agent_audio(self, now: float = 0.0) -> list[Action]:
         """The agent is gone: send everything left, with a mark after it."""

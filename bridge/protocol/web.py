@@ -2,8 +2,10 @@
 
 Agent -> bridge: binary frames of audio in the call's format; text ``clear`` (barge-in), ``pong``
 (answer to the bridge's ``ping``), ``ping``; JSON text with ``event_type`` ``update`` (live
-transcript) or ``metadata``. Bridge -> agent: binary audio, text ``ping``, and JSON
-``{"event_type": "dtmf", "digit": "5"}`` for keypad presses (see docs/protocol.md).
+transcript) or ``metadata``, and the call-control requests (``transfer_call``, ``press_digit``,
+``end_call``: ``bridge.protocol.control``). Bridge -> agent: binary audio, text ``ping``, JSON
+``{"event_type": "dtmf", "digit": "5"}`` for keypad presses, ``call_control_result`` and
+``voicemail`` (see docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from . import control
 from .twilio import FrameError
 
 
@@ -52,7 +55,7 @@ class OtherEvent:
     event_type: str
 
 
-AgentMessage = Audio | ClearAudio | Ping | Pong | Update | Metadata | OtherEvent
+AgentMessage = Audio | ClearAudio | Ping | Pong | Update | Metadata | OtherEvent | control.Control | control.BadControl
 
 CLEAR = ClearAudio()
 PING = Ping()
@@ -88,7 +91,17 @@ def parse(message: str | bytes) -> AgentMessage:
         return Update(transcript, turntaking if isinstance(turntaking, str) else None)
     if kind == "metadata":
         return Metadata(event.get("metadata"))
+    if kind in control.ACTIONS:
+        try:
+            return control.parse(event)
+        except control.ControlError as e:
+            return control.BadControl(kind, str(e))
     return OtherEvent(kind)
+
+
+def voicemail_event(answered_by: str) -> str:
+    """Told to the agent when an outbound call reached a voicemail, at the beep: its message now."""
+    return orjson.dumps({"event_type": "voicemail", "answered_by": answered_by}).decode()
 
 
 def dtmf_event(digit: str) -> str:
