@@ -70,6 +70,8 @@ class SimulationResult:
     after: list[str] = field(default_factory=list)
     fallback: list[str] = field(default_factory=list)  # of those, what the caller heard (Say, Play)
     action_requests: int = 0  # <Connect action> requests made
+    dialed: dict | None = None  # a <Dial> Twilio ran after the stream: {"to", "caller_id", "timeout", "send_digits"}
+    conference: str | None = None  # a conference the caller was put in after the stream
     action_error: str = ""  # why the last one got no answer (the bridge was gone)
     record: dict | None = None
     record_problem: str = ""  # why the record could not be read (a wrong API key...)
@@ -108,6 +110,13 @@ class FakeTwilioApi:
         self.dial_outcome = lambda params: "human"
         self.callee_pcm = b""
         self.amd_after_ms = 600
+        self.amd_answer = "machine_end_beep"  # what async AMD says of a "machine" outcome
+        self.target_ring_s = 0.3  # how long a warm transfer's target rings before it answers
+        #: conferences (a warm transfer joins its caller and target): room -> call SIDs in it
+        self.conferences: dict[str, list[str]] = {}
+        #: what each transfer target leg heard Twilio <Say> (call SID -> sentences)
+        self.said: dict[str, list[str]] = {}
+        self.legs: dict[str, dict] = {}  # a transfer leg's params and how it went
         self.base_url = ""
         self._server: BackgroundServer | None = None
 
@@ -121,8 +130,10 @@ class FakeTwilioApi:
         form = dict(await request.form())
         call_sid = request.path_params["call"]
         self.requests.append((call_sid, form))
-        if form.get("Status") == "completed" or "<Hangup" in form.get("Twiml", ""):  # (new TwiML ends the stream)
+        if form.get("Status") == "completed" or form.get("Twiml"):  # (new TwiML ends the stream)
             self.watch(call_sid).set()
+            if call_sid in self.legs:
+                self.legs[call_sid]["ended"] = "hung up through the API"
         return JSONResponse({"sid": call_sid, "account_sid": account, "status": form.get("Status", "in-progress")})
 
     def _authorized(self, request: Request) -> bool:
@@ -153,19 +164,22 @@ class FakeTwilioApi:
         base = {"CallSid": call_sid, "AccountSid": account, "From": params["From"], "To": params["To"], "Direction": "outbound-api"}
         async with httpx.AsyncClient(timeout=10) as http:
 
-            async def callback(url: str, extra: dict) -> None:
+            async def callback(url: str, extra: dict) -> httpx.Response:
                 form = {**base, **extra}
-                await http.post(url, data=form, headers={"X-Twilio-Signature": validator.compute_signature(url, form)})
+                return await http.post(url, data=form, headers={"X-Twilio-Signature": validator.compute_signature(url, form)})
 
             if outcome == "ringing":
                 return None
             if outcome in ("busy", "failed", "no-answer"):
                 await asyncio.sleep(0.05)
+                self.legs.setdefault(call_sid, {"params": params})["ended"] = outcome
                 await callback(params["StatusCallback"], {"CallStatus": outcome})
                 return None
+            if "/twilio/transfer/" in params.get("Url", ""):  # a warm transfer's leg to its target
+                return await self._drive_target(call_sid, params, outcome, callback)
             amd = None
             if outcome == "machine" and params.get("AsyncAmdStatusCallback"):
-                amd = (self.amd_after_ms, lambda: callback(params["AsyncAmdStatusCallback"], {"AnsweredBy": "machine_end_beep"}))
+                amd = (self.amd_after_ms, lambda: callback(params["AsyncAmdStatusCallback"], {"AnsweredBy": self.amd_answer}))
             result = await simulate_call(
                 "", self.auth_token, self.callee_pcm, voice_url=params["Url"], call_sid=call_sid, account_sid=account,
                 from_number=params["From"], to_number=params["To"], direction="outbound-api", fake_api=self,
@@ -173,6 +187,36 @@ class FakeTwilioApi:
             )  # fmt: skip
             await callback(params["StatusCallback"], {"CallStatus": "completed"})
             return result
+
+    async def _drive_target(self, call_sid: str, params: dict, outcome: str, callback) -> None:
+        """A transfer's target answering (``human``) or its voicemail (``machine``): Twilio asks
+        its Url (``AnsweredBy`` from the synchronous AMD), says what it is told to say, follows
+        ``<Redirect>``, and joins ``<Dial><Conference>``; a target that talks stays ~2 s."""
+        leg = self.legs.setdefault(call_sid, {"params": params})
+        await asyncio.sleep(self.target_ring_s)
+        answered_by = "human" if outcome == "human" else "machine_end_beep"
+        url, extra = params["Url"], {"CallStatus": "in-progress", "AnsweredBy": answered_by}
+        for _ in range(MAX_REDIRECTS):
+            response = await callback(url, extra)
+            root = ET.fromstring(response.text)
+            url = None
+            for verb in root:
+                if verb.tag == "Say":
+                    self.said.setdefault(call_sid, []).append((verb.text or "").strip())
+                elif verb.tag == "Redirect":
+                    url, extra = (verb.text or "").strip(), {"CallStatus": "in-progress"}
+                    break
+                elif verb.tag == "Dial" and verb.find("Conference") is not None:
+                    room = (verb.find("Conference").text or "").strip()
+                    self.conferences.setdefault(room, []).append(call_sid)
+                    leg["joined"] = room
+                    await asyncio.sleep(2.0)
+                elif verb.tag == "Hangup":
+                    break
+            if url is None:
+                break
+        leg.setdefault("ended", "completed")
+        await callback(params["StatusCallback"], {"CallStatus": "completed"})
 
     async def start(self, host: str = "127.0.0.1") -> str:
         app = Starlette(routes=[
@@ -261,9 +305,26 @@ def connect_action(twiml: str) -> tuple[str, str] | None:
     return None
 
 
-def _run_after(result: SimulationResult, verbs: list[tuple[str, str]]) -> None:
+def _run_after(result: SimulationResult, verbs: list[tuple[str, str]], twiml: str | None = None, fake_api=None) -> None:
     result.after = [f"{verb}: {text}".rstrip(": ") for verb, text in verbs]
     result.fallback = [line for line, (verb, _) in zip(result.after, verbs) if verb in ("Say", "Play")]
+    if twiml is None:
+        return
+    for verb in ET.fromstring(twiml):  # a <Dial>: where the call went on to
+        if verb.tag != "Dial":
+            continue
+        number, sip, room = verb.find("Number"), verb.find("Sip"), verb.find("Conference")
+        if room is not None:
+            result.conference = (room.text or "").strip()
+            if fake_api is not None:
+                fake_api.conferences.setdefault(result.conference, []).append(result.call_sid)
+        else:
+            target = number if number is not None else sip
+            result.dialed = {
+                "to": (target.text or "").strip() if target is not None else (verb.text or "").strip(),
+                "caller_id": verb.get("callerId"), "timeout": verb.get("timeout"),
+                "send_digits": number.get("sendDigits") if number is not None else None,
+            }  # fmt: skip
 
 
 def parse_twiml(twiml: str) -> tuple[str | None, dict[str, str], list[tuple[str, str]]]:
@@ -344,6 +405,10 @@ async def simulate_call(
         action = connect_action(response.text)
         hangup = fake_api.watch(call_sid) if fake_api else asyncio.Event()
         await _stream(result, stream_url, stream_params, validator, account_sid, caller_pcm, speed, dtmf, tail_ms, max_call_s, hangup, amd)
+        if result.ended_by == "rest" and fake_api is not None:  # a REST update with new TwiML: it runs now
+            updates = [form["Twiml"] for sid, form in fake_api.requests if sid == call_sid and form.get("Twiml")]
+            if updates:
+                _run_after(result, parse_twiml(updates[-1])[2], updates[-1], fake_api)
         if result.ended_by == "bridge" and action is not None:  # Twilio asks what to do next
             action_url = str(response.url.join(action[0]))
             result.action_requests += 1
@@ -359,7 +424,7 @@ async def simulate_call(
                 _run_after(result, [("Say", TWILIO_APPLICATION_ERROR)])
             else:
                 try:
-                    _run_after(result, parse_twiml(answer.text)[2])
+                    _run_after(result, parse_twiml(answer.text)[2], answer.text, fake_api)
                 except ET.ParseError as e:
                     result.protocol_errors.append(f"the <Connect action>'s answer is not TwiML: {e}")
         elif result.ended_by == "bridge":
