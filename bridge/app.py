@@ -14,7 +14,7 @@ from starlette.websockets import WebSocket
 
 from audio.filters import plan
 
-from .api import calls, dashboard, health, live, metrics, outbound, twilio_voice, web_calls
+from .api import calls, control, dashboard, health, live, metrics, outbound, twilio_voice, web_calls
 from .api.deps import MAX_FORM_BYTES, RequestGate
 from .api.errors import install_error_handlers
 from .calls import CallService
@@ -111,7 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # are cut off at the same cap while they are read (413 either way)
     app.add_middleware(RequestGate, settings=settings)
     app.include_router(twilio_voice.router, max_body_size=MAX_FORM_BYTES)
-    for module in (calls, outbound, web_calls, live):
+    app.include_router(control.twilio_router, max_body_size=MAX_FORM_BYTES)
+    for module in (calls, control, outbound, web_calls, live):
         app.include_router(module.router, max_body_size=settings.max_request_bytes)
 
     if any(agent.url is None for agent in settings.agents.values()):  # an agent is the embedded echo

@@ -133,12 +133,22 @@ class CallRecord(BaseModel):
     disconnection_reason: DisconnectionReason | None = None
     call_analysis: dict[str, Any] | None = None
     access_token: str | None = None  # web calls only (the web_call object carries it)
+    #: where the call was transferred (E.164 or SIP URI), when it ended as call_transfer
+    transfer_destination: str | None = None
+    #: an outbound call that reached a voicemail: {"answered_by", "action", "message"} (what was left)
+    voicemail: dict[str, Any] | None = None
     # --- bridge bookkeeping (stored, never served) ---
     twilio_call_sid: str | None = None
     twilio_account_sid: str | None = None
     registered_at: int = Field(default_factory=now_ms)
     error_detail: str | None = None
     notes: list[str] = Field(default_factory=list)  # e.g. rejected stream attempts
+    #: what Twilio does once the stream ends, when not a plain hang-up (a transfer's <Dial>)
+    next_twiml: str | None = None
+    #: a warm transfer under way: {"to", "message", "room"}
+    transfer: dict[str, Any] | None = None
+    #: an outbound call's own voicemail settings (create-phone-call), over its agent's
+    voicemail_options: dict[str, Any] | None = None
 
     def public(self) -> dict[str, Any]:
         """The call object as the API serves it."""
@@ -148,4 +158,4 @@ class CallRecord(BaseModel):
         return body
 
 
-BOOKKEEPING = {"twilio_call_sid", "twilio_account_sid", "registered_at", "error_detail", "notes"}
+BOOKKEEPING = {"twilio_call_sid", "twilio_account_sid", "registered_at", "error_detail", "notes", "next_twiml", "transfer", "voicemail_options"}

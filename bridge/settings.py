@@ -24,6 +24,7 @@ invalid fails at start-up with ``SettingsError`` naming the field.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import json
@@ -42,6 +43,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from audio import TWILIO_FORMAT, AudioFormat
 
 from .models import Encoding
+from .protocol.control import TOOL_SCHEMAS
 from .protocol.hosted import AgentSetup, ProviderSpec, Tool
 from .protocol.hosted.providers import SPECS, TRANSLATORS
 
@@ -98,6 +100,16 @@ class ToolConfig(BaseModel):
 HOSTED_FIELDS = ("api_key_env", "instructions", "voice", "greeting", "tools_url", "tools", "session", "provider_agent_id", "signed_url")
 
 
+def voicemail_problem(agent: AgentConfig, action: str) -> str | None:
+    """What is wrong with leaving a voicemail this way for this agent (None: nothing)."""
+    if action == "message" and agent.protocol is AgentProtocol.twilio:
+        return (
+            "voicemail_action 'message' tells the agent of the beep, and the twilio protocol has no event for it: "
+            "use 'static' with a voicemail_message, or 'hangup'"
+        )
+    return None
+
+
 class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -117,6 +129,22 @@ class AgentConfig(BaseModel):
     opt_out_sensitive_data_storage: bool = False  # no recording, transcript or log for its calls
     numbers: list[str] = []
     default: bool = False
+    # --- the agent controls the call (docs/protocol.md, "Controlling the call") ---------------
+    #: where its calls may be transferred: glob patterns, e.g. ["+1415555*", "sip:*@pbx.example.com"]
+    #: (none: no transfers)
+    transfer_destinations: list[str] = []
+    transfer_timeout_s: float = Field(30.0, ge=5, le=120)  # a transfer's target rings this long
+    #: a hosted model's built-in tools (transfer_call needs transfer_destinations)
+    call_tools: list[Literal["transfer_call", "press_digit", "end_call"]] = []
+    #: outbound calls: answering-machine detection (async, DetectMessageEnd), and what then
+    voicemail_detection: bool = False
+    voicemail_action: Literal["hangup", "message", "static"] = "hangup"
+    #: static: what Twilio says at the beep (none, and no voicemail_audio_url: it hangs up);
+    #: message: a hint for the agent
+    voicemail_message: str = Field("", max_length=2000)
+    #: static: an audio file Twilio plays at the beep (<Play>), before voicemail_message if both
+    voicemail_audio_url: str = Field("", max_length=2000, pattern=r"^(https?://\S+)?$")
+    voicemail_max_s: float = Field(60.0, ge=5, le=600)  # an agent leaving its message has this long
     # --- a hosted model (protocol openai-realtime, gemini-live...): docs/agents.md -------------
     #: the environment variable holding the provider's API key (the key is never in this file)
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -164,6 +192,14 @@ class AgentConfig(BaseModel):
                 raise ValueError(f"{name} is set by the websocket handshake itself")
         return v
 
+    @field_validator("transfer_destinations")
+    @classmethod
+    def _destination_patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if not re.fullmatch(r"(\+[0-9*?\[\]]{1,16}|sips?:[^\s<>\"]{3,200})", pattern):
+                raise ValueError(f"{pattern!r} is neither an E.164 pattern (+1415555*) nor a SIP one (sip:*@pbx.example.com)")
+        return v
+
     @field_validator("numbers")
     @classmethod
     def _e164(cls, v: list[str]) -> list[str]:
@@ -182,15 +218,23 @@ class AgentConfig(BaseModel):
                 raise ValueError(f"api_key_env is required: the environment variable that holds the {spec.name} API key")
             if self.tools and not self.tools_url:
                 raise ValueError("tools need tools_url: where the model's function calls are POSTed")
+            if "transfer_call" in self.call_tools and not self.transfer_destinations:
+                raise ValueError("call_tools transfer_call needs transfer_destinations: where calls may be transferred")
             if self.protocol is AgentProtocol.elevenlabs_agent and not (self.provider_agent_id or "agent_id=" in (self.url or "")):
                 raise ValueError("an ElevenLabs agent needs its id: provider_agent_id = \"...\" (or agent_id=... in the url)")
             if self.signed_url and self.protocol is not AgentProtocol.elevenlabs_agent:
                 raise ValueError("signed_url applies to ElevenLabs Agents only")
+            if problem := voicemail_problem(self, self.voicemail_action):
+                raise ValueError(problem)
             return self
+        if self.call_tools:
+            raise ValueError("call_tools are a hosted model's: an agent on the audio websocket sends transfer_call, press_digit and end_call events")
         if given := [name for name in HOSTED_FIELDS if name in self.model_fields_set]:
             raise ValueError(f"{', '.join(given)} apply only to a hosted model's protocol ({', '.join(SPECS)})")
         if self.protocol is AgentProtocol.twilio and (self.encoding is not Encoding.mulaw or self.sample_rate != 8000):
             raise ValueError("the twilio protocol carries mulaw at 8000 Hz: set encoding = 'mulaw', sample_rate = 8000")
+        if problem := voicemail_problem(self, self.voicemail_action):
+            raise ValueError(problem)
         return self
 
     @property
@@ -209,10 +253,15 @@ class AgentConfig(BaseModel):
         return own, own
 
     def hosted_setup(self, outbound: bool, variables: dict[str, Any] | None = None) -> AgentSetup:
+        tools = [Tool(t.name, t.description, t.parameters) for t in self.tools]
+        tools += [Tool(name, TOOL_SCHEMAS[name]["description"], TOOL_SCHEMAS[name]["parameters"]) for name in self.call_tools]
         return AgentSetup(
             instructions=self.instructions, voice=self.voice, greeting=self.greeting, session=self.session, outbound=outbound,
-            tools=tuple(Tool(t.name, t.description, t.parameters) for t in self.tools), variables=variables or {},
+            tools=tuple(tools), variables=variables or {},
         )  # fmt: skip
+
+    def may_transfer_to(self, destination: str) -> bool:
+        return any(fnmatch.fnmatchcase(destination, pattern) for pattern in self.transfer_destinations)
 
     def websocket_url(self, call_id: str, internal_base: str, internal_key: str = "") -> str:
         """The agent's audio websocket for one call (no url: the embedded echo agent, which

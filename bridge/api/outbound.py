@@ -17,7 +17,7 @@ default account limit is 1 call per second); a request that would wait longer th
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -25,7 +25,8 @@ from pydantic import Field, field_validator
 
 from ..calls import DialRefused, TooManyCalls
 from ..calls.registrar import call_fields, new_call_id
-from ..models import CallRecord, CallType, Direction, DisconnectionReason, is_call_id
+from ..models import CallRecord, CallStatus, CallType, Direction, DisconnectionReason, is_call_id
+from ..settings import voicemail_problem
 from .deps import AUTH, MAX_FORM_BYTES, call_service
 from .errors import ERRORS, ApiError
 from .schemas import CallBody, CallObject, e164
@@ -49,6 +50,11 @@ class CreatePhoneCall(CallBody):
     to_number: str
     override_agent_id: str | None = Field(None, min_length=1)
     drop_call_if_machine_detected: bool | None = None
+    #: this call's voicemail handling, over its agent's (docs/protocol.md, "Voicemail")
+    voicemail_detection: bool | None = None
+    voicemail_action: Literal["hangup", "message", "static"] | None = None
+    voicemail_message: str | None = Field(None, max_length=2000)
+    voicemail_audio_url: str | None = Field(None, max_length=2000, pattern=r"^https?://\S+$")
 
     _numbers = field_validator("from_number", "to_number")(e164)
 
@@ -68,12 +74,15 @@ async def create_phone_call(request: Request, body: CreatePhoneCall) -> Response
     agent = settings.agents.get(agent_id)
     if agent is None:
         raise ApiError(404, f"agent {agent_id} not found")
+    if body.voicemail_action is not None and (problem := voicemail_problem(agent, body.voicemail_action)):
+        raise ApiError(422, f"agent {agent_id}: {problem}")
     record = CallRecord(
         call_id=new_call_id(),
         call_type=CallType.phone_call,
         metadata=body.metadata,
         retell_llm_dynamic_variables=body.retell_llm_dynamic_variables,
         drop_call_if_machine_detected=body.drop_call_if_machine_detected,
+        voicemail_options={k: v for k, v in body.model_dump(include={"voicemail_detection", "voicemail_action", "voicemail_message", "voicemail_audio_url"}).items() if v is not None} or None,
         **call_fields(agent, from_number=body.from_number, to_number=body.to_number, direction=Direction.outbound),
     )
     base = calls.public_base(request.headers, str(request.base_url))
@@ -86,7 +95,7 @@ async def create_phone_call(request: Request, body: CreatePhoneCall) -> Response
         status_callback_event=["initiated", "ringing", "answered", "completed"],
         status_callback_method="POST",
     )
-    if body.drop_call_if_machine_detected:
+    if body.drop_call_if_machine_detected or voicemail_detection(record, agent):
         params.update(
             machine_detection="DetectMessageEnd",
             async_amd="true",
@@ -125,9 +134,19 @@ async def amd_callback(call_id: str, request: Request) -> Response:
     calls = call_service(request)
     answered_by = form.get("AnsweredBy", "")
     record = await calls.find(call_id)
-    if record is None or not record.drop_call_if_machine_detected:
+    if record is None:
         return Response(status_code=204)
-    if answered_by in VOICEMAIL or answered_by in MACHINE:
+    detecting = voicemail_detection(record, calls.agent(record))
+    if answered_by in VOICEMAIL and detecting and record.call_status is CallStatus.ongoing:
+        # (the beep: the relay leaves the message, hangs up or tells the agent, as configured)
+        await calls.control_call(record, {"action": "voicemail", "answered_by": answered_by}, f"amd-{answered_by}")
+    elif (answered_by in VOICEMAIL or answered_by in MACHINE) and (record.drop_call_if_machine_detected or detecting):
         reason = DisconnectionReason.voicemail_reached if answered_by in VOICEMAIL else DisconnectionReason.machine_detected
         await calls.machine_answered(record, reason, f"AnsweredBy {answered_by}")
     return Response(status_code=204)
+
+
+def voicemail_detection(record: CallRecord, agent) -> bool:
+    """Whether the call looks for a voicemail: its own setting, else its agent's."""
+    own = (record.voicemail_options or {}).get("voicemail_detection")
+    return bool(own if own is not None else (agent.voicemail_detection if agent is not None else False))

@@ -24,7 +24,7 @@ from twilio.request_validator import RequestValidator, get_signature_algorithm
 from twilio.twiml.voice_response import VoiceResponse
 
 from .. import logs
-from ..calls import DRAIN_DETAIL, STORE_UNAVAILABLE
+from ..calls import DRAIN_DETAIL, STORE_UNAVAILABLE, Outcome
 from ..calls.registrar import RegistrationError
 from ..models import MAX_PARTY_CHARS, CallStatus, Direction, is_call_id
 from ..protocol.twilio import ACTION_PARAMETER, CALL_PARAMETER, MEDIA_PATH, STREAM_ENDED_PATH, TOKEN_PARAMETER
@@ -237,10 +237,13 @@ async def stream_ended(request: Request, call_id: str) -> Response:
     settings = calls.settings
     try:
         async with asyncio.timeout(settings.twilio_request_timeout_s):
-            reason, detail = await calls.stream_outcome(call_id, max(0.5, settings.twilio_request_timeout_s - 1))
+            outcome = await calls.stream_outcome(call_id, max(0.5, settings.twilio_request_timeout_s - 1))
     except (TimeoutError, *STORE_UNAVAILABLE) as e:
-        reason, detail = None, f"the call database did not answer: {type(e).__name__}"
+        outcome = Outcome(None, f"the call database did not answer: {type(e).__name__}")
     logs.CALL_ID.set(call_id if is_call_id(call_id) else None)
+    reason, detail = outcome.reason, outcome.detail
+    if outcome.next_twiml and reason is not None and not reason.is_error:  # (a transfer's <Dial>, a voicemail's <Say>)
+        return Response(outcome.next_twiml, media_type="application/xml")
     if reason is None or reason.is_error:
         log.info("stream of %s ended (%s): Twilio plays the fallback message", form.get("CallSid"), reason.value if reason else detail)
         return fallback_twiml(settings.fallback_message)

@@ -7,8 +7,8 @@ May import: ``bridge.models``, ``bridge.settings``, ``bridge.store``, ``audio``.
 """
 
 from ..store import STORE_UNAVAILABLE
-from .service import DRAIN_DETAIL, CallRefused, CallService, DialRefused, ProviderUnreachable, StopCall, ToolFailed, not_startable
+from .service import DRAIN_DETAIL, CallRefused, CallService, DialRefused, Outcome, ProviderUnreachable, StopCall, ToolFailed, not_startable
 from .throttle import TooManyCalls
 from .tokens import StreamTokens, TokenError
 
-__all__ = ["DRAIN_DETAIL", "STORE_UNAVAILABLE", "CallRefused", "CallService", "DialRefused", "ProviderUnreachable", "StopCall", "StreamTokens", "TokenError", "ToolFailed", "TooManyCalls", "not_startable"]
+__all__ = ["DRAIN_DETAIL", "STORE_UNAVAILABLE", "CallRefused", "CallService", "DialRefused", "Outcome", "ProviderUnreachable", "StopCall", "StreamTokens", "TokenError", "ToolFailed", "TooManyCalls", "not_startable"]

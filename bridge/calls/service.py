@@ -17,9 +17,11 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -97,6 +99,23 @@ REAP_HANG_UPS_AT_ONCE = 10
 
 #: ``stop(reason, detail)``: how the relay holding a live call is asked to end it
 StopCall = Callable[[DisconnectionReason, str], None]
+#: ``control(request) -> call_control_result``: how the relay holding a call is asked to control it
+ControlCall = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+#: a control request waits this long for the replica relaying the call to take it (``control_ack``)
+CONTROL_ACK_S = 3.0
+#: ... and this long for its result (a warm transfer rings its target first)
+CONTROL_ANSWER_S = 90.0
+MAX_CONTROL_RESULTS = 10_000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a call ended, for what Twilio does after its stream: ``reason`` None when nobody
+    knows (a failure); ``next_twiml`` what comes next when not a plain hang-up (a transfer)."""
+
+    reason: DisconnectionReason | None
+    detail: str = ""
+    next_twiml: str | None = None
 
 
 class CallRefused(Exception):
@@ -219,8 +238,15 @@ class CallService:
         #: stops for calls not relayed here yet (their relay is being set up): call id ->
         #: (reason, detail, until when the stop holds)
         self._pending_stops: dict[str, tuple[DisconnectionReason, str, float]] = {}
-        #: how calls ended, by their relays' word (``ending``): call id -> (reason, detail, when)
-        self._endings: OrderedDict[str, tuple[DisconnectionReason, str, float]] = OrderedDict()
+        #: how calls ended, by their relays' word (``ending``): call id -> (outcome, when)
+        self._endings: OrderedDict[str, tuple[Outcome, float]] = OrderedDict()
+        #: the relays here that take control requests (call id -> handler), and warm transfers' events
+        self._controls: dict[str, ControlCall] = {}
+        self._transfer_handlers: dict[str, Callable[[str, str, str], None]] = {}
+        #: control requests done (call id:request id -> its result): a retry is answered once
+        self._control_results: OrderedDict[str, asyncio.Future] = OrderedDict()
+        #: control requests asked of another replica: ask id -> (taken, answered)
+        self._control_waiters: dict[str, tuple[asyncio.Future, asyncio.Future]] = {}
         self._announcing: set[asyncio.Task] = set()
         #: streams a relay here closed whose stream-ended question is due: call id -> until when
         self._answers_due: dict[str, float] = {}
@@ -589,6 +615,8 @@ class CallService:
             stop(pending[0], pending[1])
 
     def detach(self, call_id: str) -> None:
+        self._controls.pop(call_id, None)
+        self._transfer_handlers.pop(call_id, None)
         self._live.pop(call_id, None)
         self._live_labels.pop(call_id, None)
 
@@ -645,9 +673,26 @@ class CallService:
     def _on_command(self, command: dict) -> None:
         """A command from the control channel (any replica's, this one's included): ``stop`` a
         call relayed here; a call relayed somewhere has ``ended`` (how, for ``stream_outcome``
-        and ``stop``)."""
+        and ``stop``); ``control`` a call relayed here (``control_call``), whose
+        ``control_result`` comes back the same way; a warm transfer's ``transfer_event``."""
         op, call_id = command.get("op"), command.get("call_id")
-        if op not in ("stop", "ended") or not is_call_id(call_id):
+        if not is_call_id(call_id):
+            return
+        if op == "control":
+            if (handler := self._controls.get(call_id)) is not None:
+                asyncio.ensure_future(self._answer_control(call_id, handler, command))
+            return
+        if op in ("control_ack", "control_result"):
+            if (waiters := self._control_waiters.get(str(command.get("ask")))) is not None:
+                waiter = waiters[0 if op == "control_ack" else 1]
+                if not waiter.done():
+                    waiter.set_result(command.get("result"))
+            return
+        if op == "transfer_event":
+            if (handler := self._transfer_handlers.get(call_id)) is not None:
+                handler(str(command.get("event")), str(command.get("detail", ""))[:500], str(command.get("leg", ""))[:64])
+            return
+        if op not in ("stop", "ended"):
             return
         try:
             reason = DisconnectionReason(command.get("reason"))
@@ -658,33 +703,38 @@ class CallService:
         if op == "stop":
             self._stop_when_attached(call_id, reason, detail)
         else:
-            self._keep_ending(call_id, reason, detail)
+            next_twiml = command.get("next_twiml")
+            self._keep_ending(call_id, Outcome(reason, detail, next_twiml if isinstance(next_twiml, str) else None))
 
     # --- how a live call ended, before its record says so -------------------------------------
 
-    def ending(self, call_id: str, reason: DisconnectionReason, detail: str) -> None:
+    def ending(self, call_id: str, reason: DisconnectionReason, detail: str, next_twiml: str | None = None) -> None:
         """A relay here is ending the call (before it closes the caller's socket): said at once
         to this replica's ``stream_outcome`` and ``stop``, and to the other replicas' through
-        the control channel (in the background, bounded: the caller's socket never waits)."""
-        self._keep_ending(call_id, reason, detail)
+        the control channel (in the background, bounded: the caller's socket never waits).
+        ``next_twiml``: what Twilio does after the stream, if not a plain hang-up (a transfer)."""
+        self._keep_ending(call_id, Outcome(reason, detail, next_twiml))
         if self.control is not None and self.control.shared:
-            command = {"op": "ended", "call_id": call_id, "reason": reason.value, "detail": detail[:500]}
-            task = asyncio.ensure_future(self._announce(command))
-            self._announcing.add(task)
-            task.add_done_callback(self._announcing.discard)
+            command = {"op": "ended", "call_id": call_id, "reason": reason.value, "detail": detail[:500], "next_twiml": next_twiml}
+            self._announce(command)
 
-    async def _announce(self, command: dict) -> None:
+    def _announce(self, command: dict) -> None:
+        task = asyncio.ensure_future(self._send_command(command))
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _send_command(self, command: dict) -> None:
         try:
             async with asyncio.timeout(ANNOUNCE_TIMEOUT_S):
                 await self.control.send(command)
         except Exception as e:  # noqa: BLE001 - the others read the record instead
-            log.warning("call %s: its ending could not be announced to the other replicas: %s: %s", command["call_id"], type(e).__name__, e)
+            log.warning("call %s: %s could not be told to the other replicas: %s: %s", command["call_id"], command["op"], type(e).__name__, e)
 
-    def _keep_ending(self, call_id: str, reason: DisconnectionReason, detail: str) -> None:
+    def _keep_ending(self, call_id: str, outcome: Outcome) -> None:
         endings, now = self._endings, time.monotonic()
         endings.pop(call_id, None)
-        endings[call_id] = (reason, detail, now)
-        while endings and (len(endings) > MAX_ENDINGS_KEPT or next(iter(endings.values()))[2] < now - ENDINGS_KEPT_S):
+        endings[call_id] = (outcome, now)
+        while endings and (len(endings) > MAX_ENDINGS_KEPT or next(iter(endings.values()))[1] < now - ENDINGS_KEPT_S):
             endings.popitem(last=False)  # (the oldest first: one lifetime for all)
 
     def expect_stream_ended(self, call_id: str) -> None:
@@ -699,17 +749,16 @@ class CallService:
             del due[call_id]
         return len(due)
 
-    def ended_here(self, call_id: str) -> tuple[DisconnectionReason, str] | None:
+    def ended_here(self, call_id: str) -> Outcome | None:
         """How the call ended, if a relay (on any replica) said so in the last ENDINGS_KEPT_S."""
         kept = self._endings.get(call_id)
-        return None if kept is None else (kept[0], kept[1])
+        return None if kept is None else kept[0]
 
-    async def stream_outcome(self, call_id: str, wait_s: float) -> tuple[DisconnectionReason | None, str]:
+    async def stream_outcome(self, call_id: str, wait_s: float) -> Outcome:
         """How the call whose Twilio stream just ended ended (Twilio's ``<Connect action>``
-        asks): ``(reason, detail)`` from its relay (here, or on another replica through the
-        control channel) or its record, waiting at most ``wait_s`` for either; ``(None, why)``
-        when there is no answer: the call was never connected, or its relay went away with it
-        (a failure either way)."""
+        asks): from its relay (here, or on another replica through the control channel) or its
+        record, waiting at most ``wait_s`` for either; ``reason`` None when there is no answer:
+        the call was never connected, or its relay went away with it (a failure either way)."""
         self._answers_due.pop(call_id, None)
         deadline = time.monotonic() + wait_s
         while True:
@@ -717,14 +766,73 @@ class CallService:
                 return said
             record = await self.find(call_id)
             if record is None:
-                return None, "unknown call"
+                return Outcome(None, "unknown call")
             if record.call_status in (CallStatus.ended, CallStatus.error):
-                return record.disconnection_reason, record.error_detail or ""
+                return Outcome(record.disconnection_reason, record.error_detail or "", record.next_twiml)
             if record.call_status is CallStatus.registered:
-                return None, "its stream ended before the call started"
+                return Outcome(None, "its stream ended before the call started")
             if time.monotonic() >= deadline:
-                return None, f"its relay said nothing of its ending within {wait_s:g} s"
+                return Outcome(None, f"its relay said nothing of its ending within {wait_s:g} s")
             await asyncio.sleep(ENDING_POLL_S)
+
+    # --- controlling a live call: transfer, keys, end -----------------------------------------
+
+    def attach_control(self, call_id: str, handler: ControlCall, on_transfer_event: Callable[[str, str, str], None]) -> None:
+        """A relay here takes control requests for the call (``handler(request) -> result``)
+        and its warm transfer's events."""
+        self._controls[call_id] = handler
+        self._transfer_handlers[call_id] = on_transfer_event
+
+    async def control_call(self, record: CallRecord, request: dict[str, Any], request_id: str | None = None) -> dict[str, Any]:
+        """Ask the relay holding the call (here, or on another replica through the control
+        channel) to transfer it, press keys or end it. Returns the result it answered
+        (``call_control_result``), or one saying that no replica relays the call (none took it
+        within CONTROL_ACK_S) or that its answer did not come within CONTROL_ANSWER_S. A
+        request id repeated (a retry) gets the first request's result, done once."""
+        request_id = request_id or secrets.token_hex(8)
+        call_id = record.call_id
+        if (handler := self._controls.get(call_id)) is not None:
+            return await self._control_once(call_id, handler, request, request_id)
+        action = str(request.get("event_type") or request.get("action"))
+        if self.control is None or not self.control.shared:
+            return {"event_type": "call_control_result", "action": action, "ok": False, "reason": "the call is not relayed (it is ending)"}
+        loop = asyncio.get_running_loop()
+        ask = secrets.token_hex(8)  # (this asking's own: two retries in flight are two askings of one request)
+        ack, answer = self._control_waiters[ask] = (loop.create_future(), loop.create_future())
+        try:
+            await self.control.send({"op": "control", "call_id": call_id, "request": request, "request_id": request_id, "ask": ask})
+            try:
+                await asyncio.wait_for(asyncio.shield(ack), CONTROL_ACK_S)
+            except TimeoutError:
+                return {"event_type": "call_control_result", "action": action, "ok": False, "reason": "no replica relays the call (it is ending)"}
+            return await asyncio.wait_for(answer, CONTROL_ANSWER_S)
+        except TimeoutError:
+            return {"event_type": "call_control_result", "action": action, "ok": False, "reason": "the replica relaying the call did not answer"}
+        finally:
+            self._control_waiters.pop(ask, None)
+
+    async def _answer_control(self, call_id: str, handler: ControlCall, command: dict) -> None:
+        ask = str(command.get("ask"))[:64]
+        await self._send_command({"op": "control_ack", "call_id": call_id, "ask": ask})
+        result = await self._control_once(call_id, handler, command.get("request") or {}, str(command.get("request_id"))[:128])
+        await self._send_command({"op": "control_result", "call_id": call_id, "ask": ask, "result": result})
+
+    async def _control_once(self, call_id: str, handler: ControlCall, request: dict[str, Any], request_id: str) -> dict[str, Any]:
+        done = self._control_results
+        key = f"{call_id}:{request_id}"
+        if key not in done:
+            done[key] = asyncio.ensure_future(handler(request))
+            while len(done) > MAX_CONTROL_RESULTS:
+                done.popitem(last=False)
+        return await asyncio.shield(done[key])
+
+    def transfer_event(self, call_id: str, event: str, detail: str = "", leg: str = "") -> None:
+        """A warm transfer's target leg says something (answered, voicemail, joined, failed):
+        to the relay holding the call, here or on another replica."""
+        if (handler := self._transfer_handlers.get(call_id)) is not None:
+            handler(event, detail, leg)
+        elif self.control is not None and self.control.shared:
+            self._announce({"op": "transfer_event", "call_id": call_id, "event": event, "detail": detail, "leg": leg})
 
     async def end(self, call_id: str, reason: DisconnectionReason, detail: str = "", measured: dict[str, Any] | None = None) -> None:
         """Record how a live call ended, with what its relay measured (latency, transcript...),
@@ -804,6 +912,10 @@ class CallService:
             with contextlib.suppress(*STORE_UNAVAILABLE):  # (the log line has it)
                 await self.note(record.call_id, f"Twilio REST hang-up failed: {problem}")
         return problem
+
+    async def hang_up_leg(self, call_sid: str) -> None:
+        """End a call of the bridge's own that is not a call record's (a warm transfer's leg)."""
+        await self.twilio_rest.hangup(call_sid)
 
     async def note(self, call_id: str, text: str) -> None:
         """Add a line to the call's record (why a socket was refused, a file that could not be

@@ -77,6 +77,30 @@ class TwilioRest:
             log.warning("Twilio hang-up of %s failed: %s", call_sid, problem)
             return problem
 
+    async def update_twiml(self, call_sid: str, account_sid: str | None, twiml: str) -> str | None:
+        """Replace a live call's TwiML (a transfer's ``<Dial>``: its stream ends). Returns None,
+        or why it failed (logged at WARNING)."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.client(account_sid).calls(call_sid).update_async(twiml=twiml)
+            return None
+        except (TwilioException, aiohttp.ClientError, OSError, TimeoutError) as e:
+            problem = rest_problem(e, self.timeout_s)
+            log.warning("Twilio TwiML update of %s failed: %s", call_sid, problem)
+            return problem
+
+    async def create_call(self, **params) -> tuple[str | None, str | None]:
+        """Place a call (a warm transfer's leg to its target): ``(call sid, None)``, or
+        ``(None, why it failed)`` (logged at WARNING)."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                call = await self.client().calls.create_async(**params)
+            return call.sid, None
+        except (TwilioException, aiohttp.ClientError, OSError, TimeoutError) as e:
+            problem = rest_problem(e, self.timeout_s)
+            log.warning("Twilio call to %s failed: %s", params.get("to"), problem)
+            return None, problem
+
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()

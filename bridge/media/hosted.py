@@ -93,6 +93,8 @@ class HostedLink:
         self._lost_at: float | None = None
         self._last_caller_audio = self.loop.time()
         self._cap_timer: asyncio.TimerHandle | None = None
+        #: the call's control (``bridge.media.control``): the model's built-in tools go there
+        self.control = None
         self.reconnects = 0
 
     # --- opening ------------------------------------------------------------------------------
@@ -312,6 +314,14 @@ class HostedLink:
 
     # --- tools ------------------------------------------------------------------------------
 
+    def tell_model(self, text: str) -> None:
+        """Something the model must know now (a voicemail's beep), in words, as a user turn."""
+        for message in self.translator.caller_text(text):
+            if self._ready and self.ws is not None:
+                _send(self.ws, message)
+            else:
+                self._hold(message)
+
     def _tool(self, call: h.ToolCall) -> None:
         self._event("tool_call", tool_call_id=call.call_id, name=call.name, arguments=orjson.dumps(call.arguments).decode())
         task = self.loop.create_task(self._answer_tool(call))
@@ -319,8 +329,13 @@ class HostedLink:
 
     async def _answer_tool(self, call: h.ToolCall) -> None:
         started = self.loop.time()
+        agent = self.calls.agent(self.record)
         try:
-            output = await self.calls.call_tool(self.record, call.call_id, call.name, call.arguments)
+            if self.control is not None and agent is not None and call.name in agent.call_tools:  # a built-in tool: the call itself
+                result = await self.control.handle({**call.arguments, "action": call.name}, source="tool")
+                output = orjson.dumps(result).decode()
+            else:
+                output = await self.calls.call_tool(self.record, call.call_id, call.name, call.arguments)
             self._event(
                 "tool_result", tool_call_id=call.call_id, name=call.name, ms=round((self.loop.time() - started) * 1000),
                 content=output[:MAX_LOGGED_OUTPUT],

@@ -232,7 +232,7 @@ class CallObserver:
         """``transcript_with_tool_calls``: the utterances with the caller's keypad presses and a
         hosted model's function calls and their results where they happened (as the agent's
         updates arrived), in the shapes of retell-sdk's ``transcript_with_tool_calls``."""
-        woven, used = [], 0
+        woven, used, controls = [], 0, set()
         for e in self.events:
             kind = e["event"]
             if kind == "transcript":
@@ -245,6 +245,13 @@ class CallObserver:
                 woven.append({"role": "tool_call_invocation", "tool_call_id": e["tool_call_id"], "name": e["name"], "arguments": e.get("arguments", "{}")})
             elif kind in ("tool_result", "tool_failed"):
                 woven.append({"role": "tool_call_result", "tool_call_id": e["tool_call_id"], "content": e.get("content") or e.get("error", "")})
+            elif kind == "call_control" and e.get("source") != "tool":  # (a model's tool call is woven as such)
+                arguments = {k: v for k, v in e.items() if k not in ("t_ms", "event", "id", "action", "source")}
+                woven.append({"role": "tool_call_invocation", "tool_call_id": e["id"], "name": e["action"], "arguments": json.dumps(arguments)})
+                controls.add(e["id"])
+            elif kind == "call_control_result" and e["id"] in controls:
+                content = "ok" if e["ok"] else f"refused: {e['reason']}"
+                woven.append({"role": "tool_call_result", "tool_call_id": e["id"], "content": content})
         woven += [{**u, "words": u.get("words", [])} for u in transcript[used:]]
         return woven
 
@@ -257,6 +264,7 @@ class CallObserver:
             self.recording.close()
         if self._log is not None:
             self._log.close()
+            self._log = None  # (an event after the end, e.g. a control request's result: kept in memory only)
 
 
 def transcript_fields(transcript: list[dict]) -> dict:
@@ -279,6 +287,6 @@ def measured_fields(observer: CallObserver, session) -> dict:
     }
     if not observer.private:
         fields.update(transcript_fields(session.transcript))
-        if session.transcript or session.stats.dtmf or any(e["event"] == "tool_call" for e in observer.events):
+        if session.transcript or session.stats.dtmf or any(e["event"] in ("tool_call", "call_control") for e in observer.events):
             fields["transcript_with_tool_calls"] = observer.woven_transcript(session.transcript)
     return fields

@@ -59,6 +59,7 @@ web client's socket is closed with the same codes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -78,7 +79,8 @@ from ..protocol import twilio as tf
 from ..protocol.hosted.providers import TRANSLATORS
 from ..settings import AgentProtocol
 from ..protocol import web as wf
-from ..protocol.session import TO_CALLER, CallSession
+from ..protocol import control as c
+from ..protocol.session import TO_BRIDGE, TO_CALLER, CallSession
 from ..protocol.twilio import CALL_PARAMETER, TOKEN_PARAMETER
 from ..protocol.websocket import (
     GOING_AWAY, INTERNAL_ERROR, INVALID_PAYLOAD, MAX_MESSAGE_BYTES, MESSAGE_TOO_BIG, NORMAL, OK_CLOSE_CODES,
@@ -88,6 +90,7 @@ from ..logs import CALL_ID
 from ..metrics import DELAY_SAMPLE_EVERY, FLUSH_INTERVAL_S, CallMetrics
 from . import connection
 from .file_writer import FileWriter
+from .control import CallControl
 from .hosted import HostedLink
 from .listen import ListenTap
 from .observer import CallObserver, Recording, measured_fields
@@ -122,6 +125,8 @@ class CallerLeg:
     #: Twilio asks the bridge what to do once the stream ends (the bridge's own TwiML,
     #: ``<Connect action>``): no REST hang-up is needed for a clean ending
     asks_after_stream: bool = False
+    #: how Twilio reaches the bridge (a warm transfer's callbacks)
+    public_base: str = ""
 
 
 def web_caller(audio_format: AudioFormat, updates: bool) -> CallerLeg:
@@ -163,7 +168,8 @@ async def handle_media_stream(websocket: connection.ServerConnection, calls: Cal
         await _refused(websocket, calls, e, "media stream")
         return
     asks = params.get(tf.ACTION_PARAMETER) == "1"
-    await _relay(websocket, calls, files, CallerLeg(Protocol.twilio, TWILIO_FORMAT, start, asks_after_stream=asks), record)
+    caller = CallerLeg(Protocol.twilio, TWILIO_FORMAT, start, asks_after_stream=asks, public_base=public_base)
+    await _relay(websocket, calls, files, caller, record)
 
 
 def _accept(websocket: connection.ServerConnection, what: str) -> bool:
@@ -222,7 +228,7 @@ async def handle_audio_websocket(websocket: connection.ServerConnection, calls: 
             e.call_id = call_id
             await _refused(websocket, calls, e, "audio websocket")
             return
-        caller = CallerLeg(Protocol.twilio, TWILIO_FORMAT, start)
+        caller = CallerLeg(Protocol.twilio, TWILIO_FORMAT, start, public_base=public_base)
     else:
         if record.access_token is not None:  # create-web-call's: only its access token opens it
             problem = "a call from create-web-call opens at /web-call/ with its access token"
@@ -432,6 +438,17 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
 
     calls.attach(record, stop)
     caller_ws.on_shutdown = lambda: stop(Reason.error_unknown, SHUTDOWN_DETAIL)
+
+    def send(actions) -> None:  # (the control's writes, once the relay runs)
+        if relay is not None and actions:
+            relay._send(actions)
+
+    def finish() -> None:
+        if relay is not None:
+            relay.finish()
+
+    control = CallControl(session, calls, record, agent_config, caller.public_base, caller.asks_after_stream, send, finish, loop)
+    calls.attach_control(call_id, control.handle, control.transfer_event)
     try:
         if agent_config is None:
             session.end(Reason.error_llm_websocket_runtime, f"agent {record.agent_id} is not configured")
@@ -453,18 +470,25 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
                 agent.send_text(tf.start_frame(start, drop_parameters=tf.BRIDGE_PARAMETERS, extra=calls.agent_context(record)))
             elif agent_config.send_call_details:
                 agent.send_text(wf.call_details_event(calls.call_details(record)))
+            if isinstance(agent, HostedLink):
+                agent.control = control
+                control.tell_model = agent.tell_model
+            elif session.protocol is Protocol.web:
+                control.tell_agent = lambda result, agent=agent: agent.send_text(c.result_event(result["action"], result["ok"], result["reason"]))
             limits = Limits(
                 silence_ms=record.end_call_after_silence_ms or agent_config.end_call_after_silence_ms,
                 max_duration_ms=agent_config.max_call_duration_ms,
             )
             relay = MediaRelay(caller_ws, agent, session, settings, limits, loop, call_metrics, call_id)
+            relay.control = control
+            control.running = True
             await relay.run()
     except Exception as e:  # a bug must end this call cleanly, never the process
         log.exception("call %s failed", call_id)
         session.end(Reason.error_unknown, f"{type(e).__name__}: {e}")
     finally:
         calls.detach(call_id)
-        await _finish(caller_ws, agent, session, calls, files, record, unavailable, caller.asks_after_stream)
+        await _finish(caller_ws, agent, session, calls, files, record, unavailable, caller.asks_after_stream, control)
         if call_metrics is not None:
             _flush(call_metrics, session)
 
@@ -533,6 +557,7 @@ class MediaRelay:
         call_metrics: CallMetrics | None = None, call_id: str | None = None,
     ):  # fmt: skip
         self.caller, self.agent, self.session = caller, agent, session
+        self.control: CallControl | None = None
         self.call_id = call_id  # (the sockets' callbacks run outside the call's task: logs name it)
         self.metrics = call_metrics  # None: metrics are off
         self._sampled_in = self._sampled_out = 0
@@ -574,6 +599,9 @@ class MediaRelay:
         for target, message in actions:
             if target == TO_CALLER:
                 caller.append(self.caller.frame_text(message) if type(message) is str else self.caller.frame_binary(message))
+            elif target == TO_BRIDGE:  # the agent asks the bridge to control the call
+                if self.control is not None:
+                    self.control.from_agent(message)
             elif type(message) is str:
                 agent.append(self.agent.frame_text(message))
             else:
@@ -757,15 +785,18 @@ class MediaRelay:
 
 async def _finish(
     caller: connection.ServerConnection, agent, session: CallSession, calls: CallService, files: FileWriter, record: CallRecord,
-    unavailable: dict[str, str], asks_after_stream: bool = False,
+    unavailable: dict[str, str], asks_after_stream: bool = False, control: CallControl | None = None,
 ) -> None:
+    if control is not None and control.voicemail is not None and session.ending and session.ending.reason is Reason.agent_hangup:
+        # (the agent hung up after leaving its voicemail message: the call reached a voicemail)
+        session.ending = dataclasses.replace(session.ending, reason=Reason.voicemail_reached)
     ending = session.ending
     reason = ending.reason if ending else Reason.error_unknown
     stats = session.stats
     loop = asyncio.get_running_loop()
     # said before the caller's socket closes: Twilio's stream-ended callback (on any replica)
     # answers from it, and a stop-call waiting on another replica knows the call is ending here
-    calls.ending(record.call_id, reason, ending.detail if ending else "")
+    calls.ending(record.call_id, reason, ending.detail if ending else "", ending.next_twiml if ending else None)
     if ending is not None and ending.now and not (caller.closed or caller.close_code is not None):
         _send_to(caller, session.drop_agent_audio(loop.time()))  # a stop: what is queued is not heard
     if session.web_caller:
@@ -799,9 +830,12 @@ async def _finish(
             # message); a stream of the user's own TwiML is hung up here, or Twilio would go on
             # to the TwiML after </Connect>, meant for failures ("Sorry, we could not connect")
             if not asks_after_stream:
-                problem = await calls.hang_up(record, say=calls.settings.drain_message if drained else None, note=False)
+                if ending.next_twiml:  # (a transfer's <Dial>, a voicemail's message: the call's new TwiML)
+                    problem, action = await calls.twilio_rest.update_twiml(record.twilio_call_sid, record.twilio_account_sid, ending.next_twiml), "update"
+                else:
+                    problem, action = await calls.hang_up(record, say=calls.settings.drain_message if drained else None, note=False), "hang_up"
                 if problem:
-                    session.observer.event(loop.time(), "twilio_rest_failed", action="hang_up", reason=problem)
+                    session.observer.event(loop.time(), "twilio_rest_failed", action=action, reason=problem)
         if asks_after_stream and reason is not Reason.user_hangup:  # (a caller that hung up asks nothing more)
             calls.expect_stream_ended(record.call_id)
         await caller.close(twilio_close_code(ending), reason.value)
@@ -818,6 +852,11 @@ async def _finish(
             log.error("call %s: the recording's writes are still queued after %g s", record.call_id, RECORDING_FLUSH_TIMEOUT_S)
         measured = measured_fields(session.observer, session)
         measured.update(dict.fromkeys(unavailable))  # no URL for a file that was never written
+        if control is not None:
+            await control.close()
+            measured.update(control.ended())
+        if ending is not None and ending.next_twiml:  # (for a stream-ended question that reaches the record first)
+            measured["next_twiml"] = ending.next_twiml
         await calls.end(record.call_id, reason, ending.detail if ending else "", measured)
 
 
@@ -840,6 +879,7 @@ def _flush(call_metrics: CallMetrics, session: CallSession) -> None:
 #: meant for failures ("Sorry, we could not connect your call")
 HUNG_UP_BY_BRIDGE = (
     Reason.agent_hangup, Reason.machine_detected, Reason.voicemail_reached, Reason.inactivity, Reason.max_duration_reached,
+    Reason.call_transfer,
 )  # fmt: skip
 
 

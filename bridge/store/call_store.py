@@ -52,6 +52,7 @@ _SUMMARY = (
     calls.c.record["disconnection_reason"].as_string().label("disconnection_reason"),
     calls.c.record["opt_out_sensitive_data_storage"].as_boolean().label("opt_out_sensitive_data_storage"),
     calls.c.record["e2e_latency"].label("e2e_latency"),
+    calls.c.record["transfer_destination"].as_string().label("transfer_destination"),
 )  # fmt: skip
 SUMMARY_FIELDS = tuple(str(column.key) for column in _SUMMARY)  # (plain str: SQLAlchemy's names are a subclass)
 

@@ -67,6 +67,7 @@ class FakeProvider:
 
     def __init__(self, answer_ms: int = 1500, delay_ms: int = 0):
         self.answer_ms, self.delay_ms = answer_ms, delay_ms
+        self.tool: tuple[str, dict] = ("lookup", TOOL_ARGUMENTS)  # the function the "tool" script calls
         self.connections: list[Connection] = []
         self.problems: list[str] = []  # messages from the bridge the SDK's types refuse, and other faults
         self._server = None
@@ -207,8 +208,8 @@ class FakeOpenAI(FakeProvider):
         conn.answers += 1
         await send(type="response.created", response={"id": response, "object": "realtime.response", "status": "in_progress", "output": []})
         if conn.script == "tool" and not state["tool_done"] and conn.answers == 1:
-            call = {"type": "function_call", "id": item, "call_id": "call_" + secrets.token_hex(4), "name": "lookup",
-                    "arguments": json.dumps(TOOL_ARGUMENTS), "status": "completed", "object": "realtime.item"}  # fmt: skip
+            call = {"type": "function_call", "id": item, "call_id": "call_" + secrets.token_hex(4), "name": self.tool[0],
+                    "arguments": json.dumps(self.tool[1]), "status": "completed", "object": "realtime.item"}  # fmt: skip
             await send(type="response.done", response={"id": response, "object": "realtime.response", "status": "completed", "output": [call]})
             return
         state["responding"] = response
@@ -297,7 +298,7 @@ class FakeGemini(FakeProvider):
     async def answer(self, ws, conn: Connection, send, state, number: int) -> None:
         conn.answers += 1
         if conn.script == "tool" and state["tool"] is None and conn.answers == 1:
-            await send({"toolCall": {"functionCalls": [{"id": "fc_" + secrets.token_hex(3), "name": "lookup", "args": TOOL_ARGUMENTS}]}})
+            await send({"toolCall": {"functionCalls": [{"id": "fc_" + secrets.token_hex(3), "name": self.tool[0], "args": self.tool[1]}]}})
             return
         state["responding"] = True
         if conn.script == "slow":
@@ -392,7 +393,7 @@ class FakeDeepgram(FakeProvider):
     async def answer(self, ws, conn: Connection, send, state, number: int) -> None:
         conn.answers += 1
         if conn.script == "tool" and state["tool"] is None and conn.answers == 1:
-            function = {"id": "fn_" + secrets.token_hex(3), "name": "lookup", "arguments": json.dumps(TOOL_ARGUMENTS), "client_side": True}
+            function = {"id": "fn_" + secrets.token_hex(3), "name": self.tool[0], "arguments": json.dumps(self.tool[1]), "client_side": True}
             await send(type="FunctionCallRequest", functions=[function])
             return
         state["responding"] = True
@@ -502,7 +503,7 @@ class FakeElevenLabs(FakeProvider):
     async def answer(self, ws, conn: Connection, send, state, number: int) -> None:
         conn.answers += 1
         if conn.script == "tool" and state["tool"] is None and conn.answers == 1:
-            await send(type="client_tool_call", client_tool_call={"tool_name": "lookup", "tool_call_id": "tc_" + secrets.token_hex(3), "parameters": TOOL_ARGUMENTS})
+            await send(type="client_tool_call", client_tool_call={"tool_name": self.tool[0], "tool_call_id": "tc_" + secrets.token_hex(3), "parameters": self.tool[1]})
             return
         state["responding"] = True
         rate_out = int(self.formats[1].split("_")[1])
