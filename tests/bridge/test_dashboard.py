@@ -327,3 +327,35 @@ async def test_the_pages_answer_head_and_the_dashboard_page_comes_only_with_its_
         assert (await http.get("/dashboard/static/index.html")).status_code == 404
         assert (await http.get("/dashboard/static/./index.html")).status_code == 404
         assert "cdn." not in (await http.get("/docs/redoc.js")).text
+
+
+async def test_a_transferred_call_says_where_to_in_the_list_its_summary_and_its_timeline(open_dashboard, start_bridge):
+    from .test_call_control import TARGET, ControlAgent, agents
+
+    agent = ControlAgent()
+    await agent.start()
+    try:
+        agent.requests["cold"] = [{"event_type": "press_digit", "digits": "5"}, {"event_type": "transfer_call", "to": TARGET}]
+        transferring = await start_bridge(agents=agents(agent, "cold"), **BRIDGE_SETTINGS)
+        result = await transferring.call(bytes(3200), speed=2.0, tail_ms=4000)
+        await wait_for_end(transferring, result.call_id)
+    finally:
+        await agent.stop()
+    tab = await open_dashboard(on=transferring)
+    page = tab.page
+    await tab.sign_in()
+    row = page.locator(f"#calls-table tr[data-call-id='{result.call_id}']")
+    await row.locator(".reason").filter(has_text=f"call_transfer → {TARGET}").wait_for(timeout=10_000)
+    await row.locator("a").click()
+    await page.wait_for_selector("#call-page")
+    await page.locator(".summary .transfer").filter(has_text=TARGET).wait_for(timeout=10_000)
+    await page.wait_for_selector(".timeline tr.ev-transfer", timeout=10_000)
+    steps = await page.locator(".timeline tr .ev-name").all_inner_texts()
+    for kind in ("call_control", "press_digit", "call_control_result", "transfer"):
+        assert kind in steps, steps
+    tools = await page.locator("#transcript .tool").all_inner_texts()
+    assert tools == ["press_digit(digits=5)", "ok", f"transfer_call(to={TARGET}, mode=cold)", "ok"], tools
+    colour = await page.locator(".timeline tr.ev-transfer .ev-name").evaluate("(e) => getComputedStyle(e).color")
+    assert colour == "rgb(15, 118, 110)", colour  # (the call-control colour, not the default)
+    await tab.shot("13-transferred-call")
+    assert tab.troubles() == [], tab.troubles()

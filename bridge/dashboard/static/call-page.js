@@ -126,6 +126,12 @@ class CallPage {
       ["Audio (caller's leg)", [call.audio_websocket_protocol, call.audio_encoding, call.sample_rate && `${call.sample_rate} Hz`].filter(Boolean).join(" · ") || "—"],
       ["Sensitive data", call.opt_out_sensitive_data_storage ? "not stored (opted out)" : "stored"],
     ];
+    if (call.transfer_destination) rows.splice(2, 0, ["Transferred to", el("span", { class: "mono transfer", text: call.transfer_destination })]);
+    if (call.voicemail) {
+      const v = call.voicemail;
+      const left = v.action === "hangup" ? "none (hung up)" : v.message ? `“${v.message}”` : "none";
+      rows.splice(2, 0, ["Voicemail", el("span", { class: "voicemail", text: `${v.answered_by ?? "?"} · ${v.action ?? "?"} · message: ${left}` })]);
+    }
     const list = el("dl", { class: "facts" }, rows.map(([name, value]) => el("div", { class: "fact" }, el("dt", { text: name }), el("dd", {}, value))));
     const extras = [];
     if (call.metadata && Object.keys(call.metadata).length) {
@@ -180,8 +186,12 @@ class CallPage {
         nodes.push(
           el("div", { class: `turn turn-${item.role}` }, el("span", { class: "speaker", text: item.role === "user" ? "caller" : "agent" }), el("p", { class: "bubble", text: item.content ?? "" })),
         );
+      } else if (item.role === "tool_call_invocation") {
+        nodes.push(el("div", { class: "turn turn-tool" }, el("span", { class: "speaker", text: "tool call" }), el("code", { class: "tool", text: `${item.name}(${toolArguments(item.arguments)})` })));
+      } else if (item.role === "tool_call_result") {
+        nodes.push(el("div", { class: "turn turn-tool" }, el("span", { class: "speaker", text: "result" }), el("code", { class: "tool", text: item.content ?? "" })));
       } else {
-        // tool calls and anything newer: shown as they are
+        // anything newer: shown as it is
         const { role, ...rest } = item;
         nodes.push(el("div", { class: "turn turn-other" }, el("span", { class: "speaker", text: role ?? "event" }), el("pre", { class: "json", text: JSON.stringify(rest) })));
       }
@@ -305,6 +315,21 @@ function timelineRow(event) {
     el("td", {}, el("span", { class: "ev-name", text: name ?? "?" })),
     el("td", { class: "details mono", text }),
   );
+}
+
+/** A tool call's arguments (a JSON object as text) as `key=value, ...`; other text as it is. */
+function toolArguments(text) {
+  try {
+    const args = JSON.parse(text ?? "{}");
+    if (args && typeof args === "object" && !Array.isArray(args)) {
+      return Object.entries(args)
+        .map(([key, value]) => `${key}=${formatValue(value)}`)
+        .join(", ");
+    }
+  } catch {
+    // not JSON: shown as it came
+  }
+  return String(text ?? "");
 }
 
 /** A detail value, compact: bare words and numbers as they are, other text quoted. */

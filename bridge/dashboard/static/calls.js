@@ -257,10 +257,16 @@ function tableRow(call) {
     el("td", { class: "mono nowrap", text: call.to_number ?? "—" }),
     // The pill's text is exactly the status (tests and scripts read `.status`).
     el("td", { class: "status" }, statusPill(call.call_status)),
-    el("td", { text: call.disconnection_reason ?? "—" }),
+    el("td", { class: "reason", text: reasonText(call) }),
     el("td", { class: "num", text: call.end_timestamp ? formatDuration(callDuration(call)) : isLive(call) ? "live" : "—" }),
     el("td", { class: "num", text: formatMs(latency) }),
   );
+}
+
+/** How the call ended; a transfer says where to. */
+function reasonText(call) {
+  if (!call.disconnection_reason) return "—";
+  return call.transfer_destination ? `${call.disconnection_reason} → ${call.transfer_destination}` : call.disconnection_reason;
 }
 
 function liveDuration(call) {
