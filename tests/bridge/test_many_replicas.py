@@ -357,7 +357,10 @@ async def _hand_over(balancer: Balancer, draining, server: str) -> str:
         redirect = first.text.split('method="POST">')[1].split("</Redirect>")[0].replace("&amp;", "&")
         assert redirect == f"{balancer.url}/twilio/voice?bridge_handed_over=1"
         second = await http.post(redirect, data=params, headers={"X-Twilio-Signature": validator.compute_signature(redirect, params)})
-        assert second.status_code == 200 and "<Connect action=" in second.text, second.text
+        if second.status_code != 200:  # (HAProxy's log says which server and how it ended: SH, PH...)
+            lines = balancer.log_path.read_text().splitlines()
+            pytest.fail(f"{second.status_code} {second.text!r}\n" + "\n".join([*lines[-15:], *(f"[draining] {w}" for w in _warnings(draining))]))
+        assert "<Connect action=" in second.text, second.text
     # (no stream will come: the caller "hangs up", so no replica's drain waits for its stream)
     async with api_client(balancer.url) as api:
         assert (await api.post(f"/v2/stop-call/{parse_twiml(second.text)[1]['call_id']}")).status_code == 204
