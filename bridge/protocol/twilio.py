@@ -52,7 +52,8 @@ class Start:
 class Media:
     payload: bytes
     track: str | None = None
-    timestamp_ms: int | None = None
+    timestamp_ms: int | None = None  # ms since the stream began (Twilio's clock)
+    chunk: int | None = None  # the frame's count, from 1 (a gap is audio lost on the way)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,7 @@ def parse(data: str | bytes) -> TwilioEvent:
     event = message["event"]
     if event == "media":
         media = _section(message, "media")
-        return Media(_decode_payload(media), media.get("track"), _int(media.get("timestamp")))
+        return Media(_decode_payload(media), media.get("track"), _int(media.get("timestamp")), _int(media.get("chunk")))
     if event == "mark":
         name = _section(message, "mark").get("name")
         if not isinstance(name, str):

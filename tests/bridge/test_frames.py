@@ -23,7 +23,7 @@ def test_twilio_frames_parse_as_twilio_sends_them():
     assert event == tf.Start(SID, "CA1", "AC1", {"call_id": "c1", "token": "t"}, start["start"]["mediaFormat"], ("inbound",))
     media = {"event": "media", "sequenceNumber": "3", "streamSid": SID,
              "media": {"track": "inbound", "chunk": "2", "timestamp": "20", "payload": base64.b64encode(b"\x01\xff").decode()}}  # fmt: skip
-    assert tf.parse(json.dumps(media)) == tf.Media(b"\x01\xff", "inbound", 20)
+    assert tf.parse(json.dumps(media)) == tf.Media(b"\x01\xff", "inbound", 20, 2)
     assert tf.parse(json.dumps({"event": "dtmf", "streamSid": SID, "dtmf": {"track": "inbound_track", "digit": "7"}})) == tf.Dtmf("7")
     assert tf.parse(json.dumps({"event": "mark", "streamSid": SID, "mark": {"name": "m3"}})) == tf.Mark("m3")
     assert tf.parse(json.dumps({"event": "stop", "stop": {"callSid": "CA1"}})) == tf.Stop("CA1")
