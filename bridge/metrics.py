@@ -22,6 +22,7 @@ FLUSH_INTERVAL_S = 1.0
 _MS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _DELAY = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
 _TURN = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+_NETWORK = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SETUP = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 __all__ = ["CONTENT_TYPE_LATEST", "CallMetrics", "Metrics"]
@@ -52,6 +53,21 @@ class Metrics:
         self.turn_latency = Histogram(
             "bridge_turn_latency_seconds", "From the end of the caller's turn to the agent's first audio", buckets=_TURN, registry=registry
         )
+        self.agent_latency = Histogram(
+            "bridge_agent_latency_seconds", "The agent's own part of a turn: from when the bridge had the end of speech to its first audio",
+            buckets=_TURN, registry=registry,
+        )  # fmt: skip
+        self.caller_frames_lost = Counter(
+            "bridge_caller_frames_lost", "Twilio media frames that never came (gaps in their chunk numbers)", registry=registry
+        )
+        self.caller_stalls = Counter(
+            "bridge_caller_stalls", "Times no frame came from Twilio for 0.5 s or more during a call (noted on its public log)",
+            registry=registry,
+        )  # fmt: skip
+        self.caller_delay_p99 = Histogram(
+            "bridge_caller_inbound_delay_p99_seconds", "Each ended call's p99 inbound delay beyond its best frame (caller_network)",
+            buckets=_NETWORK, registry=registry,
+        )  # fmt: skip
         self.webhook_failures = Counter("bridge_webhook_delivery_failures", "Webhook attempts that failed", ["event"], registry=registry)
         self.store_latency = Histogram(
             "bridge_store_operation_seconds", "Call store operations, by operation", ["operation"], buckets=_MS, registry=registry
@@ -102,11 +118,11 @@ class _Live:
 class CallMetrics:
     """One call's share: what its relay counted since the last flush."""
 
-    __slots__ = ("metrics", "_frames_in", "_frames_out", "_dropped", "_rtt", "_turns", "_delays_in", "_delays_out")
+    __slots__ = ("metrics", "_frames_in", "_frames_out", "_dropped", "_rtt", "_turns", "_agent_turns", "_lost", "_stalls", "_delays_in", "_delays_out")
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
-        self._frames_in = self._frames_out = self._dropped = self._rtt = self._turns = 0
+        self._frames_in = self._frames_out = self._dropped = self._rtt = self._turns = self._agent_turns = self._lost = self._stalls = 0
         self._delays_in: list[float] = []
         self._delays_out: list[float] = []
 
@@ -136,3 +152,22 @@ class CallMetrics:
         if dropped > self._dropped:
             m.frames_dropped.inc(dropped - self._dropped)
             self._dropped = dropped
+
+    def flush_network(self, agent_ms: list[float], clock, ended: bool = False) -> None:
+        """The agent's own turn latencies so far, and the caller leg's media clock (``None`` for a
+        web caller): new frames lost and stalls; at the call's end, its p99 inbound delay."""
+        m = self.metrics
+        for ms in agent_ms[self._agent_turns :]:
+            m.agent_latency.observe(ms / 1000)
+        self._agent_turns = len(agent_ms)
+        if clock is None:
+            return
+        if clock.lost > self._lost:
+            m.caller_frames_lost.inc(clock.lost - self._lost)
+        if clock.stalls > self._stalls:
+            m.caller_stalls.inc(clock.stalls - self._stalls)
+        self._lost, self._stalls = max(self._lost, clock.lost), clock.stalls
+        if ended:
+            delay = clock.summary()["inbound_delay_ms"]
+            if delay is not None:
+                m.caller_delay_p99.observe(delay["p99"] / 1000)

@@ -137,6 +137,12 @@ class CallRecord(BaseModel):
     transfer_destination: str | None = None
     #: an outbound call that reached a voicemail: {"answered_by", "action", "message"} (what was left)
     voicemail: dict[str, Any] | None = None
+    #: the agent's own part of each turn's latency: from when the bridge had the caller's end of
+    #: speech to the agent's first audio (e2e_latency is what the caller lived; docs/calls.md)
+    agent_latency: Latency | None = None
+    #: what the network did to the caller's audio (a phone call's; docs/calls.md): inbound delay
+    #: beyond the call's best frame, stalls, late bursts, frames lost, duplicated, reordered
+    caller_network: dict[str, Any] | None = None
     # --- bridge bookkeeping (stored, never served) ---
     twilio_call_sid: str | None = None
     twilio_account_sid: str | None = None

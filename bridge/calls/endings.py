@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0
-LATENCY_FIELDS = ("e2e_latency", "llm_websocket_network_rtt_latency")
+LATENCY_FIELDS = ("e2e_latency", "agent_latency", "llm_websocket_network_rtt_latency")
 
 
 class EndingSpool:

@@ -6,9 +6,14 @@ audio payload from the caller and every agent payload sent to the caller, in the
 format (``caller_format``: mu-law 8 kHz from Twilio, the web client's own format), with the
 bridge's clock (seconds):
 
+- the caller's audio goes where Twilio's own clock puts it (``MediaClock``: each frame's
+  ``timestamp``), not where it arrived: a network stall's burst lands where it was said, lost
+  frames are silence in their place; a web caller (no timestamps) is placed by arrival;
 - turn latency (``e2e_latency``): voice activity on the caller's audio finds where each turn ends
-  (the end of the last voiced frame); the latency is the time from there to the first agent audio
-  frame sent to Twilio after it;
+  (the end of the last voiced frame, on Twilio's clock); the latency is the time from there to
+  when the caller heard the agent's first audio after it, so a stall or a set-up backlog counts
+  in full; the agent's own part (``agent_latency``) runs from when the bridge had that end of
+  speech to the agent's first audio;
 - silence: when the caller last spoke and when the agent's last audio finished playing, for the
   ``end_call_after_silence_ms`` limit (``inactivity``);
 - the recording: caller left as received, agent right as sent, both placed on one clock (see
@@ -31,6 +36,7 @@ from audio import (
 )  # fmt: skip
 
 from ..models import Latency
+from ..protocol.media_clock import MediaClock
 
 #: Caller audio that arrives later than its place on the clock by more than this is a real gap
 #: (a dropout), recorded as silence; less is jitter, and the audio stays contiguous.
@@ -39,6 +45,16 @@ JITTER_S = 0.1
 #: many milliseconds: per 20 ms frame it costs a tenth, and event times stay exact (they are
 #: stream times).
 BATCH_MS = 200
+#: On Twilio's clock, the last this many ms of caller audio wait before they are analysed and
+#: recorded: a frame that comes back this late, out of order, still goes in its place.
+HOLD_MS = 60
+#: Caller audio placed this far behind the arrival clock gives up waiting for what is missing
+#: before it (silence is written there; a frame that comes later still is counted, not placed),
+#: so a caller leg that stalls does not hold the agent's side of the recording in memory.
+MAX_LATE_S = 10.0
+MULAW_SILENCE = 0xFF
+#: agent bursts kept waiting for a caller turn to answer (the newest)
+MAX_BURSTS = 64
 
 
 def percentiles(samples: list[float]) -> Latency | None:
@@ -64,6 +80,10 @@ class Recording:
         self.rate = rate
         self.writer = StereoWavWriter(path, rate, sync_ms=1000, opener=opener)
 
+    def put(self, channel: int, pcm: bytes, clock_pos: int) -> None:
+        """At exactly ``clock_pos`` (the caller's audio, on Twilio's clock)."""
+        self.writer.write(channel, pcm, at=clock_pos)
+
     def place(self, channel: int, pcm: bytes, clock_pos: int) -> None:
         end = self.writer.channel_end(channel)
         self.writer.write(channel, pcm, at=clock_pos if clock_pos - end > JITTER_S * self.rate else None)
@@ -88,6 +108,9 @@ class CallObserver:
     vad_end_silence_ms: int = 600
     caller_format: AudioFormat = TWILIO_FORMAT  # the caller leg's (recording, VAD)
     turn_latencies_ms: list[float] = field(default_factory=list)
+    agent_latencies_ms: list[float] = field(default_factory=list)
+    #: the caller leg's media clock (Twilio's timestamps); None: placed by arrival (a web caller)
+    clock: MediaClock | None = None
     events: list[dict] = field(default_factory=list)
     #: the call's live listeners (``listen.ListenTap``), handed the audio as it crosses
     tap: Any = None
@@ -103,14 +126,17 @@ class CallObserver:
         self.caller_speaking = False
         self.caller_last_voice = self.started  # clock time the caller last spoke (or the start)
         self.agent_audio_until = self.started  # clock time the agent's queued audio ends playing
-        self._turn_end: float | None = None  # a caller turn that ended, waiting for the agent
-        self._agent_sent_at: list[float] = []  # agent burst starts since the caller last spoke
+        self._turn_end: float | None = None  # a caller turn that ended, waiting for the agent (clock s)
+        self._turn_had_at: float | None = None  # when the bridge had that end of speech (clock s)
+        #: agent bursts not yet matched to a turn: (when the caller heard it start, when it was sent)
+        self._agent_bursts: list[tuple[float, float]] = []
         self._agent_last_sent = -1.0
         # The first batch is of random length, so that calls started together (or all calls of
         # a load test) do not all analyse their audio in the same 20 ms every 200 ms.
         self._caller_batch_bytes = random.randint(rate // 50, self._batch_bytes // self.width) * self.width
         self._caller_ulaw = bytearray()  # caller audio not yet analysed and recorded
         self._caller_at = 0  # clock position (samples) of its first byte
+        self._hold_bytes = rate * HOLD_MS // 1000 * self.width
         self._agent_ulaw = bytearray()  # agent audio not yet recorded (contiguous)
         self._agent_at = 0
         self._log = None
@@ -126,8 +152,11 @@ class CallObserver:
         if self._log is not None:
             self._log.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
-    def caller_audio(self, payload: bytes, now: float) -> None:
+    def caller_audio(self, payload: bytes, now: float, timestamp_ms: int | None = None, chunk: int | None = None) -> None:
         if not payload:
+            return
+        if self.clock is not None:
+            self._caller_timed(payload, now, timestamp_ms, chunk)
             return
         tap = self.tap
         if tap is not None and tap.listeners:
@@ -140,6 +169,67 @@ class CallObserver:
             self._caller_batch_bytes = self._batch_bytes
             self._caller_batch(now)
 
+    def reading(self, backlog: bool) -> None:
+        """The relay hands over the caller's frames that queued during set-up (``True``), then
+        is caught up (``False``): what was said meanwhile waited for the set-up."""
+        if self.clock is not None:
+            self.clock.reading(backlog)
+
+    def _caller_timed(self, payload: bytes, now: float, timestamp_ms: int | None, chunk: int | None) -> None:
+        """A Twilio frame, at its place on Twilio's clock. ``_caller_ulaw`` holds the audio from
+        ``_caller_at`` on, holes (frames not come yet) filled with silence."""
+        clock = self.clock
+        samples = len(payload) // self.width
+        position = clock.place(samples, timestamp_ms, chunk, now - self.started)
+        if clock.stall_ended is not None:
+            gap, at = clock.stall_ended
+            clock.stall_ended = None
+            self.event(now, "caller_stall", ms=round(gap * 1000, 1), at_ms=round(at * 1000 / self.rate, 1))
+        if position is None:  # a duplicate
+            return
+        pending, width = self._caller_ulaw, self.width
+        floor = int((now - self.started - MAX_LATE_S) * self.rate)
+        if floor > self._caller_at + len(pending) // width:  # (waited long enough for what is missing)
+            self._caller_flush(now, len(pending))
+            self._caller_silence(now, floor - self._caller_at)
+        if position < self._caller_at:  # its place is written already
+            clock.too_late += 1
+            return
+        tap = self.tap
+        if tap is not None and tap.listeners:
+            tap.audio(0, self._pcm(payload), position)
+        if (position - self._caller_at) * width - len(pending) > self._batch_bytes:  # a long gap: silence, batch by batch
+            self._caller_flush(now, len(pending))
+            self._caller_silence(now, position - self._caller_at)
+        offset = (position - self._caller_at) * width
+        if offset > len(pending):
+            pending.extend(bytes([MULAW_SILENCE]) * (offset - len(pending)))
+        pending[offset : offset + len(payload)] = payload
+        if len(pending) >= self._caller_batch_bytes + self._hold_bytes:
+            self._caller_batch_bytes = self._batch_bytes
+            self._caller_flush(now, len(pending) - self._hold_bytes)
+
+    def _caller_silence(self, now: float, samples: int) -> None:
+        while samples > 0:
+            n = min(samples, self._batch_bytes // self.width)
+            self._caller_ulaw.extend(bytes([MULAW_SILENCE]) * (n * self.width))
+            self._caller_flush(now, len(self._caller_ulaw))
+            samples -= n
+
+    def _caller_flush(self, now: float, size: int) -> None:
+        """Analyse and record the first ``size`` bytes of the timed caller audio."""
+        if size <= 0:
+            return
+        pending = self._caller_ulaw
+        pcm = self._pcm(bytes(pending[:size]))
+        del pending[:size]
+        if self.recording is not None:
+            self.recording.put(LEFT, pcm, self._caller_at)
+            if self._agent_ulaw:
+                self._agent_batch()
+        self._caller_at += size // self.width
+        self._analyse(pcm, now)
+
     def _caller_batch(self, now: float) -> None:
         pcm = self._pcm(self._caller_ulaw)
         self._caller_ulaw.clear()
@@ -148,21 +238,32 @@ class CallObserver:
             if self._agent_ulaw:  # the clock must not pass agent audio still held in a batch
                 self._agent_batch()
             self.recording.advance(int((now - self.started) * self.rate))
+        self._analyse(pcm, now)
+
+    def _analyse(self, pcm: bytes, now: float) -> None:
+        clock = self.clock
         for e in self.vad.process(pcm):
-            # on the clock, the event happened as much audio ago as the VAD has seen since it
-            # (Twilio streams in real time; this also holds for a simulator running faster)
-            at = now - (self.vad.time_ms - e.at_ms) / 1000
+            if clock is not None and clock.trusted:  # (the VAD has seen the audio from position 0, holes as silence)
+                at = self.started + clock.to_bridge(e.at_ms)
+                had = clock.arrived(e.at_ms)
+                had = at if had is None else self.started + had
+            else:
+                # on the clock, the event happened as much audio ago as the VAD has seen since it
+                # (a web client streams in real time; this also holds for a simulator running faster)
+                at = had = now - (self.vad.time_ms - e.at_ms) / 1000
             if e.kind == SPEECH_START:
-                self.caller_speaking = True
+                if self._turn_end is not None:
+                    self._match_turn(before=at)  # (answered before the caller spoke again, or not at all)
                 self._turn_end = None
-                self._agent_sent_at.clear()
+                self._agent_bursts = [b for b in self._agent_bursts if b[0] >= at]
+                self.caller_speaking = True
                 self.event(now, "caller_speech_start", at_ms=round(e.at_ms, 1))
                 if self.on_caller_speech is not None:
                     self.on_caller_speech(now)
             elif e.kind == SPEECH_END:
                 self.caller_speaking = False
                 self.caller_last_voice = at
-                self._turn_end = at
+                self._turn_end, self._turn_had_at = at, had
                 self.event(now, "caller_speech_end", at_ms=round(e.at_ms, 1))
                 self._match_turn()
         if self.caller_speaking:
@@ -170,12 +271,15 @@ class CallObserver:
 
     def agent_audio(self, payload: bytes, now: float) -> None:
         duration = len(payload) / self.width / self.rate
-        if now - self._agent_last_sent > 0.1:  # a new burst of agent audio
-            self._agent_sent_at.append(now)
-            self._match_turn()
-        self._agent_last_sent = now
         start = max(now, self.agent_audio_until)
         self.agent_audio_until = start + duration
+        if now - self._agent_last_sent > 0.1:  # a new burst of agent audio
+            bursts = self._agent_bursts
+            bursts.append((start, now))
+            if len(bursts) > MAX_BURSTS:  # (an agent talking on while the caller never speaks)
+                del bursts[0]
+            self._match_turn()
+        self._agent_last_sent = now
         tap = self.tap
         if tap is not None and tap.listeners:
             tap.audio(1, self._pcm(payload), int((start - self.started) * self.rate))
@@ -206,17 +310,24 @@ class CallObserver:
             self.recording.cut_agent(int((now - self.started) * self.rate))
         self.event(now, "clear")
 
-    def _match_turn(self) -> None:
-        """A turn's latency: its end to the first agent burst that started after it."""
-        if self._turn_end is None:
+    def _match_turn(self, before: float | None = None) -> None:
+        """A turn's latency: its end to when the caller heard the first agent burst after it
+        (if that came ``before`` the caller spoke again); the agent's own, from when the bridge
+        had the end of speech to that burst's first audio."""
+        end = self._turn_end
+        if end is None:
             return
-        for sent in self._agent_sent_at:
-            if sent >= self._turn_end:
-                latency = (sent - self._turn_end) * 1000
+        for heard, sent in self._agent_bursts:
+            if heard >= end:
+                if before is not None and heard >= before:
+                    return
+                latency = (heard - end) * 1000
+                agent = max(0.0, (sent - (self._turn_had_at or end)) * 1000)
                 self.turn_latencies_ms.append(latency)
-                self.event(sent, "turn", latency_ms=round(latency, 1))
+                self.agent_latencies_ms.append(agent)
+                self.event(sent, "turn", latency_ms=round(latency, 1), agent_latency_ms=round(agent, 1))
                 self._turn_end = None
-                self._agent_sent_at.clear()
+                self._agent_bursts = [b for b in self._agent_bursts if b[0] > heard]
                 return
 
     # --- limits ----------------------------------------------------------------------------
@@ -257,7 +368,10 @@ class CallObserver:
 
     def close(self) -> None:
         if self._caller_ulaw:
-            self._caller_batch(self.started + len(self._caller_ulaw) / self.width / self.rate)
+            if self.clock is not None:
+                self._caller_flush(self.started + self._caller_at / self.rate, len(self._caller_ulaw))
+            else:
+                self._caller_batch(self.started + len(self._caller_ulaw) / self.width / self.rate)
         if self.recording is not None:
             if self._agent_ulaw:
                 self._agent_batch()
@@ -283,7 +397,9 @@ def measured_fields(observer: CallObserver, session) -> dict:
     link's round trip, and (unless the call is private) the transcript with keypad presses."""
     fields = {
         "e2e_latency": percentiles(observer.turn_latencies_ms),
+        "agent_latency": percentiles(observer.agent_latencies_ms),
         "llm_websocket_network_rtt_latency": percentiles(session.stats.rtt_ms),
+        "caller_network": observer.clock.summary() if observer.clock is not None else None,
     }
     if not observer.private:
         fields.update(transcript_fields(session.transcript))

@@ -80,6 +80,7 @@ from ..protocol.hosted.providers import TRANSLATORS
 from ..settings import AgentProtocol
 from ..protocol import web as wf
 from ..protocol import control as c
+from ..protocol.media_clock import MediaClock
 from ..protocol.session import TO_BRIDGE, TO_CALLER, CallSession
 from ..protocol.twilio import CALL_PARAMETER, TOKEN_PARAMETER
 from ..protocol.websocket import (
@@ -378,7 +379,7 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
     observer = None
     start = caller.start
     try:
-        observer, unavailable = _observe(calls, files, record, loop.time(), private, caller.format)
+        observer, unavailable = _observe(calls, files, record, loop.time(), private, caller.format, caller.protocol is Protocol.twilio)
         if caller.protocol is Protocol.twilio:
             observer.event(observer.started, "stream_start", call_sid=start.call_sid, stream_sid=start.stream_sid)
         else:
@@ -490,14 +491,16 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
         calls.detach(call_id)
         await _finish(caller_ws, agent, session, calls, files, record, unavailable, caller.asks_after_stream, control)
         if call_metrics is not None:
-            _flush(call_metrics, session)
+            _flush(call_metrics, session, ended=True)
 
 
 def _design_filters(a: int, b: int) -> None:
     plan(a, b), plan(b, a)
 
 
-def _observe(calls: CallService, files: FileWriter, record: CallRecord, started: float, private: bool, caller_format: AudioFormat):
+def _observe(
+    calls: CallService, files: FileWriter, record: CallRecord, started: float, private: bool, caller_format: AudioFormat, timed: bool = True
+):
     """The call's observer, with its recording and public log unless the call is private. A
     file that cannot be opened (a full disk, a read-only volume) costs that file only, never the
     call: ``(observer, {record field: why it is unavailable})``."""
@@ -509,11 +512,12 @@ def _observe(calls: CallService, files: FileWriter, record: CallRecord, started:
         except OSError as e:
             unavailable["recording_url"] = f"no recording: {e}"
     log_path = None if private else calls.log_path(record.call_id)
+    clock = MediaClock(caller_format.sample_rate) if timed else None  # (Twilio's timestamps; a web caller has none)
     try:
-        observer = CallObserver(started=started, recording=recording, log_path=log_path, private=private, caller_format=caller_format)
+        observer = CallObserver(started=started, recording=recording, log_path=log_path, private=private, caller_format=caller_format, clock=clock)
     except OSError as e:  # (the log is opened last: the recording, if any, is still ours)
         unavailable["public_log_url"] = f"no public log: {e}"
-        observer = CallObserver(started=started, recording=recording, private=private, caller_format=caller_format)
+        observer = CallObserver(started=started, recording=recording, private=private, caller_format=caller_format, clock=clock)
     return observer, unavailable
 
 
@@ -577,7 +581,12 @@ class MediaRelay:
 
     async def run(self) -> None:
         self._next_ping = self.loop.time() + self.settings.keepalive_interval_s
-        self.caller.listen(self._from_caller, self._caller_closed)
+        observer = self.session.observer
+        if observer is not None:
+            observer.reading(backlog=True)
+        self.caller.listen(self._from_caller, self._caller_closed)  # (what queued during set-up, handed over now)
+        if observer is not None:
+            observer.reading(backlog=False)
         self.agent.listen(self._from_agent, self._agent_closed)
         # the first tick at a random point of the period: calls started together tick apart
         self._tick_timer = self.loop.call_later(random.uniform(0, self._tick_s), self._tick)
@@ -867,11 +876,13 @@ def _send_to(caller: connection.ServerConnection, actions) -> None:
         caller.send_many(frames)
 
 
-def _flush(call_metrics: CallMetrics, session: CallSession) -> None:
+def _flush(call_metrics: CallMetrics, session: CallSession, ended: bool = False) -> None:
     """The call's counts into the metrics (about once a second, and at its end)."""
-    stats = session.stats
-    turns = session.observer.turn_latencies_ms if session.observer is not None else []
+    stats, observer = session.stats, session.observer
+    turns = observer.turn_latencies_ms if observer is not None else []
     call_metrics.flush(stats.inbound_frames, stats.outbound_frames, stats.dropped_frames, stats.rtt_ms, turns)
+    if observer is not None:
+        call_metrics.flush_network(observer.agent_latencies_ms, observer.clock, ended)
 
 
 #: Endings that are no failure, where the bridge hangs the phone call up through Twilio REST:

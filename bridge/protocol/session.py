@@ -178,7 +178,7 @@ class CallSession:
         if type(event) is tf.Media:
             self.stats.inbound_frames += 1
             if self.observer is not None:
-                self.observer.caller_audio(event.payload, now)
+                self.observer.caller_audio(event.payload, now, event.timestamp_ms, event.chunk)
             if self.agent_muted:  # (a transfer under way: the agent hears nothing more)
                 return []
             if twilio_protocol:
