@@ -7,7 +7,9 @@ audio paced in real time (or ``speed`` times faster), plays what comes back 20 m
 the caller's clock (a faster run hears the same, shifted only by the bridge's and agent's own
 processing time times ``speed``), echoes each ``mark`` when the audio
 queued before it has played, honours ``clear`` (drops the queue, echoes pending marks at once),
-sends DTMF on request and ``stop`` at the end. If the bridge closes the stream, it asks the
+sends DTMF on request and ``stop`` at the end. A ``Network`` between the caller and the bridge
+can stall, delay, drop, duplicate and reorder the caller's frames (seeded), each frame keeping
+Twilio's ``chunk`` and ``timestamp``. If the bridge closes the stream, it asks the
 ``<Connect action>`` URL what to do and runs the TwiML it answers (as Twilio does), or, without
 an action, runs the TwiML after ``</Connect>``; unless the call was hung up through the REST
 API: a small fake Twilio REST server (``FakeTwilioApi``) takes that request.
@@ -19,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import random
 import secrets
 import time
 import xml.etree.ElementTree as ET
@@ -45,6 +48,21 @@ MAX_REDIRECTS = 10  # <Redirect>s followed in a row before the simulated call gi
 TWILIO_APPLICATION_ERROR = "We are sorry, an application error has occurred. Goodbye."
 
 
+@dataclass(frozen=True)
+class Network:
+    """What the caller's network does to its frames on the way to the bridge (media, mark
+    echoes, DTMF: everything after ``start``), on the caller's clock, seeded. Frames keep their
+    ``chunk`` and ``timestamp``; like TCP, a delayed frame never overtakes an earlier one unless
+    ``reorder`` says so. What comes back to the caller is not touched."""
+
+    stalls: tuple[tuple[int, int], ...] = ()  # (at_ms, for_ms): nothing arrives, then all of it at once
+    jitter_ms: int = 0  # each frame up to this much later
+    drop: float = 0.0  # the chance a media frame is lost (its chunk never comes)
+    duplicate: float = 0.0  # the chance a media frame comes twice
+    reorder: float = 0.0  # the chance a media frame comes after the next one
+    seed: int = 0
+
+
 def sid(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
 
@@ -59,6 +77,11 @@ class SimulationResult:
     sent_ms: int = 0  # caller audio sent (including the silent tail)
     media_received: int = 0
     media_at: list[float] = field(default_factory=list)  # when each media frame arrived (time.monotonic)
+    said_at: list[float] = field(default_factory=list)  # when each caller frame was said (time.monotonic, before any Network)
+    #: with a ``Network``: the chunks it lost, duplicated and reordered
+    chunks_dropped: list[int] = field(default_factory=list)
+    chunks_duplicated: list[int] = field(default_factory=list)
+    chunks_reordered: list[int] = field(default_factory=list)
     marks_echoed: list[str] = field(default_factory=list)
     clears: int = 0
     protocol_errors: list[str] = field(default_factory=list)  # frames Twilio would reject
@@ -362,6 +385,7 @@ async def simulate_call(
     call_sid: str | None = None,
     direction: str = "inbound",
     amd=None,
+    network: Network | None = None,
 ) -> SimulationResult:
     """Place one simulated inbound call. ``caller_pcm`` is s16le 8 kHz mono; ``dtmf`` is
     ``(at_ms, digit)`` pairs on the caller's clock. After the caller's audio, silence is sent for
@@ -404,7 +428,7 @@ async def simulate_call(
             return result
         action = connect_action(response.text)
         hangup = fake_api.watch(call_sid) if fake_api else asyncio.Event()
-        await _stream(result, stream_url, stream_params, validator, account_sid, caller_pcm, speed, dtmf, tail_ms, max_call_s, hangup, amd)
+        await _stream(result, stream_url, stream_params, validator, account_sid, caller_pcm, speed, dtmf, tail_ms, max_call_s, hangup, amd, network)
         if result.ended_by == "rest" and fake_api is not None:  # a REST update with new TwiML: it runs now
             updates = [form["Twiml"] for sid, form in fake_api.requests if sid == call_sid and form.get("Twiml")]
             if updates:
@@ -467,7 +491,61 @@ async def fetch_record(http: httpx.AsyncClient, base_url: str, api_key: str, cal
     return record
 
 
-async def _stream(result, stream_url, stream_params, validator, account_sid, caller_pcm, speed, dtmf, tail_ms, max_call_s, hangup, amd=None):
+class _Wire:
+    """The caller's frames on their way to the bridge, through a ``Network`` (or straight)."""
+
+    def __init__(self, ws, network: Network | None, result: SimulationResult):
+        self.ws, self.network, self.result = ws, network, result
+        self.random = random.Random(network.seed if network else 0)
+        self.queue: deque[tuple[float, str]] = deque()  # (deliver at ms, frame), in order
+        self.last_at = 0.0
+        self.held: tuple[int, str] | None = None  # a frame reordered after the next one
+
+    async def send(self, message: str, t_ms: int, chunk: int | None = None) -> None:
+        network = self.network
+        if network is None:
+            await self.ws.send(message)
+            return
+        rnd = self.random
+        if chunk is not None:
+            if network.drop and rnd.random() < network.drop:
+                self.result.chunks_dropped.append(chunk)
+                return
+            if self.held is None and network.reorder and rnd.random() < network.reorder:
+                self.held = (chunk, message)
+                self.result.chunks_reordered.append(chunk)
+                return
+        at = float(t_ms)
+        for start, length in network.stalls:
+            if start <= at < start + length:
+                at = start + length
+        if network.jitter_ms:
+            at += rnd.uniform(0, network.jitter_ms)
+        self.last_at = at = max(at, self.last_at)
+        self.queue.append((at, message))
+        if chunk is not None:
+            if network.duplicate and rnd.random() < network.duplicate:
+                self.result.chunks_duplicated.append(chunk)
+                self.queue.append((at, message))
+            if self.held is not None and self.held[0] != chunk:
+                self.queue.append((at, self.held[1]))
+                self.held = None
+        await self.deliver(t_ms)
+
+    async def deliver(self, t_ms: float) -> None:
+        """Send what has reached the bridge by ``t_ms`` on the caller's clock."""
+        while self.queue and self.queue[0][0] <= t_ms:
+            await self.ws.send(self.queue.popleft()[1])
+
+    async def flush(self) -> None:
+        if self.held is not None:
+            self.queue.append((self.last_at, self.held[1]))
+            self.held = None
+        while self.queue:
+            await self.ws.send(self.queue.popleft()[1])
+
+
+async def _stream(result, stream_url, stream_params, validator, account_sid, caller_pcm, speed, dtmf, tail_ms, max_call_s, hangup, amd=None, network=None):
     stream_sid = sid("MZ")
     headers = {"X-Twilio-Signature": validator.compute_signature(stream_url, {})}
     player = _Player()
@@ -481,11 +559,13 @@ async def _stream(result, stream_url, stream_params, validator, account_sid, cal
         return
     result.stream_started = True
     bridge_closed = asyncio.Event()
+    wire = _Wire(ws, network, result)
+    clock = [0]  # the caller's clock (ms): when a mark echo leaves
 
     async def send_mark_echoes(names: list[str]) -> None:
         for name in names:
             result.marks_echoed.append(name)
-            await ws.send(json.dumps({"event": "mark", "sequenceNumber": str(seq()), "streamSid": stream_sid, "mark": {"name": name}}))
+            await wire.send(json.dumps({"event": "mark", "sequenceNumber": str(seq()), "streamSid": stream_sid, "mark": {"name": name}}), clock[0])
 
     counter = iter(range(1, 1 << 62))
 
@@ -545,7 +625,7 @@ async def _stream(result, stream_url, stream_params, validator, account_sid, cal
         frame = 0
         caller_frames = -(-len(caller) // FRAME_BYTES)
         while True:
-            t_ms = frame * FRAME_MS
+            t_ms = clock[0] = frame * FRAME_MS
             if hangup.is_set():  # a call completed through the API never runs more TwiML
                 result.ended_by = "rest"
                 break
@@ -568,18 +648,20 @@ async def _stream(result, stream_url, stream_params, validator, account_sid, cal
                 amd = None
             while pending_dtmf and pending_dtmf[0][0] <= t_ms:
                 _, digit = pending_dtmf.pop(0)
-                await ws.send(json.dumps({"event": "dtmf", "streamSid": stream_sid, "sequenceNumber": str(seq()), "dtmf": {"track": "inbound_track", "digit": digit}}))
+                await wire.send(json.dumps({"event": "dtmf", "streamSid": stream_sid, "sequenceNumber": str(seq()), "dtmf": {"track": "inbound_track", "digit": digit}}), t_ms)
+            result.said_at.append(time.monotonic())
             chunk = caller[frame * FRAME_BYTES : (frame + 1) * FRAME_BYTES] or b"\xff" * FRAME_BYTES
             chunk = chunk.ljust(FRAME_BYTES, b"\xff")
-            await ws.send(json.dumps({
+            await wire.send(json.dumps({
                 "event": "media", "sequenceNumber": str(seq()), "streamSid": stream_sid,
                 "media": {"track": "inbound", "chunk": str(frame + 1), "timestamp": str(t_ms), "payload": base64.b64encode(chunk).decode()},
-            }))  # fmt: skip
+            }), t_ms, frame + 1)  # fmt: skip
             await send_mark_echoes(player.play(FRAME_BYTES))
             frame += 1
             result.sent_ms = frame * FRAME_MS
         if result.ended_by in ("caller", "rest"):
             with contextlib.suppress(ConnectionClosed):
+                await wire.flush()
                 await ws.send(json.dumps({"event": "stop", "sequenceNumber": str(seq()), "streamSid": stream_sid, "stop": {"accountSid": account_sid, "callSid": result.call_sid}}))
     except ConnectionClosed:
         result.ended_by = "rest" if hangup.is_set() else "bridge"
