@@ -154,6 +154,10 @@ async def test_sign_in_watch_a_call_live_and_read_its_page(open_dashboard, bridg
         )
         assert inked > 2, f"the {side} waveform is blank"
     assert await page.locator("#timeline").inner_text() != ""
+    # the agent's own part of the turns, and what the network did to the caller's frames
+    assert "samples" in await page.locator("#agent-latency").inner_text()
+    network = await page.locator("#network").inner_text()
+    assert f"{record.caller_network['frames']} · lost 0" in network and "Twilio's timestamps" in network, network
     transcript = await page.locator("#transcript").inner_text()
     assert transcript.lower().count("echo") >= 1, transcript  # (the echo agent's utterances)
     keys = await page.locator("#transcript .dtmf").all_inner_texts()

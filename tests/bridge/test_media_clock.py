@@ -73,6 +73,13 @@ def test_timestamps_from_the_future_are_not_trusted_and_the_arrival_clock_takes_
     assert clock.summary()["clock"] == "arrival"
 
 
+def test_a_bridge_that_took_the_stream_up_late_still_keeps_twilio_s_clock():
+    clock = MediaClock()  # the bridge read start 1.5 s after Twilio began: frames come "early"
+    positions = [clock.place(FRAME, n * 20, n + 1, (n * 20 + 20) / 1000 - 1.5) for n in range(100, 200)]
+    assert positions == [n * FRAME for n in range(100, 200)] and clock.summary()["clock"] == "twilio"
+    assert clock.to_bridge(3000) == pytest.approx(1.5)  # (its 3 s said at 1.5 s on the bridge's clock)
+
+
 def test_audio_said_before_the_call_was_set_up_is_a_backlog_not_a_network_stall():
     clock = MediaClock()
     clock.reading(backlog=True)  # the agent took 1.5 s to connect; 75 frames waited, read at once

@@ -36,6 +36,8 @@ class CallPage {
     this.recording = el("div", { id: "recording-section" }, notice("Loading…"));
     this.chart = el("div", { id: "latency-chart" }, notice("Loading…"));
     this.e2e = el("div", { id: "e2e" });
+    this.agentLatency = el("div", { id: "agent-latency" });
+    this.network = el("div", { id: "network" });
     this.rtt = el("div", { id: "rtt" }, notice("Loading…"));
     this.transcript = el("div", { id: "transcript", class: "transcript" }, notice("Loading…"));
     this.timeline = el("div", { id: "timeline" }, notice("Loading…"));
@@ -53,7 +55,10 @@ class CallPage {
           "div",
           { class: "latency-layout" },
           this.chart,
-          el("div", { class: "latency-side" }, el("h3", { text: "Turn latency (the record's e2e_latency)" }), this.e2e, el("h3", { text: "Agent link round trip" }), this.rtt),
+          el("div", { class: "latency-side" }, el("h3", { text: "Turn latency (the record's e2e_latency)" }), this.e2e,
+            el("h3", { text: "The agent's own part (agent_latency)" }), this.agentLatency,
+            el("h3", { text: "Agent link round trip" }), this.rtt,
+            el("h3", { text: "Caller's network (caller_network)" }), this.network),
         ),
       ),
       el("div", { class: "grid-2" }, card("Transcript", this.transcript), card("Public log", this.timeline)),
@@ -156,7 +161,9 @@ class CallPage {
   /** The record's percentiles: the turn latency and the agent link's round trip. */
   renderPercentiles(call) {
     replaceChildren(this.e2e, percentileTable(call.e2e_latency) ?? notice(isLive(call) ? "Measured when the call ends." : "No turns measured."));
+    replaceChildren(this.agentLatency, percentileTable(call.agent_latency) ?? notice(isLive(call) ? "Measured when the call ends." : "No turns measured."));
     replaceChildren(this.rtt, percentileTable(call.llm_websocket_network_rtt_latency) ?? notice("Not measured."));
+    replaceChildren(this.network, networkTable(call.caller_network) ?? notice(isLive(call) ? "Measured when the call ends." : "Not measured (a web call)."));
   }
 
   // --- transcript --------------------------------------------------------------------------
@@ -337,4 +344,25 @@ function formatValue(value) {
   if (typeof value === "string") return /^[\w.:+@/-]+$/.test(value) ? value : JSON.stringify(value);
   if (typeof value === "number") return Number.isInteger(value) ? String(value) : String(Math.round(value * 100) / 100);
   return JSON.stringify(value);
+}
+
+/** The record's caller_network: what the network did to the caller's audio on its way from Twilio. */
+function networkTable(net) {
+  if (!net) return null;
+  const delay = net.inbound_delay_ms;
+  const ms = (value) => (Number.isFinite(value) ? `${Math.round(value)} ms` : "—");
+  const rows = [
+    ["Inbound delay beyond the best frame", delay ? `p50 ${ms(delay.p50)} · p99 ${ms(delay.p99)} · max ${ms(delay.max)}` : "—"],
+    ["Longest stall", ms(net.longest_stall_ms)],
+    ["Stalls of 500 ms or more", String(net.stalls)],
+    ["Late bursts", String(net.late_bursts)],
+    ["Frames", `${net.frames} · lost ${net.frames_lost} · duplicated ${net.frames_duplicated} · reordered ${net.frames_reordered} · too late ${net.frames_too_late}`],
+    ["Waited for set-up", ms(net.setup_backlog_ms)],
+    ["Clock", net.clock === "twilio" ? "Twilio's timestamps" : "arrival (the timestamps were not Twilio's clock)"],
+  ];
+  return el(
+    "table",
+    { class: "data-table compact network" },
+    el("tbody", {}, rows.map(([name, value]) => el("tr", {}, el("th", { scope: "row", text: name }), el("td", { class: "num", text: value })))),
+  );
 }
