@@ -276,6 +276,16 @@ def _when(ms) -> str:
     return "-" if ms is None else dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _network(net: dict | None) -> str:
+    if not net:
+        return "-"
+    delay = net.get("inbound_delay_ms") or {}
+    return (
+        f"delay beyond best p50 {delay.get('p50', '-')} / p99 {delay.get('p99', '-')} / max {delay.get('max', '-')} ms, "
+        f"longest stall {net['longest_stall_ms']} ms ({net['stalls']} of 500 ms+), frames {net['frames']}, lost {net['frames_lost']}"
+    )
+
+
 def _latency(latency: dict | None) -> str:
     if not latency or not latency.get("num"):
         return "-"
@@ -337,7 +347,9 @@ def calls_show(
         ("started", _when(c["start_timestamp"])), ("ended", _when(c["end_timestamp"])),
         ("audio", f"{c['audio_websocket_protocol']} {c['audio_encoding']} {c['sample_rate']} Hz"),
         ("turn latency", _latency(c.get("e2e_latency"))),
+        ("agent's own part", _latency(c.get("agent_latency"))),
         ("agent link RTT", _latency(c.get("llm_websocket_network_rtt_latency"))),
+        ("caller's network", _network(c.get("caller_network"))),
         ("recording", c.get("recording_url") or "-"), ("public log", c.get("public_log_url") or "-"),
         ("metadata", json.dumps(c.get("metadata")) if c.get("metadata") else "-"),
     ]  # fmt: skip

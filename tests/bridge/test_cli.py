@@ -27,6 +27,7 @@ async def test_calls_list_and_show(start_bridge):
     shown = await run_cli("calls", "show", result.call_id, "--url", bridge.base_url, "--api-key", API_KEY)
     assert shown.returncode == 0, shown.stderr
     assert "turn latency" in shown.stdout and "p50" in shown.stdout and "(n=1)" in shown.stdout
+    assert "agent's own part" in shown.stdout and "lost 0" in shown.stdout  # (the media clock's figures)
     assert "User: <dtmf 5>" in shown.stdout and "/v2/recordings/" in shown.stdout
 
 
