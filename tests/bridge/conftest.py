@@ -126,6 +126,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def refusing_port():
+    """A loopback port held bound but never listening for the ``with`` block: connecting to it
+    is refused, and no other server of the run can take it meanwhile (a port that was only free
+    when asked can be a 404-answering test server a moment later)."""
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
 async def until(predicate, timeout: float = 10.0, interval: float = 0.02):
     """Poll ``predicate()`` (plain or async) until it is truthy; returns its value. Fails the
     test with TimeoutError after ``timeout`` s: a condition, never a fixed sleep."""

@@ -9,7 +9,9 @@ from bridge.settings import AgentConfig
 
 from .conftest import api_client, caller_audio, free_port, until, wait_for_end
 
-DEAD = f"ws://127.0.0.1:{free_port()}/{{call_id}}"
+# port 9 (discard): privileged, so no server of the run binds it, and nothing listens there
+REFUSED_PORT = 9
+DEAD = f"ws://127.0.0.1:{REFUSED_PORT}/{{call_id}}"
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -33,9 +35,8 @@ async def test_metrics_count_what_happened(start_bridge):
         "echo": AgentConfig(agent_id="echo", default=True),
         "dead": AgentConfig(agent_id="dead", url=DEAD),
     }
-    refused_port = free_port()
     bridge = await start_bridge(
-        agents=agents, registered_call_timeout_s=0.3, webhook_url=f"http://127.0.0.1:{refused_port}/hook", webhook_timeout_s=1,
+        agents=agents, registered_call_timeout_s=0.3, webhook_url=f"http://127.0.0.1:{REFUSED_PORT}/hook", webhook_timeout_s=1,
         webhook_retry_base_s=0.1, webhook_max_attempts=2,
     )  # fmt: skip
     async with httpx.AsyncClient() as http:
@@ -103,9 +104,8 @@ async def test_the_gauges_and_counters_the_other_test_leaves_alone(start_bridge,
         "echo": AgentConfig(agent_id="echo", default=True),
         "clear": AgentConfig(agent_id="clear", url=f"{bad_agent}/clear/{{call_id}}"),
     }
-    refused = free_port()
     bridge = await start_bridge(
-        agents=agents, keepalive_interval_s=0.25, webhook_url=f"http://127.0.0.1:{refused}/hook", webhook_retry_base_s=3600,
+        agents=agents, keepalive_interval_s=0.25, webhook_url=f"http://127.0.0.1:{REFUSED_PORT}/hook", webhook_retry_base_s=3600,
         webhook_poll_s=0.05,
     )  # fmt: skip
     echoed = await bridge.call(caller_audio(), speed=2.0)

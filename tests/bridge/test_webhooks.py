@@ -14,7 +14,7 @@ from bridge.server import BackgroundServer
 from bridge.settings import AgentConfig
 from bridge.store.outbox import sign
 
-from .conftest import API_KEY, free_port, until
+from .conftest import API_KEY, refusing_port, until
 
 
 class Receiver:
@@ -103,19 +103,19 @@ async def test_failed_deliveries_are_retried_with_backoff(start_bridge):
 
 
 async def test_an_unreachable_receiver_is_given_up_after_the_last_attempt(start_bridge):
-    port = free_port()  # nothing listens here
-    bridge = await start_bridge(webhook_url=f"http://127.0.0.1:{port}/hook", webhook_max_attempts=3, **FAST)
-    result = await bridge.call()
+    with refusing_port() as port:  # bound, never listening: every connection is refused
+        bridge = await start_bridge(webhook_url=f"http://127.0.0.1:{port}/hook", webhook_max_attempts=3, **FAST)
+        result = await bridge.call()
 
-    async def settled():
-        jobs = await bridge.store.jobs(result.call_id)
-        return len(jobs) == 2 and all(j["next_attempt_at"] is None for j in jobs)
+        async def settled():
+            jobs = await bridge.store.jobs(result.call_id)
+            return len(jobs) == 2 and all(j["next_attempt_at"] is None for j in jobs)
 
-    async with asyncio.timeout(10):
-        while not await settled():
-            await asyncio.sleep(0.05)
-    for job in await bridge.store.jobs(result.call_id):
-        assert job["attempts"] == 3 and job["delivered_at"] is None and "ConnectError" in job["last_error"]
+        async with asyncio.timeout(10):
+            while not await settled():
+                await asyncio.sleep(0.05)
+        for job in await bridge.store.jobs(result.call_id):
+            assert job["attempts"] == 3 and job["delivered_at"] is None and "ConnectError" in job["last_error"]
 
 
 async def test_an_agent_can_have_its_own_webhook(start_bridge):
@@ -133,13 +133,13 @@ async def test_an_agent_can_have_its_own_webhook(start_bridge):
 
 
 async def test_undelivered_events_survive_a_restart(start_bridge, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/hook"
     data_dir = tmp_path / "shared"
     patient = dict(FAST, webhook_max_attempts=10)
-    first = await start_bridge(webhook_url=url, data_dir=data_dir, **patient)
-    result = await first.call()
-    await first.server.stop()  # the receiver was down the whole time
+    with refusing_port() as port:  # the receiver is down the whole time of the first bridge
+        url = f"http://127.0.0.1:{port}/hook"
+        first = await start_bridge(webhook_url=url, data_dir=data_dir, **patient)
+        result = await first.call()
+        await first.server.stop()
     receiver = Receiver()
     async with BackgroundServer(receiver.app, port=port):
         second = await start_bridge(webhook_url=url, data_dir=data_dir, **patient)  # same database
