@@ -68,10 +68,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.collect()
         gc.freeze()
         try:
-            if settings.metrics_port is not None:  # the metrics alone, without the API key, on their own port
-                from prometheus_client import start_http_server
+            # the metrics alone, without the API key, on their own port (by the first worker, for all)
+            if settings.metrics_port is not None and settings.replica_url == (settings.worker_addresses or [settings.replica_url])[0]:
+                from prometheus_client import CollectorRegistry, start_http_server
 
-                metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=call_service.metrics.registry)
+                from .metrics import AllWorkers
+
+                registry = call_service.metrics.registry
+                if others := metrics.other_workers(settings):
+                    registry = CollectorRegistry(auto_describe=False)
+                    registry.register(AllWorkers(call_service.metrics, others, (settings.api_keys or [None])[0]))
+                metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
             yield
         finally:
             # what the calls that just ended owe their webhooks goes out before the process does

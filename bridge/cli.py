@@ -86,21 +86,28 @@ def serve(
     port: int = typer.Option(None, help="listen port (BRIDGE_PORT, default 8080)"),
     agents_file: Path = typer.Option(None, help="agents TOML file (BRIDGE_AGENTS_FILE)"),
     public_url: str = typer.Option(None, help="where Twilio reaches the bridge, e.g. https://abc.ngrok.app"),
+    workers: str = typer.Option(None, help="worker processes on the port: a number, or auto (one per core) (BRIDGE_WORKERS, default 1)"),
 ) -> None:
     """Serve the bridge (Twilio webhook, media streams, call API, embedded echo agent)."""
     from . import logs
     from .app import create_app
     from .server import SHUTDOWN_GRACE_S, DrainingServer, server_options
+    from .workers import inherited_sockets
 
-    settings = _settings(host=host, port=port, agents_file=agents_file, public_url=public_url)
+    settings = _settings(host=host, port=port, agents_file=agents_file, public_url=public_url, workers=workers)
     if problem := signed_url_problem(settings):
         typer.secho(problem, fg="red", err=True)
         raise typer.Exit(2)
-    try:  # the listener first: a bridge that cannot serve must not touch any call
-        listener = socket.create_server((settings.host, settings.port), family=socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
-    except OSError as e:
-        typer.secho(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e} (BRIDGE_HOST, BRIDGE_PORT)", fg="red", err=True)
-        raise typer.Exit(2) from None
+    sockets = inherited_sockets()  # (a worker of bridge serve --workers: its supervisor bound them)
+    if sockets is None and settings.workers > 1:
+        _supervise(settings, host=host, port=port, agents_file=agents_file, public_url=public_url)
+        return
+    if sockets is None:
+        try:  # the listener first: a bridge that cannot serve must not touch any call
+            sockets = [socket.create_server((settings.host, settings.port), family=socket.AF_INET6 if ":" in settings.host else socket.AF_INET)]
+        except OSError as e:
+            typer.secho(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e} (BRIDGE_HOST, BRIDGE_PORT)", fg="red", err=True)
+            raise typer.Exit(2) from None
     if problem := _storage_problem(settings):
         typer.secho(problem, fg="red", err=True)
         raise typer.Exit(2)
@@ -109,13 +116,39 @@ def serve(
     app = create_app(settings)
     config = uvicorn.Config(app, log_level="info", log_config=log_config, timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **server_options(app))
     try:
-        DrainingServer(config, app.state.calls).run(sockets=[listener])
+        DrainingServer(config, app.state.calls).run(sockets=sockets)
     except SystemExit:  # uvicorn exits when start-up fails (e.g. the instance id is another live process's)
         problem = getattr(app.state, "startup_error", None)
         if problem is None:
             raise
         typer.secho(problem, fg="red", err=True)
         raise typer.Exit(2) from None
+
+
+def _supervise(settings, **options) -> None:
+    """``bridge serve --workers N``: bind, start the workers, keep them up (``bridge.workers``)."""
+    import logging
+
+    from . import logs
+    from .workers import Supervisor, plan_workers
+
+    if problem := _storage_problem(settings):  # (once here, rather than N times)
+        typer.secho(problem, fg="red", err=True)
+        raise typer.Exit(2)
+    try:
+        workers = plan_workers(settings, settings.workers)
+    except OSError as e:
+        typer.secho(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e} (BRIDGE_HOST, BRIDGE_PORT, BRIDGE_REPLICA_URL)", fg="red", err=True)
+        raise typer.Exit(2) from None
+    logs.configure(settings.log_format)
+    logging.getLogger("bridge.workers").setLevel(logging.INFO)
+    env = dict(os.environ)
+    for name, value in options.items():  # (the command line's options, for the workers as for this process)
+        if value is not None:
+            env[f"BRIDGE_{name.upper()}"] = str(value)
+    port = workers[0].public.getsockname()[1]
+    typer.echo(f"{len(workers)} workers on {settings.host}:{port} (one process each; BRIDGE_WORKERS)")
+    raise typer.Exit(Supervisor(settings, workers, env).run())
 
 
 @app.command()

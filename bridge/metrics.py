@@ -5,15 +5,26 @@ Nothing here runs per audio frame: a relay keeps its call's counts in its ``Call
 always did) and hands the new part to ``CallMetrics.flush`` about once a second and when the
 call ends; the added delay through the bridge is timed on one frame in ``DELAY_SAMPLE_EVERY``.
 Live calls, the outbox backlog and draining are read when ``/metrics`` is scraped.
+
+The workers of one ``bridge serve --workers N`` are one bridge to a scraper: whichever answers
+``/metrics`` reads the others' own (``?scope=worker``, over their private addresses) and adds
+them up (``merge_expositions``): counters and histograms summed, live gauges summed, gauges of
+the whole database or the whole process group (the outbox, draining) their highest; and
+``bridge_workers`` says how many answered.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger(__name__)
 
 #: one frame in this many, per direction and call, is timed through the bridge
 DELAY_SAMPLE_EVERY = 50
@@ -25,7 +36,13 @@ _TURN = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 _NETWORK = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SETUP = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
-__all__ = ["CONTENT_TYPE_LATEST", "CallMetrics", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "CallMetrics", "Metrics", "merge_expositions"]
+
+#: gauges that say one thing of the whole bridge (every worker reads the same database, and
+#: drains together): the highest, not the sum
+_HIGHEST = {"bridge_draining", "bridge_webhook_outbox_depth", "bridge_webhook_outbox_oldest_age_seconds"}
+#: how long a worker's own metrics may take to come, when another worker is scraped
+WORKER_SCRAPE_TIMEOUT_S = 2.0
 
 
 class Metrics:
@@ -171,3 +188,67 @@ class CallMetrics:
             delay = clock.summary()["inbound_delay_ms"]
             if delay is not None:
                 m.caller_delay_p99.observe(delay["p99"] / 1000)
+
+
+def merge_expositions(texts: Iterable[str]) -> bytes:
+    """The text expositions of several workers, as one bridge's (see the module's docstring)."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple, float]] = {}
+    answered = 0
+    for text in texts:
+        answered += 1
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            samples = values.setdefault(family.name, {})
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in samples:
+                    samples[key] = sample.value
+                elif sample.name.endswith("_created"):  # (when the series began: the earliest)
+                    samples[key] = min(samples[key], sample.value)
+                elif family.name in _HIGHEST:
+                    samples[key] = max(samples[key], sample.value)
+                else:
+                    samples[key] += sample.value
+    workers = Metric("bridge_workers", "Worker processes whose metrics these are (bridge serve --workers)", "gauge")
+    workers.add_sample("bridge_workers", {}, answered)
+    families["bridge_workers"], values["bridge_workers"] = workers, {}
+    for name, merged in families.items():
+        for (sample_name, labels), value in values[name].items():
+            merged.add_sample(sample_name, dict(labels), value)
+
+    class _Merged:
+        def collect(self):
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry)
+
+
+def all_workers_exposition(metrics: Metrics, others: list[str], api_key: str | None) -> bytes:
+    """This worker's metrics and those of the ``others`` (their private base URLs) that answer
+    within ``WORKER_SCRAPE_TIMEOUT_S``, merged. Blocking: run it in a thread."""
+    import httpx
+
+    texts = [metrics.render().decode()]
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(timeout=WORKER_SCRAPE_TIMEOUT_S, headers=headers) as http:
+        for base in others:
+            try:
+                response = http.get(f"{base}/metrics", params={"scope": "worker"})
+                response.raise_for_status()
+                texts.append(response.text)
+            except httpx.HTTPError as e:  # (a worker being restarted: bridge_workers says one is missing)
+                log.warning("metrics of worker %s not read: %s: %s", base, type(e).__name__, e)
+    return merge_expositions(texts)
+
+
+class AllWorkers:
+    """A registry's collector for the metrics port: every worker's metrics, merged."""
+
+    def __init__(self, metrics: Metrics, others: list[str], api_key: str | None):
+        self.metrics, self.others, self.api_key = metrics, others, api_key
+
+    def collect(self):
+        return text_string_to_metric_families(all_workers_exposition(self.metrics, self.others, self.api_key).decode())

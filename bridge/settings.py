@@ -281,6 +281,23 @@ class AgentConfig(BaseModel):
         return f"{base}/agents/echo/audio-websocket/{call_id}?{query}"
 
 
+def cpu_count(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its affinity (a container's cpuset, ``taskset``), capped
+    by its cgroup's CPU quota (a Kubernetes CPU limit, ``podman --cpus``), rounded up;
+    ``os.cpu_count()`` alone counts the whole host's."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # (no cgroup v2 quota: the affinity is the limit)
+    return max(1, cores)
+
+
 class Settings(BaseSettings):
     """Environment: ``BRIDGE_PUBLIC_URL``, ``BRIDGE_TWILIO_AUTH_TOKEN``, ``BRIDGE_API_KEYS`` (comma
     separated), ``BRIDGE_AGENTS_FILE`` ... (every field below, upper case, ``BRIDGE_`` prefix)."""
@@ -328,6 +345,13 @@ class Settings(BaseSettings):
     instance_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
     heartbeat_interval_s: float = Field(5.0, gt=0)
     agents_file: Path | None = None
+    #: Worker processes of ``bridge serve`` on this machine, all on one port (``bridge.workers``):
+    #: 1 (one process), a number, or "auto" (one per core this process may use). Each worker is
+    #: a replica of its own (instance id INSTANCE_ID-N), on SQLite as on PostgreSQL.
+    workers: int = Field(1, ge=1, le=256)
+    #: Set by ``bridge serve --workers`` for its workers, not by hand: every worker's private
+    #: address (its own /metrics, the listen sockets passed to it), this one's included
+    worker_addresses: Annotated[list[str], NoDecode] = []
 
     stream_token_ttl_s: float = Field(30.0, gt=0)
     stream_start_timeout_s: float = Field(10.0, gt=0)  # from the media upgrade to Twilio's start
@@ -399,7 +423,14 @@ class Settings(BaseSettings):
     routes: dict[str, str] = {}  # E.164 number -> agent id
     default_agent: str | None = None
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return cpu_count()
+        return v
+
+    @field_validator("api_keys", "worker_addresses", mode="before")
     @classmethod
     def _comma_list(cls, v: Any) -> Any:
         if isinstance(v, str):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -43,6 +44,7 @@ from ..settings import (
     signed_url_problem,
 )
 from ..store import STORE_UNAVAILABLE, CallFiles, ControlChannel, FilesError, SqlCallStore, webhook_targets
+from ..store.control import WorkerGroup
 from ..store.files import UPLOAD_TIMEOUT_S
 from ..store.outbox import sign
 from .endings import EndingSpool
@@ -203,6 +205,15 @@ async def claim_instance(store: SqlCallStore, settings: Settings) -> None:
         log.error("%s", problem)
 
 
+def worker_group(settings: Settings) -> WorkerGroup | None:
+    """This process's workers, when it is one of ``bridge serve --workers N`` (N > 1)."""
+    if settings.workers < 2 or not settings.worker_addresses or settings.replica_url not in settings.worker_addresses:
+        return None
+    secret = json.dumps([settings.twilio_auth_token, sorted(settings.api_keys), str(settings.data_dir.resolve())])
+    key = hashlib.sha256(b"bridge-workers:" + secret.encode()).digest()
+    return WorkerGroup(settings.replica_url, tuple(settings.worker_addresses), key)
+
+
 class CallService:
     def __init__(self, settings: Settings):
         if not settings.twilio_auth_token:
@@ -276,7 +287,7 @@ class CallService:
             await self.files.open()
         except FilesError as e:
             raise SettingsError(str(e)) from None
-        store = await SqlCallStore.open(settings.database_url, settings.instance_id, settings.data_dir)
+        store = await SqlCallStore.open(settings.database_url, settings.instance_id, settings.data_dir, settings.workers)
         store.webhook_targets = webhook_targets(settings)
         store.time_statements(lambda kind, seconds: self.metrics.store_latency.labels(kind).observe(seconds))
         self.store = store
@@ -293,7 +304,7 @@ class CallService:
             if store.shared:  # every replica takes its dial slots from one schedule
                 name = f"twilio-calls:{settings.twilio_account_sid or 'default'}"
                 self.dial_throttle = SharedDialThrottle(store, settings.twilio_calls_per_second, name)
-            self.control = ControlChannel(store.engine, self._on_command)
+            self.control = ControlChannel(store.engine, self._on_command, worker_group(settings))
         except BaseException:  # the next start must not wait out a lease this one still held
             await self.endings.close()
             with contextlib.suppress(Exception):

@@ -73,31 +73,29 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
 
 
 class SqlCallStore:
-    def __init__(self, engine: AsyncEngine, instance_id: str):
+    def __init__(self, engine: AsyncEngine, instance_id: str, workers: int = 1):
         self.engine = engine
         self.instance_id = instance_id
+        #: other processes share this database: replicas on PostgreSQL, or the workers of one
+        #: ``bridge serve --workers N`` on SQLite
+        self.shared = engine.dialect.name == "postgresql" or workers > 1
         self.claim_token = secrets.token_hex(16)  # this process, as the holder of instance_id
         #: changes of one call in this process go one at a time (compare-and-set then only
         #: retries for other processes' changes): call id -> (lock, changes holding or awaiting it)
         self._changing: dict[str, list] = {}
 
     @classmethod
-    async def open(cls, url: str | None, instance_id: str, data_dir=None) -> SqlCallStore:
+    async def open(cls, url: str | None, instance_id: str, data_dir=None, workers: int = 1) -> SqlCallStore:
         from pathlib import Path
 
         engine = make_engine(database_url(url, Path(data_dir or "var")))
         await migrate(engine)
-        return cls(engine, instance_id)
+        return cls(engine, instance_id, workers)
 
     async def close(self) -> None:
         await self.engine.dispose()
 
     # --- instances ---------------------------------------------------------------------------
-
-    @property
-    def shared(self) -> bool:
-        """Several processes may share this database (PostgreSQL): replicas coordinate through it."""
-        return self.engine.dialect.name == "postgresql"
 
     async def claim(self, lease_ms: int, fingerprint: str | None = None, address: str | None = None) -> float | None:
         """Take this instance id for this process (``self.claim_token``), unless another process
@@ -283,6 +281,8 @@ class SqlCallStore:
         ``max_wait_s`` away (nothing taken). Slots are kept on the database's clock, so the
         replicas' own clocks do not matter; the row lock queues concurrent takers in order."""
         interval_us, max_wait_us = int(interval_s * 1e6), int(max_wait_s * 1e6)
+        if self.engine.dialect.name == "sqlite":  # (the workers of one machine: one clock)
+            return await self._take_local_slot(name, interval_us, max_wait_us)
         statement = text(
             "WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS us) "
             "UPDATE dial_slots SET next_slot_us = GREATEST(dial_slots.next_slot_us, now.us) + :interval "
@@ -299,6 +299,20 @@ class SqlCallStore:
                     statement, {"name": name, "interval": interval_us, "max_wait": max_wait_us}
                 )
             ).first()
+        return None if row is None else max(0, row.wait_us) / 1e6
+
+    async def _take_local_slot(self, name: str, interval_us: int, max_wait_us: int) -> float | None:
+        """``take_slot`` on SQLite: one UPDATE (SQLite runs it under the database's write lock,
+        so workers queue on it), on this machine's clock, which every worker shares."""
+        now_us = time.time_ns() // 1000
+        statement = text(
+            "UPDATE dial_slots SET next_slot_us = MAX(next_slot_us, :now) + :interval "
+            "WHERE name = :name AND MAX(next_slot_us, :now) - :now <= :max_wait "
+            "RETURNING next_slot_us - :interval - :now AS wait_us"
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(text("INSERT INTO dial_slots (name, next_slot_us) VALUES (:name, 0) ON CONFLICT DO NOTHING"), {"name": name})
+            row = (await conn.execute(statement, {"name": name, "interval": interval_us, "max_wait": max_wait_us, "now": now_us})).first()
         return None if row is None else max(0, row.wait_us) / 1e6
 
     # --- calls -------------------------------------------------------------------------------
