@@ -65,6 +65,27 @@ def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the workers of ``bridge serve --workers N``)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in process_tree(pid) if Path(f"/proc/{p}").exists())
+
+
+def tree_rss_bytes(pid: int) -> int:
+    return sum(rss_bytes(p) for p in process_tree(pid) if Path(f"/proc/{p}").exists())
+
+
 @dataclass
 class Call:
     index: int
@@ -251,6 +272,7 @@ class Target:
         self.agent_port = agent_port
         self.workdir = workdir
         self.process: subprocess.Popen | None = None
+        self.cores = "0"  # (taskset's list: the cores the system under test may run on)
 
     def command(self) -> tuple[list[str], dict]:
         raise NotImplementedError
@@ -258,7 +280,7 @@ class Target:
     async def start(self) -> None:
         cmd, env = self.command()
         self.process = subprocess.Popen(
-            ["taskset", "-c", "0", *cmd], env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ["taskset", "-c", self.cores, *cmd], env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             cwd=getattr(self, "source", None),
         )  # fmt: skip
         for _ in range(300):
@@ -266,10 +288,24 @@ class Target:
                 _, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 writer.close()
                 await asyncio.sleep(0.3)  # let the app finish its start-up
+                await self.ready()
                 return
             except OSError:
                 await asyncio.sleep(0.1)
         raise RuntimeError(f"{self.name} did not start")
+
+    async def ready(self) -> None:
+        """Until every process of the target serves (the workers of ``--workers N``)."""
+        workers = getattr(self, "workers", 1)
+        if workers < 2:
+            return
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            for _ in range(300):
+                text = (await http.get(f"http://127.0.0.1:{self.port}/metrics")).text
+                if f"bridge_workers {float(workers)}" in text:
+                    return
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.name}: not every worker started")
 
     def stop(self) -> None:
         if self.process is not None:
@@ -282,11 +318,14 @@ class Target:
 
 class Bridge(Target):
     def __init__(
-        self, agent_port, workdir, encoding: str, rate: int, private: bool = False, source: Path | None = None, metrics: bool = True
-    ):
+        self, agent_port, workdir, encoding: str, rate: int, private: bool = False, source: Path | None = None, metrics: bool = True,
+        workers: int = 1,
+    ):  # fmt: skip
         super().__init__(agent_port, workdir)
         self.name = f"bridge {encoding} {rate // 1000}k" + (" private" if private else "") + (f" @{source.name}" if source else "")
-        self.name += "" if metrics else " no-metrics"
+        self.name += ("" if metrics else " no-metrics") + (f" x{workers} workers" if workers > 1 else "")
+        self.workers = workers
+        self.cores = "0" if workers == 1 else f"0-{workers - 1}"
         self.encoding, self.rate, self.private, self.source, self.metrics = encoding, rate, private, source, metrics
 
     def command(self):
@@ -317,6 +356,8 @@ class Bridge(Target):
         }  # fmt: skip
         if not self.metrics:
             env["BRIDGE_METRICS"] = "0"
+        if self.workers > 1:
+            env["BRIDGE_WORKERS"] = str(self.workers)
         if self.source is not None:  # another checkout of the bridge (e.g. before a change)
             env["PYTHONPATH"] = str(self.source)
         return [sys.executable, "-m", "bridge", "serve", "--port", str(self.port)], env
@@ -428,7 +469,7 @@ async def run_step(target: Target, agent: NullAgent, n: int, seconds: float, war
 
         await asyncio.gather(*(open_one(call) for call in calls))
     await asyncio.sleep(0.5)  # agent sockets open
-    rss_before = rss_bytes(target.process.pid)
+    rss_before = tree_rss_bytes(target.process.pid)
     start = time.perf_counter()
     measure_from = start + warmup
     end = start + seconds
@@ -440,7 +481,7 @@ async def run_step(target: Target, agent: NullAgent, n: int, seconds: float, war
         if now >= end:
             break
         if cpu0 is None and now >= measure_from:
-            cpu0, me0, t0 = cpu_seconds(target.process.pid), cpu_seconds(), now
+            cpu0, me0, t0 = tree_cpu_seconds(target.process.pid), cpu_seconds(), now
         period_start = start + tick * FRAME_S
         for i, call in enumerate(calls):
             due = period_start + FRAME_S * i / n
@@ -453,8 +494,8 @@ async def run_step(target: Target, agent: NullAgent, n: int, seconds: float, war
         delay = start + tick * FRAME_S - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-    cpu1, me1, t1 = cpu_seconds(target.process.pid), cpu_seconds(), time.perf_counter()
-    rss = rss_bytes(target.process.pid)
+    cpu1, me1, t1 = tree_cpu_seconds(target.process.pid), cpu_seconds(), time.perf_counter()
+    rss = tree_rss_bytes(target.process.pid)
     await asyncio.sleep(0.5)  # drain
     for call in calls:
         call.caller.close()
@@ -514,6 +555,7 @@ async def main_async(args) -> int:
         "floor-picows-24k": lambda: Floor(agent.port, workdir, 24000, websockets="picows"),
         "bridge-24k-other": lambda: Bridge(agent.port, workdir, "s16le", 24000, source=args.other),
         "bridge-24k-no-metrics": lambda: Bridge(agent.port, workdir, "s16le", 24000, metrics=False),
+        "bridge-24k-workers": lambda: Bridge(agent.port, workdir, "s16le", 24000, workers=args.workers),
         "bridge-openai": lambda: _hosted(Bridge(agent.port, workdir, "openai-realtime", 8000), "bridge openai"),
         "bridge-gemini": lambda: _hosted(Bridge(agent.port, workdir, "gemini-live", 24000), "bridge gemini"),
         "bridge-deepgram": lambda: _hosted(Bridge(agent.port, workdir, "deepgram-agent", 8000), "bridge deepgram"),
@@ -524,8 +566,17 @@ async def main_async(args) -> int:
     print(HEADER, flush=True)
     results: dict[str, list[dict]] = {}
     setups: dict[str, tuple[float, float]] = {}
+    cores = os.cpu_count() or 2
     for name in args.targets:
         target = makers[name]()
+        # bridge-24k-workers runs on cores 0..N-1; this process (and its null agent) on the next
+        # core if there is one, else on every core: it then shares them with the workers (its
+        # CPU is in the "driver" column), which the ratio to one worker on one core pays for
+        many = getattr(target, "workers", 1) > 1
+        mine = set(range(cores)) if many and target.workers >= cores else {target.workers if many else 1}
+        os.sched_setaffinity(0, mine)
+        if many and target.workers >= cores:
+            print(f"{target.name}: the driver shares the {cores} cores with the workers", flush=True)
         await target.start()
         rows = results[target.name] = []
         try:
@@ -612,7 +663,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", nargs="+", default=["floor", "floor-24k", "naive", "bridge-24k", "bridge-mulaw"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive", "floor", "floor-24k", "floor-picows", "floor-picows-24k", "bridge-24k-other", "bridge-24k-no-metrics", "bridge-openai", "bridge-gemini", "bridge-deepgram", "bridge-elevenlabs", "sample-openai"])
+    parser.add_argument("--targets", nargs="+", default=["floor", "floor-24k", "naive", "bridge-24k", "bridge-mulaw"], choices=["bridge-24k", "bridge-mulaw", "bridge-24k-private", "naive", "floor", "floor-24k", "floor-picows", "floor-picows-24k", "bridge-24k-other", "bridge-24k-no-metrics", "bridge-24k-workers", "bridge-openai", "bridge-gemini", "bridge-deepgram", "bridge-elevenlabs", "sample-openai"])
     parser.add_argument("--other", type=Path, help="bridge-24k-other runs the bridge from this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 25, 50, 75, 100, 125, 150, 200, 250, 300, 400, 500])
     parser.add_argument("--seconds", type=float, default=8.0, help="per step, warm-up included")
@@ -620,6 +671,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-minutes", type=float, default=20.0)
     parser.add_argument("--setup-calls", type=int, default=50, help="calls set up one at a time before the ramp (0: skip)")
     parser.add_argument("--retries", type=int, default=1, help="runs of a step that did not hold before it counts")
+    parser.add_argument("--workers", type=int, default=2, help="bridge-24k-workers: bridge serve --workers N on cores 0..N-1 (the driver then shares them)")
     args = parser.parse_args(argv)
     return asyncio.run(main_async(args))
 

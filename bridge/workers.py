@@ -5,7 +5,8 @@ no call: it binds the public port N times with ``SO_REUSEPORT`` (the kernel spre
 connections over the N sockets by their address hash, evenly, where one shared socket lets the
 least busy process take most), and one private port per worker, then starts each worker as
 ``python -m bridge serve`` with its two sockets inherited. A worker is a whole bridge: a
-replica of its own (instance id ``INSTANCE_ID-K``), on the same database, so everything that
+replica of its own (instance id ``INSTANCE_ID-K``, private address: ``plan_workers``), on the
+same database, so everything that
 works across replicas works across the workers of a machine: stop-call and control requests
 (PostgreSQL's ``NOTIFY``, or on SQLite signed UDP datagrams on loopback:
 ``bridge.store.control.WorkerGroup``), listen-live (a listener that lands on another worker is
@@ -14,8 +15,9 @@ the database), the shared dial rate (``SqlCallStore.take_slot``), leases and rea
 
 - A worker that dies (a crash, the OOM killer) is started again within a second under a new
   instance id (``INSTANCE_ID-K.R``: the restart never waits out the dead one's lease); its
-  socket stays bound in the supervisor meanwhile, so connections hashed to it wait in its
-  queue rather than fail; the calls it relayed are reaped by the other workers when its lease
+  socket stays bound and listening in the supervisor meanwhile, so connections hashed to it wait
+  in its queue rather than fail (at the first start a worker's socket listens only once that
+  worker is ready: nothing waits on a worker still starting); the calls it relayed are reaped by the other workers when its lease
   expires, as a dead replica's are. One that keeps dying right after its start is started
   again after a growing pause (up to ``MAX_BACKOFF_S``); one that exits 2 on its first start
   (bad settings: the same for all) stops the whole bridge with that code.
@@ -58,8 +60,8 @@ def _family(host: str) -> socket.AddressFamily:
 
 
 def public_sockets(host: str, port: int, n: int) -> list[socket.socket]:
-    """``n`` listening sockets on ``host:port`` sharing it (``SO_REUSEPORT``); port 0 takes a
-    free port for all. Raises OSError when the port is another program's."""
+    """``n`` sockets bound to ``host:port`` sharing it (``SO_REUSEPORT``); port 0 takes a free
+    port for all. Raises OSError when the port is another program's."""
     made: list[socket.socket] = []
     try:
         for _ in range(n):
@@ -69,7 +71,9 @@ def public_sockets(host: str, port: int, n: int) -> list[socket.socket]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
             port = sock.getsockname()[1]
-            sock.listen(2048)
+            # not listening yet: the worker's server listens once its start-up is complete, so
+            # no connection waits in the queue of a worker still starting (once listening, the
+            # socket stays so here: a restarted worker takes over what queued meanwhile)
             sock.set_inheritable(True)
     except OSError:
         for sock in made:
@@ -106,7 +110,9 @@ def plan_workers(settings: Settings, n: int) -> list[Worker]:
     """Bind every socket the workers will serve on (raises OSError, naming nothing: the caller
     says which port). A worker's private address: ``replica_url``'s host with its port + K - 1
     when ``replica_url`` is set (the other machines' replicas reach each worker there), else a
-    free port on ``host`` (this machine's address for a wildcard host)."""
+    free port on ``host`` (this machine's address for a wildcard host). When ``replica_url``'s
+    port is the public port (a pod's ``http://POD_IP:8080``), the workers take the ports after it
+    (8081, 8082...)."""
     publics = public_sockets(settings.host, settings.port, n)
     workers = []
     try:
@@ -114,8 +120,9 @@ def plan_workers(settings: Settings, n: int) -> list[Worker]:
             if settings.replica_url:
                 parts = urlsplit(settings.replica_url)
                 base_port = parts.port or (443 if parts.scheme == "https" else 80)
-                private = private_socket(settings.host, base_port + k - 1)
-                address = f"{parts.scheme}://{parts.hostname}:{base_port + k - 1}"
+                port = base_port + k - (0 if base_port == settings.port else 1)  # (never the public port itself)
+                private = private_socket(settings.host, port)
+                address = f"{parts.scheme}://{parts.hostname}:{port}"
             else:
                 private = private_socket(settings.host, 0)
                 address = settings.model_copy(update={"port": private.getsockname()[1]}).replica_base
