@@ -100,6 +100,11 @@ def test_a_message_in_many_fragments_holds_its_payload_and_nothing_per_fragment(
         (frame(OP_BINARY, b"x" * 2000), 1009),  # over max_message
         (frame(OP_BINARY, b"x" * 600, fin=False) + frame(OP_CONTINUATION, b"x" * 600), 1009),
     ],
+    ids=[  # (the frames' masks are random: named ids, the same in every process that collects them)
+        "unmasked", "rsv", "reserved-opcode", "long-control", "fragmented-control", "lone-continuation",
+        "message-in-message", "text-not-utf8", "close-1-byte", "close-1006", "close-reason-not-utf8",
+        "too-big", "too-big-in-fragments",
+    ],
 )
 def test_protocol_violations_raise_with_the_close_code_to_send(data, code):
     with pytest.raises(WsProtocolError) as e:
