@@ -30,6 +30,7 @@ from bridge.store import ControlChannel, SqlCallStore
 from bridge.store.control import WorkerGroup
 from bridge.store.schema import calls, instances
 
+from .replicas import read_record
 from .conftest import AUTH_TOKEN, api_client, best_correlation, caller_audio, until
 from .test_drain import Replica, fake_twilio  # noqa: F401 - the fixture
 from .test_listen import _channel, _listen
@@ -225,7 +226,7 @@ async def test_two_workers_on_one_port_are_one_bridge(tmp_path, fake_twilio, dat
 
         await until(reaped, timeout=20, interval=0.2)
         for call_id in doomed:
-            record = await _record(database_url, tmp_path, call_id)
+            record = await read_record(database_url, tmp_path, call_id)
             assert record.disconnection_reason.value == "error_unknown" and "lease expired" in record.error_detail, record.error_detail
         assert (await httpx.AsyncClient().get(f"{bridge.base_url}/livez")).status_code == 200
 
@@ -250,14 +251,6 @@ def _stop(bridge: Replica) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(child), signal.SIGKILL)
     bridge.stop()
-
-
-async def _record(database_url: str, tmp_path, call_id: str):
-    store = await SqlCallStore.open(database_url, "reader", tmp_path)
-    try:
-        return await store.get(call_id)
-    finally:
-        await store.close()
 
 
 async def _count_instances(database_url, tmp_path, n: int) -> bool:
