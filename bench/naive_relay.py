@@ -1,5 +1,6 @@
 """The baseline: a minimal Twilio <-> agent relay written the way Twilio's public sample does it
-(FastAPI websocket, ``json`` and ``base64`` per frame, no conversion, no records). The load
+(FastAPI websocket, ``json`` and ``base64`` per frame, no conversion, no records; its voice
+webhook ``/incoming-call`` answers the sample's TwiML). The load
 harness measures it side by side with the bridge. Not part of the product.
 
     python -m bench.naive_relay PORT AGENT_URL_TEMPLATE
@@ -12,10 +13,23 @@ import sys
 
 import uvicorn
 import websockets
-from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import HTMLResponse
+from twilio.twiml.voice_response import VoiceResponse
 
 app = FastAPI()
 AGENT_URL = "ws://127.0.0.1:9/{call_id}"
+
+
+@app.post("/incoming-call")
+async def incoming_call(request: Request):
+    """The voice webhook as the sample writes it: ``<Connect><Stream>`` TwiML built with the
+    ``twilio`` package, no signature check, no record (the call id is Twilio's CallSid)."""
+    form = await request.form()
+    response = VoiceResponse()
+    stream = response.connect().stream(url=f"ws://{request.url.netloc}/media")
+    stream.parameter(name="call_id", value=form.get("CallSid", "unknown"))
+    return HTMLResponse(str(response), media_type="application/xml")
 
 
 @app.websocket("/media")

@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import random
 import secrets
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 import orjson
-from sqlalchemy import and_, delete, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy import event as sql_event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..models import CallRecord, CallStatus, DisconnectionReason, now_ms
-from .schema import calls, database_url, instances, make_engine, migrate, outbox
+from .schema import calls, database_url, instances, make_engine, make_sync_engine, migrate, outbox
 
 RETRIES = 20
 STREAM_ROWS = 50  # rows fetched at a time when a page is streamed from the database
+REMEMBERED_ROWS = 4096  # live calls whose last written row this process keeps (``_rows``)
 
 
 def _columns(record: CallRecord) -> dict[str, Any]:
@@ -57,6 +61,15 @@ _SUMMARY = (
 SUMMARY_FIELDS = tuple(str(column.key) for column in _SUMMARY)  # (plain str: SQLAlchemy's names are a subclass)
 
 
+#: The statements of a call's set-up, built once (SQLAlchemy then only binds their parameters)
+INSERT_CALL = insert(calls)
+SELECT_ROW = select(calls.c.record, calls.c.version, calls.c.instance_id).where(calls.c.call_id == bindparam("key_call_id"))
+SELECT_BY_TWILIO_SID = select(calls.c.record).where(calls.c.twilio_call_sid == bindparam("key_sid")).limit(1)
+#: compare-and-set on the row's version; the columns set are the parameters' other keys
+UPDATE_CALL = update(calls).where(calls.c.call_id == bindparam("key_call_id"), calls.c.version == bindparam("key_version"))
+UPDATE_CALL_OF_OWNER = UPDATE_CALL.where(calls.c.instance_id == bindparam("key_instance_id"))
+
+
 def encode_cursor(sort_key: int, call_id: str) -> str:
     return base64.urlsafe_b64encode(f"{sort_key}:{call_id}".encode()).decode().rstrip("=")
 
@@ -83,6 +96,19 @@ class SqlCallStore:
         #: changes of one call in this process go one at a time (compare-and-set then only
         #: retries for other processes' changes): call id -> (lock, changes holding or awaiting it)
         self._changing: dict[str, list] = {}
+        #: SQLite: every write, and the reads a call's set-up waits on, run as one function each
+        #: on one thread of this process, with SQLAlchemy's synchronous engine (one hand-over
+        #: per transaction instead of aiosqlite's three or four per statement; this process's
+        #: writers never meet on SQLite's lock, whose busy handler sleeps 1-100 ms at a time;
+        #: other processes, the workers, still meet there). PostgreSQL: the same functions, on
+        #: the asyncio engine (``run_sync``)
+        self._sync_engine = make_sync_engine(engine)
+        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite") if self._sync_engine is not None else None
+        #: the rows this process wrote last, of live calls: ``call_id -> (version, instance_id,
+        #: record as JSON)``, so a change of a call this process registered or changed needs no
+        #: read first (the compare-and-set on the version still decides: a row another process
+        #: changed meanwhile is read again). Bounded; a call leaves it when it ends
+        self._rows: OrderedDict[str, tuple[int, str, dict]] = OrderedDict()
 
     @classmethod
     async def open(cls, url: str | None, instance_id: str, data_dir=None, workers: int = 1) -> SqlCallStore:
@@ -93,7 +119,43 @@ class SqlCallStore:
         return cls(engine, instance_id, workers)
 
     async def close(self) -> None:
+        if self._db_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(self._db_thread, self._sync_engine.dispose)
+            self._db_thread.shutdown(wait=False)
         await self.engine.dispose()
+
+    async def _write(self, transaction):
+        """``transaction(connection)`` (synchronous SQLAlchemy) in one database transaction,
+        committed if it returns, rolled back if it raises: its result."""
+        if self._db_thread is None:
+            async with self.engine.begin() as conn:
+                return await conn.run_sync(transaction)
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, self._sync_write, transaction)
+
+    def _sync_write(self, transaction):
+        with self._sync_engine.begin() as conn:
+            return transaction(conn)
+
+    async def _read(self, query):
+        """``query(connection)`` (synchronous SQLAlchemy), reading: its result."""
+        if self._db_thread is None:
+            async with self.engine.connect() as conn:
+                return await conn.run_sync(query)
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, self._sync_read, query)
+
+    def _sync_read(self, query):
+        with self._sync_engine.connect() as conn:
+            return query(conn)
+
+    def _remember(self, call_id: str, version: int, instance_id: str, record: dict, status: str) -> None:
+        rows = self._rows
+        if status in (CallStatus.ended.value, CallStatus.error.value):
+            rows.pop(call_id, None)
+            return
+        rows[call_id] = (version, instance_id, record)
+        rows.move_to_end(call_id)
+        if len(rows) > REMEMBERED_ROWS:
+            rows.popitem(last=False)
 
     # --- instances ---------------------------------------------------------------------------
 
@@ -105,29 +167,26 @@ class SqlCallStore:
         ``fingerprint`` of this process's shared secrets and its ``address`` (how the other
         replicas reach it) are kept with the claim."""
         now = now_ms()
-        async with self.engine.begin() as conn:
-            row = (await conn.execute(select(instances).where(instances.c.instance_id == self.instance_id))).first()
-            if row is not None:
-                if row.claim not in (None, self.claim_token) and now - row.heartbeat_at < lease_ms:
-                    return (now - row.heartbeat_at) / 1000
-                done = await conn.execute(
-                    update(instances)
-                    .where(instances.c.instance_id == self.instance_id, instances.c.heartbeat_at == row.heartbeat_at)
-                    .values(started_at=now, heartbeat_at=now, claim=self.claim_token, fingerprint=fingerprint, address=address)
-                )
-                return None if done.rowcount == 1 else 0.0
+        fields = dict(started_at=now, heartbeat_at=now, claim=self.claim_token, fingerprint=fingerprint, address=address)
+
+        def take_over(conn) -> float | None | bool:
+            row = conn.execute(select(instances).where(instances.c.instance_id == self.instance_id)).first()
+            if row is None:
+                return False
+            if row.claim not in (None, self.claim_token) and now - row.heartbeat_at < lease_ms:
+                return (now - row.heartbeat_at) / 1000
+            done = conn.execute(
+                update(instances)
+                .where(instances.c.instance_id == self.instance_id, instances.c.heartbeat_at == row.heartbeat_at)
+                .values(**fields)
+            )
+            return None if done.rowcount == 1 else 0.0
+
+        taken = await self._write(take_over)
+        if taken is not False:
+            return taken
         try:
-            async with self.engine.begin() as conn:
-                await conn.execute(
-                    insert(instances).values(
-                        instance_id=self.instance_id,
-                        started_at=now,
-                        heartbeat_at=now,
-                        claim=self.claim_token,
-                        fingerprint=fingerprint,
-                        address=address,
-                    )
-                )
+            await self._write(lambda conn: conn.execute(insert(instances).values(instance_id=self.instance_id, **fields)))
         except IntegrityError:  # another process inserted it first
             return 0.0
         return None
@@ -198,22 +257,21 @@ class SqlCallStore:
 
     async def heartbeat(self) -> bool:
         """Renew this process's claim; False if another process has taken the id over."""
-        async with self.engine.begin() as conn:
-            done = await conn.execute(
-                update(instances)
-                .where(instances.c.instance_id == self.instance_id, instances.c.claim == self.claim_token)
-                .values(heartbeat_at=now_ms())
-            )
-            return done.rowcount == 1
+        statement = (
+            update(instances)
+            .where(instances.c.instance_id == self.instance_id, instances.c.claim == self.claim_token)
+            .values(heartbeat_at=now_ms())
+        )
+        return await self._write(lambda conn: conn.execute(statement).rowcount == 1)
 
     async def release(self) -> None:
         """Give the id up (a graceful stop): the next process may claim it at once."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(instances)
-                .where(instances.c.instance_id == self.instance_id, instances.c.claim == self.claim_token)
-                .values(claim=None)
-            )
+        statement = (
+            update(instances)
+            .where(instances.c.instance_id == self.instance_id, instances.c.claim == self.claim_token)
+            .values(claim=None)
+        )
+        await self._write(lambda conn: conn.execute(statement))
 
     async def recover(self, reason: DisconnectionReason, detail: str) -> list[CallRecord]:
         """End the calls this instance was relaying when it stopped (it died with them). Calls
@@ -289,17 +347,13 @@ class SqlCallStore:
             "FROM now WHERE dial_slots.name = :name AND GREATEST(dial_slots.next_slot_us, now.us) - now.us <= :max_wait "
             "RETURNING dial_slots.next_slot_us - :interval - (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS wait_us"
         )
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                text("INSERT INTO dial_slots (name, next_slot_us) VALUES (:name, 0) ON CONFLICT DO NOTHING"),
-                {"name": name},
-            )
-            row = (
-                await conn.execute(
-                    statement, {"name": name, "interval": interval_us, "max_wait": max_wait_us}
-                )
-            ).first()
+        row = await self._write(lambda conn: self._slot(conn, name, statement, interval=interval_us, max_wait=max_wait_us))
         return None if row is None else max(0, row.wait_us) / 1e6
+
+    @staticmethod
+    def _slot(conn, name: str, statement, **parameters):
+        conn.execute(text("INSERT INTO dial_slots (name, next_slot_us) VALUES (:name, 0) ON CONFLICT DO NOTHING"), {"name": name})
+        return conn.execute(statement, {"name": name, **parameters}).first()
 
     async def _take_local_slot(self, name: str, interval_us: int, max_wait_us: int) -> float | None:
         """``take_slot`` on SQLite: one UPDATE (SQLite runs it under the database's write lock,
@@ -310,18 +364,16 @@ class SqlCallStore:
             "WHERE name = :name AND MAX(next_slot_us, :now) - :now <= :max_wait "
             "RETURNING next_slot_us - :interval - :now AS wait_us"
         )
-        async with self.engine.begin() as conn:
-            await conn.execute(text("INSERT INTO dial_slots (name, next_slot_us) VALUES (:name, 0) ON CONFLICT DO NOTHING"), {"name": name})
-            row = (await conn.execute(statement, {"name": name, "interval": interval_us, "max_wait": max_wait_us, "now": now_us})).first()
+        row = await self._write(lambda conn: self._slot(conn, name, statement, interval=interval_us, max_wait=max_wait_us, now=now_us))
         return None if row is None else max(0, row.wait_us) / 1e6
 
     # --- calls -------------------------------------------------------------------------------
 
     async def create(self, record: CallRecord) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                insert(calls).values(call_id=record.call_id, instance_id=self.instance_id, version=1, **_columns(record))
-            )
+        columns = _columns(record)
+        values = {"call_id": record.call_id, "instance_id": self.instance_id, "version": 1, **columns}
+        await self._write(lambda conn: conn.execute(INSERT_CALL, values))
+        self._remember(record.call_id, 1, self.instance_id, columns["record"], columns["call_status"])
 
     def time_statements(self, observe) -> None:
         """Call ``observe(kind, seconds)`` for every statement the database runs (``kind``:
@@ -342,9 +394,10 @@ class SqlCallStore:
             if cursor is not None:
                 timings.pop(id(cursor), None)
 
-        sql_event.listen(self.engine.sync_engine, "before_cursor_execute", before)
-        sql_event.listen(self.engine.sync_engine, "after_cursor_execute", after)
-        sql_event.listen(self.engine.sync_engine, "handle_error", failed)
+        for engine in filter(None, (self.engine.sync_engine, self._sync_engine)):
+            sql_event.listen(engine, "before_cursor_execute", before)
+            sql_event.listen(engine, "after_cursor_execute", after)
+            sql_event.listen(engine, "handle_error", failed)
 
     async def ping(self) -> None:
         """One round trip to the database (readiness): raises if it does not answer."""
@@ -370,11 +423,7 @@ class SqlCallStore:
         return CallRecord.model_validate(row.record) if row else None
 
     async def _row(self, call_id: str):
-        async with self.engine.connect() as conn:
-            result = await conn.execute(
-                select(calls.c.record, calls.c.version, calls.c.instance_id).where(calls.c.call_id == call_id)
-            )
-            return result.first()
+        return await self._read(lambda conn: conn.execute(SELECT_ROW, {"key_call_id": call_id}).first())
 
     async def _change(self, call_id: str, make, take_ownership: bool = False, events=(), owner: str | None = None) -> CallRecord | None:
         """Apply ``make(record) -> new record | None`` as a compare-and-set on the row version.
@@ -393,29 +442,45 @@ class SqlCallStore:
                 del self._changing[call_id]
 
     async def _change_now(self, call_id: str, make, take_ownership: bool, events, owner: str | None) -> CallRecord | None:
+        remembered = self._rows.get(call_id)
         for attempt in range(RETRIES):
-            if attempt:  # another process changed it in between: back off a random while, so two
-                # processes changing one call at a steady rate do not keep colliding
+            if attempt > 1 or (attempt and remembered is None):  # another process changed it in
+                # between: back off a random while, so two processes changing one call at a
+                # steady rate do not keep colliding (not after a remembered row was stale)
                 await asyncio.sleep(random.uniform(0, 0.001 * 2 ** min(attempt, 7)))
-            row = await self._row(call_id)
-            if row is None or (owner is not None and row.instance_id != owner):
-                return None
-            new = make(CallRecord.model_validate(row.record))
+            if attempt == 0 and remembered is not None:
+                version, instance_id, record = remembered
+            else:
+                row = await self._row(call_id)
+                if row is None:
+                    self._rows.pop(call_id, None)
+                    return None
+                version, instance_id, record = row.version, row.instance_id, row.record
+            new = None if owner is not None and instance_id != owner else make(CallRecord.model_validate(record))
             if new is None:
+                if attempt == 0 and remembered is not None:  # (a refusal is only ever the database's)
+                    self._rows.pop(call_id, None)
+                    continue
                 return None
-            values = {**_columns(new), "version": row.version + 1}
+            values = {**_columns(new), "version": version + 1, "key_call_id": call_id, "key_version": version}
             if take_ownership:
-                values["instance_id"] = self.instance_id
-            condition = [calls.c.call_id == call_id, calls.c.version == row.version]
+                values["instance_id"] = instance_id = self.instance_id
+            jobs = events(new) if events else ()
             if owner is not None:  # e.g. recovery: only while the call is still this instance's
-                condition.append(calls.c.instance_id == owner)
-            async with self.engine.begin() as conn:
-                done = await conn.execute(update(calls).where(*condition).values(**values))
-                if done.rowcount == 1 and events:
-                    await self._enqueue(conn, new, events(new))
-            if done.rowcount == 1:
+                values["key_instance_id"] = owner
+            statement = UPDATE_CALL_OF_OWNER if owner is not None else UPDATE_CALL
+            if await self._write(functools.partial(self._update, statement=statement, values=values, record=new, jobs=jobs)):
+                self._remember(call_id, version + 1, instance_id, values["record"], values["call_status"])
                 return new
+            self._rows.pop(call_id, None)
         raise RuntimeError(f"call {call_id} kept changing under {RETRIES} attempts to update it")
+
+    def _update(self, conn, *, statement, values: dict, record: CallRecord, jobs) -> bool:
+        """The compare-and-set of ``_change_now`` and its webhook jobs, in one transaction."""
+        if conn.execute(statement, values).rowcount != 1:
+            return False
+        self._enqueue(conn, record, jobs)
+        return True
 
     async def update(self, call_id: str, **fields: Any) -> CallRecord | None:
         return await self._change(call_id, lambda r: r.model_copy(update=fields))
@@ -461,11 +526,12 @@ class SqlCallStore:
         targets = self.webhook_targets
         return (lambda record: targets(event, record)) if targets else ()
 
-    async def _enqueue(self, conn, record: CallRecord, jobs) -> None:
+    @staticmethod
+    def _enqueue(conn, record: CallRecord, jobs) -> None:
         now = now_ms()
         for event, url in jobs:
             payload = {"event": event, "call": record.public()} if event.startswith("call_") else None
-            await conn.execute(
+            conn.execute(
                 insert(outbox).values(
                     call_id=record.call_id, event=event, url=url, payload=payload, created_at=now,
                     attempts=0, next_attempt_at=now,
@@ -473,8 +539,8 @@ class SqlCallStore:
             )  # fmt: skip
 
     async def enqueue(self, record: CallRecord, jobs) -> None:
-        async with self.engine.begin() as conn:
-            await self._enqueue(conn, record, jobs)
+        jobs = list(jobs)
+        await self._write(lambda conn: self._enqueue(conn, record, jobs))
 
     async def claim_due(self, lease_ms: int, limit: int = 20) -> list[dict]:
         """Due outbox jobs, each leased to this caller for ``lease_ms`` (another instance or task
@@ -496,13 +562,12 @@ class SqlCallStore:
             )
         claimed = []
         for row in rows:
-            async with self.engine.begin() as conn:
-                done = await conn.execute(
-                    update(outbox)
-                    .where(outbox.c.id == row.id, outbox.c.next_attempt_at == row.next_attempt_at)
-                    .values(next_attempt_at=now + lease_ms, leased_by=self.instance_id)
-                )
-            if done.rowcount == 1:
+            statement = (
+                update(outbox)
+                .where(outbox.c.id == row.id, outbox.c.next_attempt_at == row.next_attempt_at)
+                .values(next_attempt_at=now + lease_ms, leased_by=self.instance_id)
+            )
+            if await self._write(lambda conn, statement=statement: conn.execute(statement).rowcount == 1):
                 claimed.append(dict(row._mapping))
         return claimed
 
@@ -512,26 +577,21 @@ class SqlCallStore:
         return and_(outbox.c.id == job_id, outbox.c.leased_by == self.instance_id, outbox.c.delivered_at.is_(None))
 
     async def job_done(self, job_id: int) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(outbox).where(self._mine(job_id)).values(delivered_at=now_ms(), next_attempt_at=None, leased_by=None)
-            )
+        statement = update(outbox).where(self._mine(job_id)).values(delivered_at=now_ms(), next_attempt_at=None, leased_by=None)
+        await self._write(lambda conn: conn.execute(statement))
 
     async def job_failed(self, job_id: int, attempts: int, retry_at: int | None, error: str) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(outbox)
-                .where(self._mine(job_id))
-                .values(attempts=attempts, next_attempt_at=retry_at, last_error=error[:500], leased_by=None)
-            )
+        statement = (
+            update(outbox)
+            .where(self._mine(job_id))
+            .values(attempts=attempts, next_attempt_at=retry_at, last_error=error[:500], leased_by=None)
+        )
+        await self._write(lambda conn: conn.execute(statement))
 
     async def purge_outbox(self, older_than_ms: int) -> int:
         """Delete delivered or abandoned webhook jobs older than the given time."""
-        async with self.engine.begin() as conn:
-            done = await conn.execute(
-                delete(outbox).where(outbox.c.next_attempt_at.is_(None), outbox.c.created_at < older_than_ms)
-            )
-            return done.rowcount
+        statement = delete(outbox).where(outbox.c.next_attempt_at.is_(None), outbox.c.created_at < older_than_ms)
+        return await self._write(lambda conn: conn.execute(statement).rowcount)
 
     async def add_note(self, call_id: str, text: str, cap: int) -> CallRecord | None:
         """Add ``text`` to the call's notes unless it has ``cap`` already (checked in the same
@@ -550,20 +610,17 @@ class SqlCallStore:
         gone = select(instances.c.instance_id).where(
             instances.c.instance_id != self.instance_id, or_(instances.c.heartbeat_at < stale, instances.c.claim.is_(None))
         )
-        async with self.engine.begin() as conn:
-            done = await conn.execute(
-                update(outbox)
-                .where(outbox.c.leased_by.in_(gone), outbox.c.next_attempt_at.is_not(None))
-                .values(next_attempt_at=now_ms(), leased_by=None)
-            )
-            return done.rowcount or 0
+        statement = (
+            update(outbox)
+            .where(outbox.c.leased_by.in_(gone), outbox.c.next_attempt_at.is_not(None))
+            .values(next_attempt_at=now_ms(), leased_by=None)
+        )
+        return await self._write(lambda conn: conn.execute(statement).rowcount or 0)
 
     async def release_leases(self) -> None:
         """After a restart: the jobs this instance was delivering when it died are due again."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(outbox).where(outbox.c.leased_by == self.instance_id).values(next_attempt_at=now_ms(), leased_by=None)
-            )
+        statement = update(outbox).where(outbox.c.leased_by == self.instance_id).values(next_attempt_at=now_ms(), leased_by=None)
+        await self._write(lambda conn: conn.execute(statement))
 
     async def jobs(self, call_id: str | None = None) -> list[dict]:
         query = select(outbox).order_by(outbox.c.id)
@@ -574,8 +631,7 @@ class SqlCallStore:
 
     async def by_twilio_sid(self, call_sid: str) -> CallRecord | None:
         """The call registered for a Twilio CallSid, if any."""
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(select(calls.c.record).where(calls.c.twilio_call_sid == call_sid).limit(1))).first()
+        row = await self._read(lambda conn: conn.execute(SELECT_BY_TWILIO_SID, {"key_sid": call_sid}).first())
         return CallRecord.model_validate(row.record) if row else None
 
     async def registered_before(self, timestamp_ms: int, limit: int = 500) -> list[CallRecord]:
@@ -592,9 +648,9 @@ class SqlCallStore:
             return [CallRecord.model_validate(row.record) for row in rows]
 
     async def delete(self, call_id: str) -> bool:
-        async with self.engine.begin() as conn:
-            done = await conn.execute(delete(calls).where(calls.c.call_id == call_id))
-            return done.rowcount == 1
+        self._rows.pop(call_id, None)
+        statement = delete(calls).where(calls.c.call_id == call_id)
+        return await self._write(lambda conn: conn.execute(statement).rowcount == 1)
 
     async def list(
         self,

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import time
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, MetaData, String, Table, event, text
+from sqlalchemy import JSON, BigInteger, Column, Engine, Index, Integer, MetaData, String, Table, create_engine, event, text
+from sqlalchemy import exc
+from sqlalchemy.pool import SingletonThreadPool
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..models import MAX_PARTY_CHARS
@@ -97,26 +100,71 @@ def database_url(url: str | None, data_dir: Path) -> str:
     return url
 
 
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
 def make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, connect_args={"timeout": 30})
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_connection, _record):
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.close()
-
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     # a database that does not answer costs a request seconds, not asyncpg's default minute
-    return create_async_engine(
-        url, pool_size=10, max_overflow=20, pool_pre_ping=True, connect_args={"timeout": 5, "command_timeout": 30}
-    )
+    engine = create_async_engine(url, pool_size=10, max_overflow=20, connect_args={"timeout": 5, "command_timeout": 30})
+    _ping_idle_connections(engine)
+    return engine
+
+
+#: a pooled connection unused for longer is pinged before it is used (see ``_ping_idle_connections``)
+PING_AFTER_IDLE_S = 1.0
+
+
+def _ping_idle_connections(engine: AsyncEngine) -> None:
+    """SQLAlchemy's ``pool_pre_ping``, for connections that sat idle: a database restarted or
+    a connection cut while idle is found before a request uses it (the pool is invalidated and
+    reconnects), but a connection in steady use (a burst of calls, every statement of a call's
+    set-up) is not pinged each time: that ping was a round trip per statement, two thirds of
+    the CPU a statement costs on asyncpg. A connection cut while in use fails its statement as
+    before (``STORE_UNAVAILABLE``), and the pool is invalidated then."""
+    pool_events = engine.sync_engine
+
+    @event.listens_for(pool_events, "checkin")
+    def _idle_since(_dbapi_connection, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(pool_events, "checkout")
+    def _ping_if_idle(dbapi_connection, record, _proxy) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_S:
+            return  # (a new connection, or one in use a moment ago)
+        try:
+            ok = engine.dialect.do_ping(dbapi_connection)
+        except Exception:  # noqa: BLE001 (any failure: a new connection is taken)
+            ok = False
+        if not ok:
+            raise exc.InvalidatePoolError("an idle pooled connection did not answer a ping")
+
+
+def make_sync_engine(engine: AsyncEngine) -> Engine | None:
+    """For a SQLite file: a synchronous engine on the same file (the standard library's
+    ``sqlite3``), for one thread of the process to run whole transactions on (see
+    ``SqlCallStore``). None for PostgreSQL or an in-memory database."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return None
+    sync = create_engine(
+        engine.url.set(drivername="sqlite"), poolclass=SingletonThreadPool,
+        connect_args={"timeout": 30, "check_same_thread": False},
+    )  # fmt: skip
+    event.listen(sync, "connect", _sqlite_pragmas)
+    return sync
 
 
 def _upgrade(sync_connection) -> None:

@@ -216,6 +216,28 @@ async def test_recovery_leaves_a_call_another_instance_took_over(database_url):
     await b.close()
 
 
+async def test_a_row_this_process_wrote_last_is_never_trusted_over_the_database(database_url):
+    """A store skips the read before changing a call it wrote last; another process's change in
+    between must win: no refusal on the stale row (owner, status), no update lost."""
+    a = await SqlCallStore.open(database_url, "instance-a")
+    b = await SqlCallStore.open(database_url, "instance-b")
+    await a.create(record("c1", notes=[]))  # a wrote it last: registered, owned by a
+    await b.start("c1")  # b took it over (ongoing, b's)
+    # a reaps b's call: its own memory says "registered, a's", the database says "ongoing, b's"
+    ended = await a.finish("c1", DisconnectionReason.error_unknown, owner="instance-b", error_detail="reaped")
+    assert ended is not None and ended.call_status is CallStatus.error
+    await a.create(record("c2", notes=[]))
+    await b.add_note("c2", "from b", cap=10)
+    await a.add_note("c2", "from a", cap=10)  # a's remembered row is one version old
+    assert sorted((await b.get("c2")).notes) == ["from a", "from b"]
+    await a.create(record("c3"))
+    await b.finish("c3", DisconnectionReason.user_hangup)
+    assert await a.start("c3") is None  # ended elsewhere: never started from a's memory
+    assert (await a.get("c3")).call_status is CallStatus.ended
+    await a.close()
+    await b.close()
+
+
 async def test_replicas_starting_together_migrate_one_at_a_time(database_url):
     stores = await asyncio.gather(*(SqlCallStore.open(database_url, f"instance-{i}") for i in range(6)))
     await stores[0].create(record("c1"))
@@ -292,5 +314,34 @@ async def test_timed_statements_raise_their_own_errors(database_url, tmp_path):
             except asyncio.CancelledError:
                 cancelled += 1
         assert cancelled > 0  # (the others had finished: no other error came out)
+    finally:
+        await store.close()
+
+
+async def test_a_pooled_connection_dropped_while_idle_is_replaced_before_it_is_used(database_url, monkeypatch):
+    """Pooled PostgreSQL connections are pinged only after sitting idle (not before every
+    statement): one the server dropped meanwhile (a restart, an idle timeout, a proxy) is
+    replaced, and the store's caller never sees it."""
+    if not database_url.startswith("postgres"):
+        pytest.skip("a PostgreSQL connection pool (SQLite opens a file)")
+    import asyncpg
+
+    from bridge.store import schema
+
+    monkeypatch.setattr(schema, "PING_AFTER_IDLE_S", 0.2)
+    store = await SqlCallStore.open(database_url, "instance-a")
+    try:
+        await asyncio.gather(*(store.create(record(f"c{i}")) for i in range(5)))  # a few pooled connections
+        admin = await asyncpg.connect(database_url)
+        try:
+            dropped = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        assert dropped >= 1
+        await asyncio.sleep(0.4)
+        assert [r.call_id for r in await asyncio.gather(*(store.get(f"c{i}") for i in range(5)))] == [f"c{i}" for i in range(5)]
+        assert await store.start("c0") is not None
     finally:
         await store.close()
