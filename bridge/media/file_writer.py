@@ -17,25 +17,42 @@ log = logging.getLogger(__name__)
 
 class BackgroundFile:
     """A binary file whose ``write`` / ``seek`` / ``flush`` / ``close`` run on the writer
-    thread, in the order they were called. Opening is immediate (its errors surface here)."""
+    thread, in the order they were called. Opening is immediate (its errors surface here).
+    Consecutive writes are gathered here up to ``BUFFER_BYTES`` and handed over as one: a hand
+    over wakes the writer thread, which then takes the interpreter's lock from the event loop,
+    and a recording writes every 20 ms frame (this was a tenth of the loop's time at 24 kHz)."""
+
+    #: at most this much of a call's recording waits here (~85 ms of 24 kHz stereo audio)
+    BUFFER_BYTES = 8192
 
     def __init__(self, writer: FileWriter, path, mode: str):
         self._file = open(path, mode)  # noqa: SIM115 - closed by close()
         self._writer = writer
+        self._pending = bytearray()
         self.closed = False
 
     def write(self, data: bytes) -> None:
-        self._writer.submit(self._file.write, data)
+        self._pending += data
+        if len(self._pending) >= self.BUFFER_BYTES:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._pending:
+            self._writer.submit(self._file.write, bytes(self._pending))
+            self._pending.clear()
 
     def seek(self, offset: int, whence: int = 0) -> None:
+        self._hand_over()
         self._writer.submit(self._file.seek, offset, whence)
 
     def flush(self) -> None:
+        self._hand_over()
         self._writer.submit(self._file.flush)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self._hand_over()
             self._writer.submit(self._file.close)
 
 

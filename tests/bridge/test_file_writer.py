@@ -57,3 +57,25 @@ async def test_a_failing_write_is_logged_and_other_files_go_on(tmp_path, caplog)
 
 def test_a_barrier_before_any_write_is_done_at_once():
     assert FileWriter().barrier().done()
+
+
+def test_small_writes_are_handed_over_together_and_none_is_lost(tmp_path):
+    """Frames of 20 ms are gathered into one hand-over to the thread; a seek, a flush or the
+    close hands over what waits first, so the file is the same as one written directly."""
+    writer = FileWriter()
+    background = writer.open(tmp_path / "queued.bin")
+    handed = []
+    submit = writer.submit
+    writer.submit = lambda fn, *args: (handed.append(fn.__name__), submit(fn, *args))
+    frames = [bytes([i]) * 640 for i in range(40)]  # 20 ms of 8 kHz stereo each
+    for frame in frames[:30]:
+        background.write(frame)
+    background.seek(0, 2)
+    for frame in frames[30:]:
+        background.write(frame)
+    background.close()
+    writer.barrier().result(5)
+    assert (tmp_path / "queued.bin").read_bytes() == b"".join(frames)
+    assert handed.count("write") <= 4, handed  # (not one per frame)
+    assert handed[-1] == "close"
+    writer.stop()
