@@ -29,7 +29,8 @@ from .schema import calls, database_url, instances, make_engine, make_sync_engin
 
 RETRIES = 20
 STREAM_ROWS = 50  # rows fetched at a time when a page is streamed from the database
-REMEMBERED_ROWS = 4096  # live calls whose last written row this process keeps (``_rows``)
+REMEMBERED_ROWS = 1024  # live calls whose last written row this process keeps (``_rows``)
+REMEMBERED_ROW_BYTES = 16 * 1024  # ... if its record is no larger (memory stays under 16 MiB)
 
 
 def _columns(record: CallRecord) -> dict[str, Any]:
@@ -149,8 +150,8 @@ class SqlCallStore:
 
     def _remember(self, call_id: str, version: int, instance_id: str, record: dict, status: str) -> None:
         rows = self._rows
-        if status in (CallStatus.ended.value, CallStatus.error.value):
-            rows.pop(call_id, None)
+        if status in (CallStatus.ended.value, CallStatus.error.value) or len(orjson.dumps(record)) > REMEMBERED_ROW_BYTES:
+            rows.pop(call_id, None)  # (an ended call changes rarely; a large record is read again)
             return
         rows[call_id] = (version, instance_id, record)
         rows.move_to_end(call_id)

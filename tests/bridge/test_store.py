@@ -345,3 +345,17 @@ async def test_a_pooled_connection_dropped_while_idle_is_replaced_before_it_is_u
         assert await store.start("c0") is not None
     finally:
         await store.close()
+
+
+async def test_the_rows_a_store_remembers_are_bounded_in_number_and_size(store, monkeypatch):
+    from bridge.store import call_store
+
+    monkeypatch.setattr(call_store, "REMEMBERED_ROWS", 3)
+    for i in range(5):
+        await store.create(record(f"c{i}"))
+    assert list(store._rows) == ["c2", "c3", "c4"]  # the newest only
+    await store.create(record("big", metadata={"blob": "x" * (call_store.REMEMBERED_ROW_BYTES + 1)}))
+    assert "big" not in store._rows  # read again when it changes, never held
+    assert (await store.start("big")).call_status is CallStatus.ongoing
+    await store.finish("c4", DisconnectionReason.user_hangup)
+    assert "c4" not in store._rows  # an ended call is forgotten
