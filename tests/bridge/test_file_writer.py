@@ -79,3 +79,21 @@ def test_small_writes_are_handed_over_together_and_none_is_lost(tmp_path):
     assert handed.count("write") <= 4, handed  # (not one per frame)
     assert handed[-1] == "close"
     writer.stop()
+
+
+def test_writes_reach_the_file_without_waking_the_thread_for_each(tmp_path):
+    """A write only queues (waking the thread per write cost the loop a futex call and the
+    interpreter's lock); the thread still finds it within its wake interval, with no barrier."""
+    import time
+
+    writer = FileWriter()
+    background = writer.open(tmp_path / "queued.bin")
+    background.write(b"x" * background.BUFFER_BYTES)
+    background.flush()
+    assert not writer._wake.is_set()
+    deadline = time.monotonic() + 5
+    while (tmp_path / "queued.bin").stat().st_size < background.BUFFER_BYTES and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (tmp_path / "queued.bin").stat().st_size == background.BUFFER_BYTES
+    writer.stop()
+    assert writer._thread is None
