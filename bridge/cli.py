@@ -45,6 +45,30 @@ def _settings(**overrides):
     return settings
 
 
+#: set for the workers of ``serve --workers N``, whose supervisor printed the start-up banner
+WORKER_BANNER_SHOWN = "BRIDGE_BANNER_SHOWN"
+
+
+def startup_banner(settings, port: int) -> str:
+    """Where the bridge listens, its dashboard and API reference, the webhook URL to paste into
+    Twilio, and what each agent gets."""
+    from .settings import describe_agent
+
+    host = settings.host
+    local_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else (f"[{host}]" if ":" in host else host))
+    local = f"http://{local_host}:{port}"
+    lines = [f"bridge listening on {host}:{port}", f"  dashboard:      {local}/dashboard/   (sign in with an API key: {settings.api_keys_origin})", f"  API reference:  {local}/docs"]
+    if settings.public_url:
+        lines.append(f"  Twilio webhook: {settings.public_url}/twilio/voice   (your number's 'A call comes in', HTTP POST)")
+    else:
+        lines.append(
+            f"  Twilio webhook: {local}/twilio/voice on this machine; for a real number set BRIDGE_PUBLIC_URL "
+            "to the https URL Twilio reaches (e.g. ngrok's) and paste that URL + /twilio/voice into the number"
+        )
+    lines += [f"  {describe_agent(agent, agent.agent_id == settings.default_agent)}" for agent in settings.agents.values()]
+    return "\n".join(lines)
+
+
 def _storage_problem(settings) -> str | None:
     """Why the data directory or the call database cannot be used, in one line, or None."""
     from sqlalchemy.engine import make_url
@@ -112,7 +136,8 @@ def serve(
         typer.secho(problem, fg="red", err=True)
         raise typer.Exit(2)
     log_config = logs.configure(settings.log_format)
-    typer.echo(f"agents: {', '.join(settings.agents)}; Twilio voice webhook: {settings.public_url or 'http://HOST'}/twilio/voice")
+    if not os.environ.get(WORKER_BANNER_SHOWN):  # (the workers of --workers N: their supervisor printed it)
+        typer.echo(startup_banner(settings, sockets[0].getsockname()[1]))
     app = create_app(settings)
     config = uvicorn.Config(app, log_level="info", log_config=log_config, timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **server_options(app))
     try:
@@ -147,7 +172,9 @@ def _supervise(settings, **options) -> None:
         if value is not None:
             env[f"BRIDGE_{name.upper()}"] = str(value)
     port = workers[0].public.getsockname()[1]
+    typer.echo(startup_banner(settings, port))
     typer.echo(f"{len(workers)} workers on {settings.host}:{port} (one process each; BRIDGE_WORKERS)")
+    env[WORKER_BANNER_SHOWN] = "1"
     raise typer.Exit(Supervisor(settings, workers, env).run())
 
 
@@ -335,7 +362,6 @@ def calls_list(
 ) -> None:
     """List calls as a table, with their turn latency."""
     from rich.console import Console
-    from rich.table import Table
 
     criteria = {}
     if agent:
@@ -344,18 +370,47 @@ def calls_list(
         criteria["call_status"] = {"op": "in", "type": "enum", "value": [status]}
     with _api(url, api_key) as client:
         page = _get(client, "POST", "/v3/list-calls", json={"limit": limit, "filter_criteria": criteria})
-    table = Table(title=f"calls ({len(page['items'])}{'+' if page['has_more'] else ''})")
-    for column in ("call id", "agent", "type", "status", "reason", "from", "to", "started", "secs", "turn latency p50"):
-        table.add_column(column, overflow="fold")
+    console = Console()
+    console.print(_calls_table(page, console.width))
+
+
+def _calls_table(page: dict, width: int):
+    """The calls as a table that fits ``width`` columns: below 120 the call id stays whole on
+    one line (it is what ``calls show`` takes) and the rest is cut to fit."""
+    import datetime as dt
+
+    from rich import box
+    from rich.table import Table
+
+    zone = dt.datetime.now().astimezone().strftime("%Z") or "local time"
+    title = f"calls ({len(page['items'])}{'+' if page['has_more'] else ''}), times {zone}"
+    wide = width >= 120
+    table = Table(title=title, box=box.SIMPLE_HEAD if wide else None, pad_edge=False, show_edge=wide, padding=(0, 1) if wide else (0, 1, 0, 0))
+    table.add_column("call id", no_wrap=True, min_width=32)
+    if wide:
+        for column in ("agent", "type", "status", "reason", "from", "to", "started"):
+            table.add_column(column, overflow="fold")
+    else:
+        table.add_column("agent", no_wrap=True, overflow="ellipsis", max_width=10)
+        table.add_column("outcome", no_wrap=True, overflow="ellipsis", max_width=14)
+        table.add_column("started", no_wrap=True, min_width=7)
+    table.add_column("secs", justify="right", no_wrap=True, min_width=5)
+    table.add_column("p50", justify="right", no_wrap=True, min_width=7)
     for c in page["items"]:
         secs = (c["end_timestamp"] - c["start_timestamp"]) / 1000 if c["start_timestamp"] and c["end_timestamp"] else None
         p50 = (c.get("e2e_latency") or {}).get("p50")
-        table.add_row(
-            c["call_id"], c["agent_id"], c["call_type"], c["call_status"], c["disconnection_reason"] or "-",
-            c.get("from_number") or "-", c.get("to_number") or "-", _when(c["start_timestamp"]),
-            "-" if secs is None else f"{secs:.1f}", "-" if p50 is None else f"{p50:.0f} ms",
-        )  # fmt: skip
-    Console().print(table)
+        tail = ("-" if secs is None else f"{secs:.1f}", "-" if p50 is None else f"{p50:.0f} ms")
+        if wide:
+            table.add_row(
+                c["call_id"], c["agent_id"], c["call_type"], c["call_status"], c["disconnection_reason"] or "-",
+                c.get("from_number") or "-", c.get("to_number") or "-", _when(c["start_timestamp"]), *tail,
+            )  # fmt: skip
+        else:
+            outcome = c["disconnection_reason"] or c["call_status"]
+            when = "%H:%M" if width < 90 else "%m-%d %H:%M"  # (newest first: the day is in the order)
+            started = "-" if c["start_timestamp"] is None else dt.datetime.fromtimestamp(c["start_timestamp"] / 1000).strftime(when)
+            table.add_row(c["call_id"], c["agent_id"], outcome, started, *tail)
+    return table
 
 
 @calls_app.command("show")

@@ -35,6 +35,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+#: libraries whose INFO lines are their own workings, not the bridge's events: the Twilio
+#: client logs every REST request's headers (9 lines a request), alembic each migration step,
+#: httpx every request; their warnings and errors still show
+QUIET_LOGGERS = ("twilio", "twilio.http_client", "alembic", "httpx", "httpcore", "botocore", "aiobotocore")
+
+
 def configure(log_format: str) -> dict | None:
     """Set up the root logger; returns uvicorn's ``log_config`` (None: uvicorn's loggers then
     go through the root logger too, so every line has the same format)."""
@@ -50,4 +56,6 @@ def configure(log_format: str) -> dict | None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     return None

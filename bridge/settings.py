@@ -5,8 +5,8 @@ The agents file is TOML, one table per agent::
     [agents.sales]
     url = "wss://agent.example.com/audio-websocket/{call_id}"   # {call_id} is required
     protocol = "web"            # web | twilio
-    encoding = "s16le"          # s16le | mulaw
-    sample_rate = 24000         # 8000..48000 (twilio protocol: mulaw at 8000)
+    encoding = "s16le"          # s16le | mulaw: required for a web agent (twilio protocol: mulaw)
+    sample_rate = 24000         # 8000..48000: required for a web agent (twilio protocol: 8000)
     end_call_after_silence_ms = 600000   # optional, >= 10000
     max_call_duration_ms = 3600000
     numbers = ["+14155550100"]  # calls to these numbers go to this agent
@@ -18,8 +18,9 @@ The agents file is TOML, one table per agent::
     # registrar = "internal"    # or: registrar = { url = "https://registrar.example.com", api_key = "..." }
     #                           # (it answers POST /register-call with a call_id of 1-64 of A-Z a-z 0-9 _ . -)
 
-With no agents file, one agent ``echo`` (the embedded echo agent) takes every call. Anything
-invalid fails at start-up with ``SettingsError`` naming the field.
+With no agents file, one agent ``echo`` (the embedded echo agent) takes every call; a table with
+no ``url`` is the echo agent too. Anything invalid fails at start-up with ``SettingsError``
+naming the field; ``describe_agent`` is the start-up line saying what each agent gets.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from audio import TWILIO_FORMAT, AudioFormat
@@ -231,6 +232,11 @@ class AgentConfig(BaseModel):
             raise ValueError("call_tools are a hosted model's: an agent on the audio websocket sends transfer_call, press_digit and end_call events")
         if given := [name for name in HOSTED_FIELDS if name in self.model_fields_set]:
             raise ValueError(f"{', '.join(given)} apply only to a hosted model's protocol ({', '.join(SPECS)})")
+        if self.protocol is AgentProtocol.twilio:  # (its one format: what is not stated is not a guess)
+            if "encoding" not in self.model_fields_set:
+                self.encoding = Encoding.mulaw
+            if "sample_rate" not in self.model_fields_set:
+                self.sample_rate = 8000
         if self.protocol is AgentProtocol.twilio and (self.encoding is not Encoding.mulaw or self.sample_rate != 8000):
             raise ValueError("the twilio protocol carries mulaw at 8000 Hz: set encoding = 'mulaw', sample_rate = 8000")
         if problem := voicemail_problem(self, self.voicemail_action):
@@ -422,6 +428,15 @@ class Settings(BaseSettings):
     agents: dict[str, AgentConfig] = {}
     routes: dict[str, str] = {}  # E.164 number -> agent id
     default_agent: str | None = None
+    #: where the API key is when none was set (the embedded defaults: ``ensure_dev_secrets``)
+    _dev_secrets_file: Path | None = PrivateAttr(None)
+
+    @property
+    def api_keys_origin(self) -> str:
+        """Where this bridge's API keys come from, for the people holding a wrong one."""
+        if self._dev_secrets_file is not None:
+            return f"{self._dev_secrets_file} (its api_key: BRIDGE_API_KEYS is not set, so the bridge made one there)"
+        return "BRIDGE_API_KEYS"
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -483,6 +498,24 @@ class Settings(BaseSettings):
         return self.agents.get(agent_id) if agent_id else None
 
 
+def describe_agent(agent: AgentConfig, default: bool = False) -> str:
+    """One line saying what an agent will get, every choice left to a default included (printed
+    at start-up: nothing an agent receives is chosen silently)."""
+    taken, sent = agent.formats
+    fmt = lambda f: f"{f.encoding} {f.sample_rate} Hz"  # noqa: E731
+    audio = f"{fmt(taken)} both ways" if taken == sent else f"{fmt(taken)} in, {fmt(sent)} out"
+    if spec := agent.hosted:
+        where = f"{spec.name} at {agent.websocket_url('', '')}"
+    elif agent.url is None:
+        where = "the embedded echo agent (no url)"
+    else:
+        where = f"{agent.protocol.value} protocol at {agent.url}"
+        if agent.protocol is AgentProtocol.web:
+            where += ", call_details " + ("sent first" if agent.send_call_details else "not sent (send_call_details = false)")
+    routes = ", ".join(agent.numbers) or "no numbers"
+    return f"agent {agent.agent_id}: {where}; {audio}; {routes}" + ("; the default for other numbers" if default else "")
+
+
 def _format(spec: ProviderSpec) -> str:
     both = spec.in_format == spec.out_format
     fmt = lambda f: f"{f.encoding} {f.sample_rate // 1000} kHz"  # noqa: E731
@@ -494,7 +527,10 @@ def _field_path(error: dict) -> str:
 
 
 def _raise(e: ValidationError, prefix: str = "") -> None:
-    problems = "; ".join(f"{prefix}{_field_path(err)}: {err['msg']}" for err in e.errors())
+    def where(err: dict) -> str:  # (a check of the whole table names the table: agents.NAME)
+        return f"{prefix}{_field_path(err)}" if err["loc"] or not prefix else prefix.rstrip(".")
+
+    problems = "; ".join(f"{where(err)}: {err['msg']}" for err in e.errors())
     raise SettingsError(f"invalid settings: {problems}") from None
 
 
@@ -516,9 +552,32 @@ def load_agents(path: Path) -> dict[str, AgentConfig]:
             agents[agent_id] = AgentConfig(agent_id=agent_id, **table)
         except ValidationError as e:
             _raise(e, f"agents.{agent_id}.")
+        if problem := _unstated_format(agent_id, table):
+            raise SettingsError(problem)
     if not agents:
         raise SettingsError(f"agents_file: {path} defines no [agents.NAME] table")
     return agents
+
+
+#: what a web agent's table must say, and how to say it
+WEB_FORMAT_FIELDS = {
+    "encoding": 'the samples its audio websocket takes and sends: encoding = "s16le" or "mulaw"',
+    "sample_rate": "the rate of its audio, 8000-48000 Hz: e.g. sample_rate = 16000",
+}
+
+
+def _unstated_format(agent_id: str, table: dict) -> str | None:
+    """A ``web`` agent of its own (with a ``url``) must state its audio format: a rate guessed
+    for it (24000 once was) gives a 16 kHz agent audio at the wrong speed, with no error. The
+    embedded echo agent (no ``url``) takes any format, so it may leave both out."""
+    if table.get("protocol", "web") != "web" or table.get("url") is None:
+        return None
+    missing = [name for name in WEB_FORMAT_FIELDS if name not in table]
+    if not missing:
+        return None
+    fields = ", ".join(f"agents.{agent_id}.{name}" for name in missing)
+    how = "; ".join(WEB_FORMAT_FIELDS[name] for name in missing)
+    return f"invalid settings: {fields}: required for a web agent, nothing is assumed ({how})"
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -653,5 +712,6 @@ def ensure_dev_secrets(settings: Settings) -> list[str]:
         filled.append("twilio_auth_token")
     if not settings.api_keys:
         settings.api_keys = [stored["api_key"]]
+        settings._dev_secrets_file = path
         filled.append("api_keys")
     return filled

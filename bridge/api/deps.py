@@ -16,19 +16,20 @@ from .errors import ApiError
 
 
 
-def api_key_problem(keys: list[str], authorization: str) -> str | None:
+def api_key_problem(keys: list[str], authorization: str, origin: str = "BRIDGE_API_KEYS") -> str | None:
     """What is wrong with an ``Authorization`` header for the call API, or None if its bearer
-    key is one of ``keys`` (compared in constant time)."""
+    key is one of ``keys`` (compared in constant time); ``origin`` says where the keys are."""
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         return "missing API key: send Authorization: Bearer YOUR_API_KEY"
     if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in keys):
-        return "invalid API key: it is none of the keys in BRIDGE_API_KEYS"
+        return f"invalid API key: it is none of the keys in {origin}"
     return None
 
 
 def require_api_key(request: Request) -> None:
-    problem = api_key_problem(call_service(request).settings.api_keys, request.headers.get("authorization", ""))
+    settings = call_service(request).settings
+    problem = api_key_problem(settings.api_keys, request.headers.get("authorization", ""), settings.api_keys_origin)
     if problem:
         raise ApiError(401, problem)
 
@@ -64,7 +65,8 @@ class RequestGate:
         headers = dict(scope["headers"])
         problem = None
         if not twilio and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
-            problem = api_key_problem(self.settings.api_keys, headers.get(b"authorization", b"").decode("latin-1"))
+            settings = self.settings
+            problem = api_key_problem(settings.api_keys, headers.get(b"authorization", b"").decode("latin-1"), settings.api_keys_origin)
             status = 401
         declared = headers.get(b"content-length")
         cap = MAX_FORM_BYTES if twilio else self.settings.max_request_bytes

@@ -253,7 +253,7 @@ class CallObserver:
                 at = had = now - (self.vad.time_ms - e.at_ms) / 1000
             if e.kind == SPEECH_START:
                 if self._turn_end is not None:
-                    self._match_turn(before=at)  # (answered before the caller spoke again, or not at all)
+                    self._match_turn(now, before=at)  # (answered before the caller spoke again, or not at all)
                 self._turn_end = None
                 self._agent_bursts = [b for b in self._agent_bursts if b[0] >= at]
                 self.caller_speaking = True
@@ -265,7 +265,7 @@ class CallObserver:
                 self.caller_last_voice = at
                 self._turn_end, self._turn_had_at = at, had
                 self.event(now, "caller_speech_end", at_ms=round(e.at_ms, 1))
-                self._match_turn()
+                self._match_turn(now)
         if self.caller_speaking:
             self.caller_last_voice = now
 
@@ -278,7 +278,7 @@ class CallObserver:
             bursts.append((start, now))
             if len(bursts) > MAX_BURSTS:  # (an agent talking on while the caller never speaks)
                 del bursts[0]
-            self._match_turn()
+            self._match_turn(now)
         self._agent_last_sent = now
         tap = self.tap
         if tap is not None and tap.listeners:
@@ -310,10 +310,12 @@ class CallObserver:
             self.recording.cut_agent(int((now - self.started) * self.rate))
         self.event(now, "clear")
 
-    def _match_turn(self, before: float | None = None) -> None:
+    def _match_turn(self, now: float, before: float | None = None) -> None:
         """A turn's latency: its end to when the caller heard the first agent burst after it
         (if that came ``before`` the caller spoke again); the agent's own, from when the bridge
-        had the end of speech to that burst's first audio."""
+        had the end of speech to that burst's first audio. Its event is logged ``now`` (the log
+        is in time order) with ``sent_ms``, when that audio was sent (often earlier: an agent
+        that answers before the end of speech is certain)."""
         end = self._turn_end
         if end is None:
             return
@@ -325,7 +327,10 @@ class CallObserver:
                 agent = max(0.0, (sent - (self._turn_had_at or end)) * 1000)
                 self.turn_latencies_ms.append(latency)
                 self.agent_latencies_ms.append(agent)
-                self.event(sent, "turn", latency_ms=round(latency, 1), agent_latency_ms=round(agent, 1))
+                self.event(
+                    now, "turn", latency_ms=round(latency, 1), agent_latency_ms=round(agent, 1),
+                    sent_ms=round((sent - self.started) * 1000, 1),
+                )  # fmt: skip
                 self._turn_end = None
                 self._agent_bursts = [b for b in self._agent_bursts if b[0] > heard]
                 return

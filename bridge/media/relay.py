@@ -102,6 +102,9 @@ AUDIO_WEBSOCKET_PREFIX = "/audio-websocket/"
 WEB_CALL_PREFIX = "/web-call/"
 SHUTDOWN_DETAIL = "the bridge shut down"
 RECORDING_FLUSH_TIMEOUT_S = 10.0
+#: the first ping to a web agent this long after its socket opens (then every keepalive_interval_s):
+#: a call shorter than the interval still has the agent link's round trip on its record
+FIRST_PING_S = 1.0
 #: a refused socket's note on the call's record is given this long (the database may not answer)
 NOTE_WAIT_S = 1.0
 #: Close codes of a web client's socket that ended because of what the client sent (the bridge
@@ -470,7 +473,12 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
                 agent.send_text(tf.connected_frame())
                 agent.send_text(tf.start_frame(start, drop_parameters=tf.BRIDGE_PARAMETERS, extra=calls.agent_context(record)))
             elif agent_config.send_call_details:
-                agent.send_text(wf.call_details_event(calls.call_details(record)))
+                agent.send_text(
+                    wf.call_details_event(
+                        calls.call_details(record), wf.audio_leg(caller.protocol.value, caller.format),
+                        wf.audio_leg("web", agent_leg, agent_in),
+                    )
+                )  # fmt: skip
             if isinstance(agent, HostedLink):
                 agent.control = control
                 control.tell_model = agent.tell_model
@@ -580,7 +588,7 @@ class MediaRelay:
         self._tick_s = min(settings.keepalive_interval_s, settings.no_audio_timeout_s / 4, settings.limits_tick_s, settings.send_timeout_s / 2)
 
     async def run(self) -> None:
-        self._next_ping = self.loop.time() + self.settings.keepalive_interval_s
+        self._next_ping = self.loop.time() + FIRST_PING_S  # (a short call has a round trip too)
         observer = self.session.observer
         if observer is not None:
             observer.reading(backlog=True)

@@ -108,7 +108,25 @@ def dtmf_event(digit: str) -> str:
     return orjson.dumps({"event_type": "dtmf", "digit": digit}).decode()
 
 
-def call_details_event(call: dict) -> str:
+def call_details_event(call: dict, caller_audio: dict | None = None, agent_audio: dict | None = None) -> str:
     """The first message to a ``web``-protocol agent that asked for it (``send_call_details``):
-    the call object, as the call API answers it."""
-    return orjson.dumps({"event_type": "call_details", "call": call}).decode()
+    the call object, as the call API answers it (its ``audio_websocket_protocol``,
+    ``audio_encoding`` and ``sample_rate`` are the caller's leg, as in the seeds), with both
+    legs' formats said apart: ``caller_audio`` (Twilio's mu-law 8 kHz, or a web client's) and
+    ``agent_audio``, what this socket carries (``sample_rate_in`` when the agent takes another
+    rate than it sends)."""
+    event = {"event_type": "call_details", "call": call}
+    if caller_audio is not None:
+        event["caller_audio"] = caller_audio
+    if agent_audio is not None:
+        event["agent_audio"] = agent_audio
+    return orjson.dumps(event).decode()
+
+
+def audio_leg(protocol: str, sent, taken=None) -> dict:
+    """A leg's format for ``call_details``: ``sent`` is what the leg's peer sends (``taken``,
+    what it takes, when that differs in rate)."""
+    leg = {"protocol": protocol, "encoding": sent.encoding, "sample_rate": sent.sample_rate}
+    if taken is not None and taken != sent:
+        leg["sample_rate_in"] = taken.sample_rate
+    return leg

@@ -9,7 +9,7 @@ import websockets
 
 from bridge.settings import AgentConfig
 
-from .conftest import retell_client, wait_for_end
+from .conftest import api_client, retell_client, wait_for_end
 from .test_web_call import talk, ws_url
 
 
@@ -32,7 +32,7 @@ async def recording_agent():
 async def test_a_web_agent_gets_its_headers_and_the_call_details(start_bridge):
     async with recording_agent() as (url, seen):
         agent = AgentConfig(
-            agent_id="a", url=f"{url}/{{call_id}}", default=True, send_call_details=True,
+            agent_id="a", url=f"{url}/{{call_id}}", default=True, send_call_details=True, sample_rate=16000,
             headers={"Authorization": "Bearer agent-secret", "X-Tenant": "acme"},
         )  # fmt: skip
         bridge = await start_bridge(agents={"a": agent})
@@ -43,6 +43,20 @@ async def test_a_web_agent_gets_its_headers_and_the_call_details(start_bridge):
     details = json.loads(entry["first_text"])
     assert details["event_type"] == "call_details"
     assert details["call"]["call_id"] == result.call_id and details["call"]["to_number"] == "+15550100000"
+    # the call object's format is the caller's leg (as in the seeds): both legs are said apart
+    assert (details["call"]["audio_encoding"], details["call"]["sample_rate"]) == ("mulaw", 8000)
+    assert details["caller_audio"] == {"protocol": "twilio", "encoding": "mulaw", "sample_rate": 8000}
+    assert details["agent_audio"] == {"protocol": "web", "encoding": "s16le", "sample_rate": 16000}
+
+
+async def test_a_call_shorter_than_the_keepalive_interval_has_the_agent_link_s_round_trip(start_bridge):
+    """The first ping goes a second after the agent's socket opens, not after the 5 s interval."""
+    bridge = await start_bridge()
+    result = await bridge.call(speed=2.0, tail_ms=500)
+    async with api_client(bridge.base_url) as http:
+        record = (await http.get(f"/v2/get-call/{result.call_id}")).json()
+    assert record["end_timestamp"] - record["start_timestamp"] < 5000, record
+    assert record["llm_websocket_network_rtt_latency"]["num"] >= 1, record
 
 
 async def test_a_web_call_s_agent_gets_the_call_details_without_the_access_token(start_bridge):

@@ -103,6 +103,10 @@ async def test_the_public_log_tells_the_call_in_json_lines(start_bridge):
     assert events[-1]["reason"] == "user_hangup" and events[-1]["clears"] == 1
     assert events[-1]["frames_from_caller"] > 0 and events[-1]["frames_to_caller"] > 0
     assert all(isinstance(e["t_ms"], float) for e in events)
+    times = [e["t_ms"] for e in events]
+    assert times == sorted(times), times  # in time order: a turn is logged when it is measured
+    (turn, *_) = [e for e in events if e["event"] == "turn"]
+    assert 0 < turn["sent_ms"] <= turn["t_ms"]
     woven = result.record["transcript_with_tool_calls"]
     assert woven[0] == {"role": "dtmf", "digit": "7"} and woven[1]["role"] == "user"
 

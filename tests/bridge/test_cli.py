@@ -8,7 +8,7 @@ import sys
 import httpx
 import pytest
 
-from .conftest import API_KEY, AUTH_TOKEN
+from .conftest import API_KEY, AUTH_TOKEN, free_port
 
 
 async def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -144,3 +144,88 @@ async def test_the_readme_sdk_example_runs_as_written_against_bridge_serve(tmp_p
     lines = ran.stdout.splitlines()
     assert re.fullmatch(r'<Connect><Stream url="wss://YOUR-HOST/audio-websocket/[0-9a-f]{32}"/></Connect>', lines[0]), lines
     assert lines[1:] == ["registered", "2"], lines
+
+
+async def test_serve_refuses_a_web_agent_that_does_not_say_its_format(tmp_path):
+    """A missing sample_rate once meant 24000: a 16 kHz agent got 24 kHz audio, with no error."""
+    agents = tmp_path / "agents.toml"
+    agents.write_text('[agents.sales]\nurl = "wss://agent.example.com/{call_id}"\nencoding = "s16le"\n')
+    done = await run_with_env(["serve", "--port", "0", "--agents-file", str(agents)], BRIDGE_DATA_DIR=str(tmp_path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "agents.sales.sample_rate: required for a web agent" in done.stderr and "agents.sales.encoding" not in done.stderr
+
+
+async def _serve_until_listening(args: list[str], env: dict, tmp_path) -> tuple[str, str]:
+    """Start ``bridge serve``, wait (bounded) for its banner, stop it: (stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "serve", *args, env={"PATH": "/usr/bin:/bin", "BRIDGE_DATA_DIR": str(tmp_path), **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out = b""
+    try:
+        async with asyncio.timeout(30):
+            while b"\n  agent " not in out or not out.endswith(b"\n"):
+                chunk = await process.stdout.read(4096)
+                if not chunk:
+                    break
+                out += chunk
+    finally:
+        process.terminate()
+        rest, err = await asyncio.wait_for(process.communicate(), 30)
+    return (out + rest).decode(), err.decode()
+
+
+async def test_serve_says_where_it_listens_the_webhook_to_paste_and_what_each_agent_gets(tmp_path):
+    port = free_port()
+    agents = tmp_path / "agents.toml"
+    agents.write_text(
+        '[agents.sales]\nurl = "wss://agent.example.com/{call_id}"\nencoding = "s16le"\nsample_rate = 16000\n'
+        'numbers = ["+14155550100"]\ndefault = true\n[agents.echo]\n'
+    )
+    out, _ = await _serve_until_listening(
+        ["--port", str(port), "--agents-file", str(agents)],
+        {"BRIDGE_PUBLIC_URL": "https://abc123.ngrok.app", "BRIDGE_TWILIO_AUTH_TOKEN": "t", "BRIDGE_API_KEYS": "k"}, tmp_path,
+    )
+    assert f"bridge listening on 127.0.0.1:{port}" in out
+    assert f"http://127.0.0.1:{port}/dashboard/" in out and f"http://127.0.0.1:{port}/docs" in out
+    assert "Twilio webhook: https://abc123.ngrok.app/twilio/voice" in out and "HOST" not in out
+    assert "agent sales: web protocol at wss://agent.example.com/{call_id}" in out and "s16le 16000 Hz both ways" in out
+    assert "+14155550100; the default for other numbers" in out
+    assert "agent echo: the embedded echo agent (no url); s16le 24000 Hz both ways" in out
+
+
+async def test_serve_on_the_embedded_defaults_says_where_the_dev_key_is(tmp_path):
+    port = free_port()
+    out, _ = await _serve_until_listening(["--port", str(port)], {}, tmp_path)
+    assert f"{tmp_path / 'dev-secrets.json'} (its api_key" in out
+    assert f"http://127.0.0.1:{port}/twilio/voice on this machine; for a real number set BRIDGE_PUBLIC_URL" in out
+
+
+async def test_a_wrong_key_on_the_embedded_defaults_is_told_where_the_dev_key_is(tmp_path):
+    from bridge.app import create_app
+    from bridge.settings import ensure_dev_secrets, load_settings
+
+    settings = load_settings(data_dir=tmp_path)
+    ensure_dev_secrets(settings)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bridge") as http:
+            wrong = await http.get("/v2/list-calls", headers={"Authorization": "Bearer wrong"})
+    assert wrong.status_code == 401
+    assert f"none of the keys in {tmp_path / 'dev-secrets.json'} (its api_key: BRIDGE_API_KEYS is not set" in wrong.text
+
+
+async def test_calls_list_fits_80_columns_with_every_call_id_whole(start_bridge):
+    bridge = await start_bridge()
+    result = await bridge.call()
+    listed = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bridge", "calls", "list", "--url", bridge.base_url, "--api-key", API_KEY],
+        capture_output=True, text=True, timeout=60, env={"COLUMNS": "80", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, listed.stdout
+    assert any(line.startswith(result.call_id + " ") for line in lines), listed.stdout
+    assert "user_hangup" in listed.stdout and "times " in lines[0]

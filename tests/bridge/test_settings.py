@@ -177,3 +177,51 @@ def test_a_token_with_non_ascii_characters_is_a_token_error(token):
     tokens = StreamTokens("secret", 30)
     with pytest.raises(TokenError):
         tokens.check("c1", token)
+
+
+@pytest.mark.parametrize(
+    "table,says",
+    [
+        ('url = "wss://a.example/{call_id}"\n', "agents.a.encoding, agents.a.sample_rate: required for a web agent, nothing is assumed"),
+        ('url = "wss://a.example/{call_id}"\nprotocol = "web"\nsample_rate = 16000\n', "agents.a.encoding: required for a web agent"),
+        ('url = "wss://a.example/{call_id}"\nencoding = "mulaw"\n', "agents.a.sample_rate: required for a web agent"),
+    ],
+)
+def test_a_web_agent_must_say_its_audio_format(tmp_path, table, says):
+    with pytest.raises(SettingsError) as e:
+        load_settings(agents_file=write(tmp_path, f"[agents.a]\n{table}"))
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_agents_that_need_no_format_stated_start(tmp_path):
+    settings = load_settings(
+        agents_file=write(tmp_path, '[agents.echo]\ndefault = true\n[agents.old]\nurl = "ws://h/{call_id}"\nprotocol = "twilio"\n')
+    )
+    assert settings.agents["echo"].formats[0].sample_rate == 24000  # (the echo agent takes any format: said at start-up)
+    assert settings.agents["old"].formats[0].encoding == "mulaw"  # (the twilio protocol has one format)
+
+
+def test_the_start_up_line_of_an_agent_says_every_choice(tmp_path):
+    from bridge.settings import describe_agent
+
+    settings = load_settings(agents_file=write(tmp_path, GOOD))
+    assert describe_agent(settings.agents["sales"], True) == (
+        "agent sales: web protocol at wss://agent.example.com/audio-websocket/{call_id}, call_details not sent "
+        "(send_call_details = false); s16le 16000 Hz both ways; +14155550100, +14155550101; the default for other numbers"
+    )
+    assert describe_agent(settings.agents["legacy"]).startswith("agent legacy: twilio protocol at ws://10.0.0.5:9000/twilio/{call_id}; mulaw 8000 Hz")
+
+
+def test_libraries_workings_are_quiet_at_info(capsys):
+    import logging
+
+    from bridge import logs
+
+    logs.configure("text")
+    logging.getLogger("twilio.http_client").info("-- BEGIN Twilio API Request --")
+    logging.getLogger("alembic.runtime.migration").info("Context impl SQLiteImpl.")
+    logging.getLogger("twilio.http_client").warning("a real problem")
+    logging.getLogger("bridge.calls").info("the bridge's own event")
+    err = capsys.readouterr().err
+    assert "BEGIN Twilio" not in err and "SQLiteImpl" not in err
+    assert "a real problem" in err and "the bridge's own event" in err

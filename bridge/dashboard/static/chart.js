@@ -15,7 +15,7 @@ const REFERENCES = [
 ];
 
 /**
- * @param {{t_ms: number, latency_ms: number}[]} turns  in call order
+ * @param {{t_ms: number, sent_ms?: number, latency_ms: number}[]} turns  in call order (sent_ms: when the answer was sent)
  * @param {{p50?: number, p90?: number, p99?: number} | null} e2e  the record's e2e_latency
  * @param {string} emptyText  what the chart says when there are no turns
  * @returns {SVGSVGElement} with `data-turns` = the number of turns drawn
@@ -80,7 +80,7 @@ export function latencyChart(turns, e2e, emptyText = "no turns in this call") {
   root.append(svg("polyline", { points, class: "series" }));
   turns.forEach((t, i) => {
     const dot = svg("circle", { cx: x(i + 1), cy: y(t.latency_ms), r: turns.length > 60 ? 2 : 3.5, class: "point" });
-    dot.append(svg("title", {}, `turn ${i + 1} at ${(t.t_ms / 1000).toFixed(2)} s: ${Math.round(t.latency_ms)} ms`));
+    dot.append(svg("title", {}, `turn ${i + 1} at ${((t.sent_ms ?? t.t_ms) / 1000).toFixed(2)} s: ${Math.round(t.latency_ms)} ms`));
     root.append(dot);
   });
   return root;
