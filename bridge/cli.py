@@ -69,6 +69,18 @@ def startup_banner(settings, port: int) -> str:
     return "\n".join(lines)
 
 
+def _announce(settings, text: str) -> None:
+    """Print start-up lines: plain text, or with ``BRIDGE_LOG_FORMAT=json`` one log entry a line,
+    so a log collector reading the process's output meets nothing but JSON."""
+    if settings.log_format != "json":
+        typer.echo(text)
+        return
+    import logging
+
+    for line in text.splitlines():
+        logging.getLogger("bridge.cli").info(line.strip())
+
+
 def _storage_problem(settings) -> str | None:
     """Why the data directory or the call database cannot be used, in one line, or None."""
     from sqlalchemy.engine import make_url
@@ -137,7 +149,7 @@ def serve(
         raise typer.Exit(2)
     log_config = logs.configure(settings.log_format)
     if not os.environ.get(WORKER_BANNER_SHOWN):  # (the workers of --workers N: their supervisor printed it)
-        typer.echo(startup_banner(settings, sockets[0].getsockname()[1]))
+        _announce(settings, startup_banner(settings, sockets[0].getsockname()[1]))
     app = create_app(settings)
     config = uvicorn.Config(app, log_level="info", log_config=log_config, timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **server_options(app))
     try:
@@ -172,8 +184,8 @@ def _supervise(settings, **options) -> None:
         if value is not None:
             env[f"BRIDGE_{name.upper()}"] = str(value)
     port = workers[0].public.getsockname()[1]
-    typer.echo(startup_banner(settings, port))
-    typer.echo(f"{len(workers)} workers on {settings.host}:{port} (one process each; BRIDGE_WORKERS)")
+    _announce(settings, startup_banner(settings, port))
+    _announce(settings, f"{len(workers)} workers on {settings.host}:{port} (one process each; BRIDGE_WORKERS)")
     env[WORKER_BANNER_SHOWN] = "1"
     raise typer.Exit(Supervisor(settings, workers, env).run())
 
