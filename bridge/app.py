@@ -14,7 +14,7 @@ from starlette.websockets import WebSocket
 
 from audio.filters import plan
 
-from .api import calls, control, dashboard, health, live, metrics, outbound, twilio_voice, web_calls
+from .api import calls, control, dashboard, health, live, metrics, outbound, twilio_voice, unserved, web_calls
 from .api.deps import MAX_FORM_BYTES, RequestGate
 from .api.errors import install_error_handlers
 from .calls import CallService
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestGate, settings=settings)
     app.include_router(twilio_voice.router, max_body_size=MAX_FORM_BYTES)
     app.include_router(control.twilio_router, max_body_size=MAX_FORM_BYTES)
+    app.include_router(outbound.twilio_router, max_body_size=MAX_FORM_BYTES)
     for module in (calls, control, outbound, web_calls, live):
         app.include_router(module.router, max_body_size=settings.max_request_bytes)
 
@@ -160,5 +161,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
+    app.include_router(unserved.router)  # (last: retell-sdk methods with no route here answer 501, naming what is missing)
     dashboard.mount_assets(app)
     return app

@@ -29,6 +29,7 @@ from twilio.twiml.voice_response import VoiceResponse
 from ..models import CallStatus, is_call_id
 from .deps import AUTH, MAX_FORM_BYTES, call_service, find_call
 from .errors import ERRORS, ApiError
+from .twilio_docs import twilio_callback
 from .twilio_voice import hangup_twiml, signed_form
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,23 @@ def _xml(response: VoiceResponse) -> Response:
     return Response(str(response), media_type="application/xml")
 
 
-@twilio_router.post("/twilio/transfer/{call_id}/answered", include_in_schema=False)
+TRANSFER_EXAMPLE = (
+    '<?xml version="1.0" encoding="UTF-8"?><Response><Say>Connecting you to a caller.</Say>'
+    '<Redirect method="POST">https://bridge.example.com/twilio/transfer/6f1c0e4b2a9d4c1e8b7a5d3f2e1c0b9a/join</Redirect></Response>'
+)
+JOIN_EXAMPLE = (
+    '<?xml version="1.0" encoding="UTF-8"?><Response><Dial><Conference beep="false" endConferenceOnExit="true" '
+    'startConferenceOnEnter="true">transfer-6f1c0e4b2a9d4c1e8b7a5d3f2e1c0b9a</Conference></Dial></Response>'
+)
+
+
+@twilio_router.post(
+    "/twilio/transfer/{call_id}/answered", summary="Twilio: a warm transfer's target answered (the target leg's url)",
+    **twilio_callback(
+        {"AnsweredBy": "human, machine_start... (the target's voicemail sends the caller back to the agent)"}, twiml=TRANSFER_EXAMPLE,
+        answers="TwiML for the target: the whisper message, then the join; <Hangup> for a voicemail or a transfer no longer asked",
+    ),
+)  # fmt: skip
 async def transfer_answered(call_id: str, request: Request) -> Response:
     form = await signed_form(request)
     calls = call_service(request)
@@ -110,7 +127,10 @@ async def transfer_answered(call_id: str, request: Request) -> Response:
     return _xml(response)
 
 
-@twilio_router.post("/twilio/transfer/{call_id}/join", include_in_schema=False)
+@twilio_router.post(
+    "/twilio/transfer/{call_id}/join", summary="Twilio: the transfer's target joins the caller",
+    **twilio_callback({}, twiml=JOIN_EXAMPLE, answers="TwiML: <Dial><Conference> into the caller's room; <Hangup> if the caller is gone"),
+)  # fmt: skip
 async def transfer_join(call_id: str, request: Request) -> Response:
     form = await signed_form(request)
     calls = call_service(request)
@@ -123,7 +143,10 @@ async def transfer_join(call_id: str, request: Request) -> Response:
     return _xml(response)
 
 
-@twilio_router.post("/twilio/transfer/{call_id}/status", include_in_schema=False, max_body_size=MAX_FORM_BYTES)
+@twilio_router.post(
+    "/twilio/transfer/{call_id}/status", max_body_size=MAX_FORM_BYTES, summary="Twilio: the transfer's target leg's status",
+    **twilio_callback({}, twiml=None, answers="recorded: a target busy, unanswered or failed returns the caller to the agent"),
+)  # fmt: skip
 async def transfer_status(call_id: str, request: Request) -> Response:
     form = await signed_form(request)
     if is_call_id(call_id):

@@ -7,6 +7,7 @@ import hmac
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .. import logs
 from ..calls import CallService
@@ -27,7 +28,14 @@ def api_key_problem(keys: list[str], authorization: str, origin: str = "BRIDGE_A
     return None
 
 
-def require_api_key(request: Request) -> None:
+#: the OpenAPI security scheme of the call API (``/docs``' Authorize button); the check itself is
+#: ``require_api_key`` (and ``RequestGate``, before a body is read)
+BEARER = HTTPBearer(
+    auto_error=False, scheme_name="apiKey", description="One of the bridge's API keys (BRIDGE_API_KEYS; on the embedded defaults, dev-secrets.json)"
+)
+
+
+def require_api_key(request: Request, _credentials: HTTPAuthorizationCredentials | None = Depends(BEARER)) -> None:
     settings = call_service(request).settings
     problem = api_key_problem(settings.api_keys, request.headers.get("authorization", ""), settings.api_keys_origin)
     if problem:

@@ -30,10 +30,12 @@ from ..settings import voicemail_problem
 from .deps import AUTH, MAX_FORM_BYTES, call_service
 from .errors import ERRORS, ApiError
 from .schemas import CallBody, CallObject, e164
+from .twilio_docs import twilio_callback
 from .twilio_voice import signed_form
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["calls"])
+twilio_router = APIRouter(tags=["twilio"])  # (its outbound calls' callbacks)
 
 DIAL_FAILURES = {
     "busy": DisconnectionReason.dial_busy,
@@ -113,7 +115,14 @@ async def create_phone_call(request: Request, body: CreatePhoneCall) -> Response
     return JSONResponse(record.public(), status_code=201)
 
 
-@router.post("/twilio/status/{call_id}", include_in_schema=False, max_body_size=MAX_FORM_BYTES)
+@twilio_router.post(
+    "/twilio/status/{call_id}", max_body_size=MAX_FORM_BYTES,
+    summary="Twilio: an outbound call's status (StatusCallback): a dial that failed or ended before its stream is recorded",
+    **twilio_callback(
+        {"CallDuration": "seconds, once completed", "SequenceNumber": "the callback's order", "Timestamp": "when, RFC 2822"},
+        twiml=None, answers="recorded",
+    ),
+)  # fmt: skip
 async def status_callback(call_id: str, request: Request) -> Response:
     form = await signed_form(request)
     calls = call_service(request)
@@ -128,7 +137,15 @@ async def status_callback(call_id: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/twilio/amd/{call_id}", include_in_schema=False, max_body_size=MAX_FORM_BYTES)
+@twilio_router.post(
+    "/twilio/amd/{call_id}", max_body_size=MAX_FORM_BYTES,
+    summary="Twilio: answering-machine detection's result (AsyncAmdStatusCallback): a voicemail is left or the call dropped",
+    **twilio_callback(
+        {"AnsweredBy": "human, machine_start, machine_end_beep, machine_end_silence, machine_end_other, fax or unknown",
+         "MachineDetectionDuration": "milliseconds the detection took"},
+        twiml=None, answers="acted on",
+    ),
+)  # fmt: skip
 async def amd_callback(call_id: str, request: Request) -> Response:
     form = await signed_form(request)
     calls = call_service(request)

@@ -29,6 +29,7 @@ from ..calls.registrar import RegistrationError
 from ..models import MAX_PARTY_CHARS, CallStatus, Direction, is_call_id
 from ..protocol.twilio import ACTION_PARAMETER, CALL_PARAMETER, MEDIA_PATH, STREAM_ENDED_PATH, TOKEN_PARAMETER
 from .deps import MAX_FORM_BYTES, call_service
+from .twilio_docs import CONNECT_EXAMPLE, HANGUP_EXAMPLE, twilio_callback
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["twilio"])
@@ -135,9 +136,39 @@ def hand_over(request: Request) -> Response:
     return _twiml(response)
 
 
-@router.post("/twilio/voice", include_in_schema=True, summary="Twilio voice webhook (routes by called number)")
-@router.post("/twilio/voice/{agent_id}", summary="Twilio voice webhook for one agent")
-async def voice_webhook(request: Request, agent_id: str | None = None) -> Response:
+VOICE_ANSWER = (
+    "TwiML: <Connect action><Stream> to the bridge's media stream for a registered call; <Say> the fallback message "
+    "and <Hangup> when no agent takes the number or the call database does not answer in time; <Redirect> to the "
+    "public URL while this replica drains"
+)
+VOICE_FIELDS = {
+    "Caller": "the same as From",
+    "Called": "the same as To",
+    "AnsweredBy": "for an outbound call with answering-machine detection: human, machine_start, fax...",
+}
+
+
+@router.post(
+    "/twilio/voice", summary="Twilio voice webhook: the agent is chosen by the number called (agents' numbers, else the default agent)",
+    **twilio_callback(VOICE_FIELDS, twiml=CONNECT_EXAMPLE, answers=VOICE_ANSWER),
+)  # fmt: skip
+async def voice_webhook(request: Request) -> Response:
+    """Paste ``BRIDGE_PUBLIC_URL`` + ``/twilio/voice`` into the number's "A call comes in"
+    (HTTP POST). Twilio retrying the webhook for the same CallSid gets the same call."""
+    return await _voice(request, None)
+
+
+@router.post(
+    "/twilio/voice/{agent_id}", summary="Twilio voice webhook for one agent, whatever number was called",
+    **twilio_callback(VOICE_FIELDS, twiml=CONNECT_EXAMPLE, answers=VOICE_ANSWER),
+)  # fmt: skip
+async def voice_webhook_for_agent(request: Request, agent_id: str) -> Response:
+    """For a number (or a TwiML app) that always goes to one agent; also the URL the bridge
+    dials outbound calls with (``?call_id=`` names the call it registered)."""
+    return await _voice(request, agent_id)
+
+
+async def _voice(request: Request, agent_id: str | None) -> Response:
     form = await signed_form(request)
     if call_service(request).draining:
         if not request.query_params.get(HANDED_OVER):
@@ -225,7 +256,14 @@ def _connect(request: Request, call_id: str) -> Response:
     return _twiml(response)
 
 
-@router.post(STREAM_ENDED_PATH + "{call_id}", summary="Twilio: the call's stream ended (<Connect action>)")
+@router.post(
+    STREAM_ENDED_PATH + "{call_id}", summary="Twilio: the call's stream ended (<Connect action>): what the caller hears next",
+    **twilio_callback(
+        {}, twiml=HANGUP_EXAMPLE,
+        answers="TwiML: <Hangup> after a normal ending; <Say> the fallback message after a failure, or the drain message; "
+        "a transfer's <Dial> or a voicemail's <Say>/<Play>",
+    ),
+)  # fmt: skip
 async def stream_ended(request: Request, call_id: str) -> Response:
     """What Twilio does once a call's stream has ended follows from how the call ended: a
     hang-up after a normal ending (the agent or the API ended it, the caller was silent...),

@@ -3,6 +3,7 @@ own models must parse every answer), and bad bodies over plain HTTP."""
 
 import asyncio
 import json
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -213,6 +214,25 @@ async def test_openapi_documents_every_endpoint(bridge):
                 ok = next(code for code in operation["responses"] if code.startswith("2"))
                 assert ok == "204" or "content" in operation["responses"][ok], (path, method)
                 assert "401" in operation["responses"], (path, method)
+    assert spec["components"]["securitySchemes"]["apiKey"] == {"type": "http", "scheme": "bearer", "description": ANY}
+    for path, operations in spec["paths"].items():  # every route the key guards says so (Authorize in /docs)
+        for method, operation in operations.items():
+            guarded = not path.startswith("/twilio/") and path not in ("/healthz", "/livez", "/readyz")
+            assert (operation.get("security") == [{"apiKey": []}]) == guarded, (method, path)
+    callbacks = [(path, ops["post"]) for path, ops in spec["paths"].items() if path.startswith("/twilio/")]
+    assert {"/twilio/voice", "/twilio/voice/{agent_id}", "/twilio/stream-ended/{call_id}", "/twilio/status/{call_id}", "/twilio/amd/{call_id}"} <= {
+        path for path, _ in callbacks
+    }
+    for path, operation in callbacks:  # a signed form in, TwiML (or nothing) out
+        form = operation["requestBody"]["content"]["application/x-www-form-urlencoded"]["schema"]
+        assert {"CallSid", "AccountSid", "From", "To", "CallStatus"} <= set(form["properties"]), path
+        assert any(p["name"] == "X-Twilio-Signature" and p["in"] == "header" for p in operation["parameters"]), path
+        answers = operation["responses"]
+        assert "403" in answers and ("204" in answers or set(answers["200"]["content"]) == {"application/xml"}), (path, answers)
+    voice = spec["paths"]["/twilio/voice"]["post"]
+    assert [p["name"] for p in voice["parameters"]] == ["X-Twilio-Signature"]  # (no agent_id: that is /twilio/voice/{agent_id})
+    assert "<Connect" in voice["responses"]["200"]["content"]["application/xml"]["example"]
+    assert not any(path in spec["paths"] for path in ("/create-agent", "/rerun-call-analysis/{call_id}"))  # (the 501s: not documented as served)
     schemas = spec["components"]["schemas"]
     assert {"RegisterCallV1", "CallObject", "CallList", "ErrorBody", "CreatePhoneCall", "WebCallV3"} <= set(schemas)
     assert "disconnection_reason" in schemas["CallObject"]["properties"]

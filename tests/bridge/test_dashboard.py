@@ -299,6 +299,45 @@ async def test_the_api_docs_render_with_nothing_from_outside(open_dashboard):
     assert tab.outside == [] and tab.blocked == [], (tab.outside, tab.blocked)  # (was: ReDoc's logo from its CDN)
 
 
+async def test_the_api_docs_authorize_then_try_it_out_succeeds(open_dashboard):
+    """Swagger UI's Authorize takes an API key (the bearer scheme), and Try it out then gets 200;
+    a wrong key gets the 401 that names where the keys are."""
+    tab = await open_dashboard("/docs")
+    page = tab.page
+    operation = page.locator("#operations-live-list_agents_v2_list_agents_get")
+    await operation.wait_for(timeout=15_000)
+
+    async def try_it_out() -> str:
+        if not await operation.locator(".try-out__btn").is_visible():  # (expand the operation)
+            await operation.locator(".opblock-summary").click()
+        if await operation.locator(".try-out__btn.cancel").count() == 0:
+            await operation.locator(".try-out__btn").click()
+        await operation.locator(".execute").click()
+        answer = operation.locator(".live-responses-table tbody .response")
+        await answer.wait_for(timeout=10_000)
+        return " ".join((await answer.inner_text()).split())
+
+    async def authorize(key: str) -> None:
+        await page.locator(".auth-wrapper .authorize").click()
+        modal = page.locator(".modal-ux")
+        await modal.wait_for(timeout=5_000)
+        if await modal.locator("button[aria-label='Remove authorization']").count():
+            await modal.locator("button[aria-label='Remove authorization']").click()
+        await modal.locator("#auth-bearer-value").fill(key)
+        await modal.locator("button[aria-label='Apply credentials']").click()
+        await modal.locator("button.btn-done").click()
+
+    assert (await try_it_out()).startswith("401")  # (no key yet)
+    await authorize(API_KEY)
+    answer = await try_it_out()
+    assert answer.startswith("200") and '"agent_id"' in answer and "echo" in answer, answer
+    await tab.shot("12-docs-try-it-out")
+    await authorize("not-a-key")
+    answer = await try_it_out()
+    assert answer.startswith("401") and "invalid API key" in answer, answer
+    assert tab.troubles() == [], tab.troubles()
+
+
 def csp(header: str) -> dict[str, list[str]]:
     """A Content-Security-Policy parsed into its directives (each once: a repeated one is an error)."""
     directives: dict[str, list[str]] = {}
