@@ -82,6 +82,11 @@ async def get_call(call_id: str, request: Request) -> JSONResponse:
     return JSONResponse((await find_call(request, call_id)).public())
 
 
+def _text_filters(f: ListFilter) -> list[tuple[str, str, str | list[str]]]:
+    """The call id and number filters, as (column, op, value)."""
+    return [(name, c.op, c.value) for name in ("call_id", "from_number", "to_number") if (c := getattr(f, name)) is not None]
+
+
 @router.post(
     "/v3/list-calls", dependencies=AUTH, summary="List calls (filters, sort, cursor pages)", response_model=CallList,
     responses=ERRORS,
@@ -95,6 +100,7 @@ async def list_calls_v3(request: Request, body: ListCalls = Body(default_factory
             statuses=_enum_values(f.call_status, "call_status", {s.value for s in CallStatus}, {"not_connected"}),
             directions=_enum_values(f.direction, "direction", {d.value for d in Direction}),
             call_types=_enum_values(f.call_type, "call_type", {t.value for t in CallType}),
+            text=_text_filters(f),
             start_after=start_after,
             start_before=start_before,
             descending=body.sort_order == "descending",

@@ -145,6 +145,15 @@ class EnumFilter(BaseModel):
     value: list[SafeText]
 
 
+class StringFilter(BaseModel):
+    """A text field's filter, as retell-sdk sends it: eq, ne, sw (starts with), ew (ends with),
+    co (contains)."""
+
+    op: Literal["eq", "ne", "sw", "ew", "co"]
+    type: Literal["string"] = "string"
+    value: SafeText
+
+
 class TimeFilter(BaseModel):
     op: Literal["bt", "eq", "ge", "gt", "le", "lt"]
     type: Literal["range", "number"] | None = None
@@ -167,6 +176,9 @@ class ListFilter(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     agent: list[AgentFilter] | None = None
+    call_id: StringFilter | EnumFilter | None = None
+    from_number: StringFilter | None = None
+    to_number: StringFilter | None = None
     call_status: EnumFilter | None = None
     direction: EnumFilter | None = None
     call_type: EnumFilter | None = None

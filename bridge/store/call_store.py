@@ -86,6 +86,18 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         raise ValueError("pagination_key is not one this API gave out") from None
 
 
+#: the text columns list() filters on, and its operators (retell-sdk's string filter)
+TEXT_COLUMNS = ("call_id", "from_number", "to_number")
+TEXT_OPS = {
+    "eq": lambda column, value: column == value,
+    "ne": lambda column, value: or_(column != value, column.is_(None)),
+    "sw": lambda column, value: column.startswith(value, autoescape=True),
+    "ew": lambda column, value: column.endswith(value, autoescape=True),
+    "co": lambda column, value: column.contains(value, autoescape=True),
+    "in": lambda column, values: column.in_(values),
+}
+
+
 class SqlCallStore:
     def __init__(self, engine: AsyncEngine, instance_id: str, workers: int = 1):
         self.engine = engine
@@ -660,6 +672,7 @@ class SqlCallStore:
         statuses: Iterable[str] = (),
         directions: Iterable[str] = (),
         call_types: Iterable[str] = (),
+        text: Iterable[tuple[str, str, str | list[str]]] = (),
         start_after: int | None = None,
         start_before: int | None = None,
         descending: bool = True,
@@ -671,8 +684,15 @@ class SqlCallStore:
         """One page of calls, newest first by default (by start time, else registration time);
         returns the page and the cursor of the next page (None at the end). With ``max_bytes``
         the page stops early (with a cursor) once its records' JSON would pass that size: rows
-        are streamed from the database, so a page of large records is never held whole."""
+        are streamed from the database, so a page of large records is never held whole.
+        ``text``: (column, op, value) filters on ``call_id``, ``from_number`` or ``to_number``, op
+        one of ``TEXT_OPS`` (eq, ne, sw: starts with, ew: ends with, co: contains, in: one of a
+        list; LIKE's wildcards in the value are matched as themselves)."""
         query = select(calls.c.record, calls.c.sort_key, calls.c.call_id)
+        for name, op, value in text:
+            if name not in TEXT_COLUMNS or op not in TEXT_OPS:
+                raise ValueError(f"cannot filter {name!r} with {op!r}")
+            query = query.where(TEXT_OPS[op](calls.c[name], value))
         for column, values in (
             (calls.c.agent_id, agent_ids), (calls.c.call_status, statuses),
             (calls.c.direction, directions), (calls.c.call_type, call_types),

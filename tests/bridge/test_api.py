@@ -68,6 +68,17 @@ async def test_list_with_filters_and_pagination_with_the_sdk(bridge, sdk):
     assert by_agent.items == [] and by_agent.has_more is False
     registered = await sdk.call.list(filter_criteria={"call_status": {"op": "in", "type": "enum", "value": ["registered"]}})
     assert len(registered.items) == 7
+    # the call id and the numbers, with retell-sdk's string filters (the dashboard's search)
+    def found(**criteria):
+        return sdk.call.list(filter_criteria={name: {"type": "string", "op": op, "value": v} for name, (op, v) in criteria.items()})
+
+    assert [i.call_id for i in (await found(call_id=("eq", ids[3]))).items] == [ids[3]]
+    assert [i.call_id for i in (await found(call_id=("sw", ids[3][:8]))).items] == [ids[3]]
+    assert [i.call_id for i in (await found(to_number=("ew", "0123"))).items] == [ids[3]]
+    assert len((await found(to_number=("co", "55501"))).items) == 7 and (await found(to_number=("co", "5%"))).items == []  # (no wildcard)
+    assert len((await found(from_number=("sw", "+1415"), to_number=("ne", "+14155550120"))).items) == 6
+    either = await sdk.call.list(filter_criteria={"call_id": {"op": "in", "type": "enum", "value": ids[:2]}})
+    assert sorted(i.call_id for i in either.items) == sorted(ids[:2])
 
 
 async def test_a_call_placed_through_twilio_is_seen_by_the_sdk(bridge, sdk):
