@@ -309,7 +309,13 @@ class CallSession:
             return [(TO_AGENT, "pong")]
         if type(m) is wf.Update:
             if self.observer is not None and len(m.transcript) != len(self.transcript):
-                self.observer.event(now, "transcript", utterances=len(m.transcript))
+                details: dict = {"utterances": len(m.transcript)}
+                # the utterances another now follows are done: the log carries them, so a live
+                # call's page shows its transcript (a private call's content is never kept)
+                done = m.transcript[max(0, len(self.transcript) - 1) : len(m.transcript) - 1]
+                if done and not getattr(self.observer, "private", True):
+                    details["settled"] = [{"role": u.get("role"), "content": u.get("content")} for u in done if isinstance(u, dict)]
+                self.observer.event(now, "transcript", **details)
             self.transcript = m.transcript
             if self.web_caller and self.caller_updates:
                 return [(TO_CALLER, message)]

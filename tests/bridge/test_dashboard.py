@@ -87,7 +87,10 @@ async def open_dashboard(browser, bridge):
     async def open_(path: str = "/dashboard/", on=None) -> Tab:
         """The page at ``path`` of ``on`` (default: the test's bridge)."""
         target = on or bridge
-        context = await browser.new_context(viewport={"width": 1280, "height": 800}, permissions=["microphone"])
+        context = await browser.new_context(
+            viewport={"width": 1280, "height": 800}, permissions=["microphone", "clipboard-read", "clipboard-write"],
+            timezone_id="Asia/Kolkata",  # (not the machine's: the page must say which zone its times are in)
+        )
         contexts.append(context)
         page = await context.new_page()
         tab = Tab(page, target.base_url)
@@ -175,6 +178,72 @@ async def test_sign_in_watch_a_call_live_and_read_its_page(open_dashboard, bridg
     await audio.evaluate("(a) => { a.muted = true; return a.play(); }")
     await until(lambda: audio.evaluate("(a) => a.currentTime > 0.3"), timeout=10)
     await tab.shot("04-call-page")
+    assert tab.troubles() == [], tab.troubles()
+
+
+async def test_the_console_overview_agents_search_copy_and_the_zone(open_dashboard, bridge):
+    """The operator's console: an overview of the window's calls, the agents page, search by call
+    id and by number, ids copied whole, times with their zone, a registered call waiting (not
+    live), and a live call's transcript as it goes."""
+    done = [await bridge.call(to_number=f"+1415555{n:04d}") for n in (1234, 5678)]
+    async with api_client(bridge.base_url) as http:
+        waiting = (await http.post("/v2/register-phone-call", json={"agent_id": "echo", "to_number": "+14155559999"})).json()
+    tab = await open_dashboard()
+    page = tab.page
+    await tab.sign_in()
+    await page.wait_for_selector(f"#calls-table tr[data-call-id='{done[0].call_id}']", timeout=10_000)
+    # times say their zone (the browser's, not the bridge's); a registered call is waiting
+    assert "(IST)" in await page.locator("#calls-table thead").inner_text() or "GMT+5:30" in await page.locator("#calls-table thead").inner_text()
+    row = page.locator(f"#calls-table tr[data-call-id='{waiting['call_id']}']")
+    assert (await row.locator(".duration").inner_text()) == "waiting"
+    # the id is copied whole
+    await row.locator("button.copy").click()
+    assert await page.evaluate("navigator.clipboard.readText()") == waiting["call_id"]
+    # search: a call id's start, then a number (from or to)
+    await page.fill("#filter-call-id", done[1].call_id[:9])
+    await page.press("#filter-call-id", "Enter")
+    shown = "() => [...document.querySelectorAll('#calls-table tbody tr[data-call-id]')].map(r => r.dataset.callId).join()"
+    await until(lambda: page.evaluate(f"({shown})() === {done[1].call_id!r}"), timeout=10)
+    assert await page.locator(f"#calls-table tr[data-call-id='{done[1].call_id}']").count() == 1
+    await page.fill("#filter-call-id", "")
+    await page.fill("#filter-number", "5551234")
+    await page.press("#filter-number", "Enter")
+    await until(lambda: page.evaluate(f"({shown})() === {done[0].call_id!r}"), timeout=10)
+    await tab.shot("13-search")
+    # the overview: the window's calls, how they ended, the latency over time
+    await page.click("nav a[href='#/overview']")
+    await page.wait_for_selector("#overview-volume svg[data-calls]")
+    assert int(await page.locator("#overview-volume svg").get_attribute("data-calls")) == 2  # (the waiting one has not started)
+    assert (await page.locator("#tile-calls .tile-value").inner_text()) == "2"
+    assert (await page.locator("#tile-live .tile-value").inner_text()) == "1"  # (it is waiting)
+    assert await page.locator("#overview-outcomes tr[data-reason='user_hangup'] td.num").inner_text() == "2"
+    assert int(await page.locator("#overview-latency svg").get_attribute("data-points")) >= 1
+    assert "IST" in await page.locator(".caption").inner_text() or "GMT+5:30" in await page.locator(".caption").inner_text()
+    await tab.shot("14-overview")
+    # the agents page
+    await page.click("nav a[href='#/agents']")
+    agent = page.locator("#agents-table tr[data-agent-id='echo']")
+    await agent.wait_for()
+    cells = await agent.locator("td").all_inner_texts()
+    assert "s16le · 24000 Hz" in cells[1] and cells[3] == "2", cells
+    await tab.shot("15-agents")
+    # a live call's page shows the transcript as it goes (from the public log)
+    call, call_id = await _ongoing_call(bridge, caller_audio(first_phrase_only=False) + bytes(8000 * 2 * 6))
+    await page.goto(f"{tab.base_url}/dashboard/#/calls/{call_id}")
+    await page.wait_for_selector("#transcript .turn-user", timeout=20_000)
+    assert (await bridge.store.get(call_id)).call_status.value == "ongoing"
+    assert await page.locator("#call-page .page-title button.copy").count() == 1
+    await tab.shot("16-live-transcript")
+    await call
+    # a phone's width: the top bar wraps and nothing is cut
+    await page.set_viewport_size({"width": 420, "height": 800})
+    await page.goto(f"{tab.base_url}/dashboard/#/calls")
+    await page.wait_for_selector("#calls-table tr[data-call-id]")
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 420
+    for selector in ("#signout", "nav a[href='#/talk']", ".brand"):
+        box = await page.locator(selector).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 420, (selector, box)
+    await tab.shot("17-narrow")
     assert tab.troubles() == [], tab.troubles()
 
 

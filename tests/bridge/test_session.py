@@ -144,6 +144,32 @@ def test_ping_pong_measures_the_round_trip_and_updates_keep_the_transcript():
     assert CallSession(Protocol.twilio, AudioFormat("mulaw", 8000), SID).ping(1.0) == []
 
 
+@pytest.mark.parametrize("private", [False, True])
+def test_the_log_carries_each_utterance_once_another_follows_it(private):
+    """(a live call's page shows the transcript from the log; a private call's never holds it)"""
+    from bridge.media.observer import CallObserver
+
+    observer = CallObserver(started=0.0, private=private)
+    s = web(observer=observer)
+
+    def update(*turns):
+        utterances = [{"role": role, "content": text} for role, text in turns]
+        s.from_agent(json.dumps({"event_type": "update", "transcript": utterances}), 1.0)
+
+    update(("agent", "Hel"))
+    update(("agent", "Hello, how"))
+    update(("agent", "Hello, how can I help?"), ("user", "I'd"))
+    update(("agent", "Hello, how can I help?"), ("user", "I'd like a table"), ("agent", "Sure."), ("user", "For"))
+    logged = [e for e in observer.events if e["event"] == "transcript"]
+    assert [e["utterances"] for e in logged] == [1, 2, 4]
+    settled = [u for e in logged for u in e.get("settled", [])]
+    if private:
+        assert settled == []
+    else:
+        assert settled == [{"role": "agent", "content": "Hello, how can I help?"}, {"role": "user", "content": "I'd like a table"},
+                           {"role": "agent", "content": "Sure."}]  # fmt: skip
+
+
 def test_after_a_clear_only_audio_the_caller_heard_counts():
     s = web(8000, mark_interval_ms=100)
     s.from_agent(tone(8000, 1000))  # 1 s queued at Twilio, marks m1..m10

@@ -7,7 +7,7 @@
 
 import { ApiError, request, requestJson } from "./api.js";
 import { latencyChart, percentileTable } from "./chart.js";
-import { callDuration, el, formatDuration, formatTime, isLive, notice, replaceChildren, statusPill } from "./dom.js";
+import { callDuration, copyButton, el, formatDuration, formatTime, isLive, notice, replaceChildren, statusPill } from "./dom.js";
 import { RecordingPlayer } from "./waveform.js";
 
 const POLL_MS = 2000;
@@ -30,7 +30,7 @@ class CallPage {
     this.destroyed = false;
     this.recordingShown = false;
 
-    this.title = el("div", { class: "page-title" }, el("h1", {}, "Call ", el("span", { class: "mono call-id", text: callId })));
+    this.title = el("div", { class: "page-title" }, el("h1", {}, "Call ", el("span", { class: "mono call-id", text: callId })), copyButton(callId));
     this.actions = el("div", { class: "page-actions" });
     this.summary = el("div", { class: "summary" }, notice("Loading…"));
     this.recording = el("div", { id: "recording-section" }, notice("Loading…"));
@@ -127,7 +127,7 @@ class CallPage {
       ["To", call.to_number ?? "—"],
       ["Started", formatTime(call.start_timestamp)],
       ["Ended", formatTime(call.end_timestamp)],
-      ["Duration", duration === null ? "—" : formatDuration(duration) + (isLive(call) ? " (live)" : "")],
+      ["Duration", call.call_status === "registered" ? "waiting (registered: no audio yet)" : duration === null ? "—" : formatDuration(duration) + (isLive(call) ? " (live)" : "")],
       ["Audio (caller's leg)", [call.audio_websocket_protocol, call.audio_encoding, call.sample_rate && `${call.sample_rate} Hz`].filter(Boolean).join(" · ") || "—"],
       ["Sensitive data", call.opt_out_sensitive_data_storage ? "not stored (opted out)" : "stored"],
     ];
@@ -206,6 +206,23 @@ class CallPage {
     replaceChildren(this.transcript, nodes);
   }
 
+  /** A live call's transcript so far, from its public log (the record gets the whole
+   *  transcript when the call ends): each utterance once another follows it. */
+  renderLiveTranscript(events) {
+    const nodes = [];
+    for (const event of events) {
+      if (event.event === "dtmf") nodes.push(el("div", { class: "turn turn-dtmf" }, el("span", { class: "dtmf", text: `keypad: ${event.digit ?? "?"}` })));
+      if (event.event !== "transcript" || !Array.isArray(event.settled)) continue;
+      for (const item of event.settled) {
+        if (item?.role !== "agent" && item?.role !== "user") continue;
+        nodes.push(el("div", { class: `turn turn-${item.role}` }, el("span", { class: "speaker", text: item.role === "user" ? "caller" : "agent" }), el("p", { class: "bubble", text: item.content ?? "" })));
+      }
+    }
+    if (nodes.length === 0) return; // ("No transcript yet.")
+    nodes.push(notice("Live: the utterance under way shows once the next one starts; the whole transcript comes when the call ends."));
+    replaceChildren(this.transcript, nodes);
+  }
+
   // --- the public log: timeline and latency chart -------------------------------------------
 
   async loadLog(call) {
@@ -225,6 +242,7 @@ class CallPage {
     }
     const events = parseLog(text);
     this.renderTimeline(events);
+    if (isLive(call) && !(call.transcript_with_tool_calls ?? call.transcript_object)?.length) this.renderLiveTranscript(events);
     const turns = events.filter((e) => e.event === "turn" && Number.isFinite(e.latency_ms));
     const empty = isLive(call) ? "no turns yet" : "no turns in this call";
     replaceChildren(this.chart, latencyChart(turns, call.e2e_latency, empty)); // says so itself when empty

@@ -3,15 +3,22 @@
 
 import { ApiError, requestJson } from "./api.js";
 import {
-  callDuration, callLink, el, formatDuration, formatMs, formatTime, isLive, notice, replaceChildren, statusPill,
+  callDuration, callIdCell, el, formatDuration, formatMs, formatTime, isLive, notice, replaceChildren, statusPill, timeZoneName,
 } from "./dom.js";
 
 const PAGE_SIZE = 25;
+// A search by number lists this many of the latest matches (from or to), on one page.
+const NUMBER_MATCHES = 100;
 // While the bridge has no call-events feed, the live panel asks list-calls this often instead.
 const LIVE_POLL_MS = 5000;
 
 // The filters survive a visit to a call's page and back (they are not data, only the query).
 let rememberedFilters = null;
+
+/** Opens the Calls view on these filters next (e.g. {agent: "main"}). */
+export function filterCalls(values) {
+  rememberedFilters = values;
+}
 
 export function mountCalls(container, app) {
   const view = new CallsView(app);
@@ -38,7 +45,7 @@ class CallsView {
     this.nextButton = el("button", { id: "page-next", type: "button", on: { click: () => this.nextPage() } }, "Next →");
     this.pageLabel = el("span", { id: "page-number", class: "page-number" });
 
-    const headings = ["Started", "Call", "Agent", "Type", "Direction", "From", "To", "Status", "Disconnection reason", "Duration", "p50 latency"];
+    const headings = [`Started (${timeZoneName()})`, "Call", "Agent", "Type", "Direction", "From", "To", "Status", "Disconnection reason", "Duration", "p50 latency"];
     this.element = el(
       "div",
       { class: "calls-view" },
@@ -139,7 +146,7 @@ class CallsView {
     return el(
       "tr",
       { dataset: { callId: call.call_id } },
-      el("td", {}, callLink(call.call_id, shortId(call.call_id))),
+      el("td", { class: "nowrap" }, callIdCell(call.call_id)),
       el("td", { text: call.agent_id ?? "—" }),
       el("td", { text: call.call_type ?? "—" }),
       el("td", { class: "mono", text: `${call.from_number ?? "—"} → ${call.to_number ?? "—"}` }),
@@ -195,6 +202,23 @@ class CallsView {
     this.element.classList.add("loading");
     this.prevButton.disabled = this.nextButton.disabled = true;
     try {
+      const number = this.filters.number();
+      if (number) {
+        // from OR to: two lists (the API ANDs its filters), merged, the latest NUMBER_MATCHES
+        const ask = (side) =>
+          requestJson("/v3/list-calls", {
+            method: "POST",
+            json: { limit: NUMBER_MATCHES, sort_order: "descending", filter_criteria: { ...criteria, [side]: { op: "co", type: "string", value: number } } },
+          });
+        const [from, to] = await Promise.all([ask("from_number"), ask("to_number")]);
+        if (token !== this.loadToken) return;
+        const merged = new Map([...from.items, ...to.items].map((call) => [call.call_id, call]));
+        const calls = [...merged.values()].sort((a, b) => (b.start_timestamp ?? 0) - (a.start_timestamp ?? 0)).slice(0, NUMBER_MATCHES);
+        this.nextCursor = null;
+        this.renderTable(calls);
+        if (from.has_more || to.has_more) this.tableError.append(notice(`The ${NUMBER_MATCHES} latest calls from or to a number containing “${number}”.`));
+        return;
+      }
       const page = await requestJson("/v3/list-calls", { method: "POST", json: body });
       if (token !== this.loadToken) return;
       this.nextCursor = page.has_more ? page.pagination_key : null;
@@ -248,8 +272,8 @@ function tableRow(call) {
   return el(
     "tr",
     { dataset: { callId: call.call_id } },
-    el("td", { class: "nowrap", text: formatTime(call.start_timestamp) }),
-    el("td", {}, callLink(call.call_id, shortId(call.call_id))),
+    el("td", { class: "nowrap", text: formatTime(call.start_timestamp, false) }),
+    el("td", { class: "nowrap" }, callIdCell(call.call_id)),
     el("td", { text: call.agent_id ?? "—" }),
     el("td", { text: call.call_type ?? "—" }),
     el("td", { text: call.direction ?? "—" }),
@@ -258,7 +282,7 @@ function tableRow(call) {
     // The pill's text is exactly the status (tests and scripts read `.status`).
     el("td", { class: "status" }, statusPill(call.call_status)),
     el("td", { class: "reason", text: reasonText(call) }),
-    el("td", { class: "num", text: call.end_timestamp ? formatDuration(callDuration(call)) : isLive(call) ? "live" : "—" }),
+    el("td", { class: "num duration", text: tableDuration(call) }),
     el("td", { class: "num", text: formatMs(latency) }),
   );
 }
@@ -270,12 +294,15 @@ function reasonText(call) {
 }
 
 function liveDuration(call) {
-  return call.start_timestamp ? formatDuration(callDuration(call)) : "waiting";
+  return call.start_timestamp && call.call_status !== "registered" ? formatDuration(callDuration(call)) : "waiting";
 }
 
-/** The start of a call id, enough to tell calls apart; the full id is on the call's page. */
-function shortId(callId) {
-  return callId.length > 12 ? callId.slice(0, 10) + "…" : callId;
+/** An ended call's length; "live" while it is under way; "waiting" while it is registered (no
+ *  audio yet: its agent or its caller has not connected). */
+function tableDuration(call) {
+  if (call.end_timestamp) return formatDuration(callDuration(call));
+  if (call.call_status === "ongoing") return "live";
+  return call.call_status === "registered" ? "waiting" : "—";
 }
 
 // --- the filter bar ------------------------------------------------------------------------
@@ -284,20 +311,24 @@ class FilterBar {
   constructor(initial, onApply) {
     const select = (id, label, options) =>
       field(id, label, el("select", { id, name: id }, options.map(([value, text]) => el("option", { value, text }))));
+    const text = (id, label, placeholder) =>
+      field(id, label, el("input", { id, type: "search", placeholder, spellcheck: "false", autocomplete: "off" }));
+    this.callId = text("filter-call-id", "Call id", "starts with…");
+    this.numberField = text("filter-number", "Number", "from or to, contains…");
     this.agent = field("filter-agent", "Agent id", el("input", { id: "filter-agent", type: "text", placeholder: "any", spellcheck: "false", autocomplete: "off" }));
     this.status = select("filter-status", "Status", [["", "any"], ["registered", "registered"], ["ongoing", "ongoing"], ["ended", "ended"], ["error", "error"]]);
     this.direction = select("filter-direction", "Direction", [["", "any"], ["inbound", "inbound"], ["outbound", "outbound"]]);
     this.type = select("filter-type", "Call type", [["", "any"], ["phone_call", "phone_call"], ["web_call", "web_call"]]);
     this.from = field("filter-from", "Started from", el("input", { id: "filter-from", type: "datetime-local" }));
     this.to = field("filter-to", "Started to", el("input", { id: "filter-to", type: "datetime-local" }));
-    this.inputs = { agent: this.agent.input, status: this.status.input, direction: this.direction.input, type: this.type.input, from: this.from.input, to: this.to.input };
-    if (initial) for (const [name, value] of Object.entries(initial)) this.inputs[name].value = value;
+    this.inputs = { callId: this.callId.input, number: this.numberField.input, agent: this.agent.input, status: this.status.input, direction: this.direction.input, type: this.type.input, from: this.from.input, to: this.to.input };
+    if (initial) for (const [name, value] of Object.entries(initial)) if (this.inputs[name]) this.inputs[name].value = value;
 
     const reset = el("button", { type: "button", on: { click: () => this.reset(onApply) } }, "Reset");
     this.element = el(
       "form",
       { id: "call-filters", class: "filters", on: { submit: (e) => { e.preventDefault(); onApply(); } } },
-      [this.agent, this.status, this.direction, this.type, this.from, this.to].map((f) => f.element),
+      [this.callId, this.numberField, this.agent, this.status, this.direction, this.type, this.from, this.to].map((f) => f.element),
       el("div", { class: "filter-actions" }, el("button", { type: "submit", class: "primary" }, "Apply"), reset),
     );
     // Choices apply at once; the agent id when Enter is pressed or the field is left.
@@ -318,12 +349,18 @@ class FilterBar {
     return Object.fromEntries(Object.entries(this.inputs).map(([name, input]) => [name, input.value]));
   }
 
+  /** The number searched for (in from or to), or "". */
+  number() {
+    return this.inputs.number.value.trim();
+  }
+
   /** The list-calls `filter_criteria` of the bar, or null when nothing is filtered. Throws an
    *  Error with a readable message when the bar's values make no sense. */
   criteria() {
     const v = this.values();
     const criteria = {};
     const enumFilter = (value) => ({ op: "in", type: "enum", value: [value] });
+    if (v.callId.trim()) criteria.call_id = { op: "sw", type: "string", value: v.callId.trim() };
     if (v.agent.trim()) criteria.agent = [{ agent_id: v.agent.trim() }];
     if (v.status) criteria.call_status = enumFilter(v.status);
     if (v.direction) criteria.direction = enumFilter(v.direction);

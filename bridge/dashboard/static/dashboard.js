@@ -4,7 +4,7 @@
 // While signed out the page holds only the sign-in view of index.html; the shell is built after
 // the API key is accepted and removed on sign-out, so no data outlives the session in the DOM.
 //
-// Routes: #/calls (default), #/calls/<call_id>, #/talk. Each view is a function
+// Routes: #/calls (default), #/calls/<call_id>, #/overview, #/agents, #/talk. Each view is a function
 // `mount(container, app)` that returns its `destroy()`; `app` gives it the shared call feed and
 // the listener panel.
 
@@ -15,6 +15,8 @@ import { ListenerPanel } from "./listener-panel.js";
 import { mountCalls } from "./calls.js";
 import { mountCallPage } from "./call-page.js";
 import { mountTalk } from "./talk.js";
+import { mountOverview } from "./overview.js";
+import { mountAgents } from "./agents.js";
 
 const signinView = document.getElementById("signin");
 const signinForm = document.getElementById("signin-form");
@@ -82,8 +84,10 @@ class App {
 
     this.feedStatus = el("span", { id: "feed-status", class: "feed-status", title: "The live call feed" });
     this.navLinks = {
+      overview: el("a", { href: "#/overview", text: "Overview" }),
       calls: el("a", { href: "#/calls", text: "Calls" }),
-      talk: el("a", { href: "#/talk", text: "Talk to an agent" }),
+      agents: el("a", { href: "#/agents", text: "Agents" }),
+      talk: el("a", { href: "#/talk", text: "Talk" }),
     };
     const header = el(
       "header",
@@ -92,7 +96,9 @@ class App {
       el(
         "nav",
         { class: "nav" },
+        this.navLinks.overview,
         this.navLinks.calls,
+        this.navLinks.agents,
         this.navLinks.talk,
         el("a", { href: "/docs", target: "_blank", rel: "noopener", text: "API docs" }),
       ),
@@ -128,6 +134,12 @@ class App {
       const callId = decodeURIComponent(match[1]);
       mount = (container) => mountCallPage(container, this, callId);
       section = "calls";
+    } else if (hash === "#/overview") {
+      mount = (container) => mountOverview(container, this);
+      section = "overview";
+    } else if (hash === "#/agents") {
+      mount = (container) => mountAgents(container, this);
+      section = "agents";
     } else if (hash === "#/talk") {
       mount = (container) => mountTalk(container, this);
       section = "talk";

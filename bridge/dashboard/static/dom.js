@@ -45,12 +45,19 @@ export function svg(tag, attrs = {}, text) {
 
 // --- formatting ---------------------------------------------------------------------------
 
-/** A local date and time ("2024-05-01 14:03:07"), or "—". */
-export function formatTime(ms) {
+/** The browser's time zone as the page names it ("UTC", "CET", "GMT+5:30"...). */
+export function timeZoneName(ms = Date.now()) {
+  const part = new Intl.DateTimeFormat(undefined, { timeZoneName: "short" }).formatToParts(new Date(ms)).find((p) => p.type === "timeZoneName");
+  return part ? part.value : "local time";
+}
+
+/** A local date and time with its zone ("2024-05-01 14:03:07 CEST"), or "—" (`withZone`
+ *  false: without, where a heading names the zone). */
+export function formatTime(ms, withZone = true) {
   if (ms === null || ms === undefined) return "—";
   const d = new Date(ms);
   const pad = (n) => String(n).padStart(2, "0");
-  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}${withZone ? " " + timeZoneName(ms) : ""}`;
 }
 
 /** A duration as "m:ss" (or "h:mm:ss"), or "—". */
@@ -88,7 +95,46 @@ export function statusPill(status) {
 
 /** A link to a call's page. */
 export function callLink(callId, text = callId) {
-  return el("a", { href: `#/calls/${encodeURIComponent(callId)}`, class: "mono", text });
+  return el("a", { href: `#/calls/${encodeURIComponent(callId)}`, class: "mono", text, title: callId });
+}
+
+/** Puts `text` on the clipboard: the Clipboard API where the page may use it (https, localhost),
+ *  else a selected text area and the copy command (a bridge on plain http elsewhere). */
+export async function copyText(text) {
+  if (navigator.clipboard && window.isSecureContext) {
+    await navigator.clipboard.writeText(text);
+    return;
+  }
+  const area = el("textarea", { class: "offscreen", readonly: true });
+  area.value = text;
+  document.body.append(area);
+  area.select();
+  const copied = document.execCommand("copy");
+  area.remove();
+  if (!copied) throw new Error("the browser refused to copy");
+}
+
+/** A small button copying `text` (a call id, a number); it says when it did. */
+export function copyButton(text, what = "call id") {
+  const button = el("button", { type: "button", class: "copy small", title: `Copy the ${what}`, "aria-label": `Copy the ${what}`, dataset: { copy: text } }, "Copy");
+  button.addEventListener("click", async (event) => {
+    event.preventDefault();
+    event.stopPropagation();
+    try {
+      await copyText(text);
+      button.textContent = "Copied";
+    } catch {
+      button.textContent = "Not copied";
+    }
+    setTimeout(() => (button.textContent = "Copy"), 1500);
+  });
+  return button;
+}
+
+/** A call id as its short link and a copy button (the full id in the link's title). */
+export function callIdCell(callId) {
+  const short = callId.length > 12 ? callId.slice(0, 10) + "…" : callId;
+  return el("span", { class: "call-id-cell" }, callLink(callId, short), copyButton(callId));
 }
 
 /** A `<p class="notice">` holding a message (kind: "error", "muted" or "info"). */
