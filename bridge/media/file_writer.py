@@ -1,4 +1,4 @@
-"""Recording writes off the event loop.
+"""Recording and public-log writes off the event loop.
 
 A write to a file usually lands in the page cache in microseconds, but now and then the kernel
 makes it wait (dirty-page writeback): on the event loop that stalls every call's audio, measured
@@ -14,49 +14,71 @@ import concurrent.futures
 import logging
 import threading
 from collections import deque
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
 class BackgroundFile:
-    """A binary file whose ``write`` / ``seek`` / ``flush`` / ``close`` run on the writer
-    thread, in the order they were called. Opening is immediate (its errors surface here).
-    Consecutive writes are gathered here up to ``BUFFER_BYTES`` and handed over as one: a hand
-    over wakes the writer thread, which then takes the interpreter's lock from the event loop,
-    and a recording writes every 20 ms frame (this was a tenth of the loop's time at 24 kHz)."""
+    """A binary file whose opening and ``write`` / ``seek`` / ``flush`` / ``close`` all run on
+    the writer thread, in the order they were called. Opening there too keeps its syscalls (and
+    the interpreter's lock taken back after each) off the event loop: they were a sixth of the
+    loop's time while a burst of calls set up. A file that cannot be opened (a full disk, a
+    read-only volume) says why in ``error`` once the writer has tried (after a ``barrier``);
+    what is written to it meanwhile is dropped, the call goes on.
+
+    Consecutive writes are gathered here up to ``gather`` bytes (default ``BUFFER_BYTES``) and
+    handed over as one: a recording writes every 20 ms frame, and each hand-over costs the loop
+    (this was a tenth of its time at 24 kHz). A log hands each line over (``gather=0``)."""
 
     #: at most this much of a call's recording waits here (~85 ms of 24 kHz stereo audio)
     BUFFER_BYTES = 8192
 
-    def __init__(self, writer: FileWriter, path, mode: str):
-        self._file = open(path, mode)  # noqa: SIM115 - closed by close()
+    def __init__(self, writer: FileWriter, path, mode: str, gather: int = BUFFER_BYTES):
+        self._file = None
+        self.error: OSError | None = None
         self._writer = writer
+        self._gather = gather
         self._pending = bytearray()
         self.closed = False
+        writer.submit(self._open, path, mode)
+
+    def _open(self, path, mode: str) -> None:  # (on the writer thread)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # (a file handed every write, a log, is unbuffered: each line is in the file once written)
+            self._file = open(path, mode, buffering=0 if self._gather == 0 else -1)  # noqa: SIM115 - closed by close()
+        except OSError as e:
+            self.error = e
+            log.error("cannot open %s: %s", path, e)
+
+    def _do(self, name: str, *args) -> None:  # (on the writer thread)
+        if self._file is not None:
+            getattr(self._file, name)(*args)
 
     def write(self, data: bytes) -> None:
         self._pending += data
-        if len(self._pending) >= self.BUFFER_BYTES:
+        if len(self._pending) >= self._gather:
             self._hand_over()
 
     def _hand_over(self) -> None:
         if self._pending:
-            self._writer.submit(self._file.write, bytes(self._pending))
+            self._writer.submit(self._do, "write", bytes(self._pending))
             self._pending.clear()
 
     def seek(self, offset: int, whence: int = 0) -> None:
         self._hand_over()
-        self._writer.submit(self._file.seek, offset, whence)
+        self._writer.submit(self._do, "seek", offset, whence)
 
     def flush(self) -> None:
         self._hand_over()
-        self._writer.submit(self._file.flush)
+        self._writer.submit(self._do, "flush")
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self._hand_over()
-            self._writer.submit(self._file.close)
+            self._writer.submit(self._do, "close")
 
 
 class FileWriter:
@@ -71,8 +93,9 @@ class FileWriter:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def open(self, path, mode: str = "xb") -> BackgroundFile:
-        return BackgroundFile(self, path, mode)
+    def open(self, path, mode: str = "xb", gather: int = BackgroundFile.BUFFER_BYTES) -> BackgroundFile:
+        """``path`` opened on the writer thread (its folder made if need be)."""
+        return BackgroundFile(self, path, mode, gather)
 
     def submit(self, fn, *args) -> None:
         if self._thread is None:

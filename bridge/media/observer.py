@@ -74,11 +74,20 @@ class Recording:
     stream started on the bridge's clock; each side stays contiguous unless it fell behind the
     clock by more than JITTER_S (then the gap is silence)."""
 
-    def __init__(self, path: Path, opener=open, rate: int = 8000):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, opener=None, rate: int = 8000):
+        """``opener(path, mode)``: the writer thread's (``FileWriter.open``, which makes the
+        folder), or by default a plain file opened here."""
+        if opener is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            opener = open
         self.path = path
         self.rate = rate
         self.writer = StereoWavWriter(path, rate, sync_ms=1000, opener=opener)
+
+    @property
+    def file(self):
+        """What the opener gave (a ``BackgroundFile``: its ``error`` says whether it opened)."""
+        return self.writer._file
 
     def put(self, channel: int, pcm: bytes, clock_pos: int) -> None:
         """At exactly ``clock_pos`` (the caller's audio, on Twilio's clock)."""
@@ -104,6 +113,9 @@ class CallObserver:
     started: float  # bridge clock when the stream started (s)
     recording: Recording | None = None
     log_path: Path | None = None
+    #: how the log is opened: ``FileWriter.open`` (its writes then run on the writer thread, one
+    #: hand-over a line); None: a plain file opened here
+    log_opener: Any = None
     private: bool = False  # opt_out_sensitive_data_storage: nothing about the content is kept
     vad_end_silence_ms: int = 600
     caller_format: AudioFormat = TWILIO_FORMAT  # the caller leg's (recording, VAD)
@@ -140,9 +152,12 @@ class CallObserver:
         self._agent_ulaw = bytearray()  # agent audio not yet recorded (contiguous)
         self._agent_at = 0
         self._log = None
-        if self.log_path is not None:
+        if self.log_path is not None and self.log_opener is not None:
+            self._log = self.log_opener(self.log_path, "ab", gather=0)
+        elif self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_path, "a", buffering=1)  # noqa: SIM115 - open for the call's life
+            self._log = open(self.log_path, "ab", buffering=0)  # noqa: SIM115 - open for the call's life
+        self._log_file = self._log  # (kept after close: unwritten() asks it)
 
     # --- what happened ---------------------------------------------------------------------
 
@@ -150,7 +165,7 @@ class CallObserver:
         entry = {"t_ms": round((now - self.started) * 1000, 1), "event": kind, **details}
         self.events.append(entry)
         if self._log is not None:
-            self._log.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self._log.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
 
     def caller_audio(self, payload: bytes, now: float, timestamp_ms: int | None = None, chunk: int | None = None) -> None:
         if not payload:
@@ -370,6 +385,17 @@ class CallObserver:
                 woven.append({"role": "tool_call_result", "tool_call_id": e["id"], "content": content})
         woven += [{**u, "words": u.get("words", [])} for u in transcript[used:]]
         return woven
+
+    def unwritten(self) -> dict[str, str]:
+        """{record field: why} for a recording or log the writer thread could not open (known
+        once the writer has tried: after a ``FileWriter.barrier``)."""
+        problems = {}
+        files = (("recording_url", "no recording", self.recording and self.recording.file), ("public_log_url", "no public log", self._log_file))
+        for name, what, file in files:
+            error = getattr(file, "error", None)
+            if error is not None:
+                problems[name] = f"{what}: {error}"
+        return problems
 
     def close(self) -> None:
         if self._caller_ulaw:

@@ -382,7 +382,7 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
     observer = None
     start = caller.start
     try:
-        observer, unavailable = _observe(calls, files, record, loop.time(), private, caller.format, caller.protocol is Protocol.twilio)
+        observer = _observe(calls, files, record, loop.time(), private, caller.format, caller.protocol is Protocol.twilio)
         if caller.protocol is Protocol.twilio:
             observer.event(observer.started, "stream_start", call_sid=start.call_sid, stream_sid=start.stream_sid)
         else:
@@ -424,12 +424,6 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
         observer.tap = calls.listen_taps[call_id] = ListenTap(
             call_id, rate, settings.listen_max_lag_s, lambda: int((loop.time() - observer.started) * rate), on_listener
         )  # fmt: skip
-    for problem in unavailable.values():
-        log.error("call %s: %s", call_id, problem)
-        try:
-            await calls.note(call_id, problem)
-        except Exception:  # the database too: the ending's record still says the URL is gone
-            log.exception("call %s: could not note it", call_id)
     agent = None
     relay: MediaRelay | None = None
     call_metrics = calls.metrics.call() if settings.metrics else None
@@ -497,7 +491,7 @@ async def _relay(caller_ws: connection.ServerConnection, calls: CallService, fil
         session.end(Reason.error_unknown, f"{type(e).__name__}: {e}")
     finally:
         calls.detach(call_id)
-        await _finish(caller_ws, agent, session, calls, files, record, unavailable, caller.asks_after_stream, control)
+        await _finish(caller_ws, agent, session, calls, files, record, caller.asks_after_stream, control)
         if call_metrics is not None:
             _flush(call_metrics, session, ended=True)
 
@@ -509,24 +503,19 @@ def _design_filters(a: int, b: int) -> None:
 def _observe(
     calls: CallService, files: FileWriter, record: CallRecord, started: float, private: bool, caller_format: AudioFormat, timed: bool = True
 ):
-    """The call's observer, with its recording and public log unless the call is private. A
-    file that cannot be opened (a full disk, a read-only volume) costs that file only, never the
-    call: ``(observer, {record field: why it is unavailable})``."""
-    unavailable: dict[str, str] = {}
+    """The call's observer, with its recording and public log unless the call is private. Both
+    files are opened on the writer thread; one that cannot be (a full disk, a read-only volume)
+    costs that file only, never the call, and is found when the call ends
+    (``CallObserver.unwritten``)."""
     recording = None
     if not private:
-        try:
-            recording = Recording(calls.recording_path(record.call_id), files.open, caller_format.sample_rate)
-        except OSError as e:
-            unavailable["recording_url"] = f"no recording: {e}"
+        recording = Recording(calls.recording_path(record.call_id), files.open, caller_format.sample_rate)
     log_path = None if private else calls.log_path(record.call_id)
     clock = MediaClock(caller_format.sample_rate) if timed else None  # (Twilio's timestamps; a web caller has none)
-    try:
-        observer = CallObserver(started=started, recording=recording, log_path=log_path, private=private, caller_format=caller_format, clock=clock)
-    except OSError as e:  # (the log is opened last: the recording, if any, is still ours)
-        unavailable["public_log_url"] = f"no public log: {e}"
-        observer = CallObserver(started=started, recording=recording, private=private, caller_format=caller_format, clock=clock)
-    return observer, unavailable
+    observer = CallObserver(
+        started=started, recording=recording, log_path=log_path, log_opener=files.open, private=private, caller_format=caller_format, clock=clock
+    )  # fmt: skip
+    return observer
 
 
 async def _open_agent(session: CallSession, url: str, headers, settings) -> connection.WsConnection | None:
@@ -802,7 +791,7 @@ class MediaRelay:
 
 async def _finish(
     caller: connection.ServerConnection, agent, session: CallSession, calls: CallService, files: FileWriter, record: CallRecord,
-    unavailable: dict[str, str], asks_after_stream: bool = False, control: CallControl | None = None,
+    asks_after_stream: bool = False, control: CallControl | None = None,
 ) -> None:
     if control is not None and control.voicemail is not None and session.ending and session.ending.reason is Reason.agent_hangup:
         # (the agent hung up after leaving its voicemail message: the call reached a voicemail)
@@ -818,6 +807,9 @@ async def _finish(
         _send_to(caller, session.drop_agent_audio(loop.time()))  # a stop: what is queued is not heard
     if session.web_caller:
         session.update_played(loop.time())
+    # a file the writer thread could not open (it tried at the set-up: known by now but for the
+    # shortest calls), on the record and in the log before the end
+    unavailable = await _note_unwritten(calls, record, session.observer, {})
     session.observer.event(
         loop.time(), "end", reason=reason.value, detail=ending.detail if ending else "",
         frames_from_caller=stats.inbound_frames, frames_to_caller=stats.outbound_frames,
@@ -867,6 +859,7 @@ async def _finish(
             await asyncio.wait_for(asyncio.wrap_future(files.barrier()), RECORDING_FLUSH_TIMEOUT_S)
         except TimeoutError:
             log.error("call %s: the recording's writes are still queued after %g s", record.call_id, RECORDING_FLUSH_TIMEOUT_S)
+        unavailable.update(await _note_unwritten(calls, record, session.observer, unavailable))  # (a call too short to know before)
         measured = measured_fields(session.observer, session)
         measured.update(dict.fromkeys(unavailable))  # no URL for a file that was never written
         if control is not None:
@@ -875,6 +868,20 @@ async def _finish(
         if ending is not None and ending.next_twiml:  # (for a stream-ended question that reaches the record first)
             measured["next_twiml"] = ending.next_twiml
         await calls.end(record.call_id, reason, ending.detail if ending else "", measured)
+
+
+async def _note_unwritten(calls: CallService, record: CallRecord, observer: CallObserver, known: dict[str, str]) -> dict[str, str]:
+    """The call's files the writer thread could not open, beyond ``known``: {record field: why},
+    each logged and noted on the record (a database that does not answer costs only the note)."""
+    problems = {k: v for k, v in observer.unwritten().items() if k not in known}
+    for problem in problems.values():
+        log.error("call %s: %s", record.call_id, problem)
+        try:
+            async with asyncio.timeout(NOTE_WAIT_S):
+                await calls.note(record.call_id, problem)
+        except Exception:  # the database too: the ending still says the URL is gone
+            log.exception("call %s: could not note it", record.call_id)
+    return problems
 
 
 def _send_to(caller: connection.ServerConnection, actions) -> None:

@@ -1,5 +1,5 @@
-"""FileWriter: recording writes happen on one thread, in order per file, and a failing write
-costs only that file."""
+"""FileWriter: recording and log files are opened and written on one thread, in order per file,
+and a file that cannot be opened or written costs only that file."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ async def test_a_failing_write_is_logged_and_other_files_go_on(tmp_path, caplog)
     writer = FileWriter()
     broken, fine = writer.open(tmp_path / "a.bin"), writer.open(tmp_path / "b.bin")
     broken.close()
-    broken._writer.submit(broken._file.write, b"too late")  # a write to a closed file: ValueError
+    broken._writer.submit(broken._do, "write", b"too late")  # a write to a closed file: ValueError
     fine.write(b"still written")
     fine.close()
     with caplog.at_level(logging.ERROR):
@@ -66,7 +66,7 @@ def test_small_writes_are_handed_over_together_and_none_is_lost(tmp_path):
     background = writer.open(tmp_path / "queued.bin")
     handed = []
     submit = writer.submit
-    writer.submit = lambda fn, *args: (handed.append(fn.__name__), submit(fn, *args))
+    writer.submit = lambda fn, *args: (handed.append(args[0] if fn.__name__ == "_do" else fn.__name__), submit(fn, *args))
     frames = [bytes([i]) * 640 for i in range(40)]  # 20 ms of 8 kHz stereo each
     for frame in frames[:30]:
         background.write(frame)
@@ -92,8 +92,35 @@ def test_writes_reach_the_file_without_waking_the_thread_for_each(tmp_path):
     background.flush()
     assert not writer._wake.is_set()
     deadline = time.monotonic() + 5
-    while (tmp_path / "queued.bin").stat().st_size < background.BUFFER_BYTES and time.monotonic() < deadline:
+    path = tmp_path / "queued.bin"
+    while (not path.exists() or path.stat().st_size < background.BUFFER_BYTES) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert (tmp_path / "queued.bin").stat().st_size == background.BUFFER_BYTES
     writer.stop()
     assert writer._thread is None
+
+
+async def test_a_file_that_cannot_be_opened_says_why_and_its_writes_are_dropped(tmp_path, caplog):
+    """(opened on the writer thread: the loop never waits on open or mkdir; the error is known
+    after a barrier, and the call's record then says the file is unavailable)"""
+    writer = FileWriter()
+    (tmp_path / "taken").write_bytes(b"a file where a folder should be")
+    broken = writer.open(tmp_path / "taken" / "call.wav")
+    nested = writer.open(tmp_path / "new" / "folder" / "call.wav", gather=0)
+    assert broken.error is None  # (not tried yet, or tried: either way the caller did not wait)
+    for f in (broken, nested):
+        f.write(b"RIFF")
+        f.flush()
+        f.close()
+    with caplog.at_level(logging.ERROR):
+        await asyncio.wrap_future(writer.barrier())
+    assert isinstance(broken.error, OSError) and nested.error is None
+    assert (tmp_path / "new" / "folder" / "call.wav").read_bytes() == b"RIFF"  # (its folder made)
+    log = writer.open(tmp_path / "call.jsonl", "ab", gather=0)
+    log.write(b'{"event":"stream_start"}\n')  # a log's line is in the file once the writer ran, no flush, no close
+    await asyncio.wrap_future(writer.barrier())
+    assert (tmp_path / "call.jsonl").read_bytes() == b'{"event":"stream_start"}\n'
+    log.close()
+    assert any("cannot open" in r.message for r in caplog.records)
+    assert not any("recording write failed" in r.message for r in caplog.records)  # (dropped, not failed again)
+    writer.stop()
