@@ -12,6 +12,7 @@ with ``BRIDGE_REQUIRE_SERVICES=1`` (CI) it fails instead.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import signal
@@ -44,10 +45,29 @@ def run(*cmd: str, timeout: float = 600) -> str:
 
 @pytest.fixture(scope="module")
 def image() -> str:
+    """The image built from the working tree, once a test run: the modules that need it (this
+    one, test_compose) may run on two xdist workers at once, so the build holds a lock, and a
+    worker finding it built in this run (``PYTEST_XDIST_TESTRUNUID``) uses it."""
     if os.geteuid() != 0 or not shutil.which("buildah") or not shutil.which("debootstrap"):
         _unavailable("the image test needs root, buildah and debootstrap (apt-get install -y buildah debootstrap)")
+    cache = Path(os.environ.get("BRIDGE_TEST_CACHE") or Path.home() / ".cache" / "twilio-audio-bridge")
+    cache.mkdir(parents=True, exist_ok=True)
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    with open(cache / "image.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes)
+        built = cache / f"image-built-{run_id}"
+        if run_id and built.exists():
+            return IMAGE
+        _build(cache)
+        if run_id:
+            for old in cache.glob("image-built-*"):
+                old.unlink()
+            built.write_text(IMAGE)
+    return IMAGE
+
+
+def _build(cache: Path) -> None:
     if not run("buildah", "images", "--quiet", "--filter", f"reference={BASE}"):
-        cache = Path(os.environ.get("BRIDGE_TEST_CACHE") or Path.home() / ".cache" / "twilio-audio-bridge")
         rootfs = cache / "rootfs-bookworm"
         if not (rootfs / "usr" / "bin" / "python3").exists():
             shutil.rmtree(rootfs, ignore_errors=True)
@@ -68,7 +88,6 @@ def image() -> str:
     secret = ["--secret", f"id=ca,src={CA_BUNDLE}"] if CA_BUNDLE.exists() else []
     run("buildah", "bud", "--isolation=chroot", "--format", "docker", "--build-arg", f"BASE_IMAGE={BASE}", *secret, "-t", IMAGE,
         "-f", str(ROOT / "infra" / "Dockerfile"), str(ROOT), timeout=1200)  # fmt: skip
-    return IMAGE
 
 
 def test_the_image_is_small_non_root_and_health_checked(image):

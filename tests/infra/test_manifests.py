@@ -25,6 +25,8 @@ import yaml
 
 from bridge.settings import Settings
 
+from .test_image import _unavailable
+
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 K8S = INFRA / "k8s" / "base"
 OVERLAY = INFRA / "k8s" / "overlays" / "example"
@@ -59,12 +61,6 @@ def test_every_manifest_is_valid_kubernetes(version):
     assert sorted(kinds) == sorted(
         ["ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"]
     )
-
-
-def _unavailable(problem: str):
-    if os.environ.get("BRIDGE_REQUIRE_SERVICES") == "1":
-        pytest.fail(problem)
-    pytest.skip(problem)
 
 
 @pytest.fixture(scope="session")
