@@ -15,6 +15,7 @@ export const WINDOWS = {
 const MAX_CALLS = 2000;
 const PAGE = 500;
 const REFRESH_MS = 30000;
+const MIN_RELOAD_MS = 10000;
 
 let rememberedWindow = "24h";
 
@@ -91,14 +92,21 @@ class OverviewView {
     clearTimeout(this.reloadTimer);
   }
 
-  /** A call ended: read the window again, once the calls ending together have all ended. */
+  /** A call ended: read the window again once the calls ending together have ended, and at
+   *  most every MIN_RELOAD_MS (a busy bridge ends calls every second: each read is up to
+   *  MAX_CALLS records). */
   scheduleReload() {
-    clearTimeout(this.reloadTimer);
-    this.reloadTimer = setTimeout(() => this.load(), 1500);
+    if (this.reloadTimer) return;
+    const wait = Math.max(1500, (this.lastLoad ?? 0) + MIN_RELOAD_MS - Date.now());
+    this.reloadTimer = setTimeout(() => {
+      this.reloadTimer = null;
+      this.load();
+    }, wait);
   }
 
   async load() {
     const token = ++this.token;
+    this.lastLoad = Date.now();
     rememberedWindow = this.windowPicker.value;
     const window_ = WINDOWS[rememberedWindow];
     let result;
