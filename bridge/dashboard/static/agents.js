@@ -64,7 +64,7 @@ class AgentsView {
         el("td", { class: "mono" }, (agent.numbers ?? []).length ? agent.numbers.join(", ") : agent.default ? "any other number" : "—"),
         el("td", { class: "num", text: s ? String(s.calls) : stats ? "0" : "—" }),
         el("td", { class: "num", text: s ? String(s.failed) : stats ? "0" : "—" }),
-        el("td", { class: "num", text: s ? formatMs(medianOf(s.latencies)) : "—" }),
+        el("td", { class: "num", text: s ? formatMs(s.p50) : "—" }),
         el("td", { class: "actions nowrap" }, calls, " · ", el("a", { href: "#/talk", text: "Talk" })),
       );
     });
@@ -77,11 +77,4 @@ class AgentsView {
   destroy() {
     this.destroyed = true;
   }
-}
-
-function medianOf(values) {
-  if (!values.length) return null;
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
 }

@@ -203,7 +203,7 @@ export function summarize(calls, since, bucketMs) {
     latencyP50: quantile(latencies, 0.5),
     latencyP90: quantile(latencies, 0.9),
     reasons: [...reasons.entries()].sort((a, b) => b[1] - a[1]),
-    agents: [...agents.values()].sort((a, b) => b.calls - a.calls),
+    agents: [...agents.values()].map((a) => ({ ...a, p50: quantile(a.latencies, 0.5) })).sort((a, b) => b.calls - a.calls),
     buckets: buckets.map((b) => ({ ...b, p50: quantile(b.latencies, 0.5) })),
   };
 }
@@ -314,7 +314,7 @@ function agentTable(stats) {
         el("td", {}, el("a", { href: `#/agents`, text: a.agent_id })),
         el("td", { class: "num", text: String(a.calls) }),
         el("td", { class: "num", text: String(a.failed) }),
-        el("td", { class: "num", text: formatMs(quantile(a.latencies, 0.5)) })),
+        el("td", { class: "num", text: formatMs(a.p50) })),
     )),
   ); // fmt: skip
 }
