@@ -139,10 +139,15 @@ class AgentFilter(BaseModel):
     version: list[float] | None = None  # agents from the agents file have one version
 
 
+#: the most values an ``in`` filter takes (a list of call ids is bound as that many parameters:
+#: SQLite refuses more than 32766)
+MAX_IN_VALUES = 1000
+
+
 class EnumFilter(BaseModel):
     op: Literal["in"] = "in"
     type: Literal["enum"] = "enum"
-    value: list[SafeText]
+    value: Annotated[list[SafeText], Field(max_length=MAX_IN_VALUES)]
 
 
 class StringFilter(BaseModel):

@@ -140,6 +140,8 @@ GOOD_V1 = {"agent_id": "echo", "audio_websocket_protocol": "web", "audio_encodin
         ("/v3/list-calls", {"filter_criteria": {"start_timestamp": {"op": "ge", "value": 10**30}}}, 422, "start_timestamp"),
         ("/v3/list-calls", {"filter_criteria": {"call_status": {"op": "in", "value": [{}]}}}, 422, "call_status"),
         ("/v3/list-calls", {"filter_criteria": {"agent": [{"agent_id": 5}]}}, 422, "agent"),
+        ("/v3/list-calls", {"filter_criteria": {"call_id": {"op": "in", "type": "enum", "value": ["a"] * 20000}}}, 422, "call_id"),
+        ("/v3/list-calls", {"filter_criteria": {"to_number": {"op": "like", "type": "string", "value": "1"}}}, 422, "to_number"),
         ("/v3/list-calls", {"filter_criteria": {"agent": [{"agent_id": "a\u0000b"}]}}, 422, "agent"),
         ("/v3/list-calls", {"pagination_key": "OTk5OTk5OTk5OTk5OTk5OTk5OTk5OjE"}, 422, "pagination_key"),
         ("/register-call", {**GOOD_V1, "metadata": "not an object"}, 422, "metadata"),
