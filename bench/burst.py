@@ -2,6 +2,7 @@
 
     python -m bench.burst                                   # bridge on SQLite, on PostgreSQL, the sample relay
     python -m bench.burst --targets bridge-sqlite --bursts 10 50 200 --rounds 3
+    python -m bench.burst --targets sample bridge-postgresql-other bridge-postgresql --other ../before
 
 A call's set-up is what its caller waits through before the agent exists: from the voice
 webhook's POST to the agent's websocket upgrade (signed webhook, TwiML, the media stream's
@@ -68,8 +69,8 @@ def twilio_form() -> dict:
 
 
 class BridgeTarget(Bridge):
-    def __init__(self, agent_port, workdir, database_url: str | None = None, name: str = "bridge sqlite"):
-        super().__init__(agent_port, workdir, "s16le", 24000)
+    def __init__(self, agent_port, workdir, database_url: str | None = None, name: str = "bridge sqlite", source=None):
+        super().__init__(agent_port, workdir, "s16le", 24000, source=source)
         self.name, self.database_url = name, database_url
 
     def command(self):
@@ -182,9 +183,14 @@ async def main_async(args) -> int:
         database = None
         if name == "sample":
             target = SampleTarget(agent.port, workdir)
-        elif name == "bridge-postgresql":
+        elif name in ("bridge-postgresql", "bridge-postgresql-other"):
             database = await fresh_database(args.postgres)
-            target = BridgeTarget(agent.port, workdir, database, "bridge postgresql")
+            other = name.endswith("-other")
+            target = BridgeTarget(
+                agent.port, workdir, database, "bridge pg (other)" if other else "bridge postgresql", args.other if other else None
+            )
+        elif name == "bridge-sqlite-other":
+            target = BridgeTarget(agent.port, workdir, name="bridge sqlite (other)", source=args.other)
         else:
             target = BridgeTarget(agent.port, workdir)
         await target.start()
@@ -217,7 +223,8 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", nargs="+", default=["sample", "bridge-sqlite", "bridge-postgresql"], choices=["sample", "bridge-sqlite", "bridge-postgresql"])
+    parser.add_argument("--targets", nargs="+", default=["sample", "bridge-sqlite", "bridge-postgresql"], choices=["sample", "bridge-sqlite", "bridge-postgresql", "bridge-sqlite-other", "bridge-postgresql-other"])
+    parser.add_argument("--other", type=Path, help="the -other targets run the bridge from this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--bursts", nargs="+", type=int, default=[10, 50, 200])
     parser.add_argument("--rounds", type=int, default=3, help="bursts of each size (their set-ups pooled)")
     parser.add_argument("--single", type=int, default=50, help="calls set up one at a time")

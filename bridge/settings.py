@@ -333,6 +333,11 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = []
     #: SQLite file (default: DATA_DIR/bridge.db) or postgresql://user@host/db
     database_url: str | None = None
+    #: PostgreSQL: connections each bridge process keeps (each worker of ``--workers N`` has
+    #: its own; one more each listens for the control channel). Opened as needed and kept, never
+    #: opened for a burst and closed after it; a statement that finds them all busy waits for
+    #: one. Replicas x workers x (this + 1) must fit the server's ``max_connections``
+    database_pool_size: int = Field(10, ge=1, le=500)
     data_dir: Path = Path("var")
     #: Where recordings and public logs are written (default: data_dir): a volume every replica
     #: mounts makes them readable through any replica

@@ -287,7 +287,9 @@ class CallService:
             await self.files.open()
         except FilesError as e:
             raise SettingsError(str(e)) from None
-        store = await SqlCallStore.open(settings.database_url, settings.instance_id, settings.data_dir, settings.workers)
+        store = await SqlCallStore.open(
+            settings.database_url, settings.instance_id, settings.data_dir, settings.workers, settings.database_pool_size
+        )
         store.webhook_targets = webhook_targets(settings)
         store.time_statements(lambda kind, seconds: self.metrics.store_latency.labels(kind).observe(seconds))
         self.store = store

@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..models import CallRecord, CallStatus, DisconnectionReason, now_ms
-from .schema import calls, database_url, instances, make_engine, make_sync_engine, migrate, outbox
+from .schema import DEFAULT_POOL_SIZE, calls, database_url, instances, make_engine, make_sync_engine, migrate, outbox
 
 RETRIES = 20
 STREAM_ROWS = 50  # rows fetched at a time when a page is streamed from the database
@@ -117,6 +117,9 @@ class SqlCallStore:
         #: the asyncio engine (``run_sync``)
         self._sync_engine = make_sync_engine(engine)
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite") if self._sync_engine is not None else None
+        #: PostgreSQL: the same pool, its connections in autocommit while they run one statement
+        #: (``_write(single=True)`` and ``_read``): each then costs one round trip, not three
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else None
         #: the rows this process wrote last, of live calls: ``call_id -> (version, instance_id,
         #: record as JSON)``, so a change of a call this process registered or changed needs no
         #: read first (the compare-and-set on the version still decides: a row another process
@@ -124,10 +127,12 @@ class SqlCallStore:
         self._rows: OrderedDict[str, tuple[int, str, dict]] = OrderedDict()
 
     @classmethod
-    async def open(cls, url: str | None, instance_id: str, data_dir=None, workers: int = 1) -> SqlCallStore:
+    async def open(
+        cls, url: str | None, instance_id: str, data_dir=None, workers: int = 1, pool_size: int = DEFAULT_POOL_SIZE
+    ) -> SqlCallStore:
         from pathlib import Path
 
-        engine = make_engine(database_url(url, Path(data_dir or "var")))
+        engine = make_engine(database_url(url, Path(data_dir or "var")), pool_size)
         await migrate(engine)
         return cls(engine, instance_id, workers)
 
@@ -137,10 +142,15 @@ class SqlCallStore:
             self._db_thread.shutdown(wait=False)
         await self.engine.dispose()
 
-    async def _write(self, transaction):
+    async def _write(self, transaction, single: bool = False):
         """``transaction(connection)`` (synchronous SQLAlchemy) in one database transaction,
-        committed if it returns, rolled back if it raises: its result."""
+        committed if it returns, rolled back if it raises: its result. ``single``: it runs one
+        statement, which on PostgreSQL then runs on its own (autocommit: one round trip, where
+        BEGIN, the statement and COMMIT were three; a statement is atomic on its own)."""
         if self._db_thread is None:
+            if single and self._autocommit is not None:
+                async with self._autocommit.connect() as conn:
+                    return await conn.run_sync(transaction)
             async with self.engine.begin() as conn:
                 return await conn.run_sync(transaction)
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, self._sync_write, transaction)
@@ -152,7 +162,7 @@ class SqlCallStore:
     async def _read(self, query):
         """``query(connection)`` (synchronous SQLAlchemy), reading: its result."""
         if self._db_thread is None:
-            async with self.engine.connect() as conn:
+            async with (self._autocommit or self.engine).connect() as conn:  # (one statement: no BEGIN)
                 return await conn.run_sync(query)
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, self._sync_read, query)
 
@@ -385,7 +395,7 @@ class SqlCallStore:
     async def create(self, record: CallRecord) -> None:
         columns = _columns(record)
         values = {"call_id": record.call_id, "instance_id": self.instance_id, "version": 1, **columns}
-        await self._write(lambda conn: conn.execute(INSERT_CALL, values))
+        await self._write(lambda conn: conn.execute(INSERT_CALL, values), single=True)
         self._remember(record.call_id, 1, self.instance_id, columns["record"], columns["call_status"])
 
     def time_statements(self, observe) -> None:
@@ -482,7 +492,8 @@ class SqlCallStore:
             if owner is not None:  # e.g. recovery: only while the call is still this instance's
                 values["key_instance_id"] = owner
             statement = UPDATE_CALL_OF_OWNER if owner is not None else UPDATE_CALL
-            if await self._write(functools.partial(self._update, statement=statement, values=values, record=new, jobs=jobs)):
+            update = functools.partial(self._update, statement=statement, values=values, record=new, jobs=jobs)
+            if await self._write(update, single=not jobs):
                 self._remember(call_id, version + 1, instance_id, values["record"], values["call_status"])
                 return new
             self._rows.pop(call_id, None)

@@ -359,3 +359,55 @@ async def test_the_rows_a_store_remembers_are_bounded_in_number_and_size(store, 
     assert (await store.start("big")).call_status is CallStatus.ongoing
     await store.finish("c4", DisconnectionReason.user_hangup)
     assert "c4" not in store._rows  # an ended call is forgotten
+
+
+async def test_a_burst_keeps_the_pools_connections_open_and_waits_for_them(database_url):
+    """PostgreSQL: a burst larger than the pool waits for its connections instead of opening
+    more and closing them after (each one a new server backend: most of the server's CPU in a
+    burst of set-ups); every call of the burst is registered and started."""
+    if not database_url.startswith("postgres"):
+        pytest.skip("a PostgreSQL connection pool (SQLite opens a file)")
+    from sqlalchemy import event
+
+    store = await SqlCallStore.open(database_url, "instance-a", pool_size=3)
+    opened, closed = [], []
+    event.listen(store.engine.sync_engine, "connect", lambda *a: opened.append(1))
+    event.listen(store.engine.sync_engine, "close", lambda *a: closed.append(1))
+    try:
+        await asyncio.gather(*(store.create(record(f"c{i}")) for i in range(40)))
+        started = await asyncio.gather(*(store.start(f"c{i}") for i in range(40)))
+        assert all(r is not None and r.call_status is CallStatus.ongoing for r in started)
+        assert len(opened) <= 3 and not closed
+        assert store.engine.pool.checkedin() == 3  # all kept, idle, for the next burst
+    finally:
+        await store.close()
+
+
+async def test_a_statement_run_on_its_own_leaves_the_connection_transactional(database_url):
+    """PostgreSQL runs one-statement writes and reads in autocommit (one round trip each); the
+    same pooled connection then still runs a multi-statement change as one transaction: a
+    failure in it undoes all of it."""
+    if not database_url.startswith("postgres"):
+        pytest.skip("autocommit is PostgreSQL's (SQLite writes on its own thread)")
+    from bridge.store import call_store
+
+    store = await SqlCallStore.open(database_url, "instance-a", pool_size=1)  # (one connection for all)
+    try:
+        await store.create(record("c1"))  # autocommit
+        assert await store.get("c1") is not None  # autocommit
+
+        def two_inserts_then_fail(conn):
+            for call_id in ("c2", "c3"):
+                values = {"call_id": call_id, "instance_id": "instance-a", "version": 1, **call_store._columns(record(call_id))}
+                conn.execute(call_store.INSERT_CALL, values)
+            raise RuntimeError("the second half of a change failed")
+
+        with pytest.raises(RuntimeError):
+            await store._write(two_inserts_then_fail)
+        assert await store.get("c2") is None and await store.get("c3") is None  # all undone
+        assert (await store.start("c1")).call_status is CallStatus.ongoing  # autocommit again
+        with pytest.raises(IntegrityError):
+            await store.create(record("c1"))  # a failed statement on its own changes nothing
+        assert (await store.get("c1")).call_status is CallStatus.ongoing
+    finally:
+        await store.close()
