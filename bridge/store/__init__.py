@@ -11,6 +11,7 @@ Never the call service, the relays or the routes.
 """
 
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .call_store import SqlCallStore
 from .control import ControlChannel
@@ -18,7 +19,8 @@ from .files import CallFiles, FilesError, StoredFile
 from .outbox import WebhookDispatcher, webhook_targets
 
 #: What a call to the store raises while the database is unreachable (refused, restarting,
-#: timed out): callers answer "try again shortly", never "bug"
-STORE_UNAVAILABLE = (DBAPIError, OSError, TimeoutError)
+#: timed out, or every pooled connection busy for ``pool_timeout``): callers answer "try again
+#: shortly", never "bug"
+STORE_UNAVAILABLE = (DBAPIError, OSError, TimeoutError, PoolTimeout)
 
 __all__ = ["STORE_UNAVAILABLE", "CallFiles", "ControlChannel", "FilesError", "StoredFile", "SqlCallStore", "WebhookDispatcher", "webhook_targets"]

@@ -110,6 +110,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 #: PostgreSQL connections one bridge process keeps open (``Settings.database_pool_size``)
 DEFAULT_POOL_SIZE = 10
+#: How long a statement waits for a pooled connection when all are busy before the store is
+#: taken as unavailable (``STORE_UNAVAILABLE``: a 503, or the fallback for a caller)
+POOL_TIMEOUT_S = 30.0
 
 
 def make_engine(url: str, pool_size: int = DEFAULT_POOL_SIZE) -> AsyncEngine:
@@ -126,7 +129,7 @@ def make_engine(url: str, pool_size: int = DEFAULT_POOL_SIZE) -> AsyncEngine:
     # prepared again), which was half of PostgreSQL's CPU in a burst of 200 set-ups and doubled
     # their p99; a request that finds every connection busy waits for one instead
     engine = create_async_engine(
-        url, pool_size=pool_size, max_overflow=0, pool_timeout=30, pool_use_lifo=True,
+        url, pool_size=pool_size, max_overflow=0, pool_timeout=POOL_TIMEOUT_S, pool_use_lifo=True,
         connect_args={"timeout": 5, "command_timeout": 30},
     )  # fmt: skip
     _ping_idle_connections(engine)

@@ -411,3 +411,21 @@ async def test_a_statement_run_on_its_own_leaves_the_connection_transactional(da
         assert (await store.get("c1")).call_status is CallStatus.ongoing
     finally:
         await store.close()
+
+
+async def test_a_pool_with_every_connection_busy_too_long_is_the_database_unavailable(database_url, monkeypatch):
+    """A statement that waits for a pooled connection longer than the pool's timeout fails as
+    the database being unavailable (the API's 503, a caller's fallback), not as a bug."""
+    if not database_url.startswith("postgres"):
+        pytest.skip("a PostgreSQL connection pool (SQLite opens a file)")
+    from bridge.store import STORE_UNAVAILABLE, schema
+
+    monkeypatch.setattr(schema, "POOL_TIMEOUT_S", 0.2)
+    store = await SqlCallStore.open(database_url, "instance-a", pool_size=1)
+    try:
+        async with store.engine.connect():  # the only connection, held
+            with pytest.raises(STORE_UNAVAILABLE):
+                await store.get("c1")
+        assert await store.get("c1") is None  # handed back: the store works again
+    finally:
+        await store.close()
