@@ -160,7 +160,8 @@ class SqlCallStore:
             return transaction(conn)
 
     async def _read(self, query):
-        """``query(connection)`` (synchronous SQLAlchemy), reading: its result."""
+        """``query(connection)`` (synchronous SQLAlchemy), reading with one statement: its
+        result (on PostgreSQL in autocommit, so two statements would not share a snapshot)."""
         if self._db_thread is None:
             async with (self._autocommit or self.engine).connect() as conn:  # (one statement: no BEGIN)
                 return await conn.run_sync(query)
