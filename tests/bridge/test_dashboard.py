@@ -381,8 +381,12 @@ async def test_the_api_docs_authorize_then_try_it_out_succeeds(open_dashboard):
             await operation.locator(".opblock-summary").click()
         if await operation.locator(".try-out__btn.cancel").count() == 0:
             await operation.locator(".try-out__btn").click()
-        await operation.locator(".execute").click()
         answer = operation.locator(".live-responses-table tbody .response")
+        if await operation.locator(".btn-clear").count():  # the last answer goes first: never read it as this one
+            await operation.locator(".btn-clear").click()
+            await answer.wait_for(state="detached", timeout=5_000)
+        async with page.expect_response(lambda r: "/v2/list-agents" in r.url, timeout=10_000):
+            await operation.locator(".execute").click()
         await answer.wait_for(timeout=10_000)
         return " ".join((await answer.inner_text()).split())
 
