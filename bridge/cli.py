@@ -98,7 +98,9 @@ def _storage_problem(settings) -> str | None:
         return f"BRIDGE_DATA_DIR {settings.data_dir} is not a writable directory: {e.strerror or e}"
 
     async def open_and_close() -> None:  # and see that the instance id is free (or frees up)
-        store = await SqlCallStore.open(settings.database_url, settings.instance_id, settings.data_dir)
+        store = await SqlCallStore.open(
+            settings.database_url, settings.instance_id, settings.data_dir, pool_size=settings.database_pool_size
+        )
         try:
             await claim_instance(store, settings)
             await store.release()  # (the app claims it again as it starts)

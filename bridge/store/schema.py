@@ -21,6 +21,7 @@ from sqlalchemy.pool import SingletonThreadPool
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..models import MAX_PARTY_CHARS
+from ..settings import Settings
 
 metadata = MetaData()
 
@@ -108,8 +109,8 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-#: PostgreSQL connections one bridge process keeps open (``Settings.database_pool_size``)
-DEFAULT_POOL_SIZE = 10
+#: PostgreSQL connections one bridge process keeps open, unless told (``BRIDGE_DATABASE_POOL_SIZE``)
+DEFAULT_POOL_SIZE: int = Settings.model_fields["database_pool_size"].default
 #: How long a statement waits for a pooled connection when all are busy before the store is
 #: taken as unavailable (``STORE_UNAVAILABLE``: a 503, or the fallback for a caller)
 POOL_TIMEOUT_S = 30.0
